@@ -1,0 +1,1498 @@
+//! The `UsageBackfill` custom resource (`usage.multica.ai/v1alpha1`).
+//!
+//! The Rust types are the source of truth: the CRD under `crds/` is generated
+//! from them by [`crd_yaml`], and `tests/crd.rs` fails when the two drift.
+//! Field doc comments are what `kubectl explain usagebackfill.spec` shows,
+//! so they are written for operators of the resource, not for Rust readers.
+//!
+//! [`UsageBackfillSpec::validate`] is the pure check the controller runs before
+//! acting; it catches what the schema cannot (cross-field rules, values the
+//! apiserver saw before a schema change) with messages naming the field.
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use k8s_openapi::{
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration;
+
+/// A Secret's name: a DNS-1123 subdomain.
+const SECRET_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A key of a Secret's data.
+const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+/// Printable ASCII: PostgreSQL replaces anything else in application_name with '?'.
+const APPLICATION_NAME_PATTERN: &str = r"^[ -~]+$";
+
+/// Default key of the DSN in the database Secret.
+pub const DEFAULT_SECRET_KEY: &str = "DATABASE_URL";
+/// Default key of the CA bundle in the CA Secret.
+pub const DEFAULT_CA_KEY: &str = "ca.crt";
+/// Default lag threshold of mode `IfLagging`.
+pub const DEFAULT_LAG_THRESHOLD: &str = "1h";
+/// Default pause between slices.
+pub const DEFAULT_SLEEP_BETWEEN_SLICES: &str = "0s";
+/// Default retries of a failed attempt.
+pub const DEFAULT_BACKOFF_LIMIT: u32 = 6;
+/// PostgreSQL `application_name` of the backfill session when none is given.
+pub const DEFAULT_APPLICATION_NAME: &str = "usage-backfill";
+/// PostgreSQL keeps at most NAMEDATALEN - 1 bytes of `application_name`.
+const MAX_APPLICATION_NAME_LEN: usize = 63;
+/// Longest Secret name or key Kubernetes accepts.
+const MAX_SECRET_NAME_LEN: usize = 253;
+
+/// Runs the usage-rollup backfill against a PostgreSQL database, once per
+/// spec: any change to the spec (for example a new runId) runs it again.
+// Several printcolumns share a type or priority, which the lint mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "usage.multica.ai",
+    version = "v1alpha1",
+    kind = "UsageBackfill",
+    plural = "usagebackfills",
+    shortname = "ubf",
+    namespaced,
+    status = "UsageBackfillStatus",
+    derive = "PartialEq",
+    doc = "UsageBackfill runs the usage-rollup backfill of a PostgreSQL-backed application once per spec, holding advisory lock 4246, and reports progress, the watermark and kstatus conditions (Ready, Reconciling, Stalled) in its status.",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, WaitingForLock, Running, Succeeded or Failed"
+    ),
+    printcolumn(
+        name = "Slices",
+        type_ = "string",
+        json_path = ".status.progress",
+        description = "Month slices processed / total"
+    ),
+    printcolumn(
+        name = "Rows",
+        type_ = "integer",
+        json_path = ".status.rowsTouched",
+        description = "Rollup rows upserted or deleted so far"
+    ),
+    printcolumn(
+        name = "Watermark",
+        type_ = "string",
+        json_path = ".status.watermarkAfter",
+        description = "Rollup watermark read back after the run (UTC)"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Result",
+        type_ = "string",
+        json_path = ".status.result",
+        description = "Backfilled, Skipped or DryRun",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Reason of the Ready condition",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        description = "Message of the Ready condition",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageBackfillSpec {
+    /// The database to backfill: a DSN in a Secret of this namespace, and how
+    /// to secure the connection.
+    pub database: DatabaseSpec,
+
+    /// What to run. `IfLagging` (default) is the migration-time hook: skip
+    /// when the rollup state table is missing, when task_usage is empty (only
+    /// stamping the watermark) or when the watermark lags the newest event by
+    /// no more than lagThreshold; otherwise walk the whole history. `Always`
+    /// is the operator command: walk unconditionally, optionally bounded by
+    /// monthsBack.
+    #[serde(default)]
+    pub mode: Mode,
+
+    /// Mode IfLagging only (ignored by Always): the backfill runs when the
+    /// newest event is more than this far ahead of the rollup watermark.
+    /// Go-style duration such as 90s, 1h or 2m30s. Default 1h.
+    #[serde(default = "default_lag_threshold")]
+    #[schemars(regex(pattern = duration::PATTERN))]
+    pub lag_threshold: String,
+
+    /// Mode Always only (must be 0 with IfLagging): start the walk this many
+    /// months before the current UTC month instead of at the oldest event.
+    /// When that would leave older history un-rolled-up the run is refused,
+    /// unless forcePartial is set. Default 0: walk the whole history.
+    #[serde(default)]
+    pub months_back: u32,
+
+    /// Mode Always only (must be false with IfLagging): allow monthsBack to
+    /// skip existing history. The watermark stamped at the end abandons the
+    /// skipped buckets for good. Default false.
+    #[serde(default)]
+    pub force_partial: bool,
+
+    /// Plan only: work out the range and the slices (and an estimate of the
+    /// rows), report them in the status, write nothing and stamp nothing.
+    /// Applies to both modes. Default false.
+    #[serde(default)]
+    pub dry_run: bool,
+
+    /// Pause between two slices, to throttle the load on the database.
+    /// Go-style duration. Default 0s (no pause). Applies to both modes.
+    #[serde(default = "default_sleep_between_slices")]
+    #[schemars(regex(pattern = duration::PATTERN))]
+    pub sleep_between_slices: String,
+
+    /// How long an attempt waits for PostgreSQL advisory lock 4246 (held by
+    /// the periodic rollup or another backfill) before it fails and is
+    /// retried under backoffLimit. Go-style duration; 0s means a single try.
+    /// Default: unset, wait as long as it takes (the status shows the holder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = duration::PATTERN))]
+    pub lock_timeout: Option<String>,
+
+    /// Statement timeout of each window call (one month slice), so that a
+    /// stalled connection or a runaway slice fails the attempt, which is then
+    /// retried from the first unfinished slice. Go-style duration, at least
+    /// 1ms. Default: unset, no timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = duration::PATTERN))]
+    pub slice_timeout: Option<String>,
+
+    /// PostgreSQL application_name of the backfill's session, as shown in
+    /// pg_stat_activity and in other sessions' lock waits. Printable ASCII,
+    /// at most 63 characters. Default: usage-backfill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_APPLICATION_NAME_LEN), regex(pattern = APPLICATION_NAME_PATTERN))]
+    pub application_name: Option<String>,
+
+    /// Free-form token: changing it runs the backfill again with an otherwise
+    /// unchanged spec (any other spec change does too). Default "".
+    #[serde(default)]
+    pub run_id: String,
+
+    /// Retries of a failed attempt, with exponential backoff between them,
+    /// before the resource turns Failed (Stalled). Default 6; 0 means a
+    /// failed attempt is final.
+    #[serde(default = "default_backoff_limit")]
+    pub backoff_limit: u32,
+
+    /// Do not start a new run while true. Like any spec change, setting it
+    /// cancels a run in progress: advisory lock 4246 is released, the slices
+    /// already committed stay, nothing is stamped. Default false.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_lag_threshold() -> String {
+    DEFAULT_LAG_THRESHOLD.into()
+}
+
+fn default_sleep_between_slices() -> String {
+    DEFAULT_SLEEP_BETWEEN_SLICES.into()
+}
+
+fn default_backoff_limit() -> u32 {
+    DEFAULT_BACKOFF_LIMIT
+}
+
+/// Where the database is and how to reach it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// The Secret holding the connection string. It must live in the same
+    /// namespace as this UsageBackfill; there is deliberately no namespace
+    /// field.
+    pub secret_ref: DatabaseSecretRef,
+
+    /// TLS of the database connection. Default: the DSN's sslmode, else prefer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// A key of a Secret in this namespace holding a libpq connection string.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSecretRef {
+    /// Name of the Secret, in the same namespace as this UsageBackfill. Required.
+    #[schemars(length(min = 1, max = MAX_SECRET_NAME_LEN), regex(pattern = SECRET_NAME_PATTERN))]
+    pub name: String,
+
+    /// Key of the Secret's data holding a libpq URL (postgres://user:pass@host/db?sslmode=...)
+    /// or a key=value DSN (host=... dbname=...). Default DATABASE_URL.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = MAX_SECRET_NAME_LEN), regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    DEFAULT_SECRET_KEY.into()
+}
+
+/// TLS settings of the database connection.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// libpq sslmode: disable, prefer, require, verify-ca or verify-full.
+    /// Overrides the DSN's sslmode. Default: the DSN's sslmode (allow is read
+    /// as prefer), else prefer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = optional_enum)]
+    pub mode: Option<TlsMode>,
+
+    /// CA bundle (PEM) that signs the server's certificate, from a Secret in
+    /// this namespace. Used by verify-ca and verify-full; without it they
+    /// trust the system roots. Not allowed with mode disable. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<CaSecretRef>,
+}
+
+/// A key of a Secret in this namespace holding a PEM CA bundle.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSecretRef {
+    /// Name of the Secret, in the same namespace as this UsageBackfill. Required.
+    #[schemars(length(min = 1, max = MAX_SECRET_NAME_LEN), regex(pattern = SECRET_NAME_PATTERN))]
+    pub name: String,
+
+    /// Key of the Secret's data holding the PEM bundle. Default ca.crt.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = MAX_SECRET_NAME_LEN), regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    DEFAULT_CA_KEY.into()
+}
+
+/// libpq sslmode values the operator supports.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl TlsMode {
+    /// The value as written in the spec and in a DSN.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Reads a DSN's `sslmode`. libpq's `allow` (plaintext first, TLS as a
+    /// fallback) is read as `prefer`, the closest mode supported.
+    pub fn from_sslmode(sslmode: &str) -> Option<Self> {
+        Some(match sslmode {
+            "disable" => Self::Disable,
+            "allow" | "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            _ => return None,
+        })
+    }
+}
+
+/// What a UsageBackfill runs.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Mode {
+    /// The migration-time hook: lag check, skip reasons, then the walk.
+    #[default]
+    IfLagging,
+    /// The operator command: the walk, unconditionally.
+    Always,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IfLagging => "IfLagging",
+            Self::Always => "Always",
+        }
+    }
+}
+
+/// Observed state of a UsageBackfill, written by the operator only.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(default, rename_all = "camelCase")]
+pub struct UsageBackfillStatus {
+    /// metadata.generation of the spec this status describes. -1 until the
+    /// operator has looked at the resource, so that a fresh object is never
+    /// considered current (kstatus).
+    pub observed_generation: i64,
+
+    /// Where the current run is: Pending (accepted, not started yet or
+    /// waiting for a retry), WaitingForLock (advisory lock 4246 is held
+    /// elsewhere, see lockHolder), Running (walking slices), Succeeded (see
+    /// result) or Failed (see the Stalled condition).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = optional_enum)]
+    pub phase: Option<Phase>,
+
+    /// Outcome of a Succeeded run: Backfilled (the walk ran and the watermark
+    /// was stamped), Skipped (nothing to walk, see skipped) or DryRun
+    /// (planned only, nothing written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = optional_enum)]
+    pub result: Option<BackfillResult>,
+
+    /// Why an IfLagging run was Skipped, in the reference hook's words:
+    /// rollup_state_missing (the rollup state table does not exist yet;
+    /// nothing done), task_usage_empty (no events; the watermark was stamped)
+    /// or watermark_within_threshold (lag within lagThreshold; the watermark
+    /// was stamped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = optional_enum)]
+    pub skipped: Option<SkipReason>,
+
+    /// Month slices completed (or planned, in a dry run) so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slices_processed: Option<u32>,
+
+    /// Month slices the walk covers in total, once the range is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slices_total: Option<u32>,
+
+    /// slicesProcessed/slicesTotal as text, e.g. "3/12", for kubectl get.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+
+    /// Rollup rows upserted or deleted so far, summed over slices (in a dry
+    /// run: the estimated task_usage rows in range).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows_touched: Option<i64>,
+
+    /// Start of the walk (UTC, start of a month).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<Time>,
+
+    /// End of the walk, exclusive (UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<Time>,
+
+    /// Start of the first slice not yet completed: where a retried attempt
+    /// resumes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<Time>,
+
+    /// Whether the run stamped the rollup watermark.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark_stamped: Option<bool>,
+
+    /// Rollup watermark (watermark_at) read before the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark_before: Option<Time>,
+
+    /// Rollup watermark read back after the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark_after: Option<Time>,
+
+    /// Newest event of task_usage, MAX(COALESCE(updated_at, created_at)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_event: Option<Time>,
+
+    /// maxEvent minus the watermark, in seconds, as last measured (database
+    /// clock; negative when the watermark is ahead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<i64>,
+
+    /// When the current (or last) run started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+
+    /// When the last run ended, successfully or not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+
+    /// Refreshed while a run is in progress; a stale heartbeat means the
+    /// operator stopped watching over it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_time: Option<Time>,
+
+    /// Attempts made for the current spec, including the one in progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+
+    /// Error of the last failed attempt. Never contains credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+
+    /// While waiting for advisory lock 4246: the session holding it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock_holder: Option<LockHolder>,
+
+    /// spec.runId of the run this status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+
+    /// resourceVersion of the database Secret the last attempt read (then,
+    /// after a comma, of the CA Secret, when one is used). When it changes, a
+    /// Failed run, or one waiting for its retry, starts a fresh attempt at
+    /// once: fixing the Secret is how a connection problem is fixed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_resource_versions: Option<String>,
+
+    /// Session planner settings the run applied (e.g. enable_nestloop: "off").
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
+
+    /// Events dated beyond the database clock (writer clock skew), which no
+    /// walk can bring within the lag threshold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub future_events: Option<FutureEvents>,
+
+    /// Things worth a look that did not fail the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+
+    /// Ready, Reconciling and Stalled, following kstatus: Reconciling=True
+    /// while work is pending or running (also while a failed attempt waits to
+    /// be retried), Ready=True on success, Stalled=True on terminal failure.
+    /// A failed attempt's reason names the failure (e.g. DatabaseUnreachable,
+    /// AuthenticationFailed, SliceFailed, FutureDatedEvents).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+impl Default for UsageBackfillStatus {
+    fn default() -> Self {
+        Self {
+            observed_generation: -1,
+            phase: None,
+            result: None,
+            skipped: None,
+            slices_processed: None,
+            slices_total: None,
+            progress: None,
+            rows_touched: None,
+            from: None,
+            to: None,
+            cursor: None,
+            watermark_stamped: None,
+            watermark_before: None,
+            watermark_after: None,
+            max_event: None,
+            lag_seconds: None,
+            started_at: None,
+            finished_at: None,
+            heartbeat_time: None,
+            attempts: None,
+            last_error: None,
+            lock_holder: None,
+            run_id: None,
+            secret_resource_versions: None,
+            settings: BTreeMap::new(),
+            future_events: None,
+            warnings: Vec::new(),
+            conditions: Vec::new(),
+        }
+    }
+}
+
+impl UsageBackfillStatus {
+    /// Sets slicesProcessed and slicesTotal, and the progress text derived
+    /// from them.
+    pub fn set_slices(&mut self, processed: u32, total: u32) {
+        self.slices_processed = Some(processed);
+        self.slices_total = Some(total);
+        self.progress = Some(format!("{processed}/{total}"));
+    }
+
+    /// The condition of the given type, if present.
+    pub fn condition(&self, type_: ConditionType) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_.as_str())
+    }
+
+    /// Adds or replaces a condition, stamped with `observed_generation` (set
+    /// that first). `lastTransitionTime` moves only when the status flips.
+    pub fn set_condition(
+        &mut self,
+        type_: ConditionType,
+        status: bool,
+        reason: Reason,
+        message: impl Into<String>,
+        now: &Time,
+    ) {
+        self.set_condition_with_reason(type_, status, reason.as_str(), message, now);
+    }
+
+    /// As [`set_condition`](Self::set_condition), with a reason from
+    /// another fixed set (a failure's name, `engine::Error::reason`).
+    pub fn set_condition_with_reason(
+        &mut self,
+        type_: ConditionType,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+        now: &Time,
+    ) {
+        let status = if status { "True" } else { "False" }.to_owned();
+        let last_transition_time = match self.condition(type_) {
+            Some(old) if old.status == status => old.last_transition_time.clone(),
+            _ => now.clone(),
+        };
+        let new = Condition {
+            type_: type_.as_str().to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message: message.into(),
+            observed_generation: Some(self.observed_generation),
+            last_transition_time,
+        };
+        match self.conditions.iter_mut().find(|c| c.type_ == new.type_) {
+            Some(old) => *old = new,
+            None => self.conditions.push(new),
+        }
+    }
+
+    /// Removes a condition (kstatus prefers an absent Reconciling/Stalled to
+    /// a False one).
+    pub fn remove_condition(&mut self, type_: ConditionType) {
+        self.conditions.retain(|c| c.type_ != type_.as_str());
+    }
+}
+
+/// Where a run is.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Accepted, not started (or waiting for a retry).
+    Pending,
+    /// Waiting for advisory lock 4246; see lockHolder.
+    WaitingForLock,
+    /// Walking slices.
+    Running,
+    /// Done; see result.
+    Succeeded,
+    /// Given up: invalid spec, refused range or backoffLimit exhausted.
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::WaitingForLock => "WaitingForLock",
+            Self::Running => "Running",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+        }
+    }
+
+    /// Whether the run for the observed generation is over.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
+/// Outcome of a Succeeded run.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BackfillResult {
+    /// The walk ran and the watermark was stamped.
+    Backfilled,
+    /// Nothing to walk (see skipped); the watermark may have been stamped.
+    Skipped,
+    /// Planned only; nothing written.
+    DryRun,
+}
+
+impl BackfillResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Backfilled => "Backfilled",
+            Self::Skipped => "Skipped",
+            Self::DryRun => "DryRun",
+        }
+    }
+}
+
+/// Why an IfLagging run skipped the walk (the reference hook's words).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The rollup state table does not exist yet: nothing to backfill into.
+    RollupStateMissing,
+    /// task_usage is empty: the watermark was stamped.
+    TaskUsageEmpty,
+    /// The watermark lags by no more than lagThreshold: it was stamped.
+    WatermarkWithinThreshold,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RollupStateMissing => "rollup_state_missing",
+            Self::TaskUsageEmpty => "task_usage_empty",
+            Self::WatermarkWithinThreshold => "watermark_within_threshold",
+        }
+    }
+}
+
+/// The session holding advisory lock 4246, from pg_locks / pg_stat_activity.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(default, rename_all = "camelCase")]
+pub struct LockHolder {
+    /// Backend process id of the holding session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+
+    /// Its application_name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub application_name: Option<String>,
+
+    /// Its client address, if it connected over the network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_addr: Option<String>,
+
+    /// When the holder's current transaction or, failing that, its session
+    /// began: a lower bound of how long it has held the lock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+}
+
+/// task_usage rows dated beyond the database clock.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(default, rename_all = "camelCase")]
+pub struct FutureEvents {
+    /// How many rows have COALESCE(updated_at, created_at) after now().
+    pub rows: i64,
+
+    /// How far the latest of them is ahead of now(), in seconds.
+    pub max_ahead_seconds: i64,
+
+    /// The latest of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest: Option<Time>,
+}
+
+/// Condition types, following kstatus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConditionType {
+    Ready,
+    Reconciling,
+    Stalled,
+}
+
+impl ConditionType {
+    pub const ALL: [Self; 3] = [Self::Ready, Self::Reconciling, Self::Stalled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "Ready",
+            Self::Reconciling => "Reconciling",
+            Self::Stalled => "Stalled",
+        }
+    }
+}
+
+impl fmt::Display for ConditionType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Condition reasons: a fixed set, also used as metric labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Reconciling: the spec was accepted and a run will start.
+    Pending,
+    /// Ready=False: spec.suspend is true and no run is in progress.
+    Suspended,
+    /// Reconciling: waiting for advisory lock 4246.
+    WaitingForLock,
+    /// Reconciling: walking slices.
+    Running,
+    /// Reconciling: an attempt failed and the next one waits for its backoff.
+    RetryScheduled,
+    /// Ready: the walk ran and the watermark was stamped.
+    Backfilled,
+    /// Ready: nothing to walk (see status.skipped).
+    Skipped,
+    /// Ready: a dry run planned the walk.
+    DryRun,
+    /// Stalled: the spec fails validation (the message names the field).
+    InvalidSpec,
+    /// Reconciling: the database or CA Secret does not exist. No attempt is
+    /// made (so backoffLimit is not used up); the Secret is watched and the
+    /// run starts as soon as it appears.
+    SecretNotFound,
+    /// Reconciling: the Secret exists but lacks the key, or its value is
+    /// empty or not UTF-8. Watched like SecretNotFound.
+    SecretKeyMissing,
+    /// Stalled: monthsBack would skip existing history and forcePartial is false.
+    PartialRangeRefused,
+    /// Stalled: the watermark row is missing; a human must look.
+    ManualInterventionRequired,
+    /// Stalled: backoffLimit retries failed.
+    BackoffLimitExceeded,
+}
+
+impl Reason {
+    pub const ALL: [Self; 14] = [
+        Self::Pending,
+        Self::Suspended,
+        Self::WaitingForLock,
+        Self::Running,
+        Self::RetryScheduled,
+        Self::Backfilled,
+        Self::Skipped,
+        Self::DryRun,
+        Self::InvalidSpec,
+        Self::SecretNotFound,
+        Self::SecretKeyMissing,
+        Self::PartialRangeRefused,
+        Self::ManualInterventionRequired,
+        Self::BackoffLimitExceeded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Suspended => "Suspended",
+            Self::WaitingForLock => "WaitingForLock",
+            Self::Running => "Running",
+            Self::RetryScheduled => "RetryScheduled",
+            Self::Backfilled => "Backfilled",
+            Self::Skipped => "Skipped",
+            Self::DryRun => "DryRun",
+            Self::InvalidSpec => "InvalidSpec",
+            Self::SecretNotFound => "SecretNotFound",
+            Self::SecretKeyMissing => "SecretKeyMissing",
+            Self::PartialRangeRefused => "PartialRangeRefused",
+            Self::ManualInterventionRequired => "ManualInterventionRequired",
+            Self::BackoffLimitExceeded => "BackoffLimitExceeded",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A spec the controller cannot run. The Display text names the field by
+/// its path in the manifest and is fit for a condition message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("spec.{field}: {error}")]
+    Duration {
+        field: &'static str,
+        error: duration::ParseError,
+    },
+    #[error("spec.{field}: {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+impl SpecError {
+    /// Path of the offending field below `spec`, e.g. `lagThreshold`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Duration { field, .. } | Self::Invalid { field, .. } => field,
+        }
+    }
+}
+
+/// A spec that passed [`UsageBackfillSpec::validate`], with durations parsed
+/// and defaults resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidSpec {
+    pub secret: DatabaseSecretRef,
+    /// The explicit spec.database.tls.mode; see [`ValidSpec::tls_mode`].
+    pub tls_mode: Option<TlsMode>,
+    pub ca: Option<CaSecretRef>,
+    pub mode: ModeSettings,
+    pub dry_run: bool,
+    pub sleep_between_slices: Duration,
+    /// None: wait for the lock forever.
+    pub lock_timeout: Option<Duration>,
+    /// None: no statement timeout.
+    pub slice_timeout: Option<Duration>,
+    pub application_name: String,
+    pub run_id: String,
+    pub backoff_limit: u32,
+    pub suspend: bool,
+}
+
+/// The mode with the settings that apply to it only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeSettings {
+    IfLagging {
+        lag_threshold: Duration,
+    },
+    Always {
+        months_back: u32,
+        force_partial: bool,
+    },
+}
+
+impl ValidSpec {
+    /// The TLS mode to use: the spec's, else the DSN's sslmode, else prefer.
+    pub fn tls_mode(&self, dsn_sslmode: Option<TlsMode>) -> TlsMode {
+        self.tls_mode.or(dsn_sslmode).unwrap_or(TlsMode::Prefer)
+    }
+}
+
+impl UsageBackfillSpec {
+    /// A spec with every default, reading the DSN from `secret_name`.
+    pub fn new(secret_name: impl Into<String>) -> Self {
+        Self {
+            database: DatabaseSpec {
+                secret_ref: DatabaseSecretRef {
+                    name: secret_name.into(),
+                    key: default_secret_key(),
+                },
+                tls: None,
+            },
+            mode: Mode::default(),
+            lag_threshold: default_lag_threshold(),
+            months_back: 0,
+            force_partial: false,
+            dry_run: false,
+            sleep_between_slices: default_sleep_between_slices(),
+            lock_timeout: None,
+            slice_timeout: None,
+            application_name: None,
+            run_id: String::new(),
+            backoff_limit: DEFAULT_BACKOFF_LIMIT,
+            suspend: false,
+        }
+    }
+
+    /// Checks what the schema cannot (or could not, for objects stored
+    /// before a schema change) and resolves defaults. Pure: the Secrets are
+    /// not read here.
+    ///
+    /// Cross-field rules: monthsBack and forcePartial belong to mode Always
+    /// and are rejected with IfLagging rather than silently ignored (they
+    /// would change what an operator believes the run does); lagThreshold is
+    /// defaulted by the apiserver, so it cannot be rejected under Always and
+    /// is ignored there. caSecretRef is rejected with tls.mode disable.
+    /// verify-ca / verify-full without caSecretRef are accepted: the system
+    /// roots are used.
+    pub fn validate(&self) -> Result<ValidSpec, SpecError> {
+        let db = &self.database;
+        check_secret_name("database.secretRef.name", &db.secret_ref.name)?;
+        check_secret_key("database.secretRef.key", &db.secret_ref.key)?;
+        let tls = db.tls.clone().unwrap_or_default();
+        if let Some(ca) = &tls.ca_secret_ref {
+            check_secret_name("database.tls.caSecretRef.name", &ca.name)?;
+            check_secret_key("database.tls.caSecretRef.key", &ca.key)?;
+            if tls.mode == Some(TlsMode::Disable) {
+                return Err(invalid(
+                    "database.tls.caSecretRef",
+                    "has no effect with tls.mode disable; remove it or choose a TLS mode",
+                ));
+            }
+        }
+
+        let mode = match self.mode {
+            Mode::IfLagging => {
+                if self.months_back != 0 {
+                    return Err(invalid("monthsBack", ONLY_ALWAYS));
+                }
+                if self.force_partial {
+                    return Err(invalid("forcePartial", ONLY_ALWAYS));
+                }
+                ModeSettings::IfLagging {
+                    lag_threshold: parse_duration("lagThreshold", &self.lag_threshold)?,
+                }
+            }
+            Mode::Always => ModeSettings::Always {
+                months_back: self.months_back,
+                force_partial: self.force_partial,
+            },
+        };
+
+        let sleep_between_slices =
+            parse_duration("sleepBetweenSlices", &self.sleep_between_slices)?;
+        let lock_timeout = self
+            .lock_timeout
+            .as_deref()
+            .map(|s| parse_duration("lockTimeout", s))
+            .transpose()?;
+        let slice_timeout = self
+            .slice_timeout
+            .as_deref()
+            .map(|s| parse_duration("sliceTimeout", s))
+            .transpose()?;
+        if slice_timeout.is_some_and(|d| d < Duration::from_millis(1)) {
+            return Err(invalid(
+                "sliceTimeout",
+                "must be at least 1ms (omit the field for no timeout)",
+            ));
+        }
+
+        let application_name = match &self.application_name {
+            None => DEFAULT_APPLICATION_NAME.to_owned(),
+            Some(name) => {
+                check_application_name(name)?;
+                name.clone()
+            }
+        };
+
+        Ok(ValidSpec {
+            secret: db.secret_ref.clone(),
+            tls_mode: tls.mode,
+            ca: tls.ca_secret_ref,
+            mode,
+            dry_run: self.dry_run,
+            sleep_between_slices,
+            lock_timeout,
+            slice_timeout,
+            application_name,
+            run_id: self.run_id.clone(),
+            backoff_limit: self.backoff_limit,
+            suspend: self.suspend,
+        })
+    }
+}
+
+const ONLY_ALWAYS: &str = "applies to mode Always only; remove it or set spec.mode: Always";
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field,
+        problem: problem.into(),
+    }
+}
+
+fn parse_duration(field: &'static str, value: &str) -> Result<Duration, SpecError> {
+    duration::parse(value).map_err(|error| SpecError::Duration { field, error })
+}
+
+/// DNS-1123 subdomain, as [`SECRET_NAME_PATTERN`] plus the length limit.
+fn check_secret_name(field: &'static str, name: &str) -> Result<(), SpecError> {
+    if name.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if name.len() > MAX_SECRET_NAME_LEN {
+        return Err(invalid(field, "must be at most 253 characters"));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !name.split('.').all(label_ok) {
+        return Err(invalid(
+            field,
+            format!(
+                "{name:?} is not a valid Secret name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// As [`SECRET_KEY_PATTERN`] plus the length limit.
+fn check_secret_key(field: &'static str, key: &str) -> Result<(), SpecError> {
+    if key.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if key.len() > MAX_SECRET_NAME_LEN {
+        return Err(invalid(field, "must be at most 253 characters"));
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
+        return Err(invalid(
+            field,
+            format!("{key:?} is not a valid Secret key (letters, digits, '-', '.' and '_')"),
+        ));
+    }
+    Ok(())
+}
+
+/// As [`APPLICATION_NAME_PATTERN`] plus the length limit.
+fn check_application_name(name: &str) -> Result<(), SpecError> {
+    const FIELD: &str = "applicationName";
+    if name.is_empty() {
+        return Err(invalid(
+            FIELD,
+            "must not be empty (omit the field for the default)",
+        ));
+    }
+    if name.len() > MAX_APPLICATION_NAME_LEN {
+        return Err(invalid(FIELD, "must be at most 63 characters"));
+    }
+    if !name.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(invalid(FIELD, "must be printable ASCII"));
+    }
+    Ok(())
+}
+
+/// Schema of an `Option<SomeEnum>` field as Kubernetes wants it: one
+/// `{type: string, enum: [...], nullable: true}` keeping the field's own
+/// description. schemars gives either `null` inside `enum` or, when variants
+/// carry docs, an `anyOf`/`oneOf` that kube flattens with the enum's
+/// description in place of the field's.
+fn optional_enum(schema: &mut schemars::Schema) {
+    use serde_json::Value;
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    if let Some(Value::Array(any_of)) = obj.remove("anyOf") {
+        for sub in any_of {
+            let Value::Object(sub) = sub else { continue };
+            if sub.get("enum") == Some(&serde_json::json!([null])) {
+                continue;
+            }
+            for (k, v) in sub {
+                obj.entry(k).or_insert(v);
+            }
+        }
+    }
+    let mut values = match obj.remove("enum") {
+        Some(Value::Array(values)) => values,
+        _ => Vec::new(),
+    };
+    if let Some(Value::Array(one_of)) = obj.remove("oneOf") {
+        for variant in one_of {
+            if let Some(c) = variant.get("const") {
+                values.push(c.clone());
+            } else if let Some(Value::Array(e)) = variant.get("enum") {
+                values.extend(e.iter().cloned());
+            }
+        }
+    }
+    values.retain(|v| !v.is_null());
+    obj.insert("type".into(), "string".into());
+    obj.insert("enum".into(), values.into());
+    obj.insert("nullable".into(), true.into());
+}
+
+/// The CustomResourceDefinition of [`UsageBackfill`].
+pub fn crd() -> CustomResourceDefinition {
+    UsageBackfill::crd()
+}
+
+/// The CRD as the YAML committed under `crds/`.
+pub fn crd_yaml() -> String {
+    let yaml = serde_saphyr::to_string(&crd()).expect("a CRD always serializes to YAML");
+    format!("# Generated by usage-backfill crd; do not edit.\n{yaml}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> UsageBackfillSpec {
+        UsageBackfillSpec::new("app-db")
+    }
+
+    fn err(spec: &UsageBackfillSpec) -> String {
+        spec.validate().unwrap_err().to_string()
+    }
+
+    fn time(s: &str) -> Time {
+        Time(s.parse().unwrap())
+    }
+
+    #[test]
+    fn status_default_is_never_current() {
+        let status = UsageBackfillStatus::default();
+        assert_eq!(status.observed_generation, -1);
+        assert_eq!(
+            serde_json::to_value(&status).unwrap(),
+            serde_json::json!({"observedGeneration": -1})
+        );
+        let parsed: UsageBackfillStatus = serde_json::from_str("{}").unwrap();
+        assert_eq!(parsed, status);
+    }
+
+    #[test]
+    fn spec_defaults_match_serde_defaults() {
+        let parsed: UsageBackfillSpec = serde_json::from_value(
+            serde_json::json!({"database": {"secretRef": {"name": "app-db"}}}),
+        )
+        .unwrap();
+        assert_eq!(parsed, spec());
+    }
+
+    #[test]
+    fn default_spec_validates_to_documented_defaults() {
+        let valid = spec().validate().unwrap();
+        assert_eq!(
+            valid,
+            ValidSpec {
+                secret: DatabaseSecretRef {
+                    name: "app-db".into(),
+                    key: "DATABASE_URL".into()
+                },
+                tls_mode: None,
+                ca: None,
+                mode: ModeSettings::IfLagging {
+                    lag_threshold: Duration::from_secs(3600)
+                },
+                dry_run: false,
+                sleep_between_slices: Duration::ZERO,
+                lock_timeout: None,
+                slice_timeout: None,
+                application_name: "usage-backfill".into(),
+                run_id: String::new(),
+                backoff_limit: 6,
+                suspend: false,
+            }
+        );
+        assert_eq!(valid.tls_mode(None), TlsMode::Prefer);
+        assert_eq!(valid.tls_mode(Some(TlsMode::Require)), TlsMode::Require);
+    }
+
+    #[test]
+    fn explicit_tls_mode_beats_the_dsn() {
+        let mut s = spec();
+        s.database.tls = Some(TlsSpec {
+            mode: Some(TlsMode::VerifyFull),
+            ca_secret_ref: None,
+        });
+        let valid = s.validate().unwrap();
+        assert_eq!(valid.tls_mode(Some(TlsMode::Disable)), TlsMode::VerifyFull);
+    }
+
+    #[test]
+    fn sslmode_parsing() {
+        for m in [
+            TlsMode::Disable,
+            TlsMode::Prefer,
+            TlsMode::Require,
+            TlsMode::VerifyCa,
+            TlsMode::VerifyFull,
+        ] {
+            assert_eq!(TlsMode::from_sslmode(m.as_str()), Some(m));
+            assert_eq!(
+                serde_json::to_value(m).unwrap(),
+                serde_json::json!(m.as_str())
+            );
+        }
+        assert_eq!(TlsMode::from_sslmode("allow"), Some(TlsMode::Prefer));
+        assert_eq!(TlsMode::from_sslmode("VERIFY-FULL"), None);
+    }
+
+    #[test]
+    fn durations_are_parsed_and_errors_name_the_field() {
+        let mut s = spec();
+        s.mode = Mode::Always;
+        s.sleep_between_slices = "250ms".into();
+        s.lock_timeout = Some("2m30s".into());
+        s.slice_timeout = Some("10m".into());
+        let v = s.validate().unwrap();
+        assert_eq!(v.sleep_between_slices, Duration::from_millis(250));
+        assert_eq!(v.lock_timeout, Some(Duration::from_secs(150)));
+        assert_eq!(v.slice_timeout, Some(Duration::from_secs(600)));
+
+        let mut s = spec();
+        s.lag_threshold = "1x".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field(), "lagThreshold");
+        assert!(
+            e.to_string()
+                .starts_with(r#"spec.lagThreshold: invalid duration "1x": unknown unit"#),
+            "{e}"
+        );
+
+        for (field, set) in [
+            (
+                "sleepBetweenSlices",
+                (|s| s.sleep_between_slices = "soon".into()) as fn(&mut UsageBackfillSpec),
+            ),
+            ("lockTimeout", |s| s.lock_timeout = Some("-1s".into())),
+            ("sliceTimeout", |s| s.slice_timeout = Some("5".into())),
+        ] {
+            let mut s = spec();
+            set(&mut s);
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.field(), field);
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("spec.{field}: invalid duration")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn lag_threshold_is_not_checked_in_always() {
+        let mut s = spec();
+        s.mode = Mode::Always;
+        s.lag_threshold = "whatever".into();
+        assert_eq!(
+            s.validate().unwrap().mode,
+            ModeSettings::Always {
+                months_back: 0,
+                force_partial: false
+            }
+        );
+    }
+
+    #[test]
+    fn always_only_fields_are_rejected_with_if_lagging() {
+        let mut s = spec();
+        s.months_back = 3;
+        assert_eq!(
+            err(&s),
+            "spec.monthsBack: applies to mode Always only; remove it or set spec.mode: Always"
+        );
+        let mut s = spec();
+        s.force_partial = true;
+        assert!(err(&s).starts_with("spec.forcePartial: applies to mode Always only"));
+
+        s.mode = Mode::Always;
+        s.months_back = 3;
+        assert_eq!(
+            s.validate().unwrap().mode,
+            ModeSettings::Always {
+                months_back: 3,
+                force_partial: true
+            }
+        );
+    }
+
+    #[test]
+    fn slice_timeout_must_be_positive() {
+        let mut s = spec();
+        s.slice_timeout = Some("0s".into());
+        assert_eq!(
+            err(&s),
+            "spec.sliceTimeout: must be at least 1ms (omit the field for no timeout)"
+        );
+        s.slice_timeout = Some("1ms".into());
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn lock_timeout_zero_is_a_single_try() {
+        let mut s = spec();
+        s.lock_timeout = Some("0".into());
+        assert_eq!(s.validate().unwrap().lock_timeout, Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn secret_references_are_checked() {
+        let mut s = spec();
+        s.database.secret_ref.name = String::new();
+        assert_eq!(err(&s), "spec.database.secretRef.name: must not be empty");
+        s.database.secret_ref.name = "App_DB".into();
+        assert!(
+            err(&s).starts_with(
+                r#"spec.database.secretRef.name: "App_DB" is not a valid Secret name"#
+            )
+        );
+        s.database.secret_ref.name = "a".repeat(254);
+        assert!(err(&s).contains("at most 253"));
+        s.database.secret_ref.name = "app-db.prod".into();
+        s.database.secret_ref.key = "DATABASE URL".into();
+        assert!(err(&s).starts_with("spec.database.secretRef.key: "));
+        s.database.secret_ref.key = "db.url_2-x".into();
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn ca_secret_ref_rules() {
+        let ca = CaSecretRef {
+            name: "db-ca".into(),
+            key: DEFAULT_CA_KEY.into(),
+        };
+        let mut s = spec();
+        s.database.tls = Some(TlsSpec {
+            mode: Some(TlsMode::Disable),
+            ca_secret_ref: Some(ca.clone()),
+        });
+        assert!(
+            err(&s)
+                .starts_with("spec.database.tls.caSecretRef: has no effect with tls.mode disable")
+        );
+
+        s.database.tls = Some(TlsSpec {
+            mode: Some(TlsMode::VerifyCa),
+            ca_secret_ref: Some(CaSecretRef {
+                name: "-bad".into(),
+                ..ca.clone()
+            }),
+        });
+        assert!(err(&s).starts_with("spec.database.tls.caSecretRef.name: "));
+
+        s.database.tls = Some(TlsSpec {
+            mode: None,
+            ca_secret_ref: Some(ca.clone()),
+        });
+        let v = s.validate().unwrap();
+        assert_eq!(v.ca, Some(ca));
+        assert_eq!(v.tls_mode, None);
+    }
+
+    #[test]
+    fn application_name_rules() {
+        let mut s = spec();
+        s.application_name = Some("migrations/usage".into());
+        assert_eq!(s.validate().unwrap().application_name, "migrations/usage");
+        for (bad, msg) in [
+            ("", "must not be empty"),
+            ("é", "printable ASCII"),
+            (&"x".repeat(64), "at most 63"),
+        ] {
+            s.application_name = Some(bad.to_owned());
+            let e = err(&s);
+            assert!(
+                e.starts_with("spec.applicationName: ") && e.contains(msg),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn set_slices_keeps_progress_in_step() {
+        let mut status = UsageBackfillStatus::default();
+        status.set_slices(3, 12);
+        assert_eq!(status.progress.as_deref(), Some("3/12"));
+        assert_eq!(
+            (status.slices_processed, status.slices_total),
+            (Some(3), Some(12))
+        );
+    }
+
+    #[test]
+    fn set_condition_moves_transition_time_only_on_flips() {
+        let mut status = UsageBackfillStatus {
+            observed_generation: 2,
+            ..Default::default()
+        };
+        let t1 = time("2025-01-01T00:00:00Z");
+        let t2 = time("2025-01-01T00:05:00Z");
+        status.set_condition(
+            ConditionType::Reconciling,
+            true,
+            Reason::Pending,
+            "queued",
+            &t1,
+        );
+        status.set_condition(
+            ConditionType::Reconciling,
+            true,
+            Reason::Running,
+            "slice 1/3",
+            &t2,
+        );
+        let c = status.condition(ConditionType::Reconciling).unwrap();
+        assert_eq!(
+            (c.reason.as_str(), c.message.as_str()),
+            ("Running", "slice 1/3")
+        );
+        assert_eq!(c.last_transition_time, t1);
+        assert_eq!(c.observed_generation, Some(2));
+
+        status.set_condition(
+            ConditionType::Reconciling,
+            false,
+            Reason::Backfilled,
+            "",
+            &t2,
+        );
+        assert_eq!(
+            status
+                .condition(ConditionType::Reconciling)
+                .unwrap()
+                .last_transition_time,
+            t2
+        );
+        status.set_condition(ConditionType::Ready, true, Reason::Backfilled, "done", &t2);
+        assert_eq!(status.conditions.len(), 2);
+
+        status.remove_condition(ConditionType::Reconciling);
+        assert!(status.condition(ConditionType::Reconciling).is_none());
+        assert!(status.condition(ConditionType::Ready).is_some());
+    }
+
+    #[test]
+    fn labels_are_unique_identifiers() {
+        let reasons: std::collections::BTreeSet<_> =
+            Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(reasons.len(), Reason::ALL.len());
+        // Condition reasons must match the apiserver's pattern for Condition.reason.
+        for r in reasons {
+            assert!(r.chars().next().unwrap().is_ascii_alphabetic(), "{r}");
+            assert!(r.chars().all(|c| c.is_ascii_alphanumeric()), "{r}");
+        }
+        for (t, s) in ConditionType::ALL
+            .iter()
+            .zip(["Ready", "Reconciling", "Stalled"])
+        {
+            assert_eq!(t.as_str(), s);
+            assert_eq!(t.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn enum_names_match_serde() {
+        for p in [
+            Phase::Pending,
+            Phase::WaitingForLock,
+            Phase::Running,
+            Phase::Succeeded,
+            Phase::Failed,
+        ] {
+            assert_eq!(
+                serde_json::to_value(p).unwrap(),
+                serde_json::json!(p.as_str())
+            );
+        }
+        for r in [
+            BackfillResult::Backfilled,
+            BackfillResult::Skipped,
+            BackfillResult::DryRun,
+        ] {
+            assert_eq!(
+                serde_json::to_value(r).unwrap(),
+                serde_json::json!(r.as_str())
+            );
+        }
+        for r in [
+            SkipReason::RollupStateMissing,
+            SkipReason::TaskUsageEmpty,
+            SkipReason::WatermarkWithinThreshold,
+        ] {
+            assert_eq!(
+                serde_json::to_value(r).unwrap(),
+                serde_json::json!(r.as_str())
+            );
+        }
+        for m in [Mode::IfLagging, Mode::Always] {
+            assert_eq!(
+                serde_json::to_value(m).unwrap(),
+                serde_json::json!(m.as_str())
+            );
+        }
+        assert!(Phase::Failed.is_finished() && !Phase::WaitingForLock.is_finished());
+    }
+}

@@ -1,0 +1,461 @@
+//! `usage-backfill backfill`: one run of the engine from flags, with a
+//! progress bar on a terminal, log lines otherwise, and the result on stdout.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use super::exit;
+use crate::duration;
+use crate::engine::{self, Database, Error, Event, Mode, Options, Outcome, TlsMode};
+
+#[derive(Debug, Clone, Args)]
+pub struct BackfillArgs {
+    /// Database to backfill: a libpq URL (postgres://…) or key=value DSN.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// if-lagging: the migration-time hook (skips when the watermark is
+    /// within --lag-threshold); always: the full walk, unconditionally.
+    #[arg(long, value_enum, default_value_t = CliMode::IfLagging)]
+    pub mode: CliMode,
+    /// if-lagging only: the lag (newest event minus watermark) that is fine.
+    #[arg(long, value_parser = duration::clap_parse, default_value = "1h")]
+    pub lag_threshold: Duration,
+    /// Plan only: print the slices and estimates; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// always only: start N months before the current month (0 = all history).
+    #[arg(long, default_value_t = 0)]
+    pub months_back: u32,
+    /// always only: accept that --months-back abandons older buckets.
+    #[arg(long)]
+    pub force_partial: bool,
+    /// Pause between slices, to spare a busy database.
+    #[arg(long, value_parser = duration::clap_parse, default_value = "0s")]
+    pub sleep_between_slices: Duration,
+    /// Give up if advisory lock 4246 is not acquired within this (default: wait).
+    #[arg(long, value_parser = duration::clap_parse)]
+    pub lock_timeout: Option<Duration>,
+    /// statement_timeout of each window call (default: none).
+    #[arg(long, value_parser = duration::clap_parse)]
+    pub slice_timeout: Option<Duration>,
+    /// TLS mode; overrides the DSN's sslmode (default: the DSN's, else prefer).
+    #[arg(long, value_enum)]
+    pub tls_mode: Option<CliTlsMode>,
+    /// PEM CA bundle for verify-ca / verify-full.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Session setting for the backfill session, NAME=VALUE; repeatable
+    /// (e.g. --set enable_nestloop=off).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting)]
+    pub settings: Vec<(String, String)>,
+    /// Result format on stdout.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CliMode {
+    IfLagging,
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CliTlsMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl From<CliTlsMode> for TlsMode {
+    fn from(m: CliTlsMode) -> Self {
+        match m {
+            CliTlsMode::Disable => TlsMode::Disable,
+            CliTlsMode::Prefer => TlsMode::Prefer,
+            CliTlsMode::Require => TlsMode::Require,
+            CliTlsMode::VerifyCa => TlsMode::VerifyCa,
+            CliTlsMode::VerifyFull => TlsMode::VerifyFull,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err("expected NAME=VALUE".to_string()),
+    }
+}
+
+impl BackfillArgs {
+    /// Cross-flag rules clap cannot express, with a message naming the flag.
+    pub fn options(&self) -> Result<Options, String> {
+        let mode = match self.mode {
+            CliMode::IfLagging => {
+                if self.months_back != 0 || self.force_partial {
+                    return Err(
+                        "--months-back and --force-partial apply to --mode always only".into(),
+                    );
+                }
+                Mode::IfLagging {
+                    lag_threshold: self.lag_threshold,
+                }
+            }
+            CliMode::Always => Mode::Always {
+                months_back: self.months_back,
+                force_partial: self.force_partial,
+            },
+        };
+        Ok(Options {
+            mode,
+            dry_run: self.dry_run,
+            sleep_between_slices: self.sleep_between_slices,
+            lock_timeout: self.lock_timeout,
+            slice_timeout: self.slice_timeout,
+            session_settings: self.settings.clone(),
+            resume: None,
+        })
+    }
+
+    pub fn database(&self) -> Result<Database, Error> {
+        let mut db = Database::parse(&self.database_url)?;
+        if let Some(mode) = self.tls_mode {
+            db = db.with_tls_mode(mode.into());
+        }
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                Error::Tls(format!("cannot read --ca-file {}: {e}", path.display()))
+            })?;
+            db = db.with_ca_pem(pem);
+        }
+        Ok(db)
+    }
+}
+
+pub async fn run(args: BackfillArgs, cancel: CancellationToken) -> u8 {
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return exit::USAGE;
+        }
+    };
+    let db = match args.database() {
+        Ok(db) => db,
+        Err(e) => return report_error(&e),
+    };
+    tracing::info!(target = %db.describe(), tls = db.tls_mode.as_str(), "starting backfill");
+    let mut progress = Progress::new();
+    let result = engine::run(&db, &opts, &cancel, &mut |e| progress.on_event(e)).await;
+    progress.finish();
+    match result {
+        Ok(outcome) => {
+            print_outcome(&outcome, args.output);
+            exit::OK
+        }
+        Err(e) => report_error(&e),
+    }
+}
+
+/// Prints the error on stderr and picks the exit code.
+pub(crate) fn report_error(e: &Error) -> u8 {
+    eprintln!("error: {e}");
+    exit_code(e)
+}
+
+pub(crate) fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::Cancelled => exit::INTERRUPTED,
+        Error::LockTimeout { .. } => exit::LOCK_TIMEOUT,
+        e if e.is_retryable() => exit::RETRYABLE,
+        _ => exit::NEEDS_ATTENTION,
+    }
+}
+
+/// Shows engine events: a bar on a terminal, log lines elsewhere (a Job's
+/// log, CI), so both a person and `kubectl logs` see each slice.
+pub(crate) struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Self {
+        Progress { bar: None }
+    }
+
+    fn interactive() -> bool {
+        std::io::stderr().is_terminal()
+    }
+
+    pub(crate) fn on_event(&mut self, event: &Event) {
+        match event {
+            Event::Connected { server_version } => {
+                tracing::info!(server_version = %server_version, "connected")
+            }
+            Event::WaitingForLock { holder } => match holder {
+                Some(h) => tracing::warn!(
+                    pid = h.pid,
+                    application_name = h.application_name.as_deref().unwrap_or(""),
+                    client_addr = h.client_addr.as_deref().unwrap_or(""),
+                    "waiting for advisory lock 4246, held by another session"
+                ),
+                None => tracing::warn!("waiting for advisory lock 4246"),
+            },
+            Event::LockAcquired { waited_ms } => {
+                tracing::info!(waited_ms, "advisory lock 4246 acquired")
+            }
+            Event::Planned {
+                from,
+                to,
+                slices_total,
+            } => {
+                tracing::info!(%from, %to, slices_total, "walk planned");
+                if Self::interactive() {
+                    let bar = ProgressBar::new(*slices_total);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} slices  {msg}",
+                        )
+                        .expect("static template"),
+                    );
+                    self.bar = Some(bar);
+                }
+            }
+            Event::SlicePlanned(p) => tracing::info!(
+                from = %p.slice.from,
+                to = %p.slice.to,
+                estimated_events = p.estimated_events,
+                "slice planned (dry run)"
+            ),
+            Event::SliceStarted { slice } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_message(format!("{} …", slice.from.strftime("%Y-%m")));
+                }
+            }
+            Event::SliceDone {
+                slice,
+                rows,
+                elapsed_ms,
+                slices_processed,
+                slices_total,
+                rows_touched,
+                ..
+            } => match &self.bar {
+                Some(bar) => {
+                    bar.set_position(*slices_processed);
+                    bar.set_message(format!("{rows_touched} rows"));
+                }
+                None => tracing::info!(
+                    from = %slice.from,
+                    to = %slice.to,
+                    rows,
+                    elapsed_ms,
+                    progress = %format!("{slices_processed}/{slices_total}"),
+                    rows_touched,
+                    "slice done"
+                ),
+            },
+            Event::Stamped { watermark } => match watermark {
+                Some(w) => tracing::info!(watermark = %w, "watermark stamped"),
+                None => tracing::warn!("no rollup state row: watermark not stamped"),
+            },
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn print_outcome(outcome: &Outcome, format: OutputFormat) {
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(outcome).expect("an outcome always serializes")
+        ),
+        OutputFormat::Text => print!("{}", render_text(outcome)),
+    }
+}
+
+/// The human summary of an outcome.
+pub(crate) fn render_text(o: &Outcome) -> String {
+    let ts = |t: Option<jiff::Timestamp>| t.map_or("-".to_string(), |t| t.to_string());
+    let result = match (o.skipped, o.dry_run) {
+        (Some(reason), _) => format!("skipped ({})", reason.as_str()),
+        (None, true) => "dry run (nothing written)".to_string(),
+        (None, false) => "backfilled".to_string(),
+    };
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<18}{v}\n"));
+    line("result:", result);
+    line(
+        "slices:",
+        format!("{}/{}", o.slices_processed, o.slices_total),
+    );
+    line("rows touched:", o.rows_touched.to_string());
+    line("range:", format!("{} .. {}", ts(o.from), ts(o.to)));
+    line("max event:", ts(o.max_event));
+    line(
+        "lag before:",
+        o.lag_seconds.map_or("-".into(), |s| {
+            if s < 0 {
+                format!(
+                    "-{}",
+                    duration::format(Duration::from_secs(s.unsigned_abs()))
+                )
+            } else {
+                duration::format(Duration::from_secs(s as u64))
+            }
+        }),
+    );
+    line(
+        "watermark:",
+        format!(
+            "{} -> {}{}",
+            ts(o.watermark_before),
+            ts(o.watermark_after),
+            if o.watermark_stamped {
+                " (stamped)"
+            } else {
+                " (not stamped)"
+            }
+        ),
+    );
+    if !o.settings.is_empty() {
+        let s: Vec<String> = o.settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        line("session settings:", s.join(" "));
+    }
+    for p in &o.planned {
+        line(
+            "planned slice:",
+            format!(
+                "{} .. {}  ~{} events",
+                p.slice.from, p.slice.to, p.estimated_events
+            ),
+        );
+    }
+    if let Some(f) = &o.future_events {
+        line(
+            "future events:",
+            format!(
+                "{} row(s), latest {} ({}s ahead of the database clock)",
+                f.rows, f.latest, f.ahead_seconds
+            ),
+        );
+    }
+    for w in &o.warnings {
+        line("warning:", w.clone());
+    }
+    line(
+        "lock waited:",
+        duration::format(Duration::from_millis(o.lock_waited_ms)),
+    );
+    line(
+        "elapsed:",
+        duration::format(Duration::from_millis(o.elapsed_ms)),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<BackfillArgs, clap::Error> {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: BackfillArgs,
+        }
+        let mut full = vec!["x", "--database-url", "postgres://u@h/d"];
+        full.extend_from_slice(args);
+        Wrap::try_parse_from(full).map(|w| w.args)
+    }
+
+    #[test]
+    fn flags_map_to_options() {
+        let a = parse(&[
+            "--mode",
+            "always",
+            "--months-back",
+            "3",
+            "--force-partial",
+            "--sleep-between-slices",
+            "2s",
+            "--lock-timeout",
+            "1m",
+            "--set",
+            "enable_nestloop=off",
+        ])
+        .unwrap();
+        let o = a.options().unwrap();
+        assert_eq!(
+            o.mode,
+            Mode::Always {
+                months_back: 3,
+                force_partial: true
+            }
+        );
+        assert_eq!(o.sleep_between_slices, Duration::from_secs(2));
+        assert_eq!(o.lock_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(
+            o.session_settings,
+            vec![("enable_nestloop".to_string(), "off".to_string())]
+        );
+        let o = parse(&[]).unwrap().options().unwrap();
+        assert_eq!(
+            o.mode,
+            Mode::IfLagging {
+                lag_threshold: Duration::from_secs(3600)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_rejected_with_the_reason() {
+        let e = parse(&["--lag-threshold", "1x"]).err().unwrap().to_string();
+        assert!(e.contains("unknown unit"), "{e}");
+        let e = parse(&["--months-back", "-1"]).err().unwrap().to_string();
+        assert!(e.contains("-1"), "{e}");
+        let e = parse(&["--set", "novalue"]).err().unwrap().to_string();
+        assert!(e.contains("NAME=VALUE"), "{e}");
+        let e = parse(&["--months-back", "2"])
+            .unwrap()
+            .options()
+            .unwrap_err();
+        assert!(e.contains("--mode always"), "{e}");
+    }
+
+    #[test]
+    fn exit_codes_follow_the_table() {
+        assert_eq!(exit_code(&Error::Cancelled), exit::INTERRUPTED);
+        assert_eq!(
+            exit_code(&Error::LockTimeout {
+                waited: Duration::ZERO
+            }),
+            exit::LOCK_TIMEOUT
+        );
+        assert_eq!(exit_code(&Error::WatermarkMissing), exit::NEEDS_ATTENTION);
+        assert_eq!(
+            exit_code(&Error::Database {
+                context: "x",
+                message: "y".into()
+            }),
+            exit::RETRYABLE
+        );
+    }
+}

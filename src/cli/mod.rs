@@ -1,0 +1,139 @@
+//! The `usage-backfill` command line: parses flags, sets up logging and
+//! signals, and hands over to one subcommand module each.
+
+mod backfill;
+mod demo;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+pub use backfill::BackfillArgs;
+pub use demo::DemoArgs;
+
+/// Exit codes a Helm hook Job or a script can rely on.
+pub mod exit {
+    /// Backfilled, skipped (nothing to do) or planned (dry run).
+    pub const OK: u8 = 0;
+    /// A failure that may pass on retry: connection, slice, database error.
+    pub const RETRYABLE: u8 = 1;
+    /// Bad flags (clap's own code too).
+    pub const USAGE: u8 = 2;
+    /// Bad input or a database state that needs a person: invalid DSN or
+    /// TLS settings, missing rollup schema, NULL watermark, months-back
+    /// refusal, future-dated events, missing privileges.
+    pub const NEEDS_ATTENTION: u8 = 3;
+    /// Advisory lock 4246 was not acquired within --lock-timeout.
+    pub const LOCK_TIMEOUT: u8 = 4;
+    /// Interrupted by SIGINT or SIGTERM (lock released, nothing stamped).
+    pub const INTERRUPTED: u8 = 130;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    success: backfilled, skipped (nothing to do) or planned (--dry-run)
+  1    retryable failure: connection lost, slice failed, database error
+  2    usage error: bad flags or values
+  3    needs attention: invalid connection string or TLS settings, rollup
+       schema missing, NULL watermark, --months-back refusal, future-dated
+       events, missing privileges
+  4    advisory lock 4246 not acquired within --lock-timeout
+  130  interrupted by SIGINT/SIGTERM (lock released, nothing stamped)";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "usage-backfill",
+    version,
+    about = "Safely runs the usage-rollup backfill of a PostgreSQL-backed application",
+    after_help = EXIT_CODES_HELP
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the backfill once against a database, then exit.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Backfill(BackfillArgs),
+    /// Start a throwaway PostgreSQL with sample history, backfill it, clean up.
+    Demo(DemoArgs),
+    /// Print the UsageBackfill CustomResourceDefinition (YAML).
+    Crd,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::RETRYABLE);
+        }
+    };
+    runtime.block_on(async move {
+        let cancel = cancel_on_signals();
+        let code = match cli.command {
+            Command::Backfill(args) => backfill::run(args, cancel).await,
+            Command::Demo(args) => demo::run(args, cancel).await,
+            Command::Crd => {
+                print!("{}", crate::api::crd_yaml());
+                exit::OK
+            }
+        };
+        ExitCode::from(code)
+    })
+}
+
+/// Logs go to stderr, so stdout carries only the result (text or JSON).
+/// `RUST_LOG` overrides the default level (info).
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM.
+fn cancel_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let child = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!("signal received: cancelling (the lock is released, nothing is stamped)");
+        child.cancel();
+    });
+    token
+}

@@ -1,0 +1,436 @@
+//! Connection strings: libpq URLs (`postgres://…`) and key=value DSNs.
+//!
+//! tokio-postgres understands most libpq options but not `sslmode=verify-ca`,
+//! `verify-full` or `sslrootcert`, so those are taken out here and handled by
+//! [`super::tls`]. Everything this module reports is free of the password:
+//! [`Database`]'s `Debug` redacts it and parse errors are scrubbed of it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::Error;
+
+/// The application name our sessions announce unless the DSN or the caller
+/// says otherwise; it is how DBAs (and `lockHolder`) recognise us.
+pub const DEFAULT_APPLICATION_NAME: &str = "usage-backfill";
+/// Connect timeout unless the DSN sets `connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How TLS is used, with libpq's meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Plain TCP only.
+    Disable,
+    /// TLS when the server offers it, no certificate check.
+    Prefer,
+    /// TLS required, no certificate check (a CA bundle, if given, upgrades
+    /// this to verify-ca, as libpq does with a root certificate file).
+    Require,
+    /// TLS required, the server certificate must chain to the CA bundle.
+    VerifyCa,
+    /// As verify-ca, and the certificate must name the host connected to.
+    VerifyFull,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl FromStr for TlsMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "disable" => TlsMode::Disable,
+            // libpq's `allow` tries plain first; preferring TLS is the safer
+            // reading and still connects to the same servers.
+            "allow" | "prefer" => TlsMode::Prefer,
+            "require" => TlsMode::Require,
+            "verify-ca" => TlsMode::VerifyCa,
+            "verify-full" => TlsMode::VerifyFull,
+            other => {
+                let shown: String = other.chars().take(20).collect();
+                return Err(Error::InvalidConnectionString(format!(
+                    "unknown sslmode {shown:?} (use disable, prefer, require, verify-ca or verify-full)"
+                )));
+            }
+        })
+    }
+}
+
+/// A parsed, validated connection target. Cheap to clone.
+#[derive(Clone)]
+pub struct Database {
+    pub(crate) config: tokio_postgres::Config,
+    /// Resolved TLS mode: explicit override, else the DSN's sslmode, else prefer.
+    pub tls_mode: TlsMode,
+    /// PEM CA bundle for verify-ca / verify-full, given as bytes.
+    pub(crate) ca_pem: Option<Vec<u8>>,
+    /// `sslrootcert` from the DSN, read at connect time.
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("target", &self.describe())
+            .field("tls_mode", &self.tls_mode)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|b| b.len()))
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl Database {
+    /// Parses a libpq URL or key=value DSN.
+    pub fn parse(dsn: &str) -> Result<Self, Error> {
+        let dsn = dsn.trim();
+        if dsn.is_empty() {
+            return Err(Error::InvalidConnectionString(
+                "the connection string is empty".into(),
+            ));
+        }
+        let parts = if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
+            split_url(dsn)?
+        } else if dsn.contains('=') {
+            split_key_value(dsn)?
+        } else {
+            return Err(Error::InvalidConnectionString(
+                "expected a postgres:// URL or key=value pairs".into(),
+            ));
+        };
+        let password = parts.password.clone();
+        let scrub = |msg: String| match &password {
+            Some(p) if !p.is_empty() => msg.replace(p.as_str(), "****"),
+            _ => msg,
+        };
+        let mut config = tokio_postgres::Config::from_str(&parts.rest)
+            .map_err(|e| Error::InvalidConnectionString(scrub(format!("{e}"))))?;
+        if config.get_hosts().is_empty() {
+            // libpq defaults to the local socket; we only support what we can
+            // test, so say it instead of guessing a socket path.
+            return Err(Error::InvalidConnectionString(
+                "no host given (set host=… or postgres://HOST/…)".into(),
+            ));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name(DEFAULT_APPLICATION_NAME);
+        }
+        let connect_timeout = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        config.connect_timeout(connect_timeout);
+        let tls_mode = match parts.sslmode.as_deref() {
+            Some(m) => m.parse()?,
+            None => TlsMode::Prefer,
+        };
+        Ok(Database {
+            config,
+            tls_mode,
+            ca_pem: None,
+            ca_file: parts.sslrootcert.map(PathBuf::from),
+            connect_timeout,
+        })
+    }
+
+    /// Overrides the TLS mode (e.g. from `spec.database.tls.mode`).
+    pub fn with_tls_mode(mut self, mode: TlsMode) -> Self {
+        self.tls_mode = mode;
+        self
+    }
+
+    /// Sets the CA bundle (PEM) used by verify-ca / verify-full.
+    pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    pub fn with_application_name(mut self, name: &str) -> Self {
+        self.config.application_name(name);
+        self
+    }
+
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self.config.connect_timeout(timeout);
+        self
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    pub fn application_name(&self) -> &str {
+        self.config
+            .get_application_name()
+            .unwrap_or(DEFAULT_APPLICATION_NAME)
+    }
+
+    /// `user@host:port/dbname`, for messages: never the password.
+    pub fn describe(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "?".into(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        format!(
+            "{}@{}:{}/{}",
+            self.config.get_user().unwrap_or("?"),
+            host,
+            port,
+            self.config
+                .get_dbname()
+                .or(self.config.get_user())
+                .unwrap_or("?")
+        )
+    }
+
+    /// The password, only to scrub it out of server and driver messages.
+    pub(crate) fn password(&self) -> Option<String> {
+        self.config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+    }
+}
+
+/// What [`split_url`] / [`split_key_value`] pull out of a DSN.
+#[derive(Debug)]
+struct Parts {
+    /// The DSN without the TLS options tokio-postgres does not understand.
+    rest: String,
+    sslmode: Option<String>,
+    sslrootcert: Option<String>,
+    password: Option<String>,
+}
+
+/// Options this operator does not support, refused by name rather than
+/// silently ignored (a client certificate the user expects would never be sent).
+const UNSUPPORTED: [&str; 3] = ["sslcert", "sslkey", "sslpassword"];
+
+fn unsupported(key: &str) -> Error {
+    Error::InvalidConnectionString(format!(
+        "option {key} (client certificates) is not supported; use password authentication"
+    ))
+}
+
+fn split_url(dsn: &str) -> Result<Parts, Error> {
+    let (base, query) = match dsn.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (dsn, None),
+    };
+    let after_scheme = base.split_once("://").map_or("", |(_, r)| r);
+    let authority = after_scheme.split('/').next().unwrap_or("");
+    let password = authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, pw)| percent_decode(pw));
+    let mut kept = Vec::new();
+    let mut parts = Parts {
+        rest: String::new(),
+        sslmode: None,
+        sslrootcert: None,
+        password,
+    };
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        if pair.is_empty() {
+            continue;
+        }
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(k);
+        match key.as_str() {
+            "sslmode" => parts.sslmode = Some(percent_decode(v)),
+            "sslrootcert" => parts.sslrootcert = Some(percent_decode(v)),
+            "password" => {
+                parts.password = Some(percent_decode(v));
+                kept.push(pair);
+            }
+            k if UNSUPPORTED.contains(&k) => return Err(unsupported(k)),
+            _ => kept.push(pair),
+        }
+    }
+    parts.rest = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok(parts)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Splits `key=value key='quoted value'` pairs (libpq syntax: single quotes,
+/// backslash escapes, optional spaces around `=`).
+fn split_key_value(dsn: &str) -> Result<Parts, Error> {
+    let mut chars = dsn.chars().peekable();
+    let mut kept = Vec::new();
+    let mut parts = Parts {
+        rest: String::new(),
+        sslmode: None,
+        sslrootcert: None,
+        password: None,
+    };
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            let shown: String = key.chars().take(20).collect();
+            return Err(Error::InvalidConnectionString(format!(
+                "expected '=' after {shown:?}"
+            )));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => break,
+                    },
+                    Some('\'') => break,
+                    Some(c) => value.push(c),
+                    None => {
+                        return Err(Error::InvalidConnectionString(format!(
+                            "unterminated quoted value for {}",
+                            if key.len() <= 20 { &key } else { "an option" }
+                        )));
+                    }
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    if let Some(e) = chars.next() {
+                        value.push(e);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        match key.as_str() {
+            "sslmode" => parts.sslmode = Some(value),
+            "sslrootcert" => parts.sslrootcert = Some(value),
+            k if UNSUPPORTED.contains(&k) => return Err(unsupported(k)),
+            _ => {
+                if key == "password" {
+                    parts.password = Some(value.clone());
+                }
+                kept.push(format!(
+                    "{key}='{}'",
+                    value.replace('\\', "\\\\").replace('\'', "\\'")
+                ));
+            }
+        }
+    }
+    parts.rest = kept.join(" ");
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_with_verify_full_and_root_cert() {
+        let db = Database::parse(
+            "postgres://app:s3cr%40t@db.example:6432/usage?sslmode=verify-full&sslrootcert=/etc/ca.pem&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(db.tls_mode, TlsMode::VerifyFull);
+        assert_eq!(
+            db.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(db.password().as_deref(), Some("s3cr@t"));
+        assert_eq!(db.application_name(), "x");
+        assert_eq!(db.describe(), "app@db.example:6432/usage");
+        let debug = format!("{db:?}");
+        assert!(!debug.contains("s3cr"), "{debug}");
+    }
+
+    #[test]
+    fn key_value_with_quotes_and_defaults() {
+        let db = Database::parse(
+            r"host=localhost port=5433 user=app password='it\'s a secret' dbname = usage sslmode=require",
+        )
+        .unwrap();
+        assert_eq!(db.password().as_deref(), Some("it's a secret"));
+        assert_eq!(db.tls_mode, TlsMode::Require);
+        assert_eq!(db.application_name(), DEFAULT_APPLICATION_NAME);
+        assert_eq!(db.connect_timeout(), DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(db.describe(), "app@localhost:5433/usage");
+    }
+
+    #[test]
+    fn default_tls_mode_is_prefer() {
+        let db = Database::parse("postgres://u@h/d").unwrap();
+        assert_eq!(db.tls_mode, TlsMode::Prefer);
+        let db = Database::parse("postgres://u@h/d?connect_timeout=3").unwrap();
+        assert_eq!(db.connect_timeout(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn bad_input_is_specific_and_never_echoes_the_password() {
+        let cases = [
+            ("", "empty"),
+            ("not a dsn", "expected a postgres:// URL"),
+            ("postgres://u:hunter22@h/d?sslmode=bogus", "unknown sslmode"),
+            ("host=h password=hunter22 sslmode=maybe", "unknown sslmode"),
+            ("host=h password=hunter22 sslcert=/x", "client certificates"),
+            ("host=h password='hunter22", "unterminated"),
+            ("host=h password=hunter22 port=notaport", "invalid"),
+            ("user=u password=hunter22", "no host"),
+            ("postgres://u:hunter22@h:99999/d", "invalid"),
+        ];
+        for (dsn, want) in cases {
+            let e = Database::parse(dsn).unwrap_err().to_string();
+            assert!(e.contains(want), "{dsn:?} gave {e:?}");
+            assert!(!e.contains("hunter22"), "{dsn:?} echoed the password: {e}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%40b%2"), "a@b%2");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,319 @@
+//! The backfill engine: drives the application's rollup pipeline in
+//! PostgreSQL exactly as the reference does (`../shared/contract.md`), and
+//! closes the reference's known gaps. It knows nothing of Kubernetes: the
+//! controller and the CLI both call [`run`].
+//!
+//! Shape of a run: connect one dedicated session → apply session settings →
+//! read a [`plan::Snapshot`] → decide ([`plan`], pure) → take advisory lock
+//! 4246 → walk the slices, one window call (one transaction) each → stamp the
+//! watermark with the database clock → unlock. Progress is reported through
+//! an [`Event`] callback, cancellation through a [`CancellationToken`], and a
+//! run can resume from a cursor ([`Resume`]).
+
+pub mod dsn;
+pub mod plan;
+mod session;
+mod tls;
+mod walk;
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::Serialize;
+pub use tokio_util::sync::CancellationToken;
+
+pub use dsn::{Database, TlsMode};
+pub use plan::Slice;
+pub use walk::run;
+
+/// The advisory lock every writer of `task_usage_hourly` takes.
+pub const ADVISORY_LOCK_KEY: i64 = 4246;
+
+/// Which reference behaviour to follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// The migration-time hook: skip when the watermark is within
+    /// `lag_threshold` of the newest event.
+    IfLagging { lag_threshold: Duration },
+    /// The full operator-command walk, unconditional. `months_back` > 0
+    /// starts that many months before the current month.
+    Always {
+        months_back: u32,
+        force_partial: bool,
+    },
+}
+
+impl Default for Mode {
+    fn default() -> Self {
+        Mode::IfLagging {
+            lag_threshold: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Where a previous attempt stopped; counts continue from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Resume {
+    /// Start of the first slice not yet committed.
+    pub cursor: Timestamp,
+    pub slices_processed: u64,
+    pub rows_touched: i64,
+}
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub mode: Mode,
+    /// Plan only: report slices and estimates, write nothing, stamp nothing.
+    pub dry_run: bool,
+    pub sleep_between_slices: Duration,
+    /// How long to wait for lock 4246; None waits forever.
+    pub lock_timeout: Option<Duration>,
+    /// statement_timeout for each window call; None means no limit.
+    pub slice_timeout: Option<Duration>,
+    /// Session settings (`set_config(name, value, false)`) for the
+    /// backfill's own session only, e.g. planner settings (gap 1).
+    pub session_settings: Vec<(String, String)>,
+    pub resume: Option<Resume>,
+}
+
+/// Why a run did nothing; the words are the reference's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    RollupStateMissing,
+    TaskUsageEmpty,
+    WatermarkWithinThreshold,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::RollupStateMissing => "rollup_state_missing",
+            SkipReason::TaskUsageEmpty => "task_usage_empty",
+            SkipReason::WatermarkWithinThreshold => "watermark_within_threshold",
+        }
+    }
+}
+
+/// The session holding lock 4246, from `pg_locks` and `pg_stat_activity`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LockHolder {
+    pub pid: i32,
+    pub application_name: Option<String>,
+    pub client_addr: Option<String>,
+    /// When the holder's session started (PostgreSQL does not record when
+    /// a session-level advisory lock was granted).
+    pub since: Option<Timestamp>,
+}
+
+/// Rows dated beyond what a stamp made now can cover (gap 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FutureEvents {
+    pub rows: i64,
+    /// The latest COALESCE(updated_at, created_at).
+    pub latest: Timestamp,
+    /// How far `latest` is ahead of the database clock, in seconds.
+    pub ahead_seconds: i64,
+}
+
+/// A slice of a dry run, with the number of events it would pick up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedSlice {
+    #[serde(flatten)]
+    pub slice: Slice,
+    pub estimated_events: i64,
+}
+
+/// Progress, reported as it happens.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Connected {
+        server_version: String,
+    },
+    WaitingForLock {
+        holder: Option<LockHolder>,
+    },
+    LockAcquired {
+        waited_ms: u64,
+    },
+    /// The walk is decided: `slices_total` includes slices of a resumed attempt.
+    Planned {
+        from: Timestamp,
+        to: Timestamp,
+        slices_total: u64,
+    },
+    SlicePlanned(PlannedSlice),
+    SliceStarted {
+        slice: Slice,
+    },
+    SliceDone {
+        slice: Slice,
+        rows: i64,
+        elapsed_ms: u64,
+        slices_processed: u64,
+        slices_total: u64,
+        rows_touched: i64,
+        /// The resume point: the start of the next slice.
+        cursor: Timestamp,
+    },
+    Stamped {
+        watermark: Option<Timestamp>,
+    },
+}
+
+/// What a run did, mirroring the reference Result plus read-back state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Outcome {
+    pub skipped: Option<SkipReason>,
+    pub dry_run: bool,
+    pub slices_processed: u64,
+    pub slices_total: u64,
+    pub rows_touched: i64,
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+    /// Start of the first slice not yet completed; equals `to` when done.
+    pub cursor: Option<Timestamp>,
+    pub watermark_stamped: bool,
+    pub watermark_before: Option<Timestamp>,
+    pub watermark_after: Option<Timestamp>,
+    pub max_event: Option<Timestamp>,
+    /// max_event - watermark_before, in seconds, as read before the run.
+    pub lag_seconds: Option<i64>,
+    /// Only in `Always` mode, where they do not stop the walk.
+    pub future_events: Option<FutureEvents>,
+    pub settings: Vec<(String, String)>,
+    pub planned: Vec<PlannedSlice>,
+    pub lock_waited_ms: u64,
+    pub elapsed_ms: u64,
+    pub warnings: Vec<String>,
+}
+
+/// How a connection attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Authentication,
+    DatabaseNotFound,
+    Unreachable,
+    Timeout,
+    Tls,
+    Other,
+}
+
+/// Everything that can stop a run. Messages never hold the password;
+/// server messages are scrubbed of it before they are stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("invalid database connection string: {0}")]
+    InvalidConnectionString(String),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("cannot connect to {target}: {message}")]
+    Connect {
+        kind: ConnectFailure,
+        target: String,
+        message: String,
+    },
+    #[error("invalid session setting {name:?}: {message}")]
+    InvalidSetting { name: String, message: String },
+    #[error(
+        "table task_usage_hourly_rollup_state does not exist: run the application's hourly-rollup migrations first"
+    )]
+    RollupStateMissing,
+    #[error("{what} is missing: run the application's hourly-rollup migrations first")]
+    SchemaMissing { what: String },
+    #[error(
+        "permission denied: {message} (the backfill role needs EXECUTE on rollup_task_usage_hourly_window and UPDATE on task_usage_hourly_rollup_state)"
+    )]
+    PermissionDenied { message: String },
+    #[error(
+        "the rollup watermark is NULL or its state row (id = 1) is missing: manual intervention required"
+    )]
+    WatermarkMissing,
+    #[error(
+        "months-back {months_back} starts at {start}, after the earliest event ({earliest}): the stamped watermark would abandon the older buckets for good; set force-partial to accept that"
+    )]
+    MonthsBackSkipsHistory {
+        months_back: u32,
+        start: Timestamp,
+        earliest: Timestamp,
+    },
+    #[error(
+        "{} task_usage row(s) are dated in the future, the latest at {} ({}s ahead of the database clock): no watermark stamped now can cover them, so the drop-legacy guard would still refuse; fix the writers' clocks or those rows' timestamps, then run again",
+        .0.rows, .0.latest, .0.ahead_seconds
+    )]
+    FutureDatedEvents(FutureEvents),
+    #[error("advisory lock 4246 not acquired within {}", crate::duration::format(*waited))]
+    LockTimeout { waited: Duration },
+    #[error("cancelled")]
+    Cancelled,
+    #[error(
+        "slice [{}, {}) exceeded the statement timeout of {}",
+        slice.from, slice.to, crate::duration::format(*timeout)
+    )]
+    SliceTimeout { slice: Slice, timeout: Duration },
+    #[error("slice [{}, {}) failed: {message}", slice.from, slice.to)]
+    Slice { slice: Slice, message: String },
+    #[error("{context}: {message}")]
+    Database {
+        context: &'static str,
+        message: String,
+    },
+}
+
+impl Error {
+    /// A fixed, CamelCase name per failure: condition reasons and metric
+    /// labels come from here, never from message text.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidConnectionString(_) => "InvalidConnectionString",
+            Error::Tls(_) => "InvalidTlsConfig",
+            Error::Connect { kind, .. } => match kind {
+                ConnectFailure::Authentication => "AuthenticationFailed",
+                ConnectFailure::DatabaseNotFound => "DatabaseNotFound",
+                ConnectFailure::Unreachable => "DatabaseUnreachable",
+                ConnectFailure::Timeout => "ConnectTimeout",
+                ConnectFailure::Tls => "TlsHandshakeFailed",
+                ConnectFailure::Other => "ConnectFailed",
+            },
+            Error::InvalidSetting { .. } => "InvalidSessionSetting",
+            Error::RollupStateMissing => "RollupStateMissing",
+            Error::SchemaMissing { .. } => "SchemaMissing",
+            Error::PermissionDenied { .. } => "PermissionDenied",
+            Error::WatermarkMissing => "WatermarkMissing",
+            Error::MonthsBackSkipsHistory { .. } => "MonthsBackSkipsHistory",
+            Error::FutureDatedEvents(_) => "FutureDatedEvents",
+            Error::LockTimeout { .. } => "LockTimeout",
+            Error::Cancelled => "Cancelled",
+            Error::SliceTimeout { .. } => "SliceTimeout",
+            Error::Slice { .. } => "SliceFailed",
+            Error::Database { .. } => "DatabaseError",
+        }
+    }
+
+    /// Whether trying again later may succeed without anyone changing the
+    /// input or the database schema. Authentication failures count as
+    /// retryable: a rotated Secret fixes them.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. }
+            | Error::LockTimeout { .. }
+            | Error::SliceTimeout { .. }
+            | Error::Slice { .. }
+            | Error::Database { .. } => true,
+            Error::InvalidConnectionString(_)
+            | Error::Tls(_)
+            | Error::InvalidSetting { .. }
+            | Error::RollupStateMissing
+            | Error::SchemaMissing { .. }
+            | Error::PermissionDenied { .. }
+            | Error::WatermarkMissing
+            | Error::MonthsBackSkipsHistory { .. }
+            | Error::FutureDatedEvents(_)
+            | Error::Cancelled => false,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,408 @@
+//! The pure middle of the engine: given what the database reported, decide
+//! whether to walk and which UTC slices to walk. No I/O here, so every
+//! reference branch is a plain `#[test]`.
+
+use std::time::Duration;
+
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp, ToSpan};
+use serde::Serialize;
+
+use super::{Error, Mode, Resume, SkipReason};
+
+/// How far behind the database clock a stamp puts the watermark, as the
+/// reference does (`now() - interval '5 minutes'`).
+pub const STAMP_OFFSET: Duration = Duration::from_secs(5 * 60);
+
+/// The migration guard's own tolerance: it refuses while the watermark is
+/// more than one hour behind the newest event.
+pub const GUARD_TOLERANCE: Duration = Duration::from_secs(3600);
+
+/// One window `[from, to)` of the walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Slice {
+    pub from: Timestamp,
+    pub to: Timestamp,
+}
+
+/// What the database says before a walk: read in one round trip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Whether `task_usage_hourly_rollup_state` exists.
+    pub state_table: bool,
+    /// Earliest of MIN(created_at) and MIN(updated_at) (gap 3).
+    pub min_event: Option<Timestamp>,
+    /// MAX(COALESCE(updated_at, created_at)).
+    pub max_event: Option<Timestamp>,
+    /// watermark_at of row 1; None when NULL or the row is missing.
+    pub watermark: Option<Timestamp>,
+    /// The database's now().
+    pub now: Timestamp,
+}
+
+impl Snapshot {
+    /// max_event - watermark, when both exist.
+    pub fn lag(&self) -> Option<SignedDuration> {
+        Some(self.max_event?.duration_since(self.watermark?))
+    }
+
+    /// Events later than this instant cannot be covered by a stamp made now
+    /// while keeping the lag within `threshold` (gap 2).
+    pub fn future_horizon(&self, threshold: Duration) -> Timestamp {
+        let threshold = SignedDuration::try_from(threshold).unwrap_or(SignedDuration::MAX);
+        self.now
+            .checked_sub(SignedDuration::try_from(STAMP_OFFSET).unwrap())
+            .and_then(|t| t.checked_add(threshold))
+            .unwrap_or(Timestamp::MAX)
+    }
+}
+
+/// What to do after looking at a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Do not walk; stamp the watermark first when `stamp` is set.
+    Skip { reason: SkipReason, stamp: bool },
+    /// Walk from this instant (month-aligned) to the newest event.
+    Walk { from: Timestamp },
+}
+
+/// The migration-time hook (`IfLagging`): reference steps 1-5, in order.
+pub fn decide_if_lagging(snap: &Snapshot, threshold: Duration) -> Result<Decision, Error> {
+    if !snap.state_table {
+        return Ok(Decision::Skip {
+            reason: SkipReason::RollupStateMissing,
+            stamp: false,
+        });
+    }
+    let (Some(min_event), Some(_)) = (snap.min_event, snap.max_event) else {
+        return Ok(Decision::Skip {
+            reason: SkipReason::TaskUsageEmpty,
+            stamp: true,
+        });
+    };
+    let lag = snap.lag().ok_or(Error::WatermarkMissing)?;
+    if lag <= SignedDuration::try_from(threshold).unwrap_or(SignedDuration::MAX) {
+        return Ok(Decision::Skip {
+            reason: SkipReason::WatermarkWithinThreshold,
+            stamp: true,
+        });
+    }
+    Ok(Decision::Walk {
+        from: month_floor(min_event),
+    })
+}
+
+/// The operator command (`Always`): no lag check; months-back may move the
+/// start later, which abandons older buckets, hence the refusal.
+pub fn decide_always(
+    snap: &Snapshot,
+    months_back: u32,
+    force_partial: bool,
+) -> Result<Decision, Error> {
+    if !snap.state_table {
+        return Err(Error::RollupStateMissing);
+    }
+    let Some(min_event) = snap.min_event else {
+        return Ok(Decision::Skip {
+            reason: SkipReason::TaskUsageEmpty,
+            stamp: true,
+        });
+    };
+    let history_from = month_floor(min_event);
+    if months_back == 0 {
+        return Ok(Decision::Walk { from: history_from });
+    }
+    let start = add_months(month_floor(snap.now), -i64::from(months_back));
+    if start <= history_from {
+        return Ok(Decision::Walk { from: history_from });
+    }
+    if !force_partial {
+        return Err(Error::MonthsBackSkipsHistory {
+            months_back,
+            start,
+            earliest: min_event,
+        });
+    }
+    Ok(Decision::Walk { from: start })
+}
+
+/// Dispatches on the mode.
+pub fn decide(snap: &Snapshot, mode: &Mode) -> Result<Decision, Error> {
+    match *mode {
+        Mode::IfLagging { lag_threshold } => decide_if_lagging(snap, lag_threshold),
+        Mode::Always {
+            months_back,
+            force_partial,
+        } => decide_always(snap, months_back, force_partial),
+    }
+}
+
+/// The slices of a walk: UTC calendar months from `from` through the month
+/// of the newest event, then one tail window up to the database's now, so
+/// the dirty queue is drained even when history ends months ago (gap 4).
+pub fn slices(from: Timestamp, max_event: Timestamp, now: Timestamp) -> Vec<Slice> {
+    let walk_end = add_months(month_floor(max_event), 1);
+    let mut out = Vec::new();
+    let mut cursor = from;
+    while cursor < walk_end {
+        let next = add_months(month_floor(cursor), 1).min(walk_end);
+        out.push(Slice {
+            from: cursor,
+            to: next,
+        });
+        cursor = next;
+    }
+    if now > walk_end {
+        out.push(Slice {
+            from: walk_end,
+            to: now,
+        });
+    }
+    out
+}
+
+/// Drops what a previous attempt already committed: slices ending at or
+/// before the cursor go, a slice containing it starts at it.
+pub fn resume_slices(all: Vec<Slice>, resume: Option<&Resume>) -> Vec<Slice> {
+    let Some(resume) = resume else { return all };
+    all.into_iter()
+        .filter(|s| s.to > resume.cursor)
+        .map(|s| Slice {
+            from: s.from.max(resume.cursor),
+            to: s.to,
+        })
+        .collect()
+}
+
+/// Start of the UTC calendar month holding `ts`.
+pub fn month_floor(ts: Timestamp) -> Timestamp {
+    let date = ts.to_zoned(TimeZone::UTC).date().first_of_month();
+    date.to_zoned(TimeZone::UTC)
+        .expect("the first of a month at midnight exists in UTC")
+        .timestamp()
+}
+
+/// `ts` moved by whole UTC calendar months.
+pub fn add_months(ts: Timestamp, months: i64) -> Timestamp {
+    ts.to_zoned(TimeZone::UTC)
+        .checked_add(months.months())
+        .expect("month arithmetic stays within jiff's range for database times")
+        .timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn snap() -> Snapshot {
+        Snapshot {
+            state_table: true,
+            min_event: Some(ts("2026-01-15T10:00:00Z")),
+            max_event: Some(ts("2026-03-02T00:00:00Z")),
+            watermark: Some(ts("2026-03-01T00:00:00Z")),
+            now: ts("2026-06-10T12:00:00Z"),
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn if_lagging_branches_in_reference_order() {
+        let mut s = snap();
+        s.state_table = false;
+        assert_eq!(
+            decide_if_lagging(&s, HOUR).unwrap(),
+            Decision::Skip {
+                reason: SkipReason::RollupStateMissing,
+                stamp: false
+            }
+        );
+        let mut s = snap();
+        s.min_event = None;
+        s.max_event = None;
+        s.watermark = None; // empty wins over a missing watermark, as in the reference
+        assert_eq!(
+            decide_if_lagging(&s, HOUR).unwrap(),
+            Decision::Skip {
+                reason: SkipReason::TaskUsageEmpty,
+                stamp: true
+            }
+        );
+        let mut s = snap();
+        s.watermark = None;
+        assert!(matches!(
+            decide_if_lagging(&s, HOUR),
+            Err(Error::WatermarkMissing)
+        ));
+        assert_eq!(
+            decide_if_lagging(&snap(), HOUR).unwrap(),
+            Decision::Walk {
+                from: ts("2026-01-01T00:00:00Z")
+            }
+        );
+    }
+
+    #[test]
+    fn lag_threshold_boundary_is_inclusive() {
+        let mut s = snap();
+        s.watermark = Some(ts("2026-03-01T23:00:00Z")); // lag exactly 1h
+        assert_eq!(
+            decide_if_lagging(&s, HOUR).unwrap(),
+            Decision::Skip {
+                reason: SkipReason::WatermarkWithinThreshold,
+                stamp: true
+            }
+        );
+        s.watermark = Some(ts("2026-03-01T22:59:59.999999Z")); // 1h + 1µs
+        assert!(matches!(
+            decide_if_lagging(&s, HOUR).unwrap(),
+            Decision::Walk { .. }
+        ));
+    }
+
+    #[test]
+    fn always_ignores_lag_and_applies_months_back_rule() {
+        let mut s = snap();
+        s.watermark = Some(ts("2026-03-02T00:00:00Z"));
+        assert_eq!(
+            decide_always(&s, 0, false).unwrap(),
+            Decision::Walk {
+                from: ts("2026-01-01T00:00:00Z")
+            }
+        );
+        // now is June: 6 months back is December, before history: allowed.
+        assert_eq!(
+            decide_always(&s, 6, false).unwrap(),
+            Decision::Walk {
+                from: ts("2026-01-01T00:00:00Z")
+            }
+        );
+        // 5 months back is January: the history's own month: allowed.
+        assert_eq!(
+            decide_always(&s, 5, false).unwrap(),
+            Decision::Walk {
+                from: ts("2026-01-01T00:00:00Z")
+            }
+        );
+        // 4 months back is February: skips January: refused unless forced.
+        let e = decide_always(&s, 4, false).unwrap_err();
+        assert!(matches!(e, Error::MonthsBackSkipsHistory { .. }), "{e}");
+        assert!(e.to_string().contains("force"), "{e}");
+        assert_eq!(
+            decide_always(&s, 4, true).unwrap(),
+            Decision::Walk {
+                from: ts("2026-02-01T00:00:00Z")
+            }
+        );
+        let mut s = snap();
+        s.state_table = false;
+        assert!(matches!(
+            decide_always(&s, 0, false),
+            Err(Error::RollupStateMissing)
+        ));
+        let mut s = snap();
+        s.min_event = None;
+        s.max_event = None;
+        assert_eq!(
+            decide_always(&s, 0, false).unwrap(),
+            Decision::Skip {
+                reason: SkipReason::TaskUsageEmpty,
+                stamp: true
+            }
+        );
+    }
+
+    #[test]
+    fn slices_are_utc_months_plus_a_tail_to_now() {
+        let got = slices(
+            ts("2026-01-01T00:00:00Z"),
+            ts("2026-03-02T00:00:00Z"),
+            ts("2026-06-10T12:00:00Z"),
+        );
+        let want: Vec<_> = [
+            ("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+            ("2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"),
+            ("2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z"),
+            ("2026-04-01T00:00:00Z", "2026-06-10T12:00:00Z"),
+        ]
+        .iter()
+        .map(|(a, b)| Slice {
+            from: ts(a),
+            to: ts(b),
+        })
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn no_tail_when_history_reaches_the_current_month_or_the_future() {
+        let got = slices(
+            ts("2026-05-01T00:00:00Z"),
+            ts("2026-06-10T11:00:00Z"),
+            ts("2026-06-10T12:00:00Z"),
+        );
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].to, ts("2026-07-01T00:00:00Z"));
+        let got = slices(
+            ts("2026-06-01T00:00:00Z"),
+            ts("2026-08-03T00:00:00Z"),
+            ts("2026-06-10T12:00:00Z"),
+        );
+        assert_eq!(got.len(), 3);
+    }
+
+    #[test]
+    fn december_rolls_into_the_next_year() {
+        assert_eq!(
+            add_months(ts("2025-12-01T00:00:00Z"), 1),
+            ts("2026-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            add_months(ts("2026-01-01T00:00:00Z"), -13),
+            ts("2024-12-01T00:00:00Z")
+        );
+        assert_eq!(
+            month_floor(ts("2025-12-31T23:59:59.999Z")),
+            ts("2025-12-01T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn resume_clips_to_the_cursor() {
+        let all = slices(
+            ts("2026-01-01T00:00:00Z"),
+            ts("2026-03-02T00:00:00Z"),
+            ts("2026-03-20T00:00:00Z"),
+        );
+        let resume = Resume {
+            cursor: ts("2026-02-01T00:00:00Z"),
+            slices_processed: 1,
+            rows_touched: 10,
+        };
+        let got = resume_slices(all.clone(), Some(&resume));
+        assert_eq!(got, all[1..].to_vec());
+        let mid = Resume {
+            cursor: ts("2026-02-15T00:00:00Z"),
+            ..resume
+        };
+        let got = resume_slices(all.clone(), Some(&mid));
+        assert_eq!(
+            got[0],
+            Slice {
+                from: ts("2026-02-15T00:00:00Z"),
+                to: ts("2026-03-01T00:00:00Z")
+            }
+        );
+        assert_eq!(resume_slices(all.clone(), None), all);
+    }
+
+    #[test]
+    fn future_horizon_is_stamp_plus_threshold() {
+        let s = snap();
+        assert_eq!(s.future_horizon(HOUR), ts("2026-06-10T12:55:00Z"));
+    }
+}

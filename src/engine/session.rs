@@ -1,0 +1,466 @@
+//! One dedicated PostgreSQL session and the statements the engine sends on
+//! it. Advisory lock 4246 is session-level, so the lock, every window call
+//! and the stamp all go through the same [`Session`].
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{CancelToken, Client};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
+
+use super::plan::{Slice, Snapshot};
+use super::{ADVISORY_LOCK_KEY, ConnectFailure, Database, Error, FutureEvents, LockHolder, Result};
+
+/// How long to wait for a cancelled statement to come back before giving the
+/// session up for dead (closing it releases the lock server-side).
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
+
+pub(crate) struct Session {
+    client: Client,
+    cancel_token: CancelToken,
+    tls: MakeRustlsConnect,
+    /// Kept to scrub it from every message that leaves this module.
+    password: Option<String>,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+/// The outcome of a statement raced against cancellation.
+enum Raced<T> {
+    Done(T),
+    /// Cancelled; holds the statement's own result if it came back in time.
+    Cancelled(Option<T>),
+}
+
+impl Session {
+    pub async fn connect(db: &Database) -> Result<Session> {
+        let (tls, ssl_mode) = super::tls::connector(db)?;
+        let mut config = db.config.clone();
+        config.ssl_mode(ssl_mode);
+        let password = db.password();
+        let target = db.describe();
+        // tokio-postgres bounds only the TCP connect; a server that accepts
+        // and then says nothing must fail within the timeout too.
+        let attempt = tokio::time::timeout(db.connect_timeout(), config.connect(tls.clone())).await;
+        let (client, connection) = match attempt {
+            Err(_) => {
+                return Err(Error::Connect {
+                    kind: ConnectFailure::Timeout,
+                    target,
+                    message: format!(
+                        "no answer within the connect timeout of {}",
+                        crate::duration::format(db.connect_timeout())
+                    ),
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(Error::Connect {
+                    kind: classify_connect(&e),
+                    target,
+                    message: scrub(describe(&e), password.as_deref()),
+                });
+            }
+            Ok(Ok(pair)) => pair,
+        };
+        let connection = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "database connection closed with an error");
+            }
+        });
+        Ok(Session {
+            cancel_token: client.cancel_token(),
+            client,
+            tls,
+            password,
+            connection,
+        })
+    }
+
+    /// Turns a driver error into an engine error, scrubbed.
+    fn db_error(&self, context: &'static str, e: &tokio_postgres::Error) -> Error {
+        let message = scrub(describe(e), self.password.as_deref());
+        match e.code() {
+            Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
+                Error::PermissionDenied { message }
+            }
+            Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::UNDEFINED_FUNCTION => {
+                Error::SchemaMissing { what: message }
+            }
+            _ => Error::Database { context, message },
+        }
+    }
+
+    pub async fn server_version(&self) -> Result<String> {
+        let row = self
+            .client
+            .query_one("SHOW server_version", &[])
+            .await
+            .map_err(|e| self.db_error("reading the server version", &e))?;
+        Ok(row.get(0))
+    }
+
+    /// Applies `set_config(name, value, false)` for each setting.
+    pub async fn apply_settings(&self, settings: &[(String, String)]) -> Result<()> {
+        for (name, value) in settings {
+            self.client
+                .query_one("SELECT set_config($1, $2, false)", &[name, value])
+                .await
+                .map_err(|e| Error::InvalidSetting {
+                    name: name.clone(),
+                    message: scrub(describe(&e), self.password.as_deref()),
+                })?;
+        }
+        // If our process dies mid-slice, the server notices the closed socket
+        // within seconds and rolls back, freeing lock 4246 for the next
+        // attempt, instead of finishing a window nobody waits for. Older
+        // servers lack the setting; that only costs time, so it is optional.
+        let _ = self
+            .client
+            .query_one(
+                "SELECT set_config('client_connection_check_interval', '5s', false)",
+                &[],
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Whether the state table and the window function exist.
+    pub async fn schema(&self) -> Result<(bool, bool)> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.tables
+                                 WHERE table_schema = 'public'
+                                   AND table_name = 'task_usage_hourly_rollup_state'),
+                        to_regprocedure('public.rollup_task_usage_hourly_window(timestamptz, timestamptz)') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db_error("checking the rollup schema", &e))?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Reads the range of history and the watermark in one round trip. The
+    /// maximum is computed per index (updated_at, and created_at of legacy
+    /// rows) instead of MAX(COALESCE(..)), which would scan the table.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let (state_table, _) = self.schema().await?;
+        let watermark_sql = if state_table {
+            "(SELECT watermark_at FROM public.task_usage_hourly_rollup_state WHERE id = 1)"
+        } else {
+            "NULL::timestamptz"
+        };
+        let sql = format!(
+            "SELECT LEAST((SELECT min(created_at) FROM public.task_usage),
+                          (SELECT min(updated_at) FROM public.task_usage)),
+                    GREATEST((SELECT max(updated_at) FROM public.task_usage),
+                             (SELECT max(created_at) FROM public.task_usage WHERE updated_at IS NULL)),
+                    {watermark_sql},
+                    now()"
+        );
+        let row = self
+            .client
+            .query_one(&sql, &[])
+            .await
+            .map_err(|e| self.db_error("reading the task_usage range", &e))?;
+        Ok(Snapshot {
+            state_table,
+            min_event: row.get(0),
+            max_event: row.get(1),
+            watermark: row.get(2),
+            now: row.get(3),
+        })
+    }
+
+    /// Rows whose event time lies beyond `horizon` (gap 2), if any.
+    pub async fn future_events(
+        &self,
+        horizon: Timestamp,
+        now: Timestamp,
+    ) -> Result<Option<FutureEvents>> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(*), max(COALESCE(updated_at, created_at))
+                   FROM public.task_usage
+                  WHERE updated_at > $1 OR (updated_at IS NULL AND created_at > $1)",
+                &[&horizon],
+            )
+            .await
+            .map_err(|e| self.db_error("looking for future-dated events", &e))?;
+        let rows: i64 = row.get(0);
+        let latest: Option<Timestamp> = row.get(1);
+        Ok(match latest {
+            Some(latest) if rows > 0 => Some(FutureEvents {
+                rows,
+                latest,
+                ahead_seconds: latest.duration_since(now).as_secs(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Events and queued keys a slice would pick up (dry-run estimate).
+    pub async fn estimate(&self, slice: &Slice) -> Result<i64> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (SELECT count(*) FROM public.task_usage
+                          WHERE (updated_at >= $1 AND updated_at < $2)
+                             OR (updated_at IS NULL AND created_at >= $1 AND created_at < $2))",
+                &[&slice.from, &slice.to],
+            )
+            .await
+            .map_err(|e| self.db_error("estimating a slice", &e))?;
+        Ok(row.get(0))
+    }
+
+    async fn try_lock(&self) -> Result<bool> {
+        let row = self
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&ADVISORY_LOCK_KEY])
+            .await
+            .map_err(|e| self.db_error("trying advisory lock 4246", &e))?;
+        Ok(row.get(0))
+    }
+
+    /// Who holds lock 4246 in this database, if anyone visible does.
+    pub async fn lock_holder(&self) -> Result<Option<LockHolder>> {
+        // A bigint advisory key is stored as classid = high half, objid = low
+        // half, objsubid = 1.
+        let row = self
+            .client
+            .query_opt(
+                "SELECT a.pid, a.application_name, host(a.client_addr), a.backend_start
+                   FROM pg_locks l
+                   JOIN pg_stat_activity a ON a.pid = l.pid
+                  WHERE l.locktype = 'advisory' AND l.granted
+                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
+                    AND l.objsubid = 1
+                  LIMIT 1",
+                &[&ADVISORY_LOCK_KEY],
+            )
+            .await
+            .map_err(|e| self.db_error("reading the holder of lock 4246", &e))?;
+        Ok(row.map(|r| LockHolder {
+            pid: r.get(0),
+            application_name: r.get::<_, Option<String>>(1).filter(|s| !s.is_empty()),
+            client_addr: r.get(2),
+            since: r.get(3),
+        }))
+    }
+
+    /// Takes lock 4246, waiting in PostgreSQL's lock queue (fair, and
+    /// visible in pg_locks) for at most `timeout`. `on_wait` is told who
+    /// holds it before the wait begins. Returns how long it waited.
+    pub async fn lock(
+        &self,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+        on_wait: impl FnOnce(Option<LockHolder>),
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        if self.try_lock().await? {
+            return Ok(Duration::ZERO);
+        }
+        on_wait(self.lock_holder().await.unwrap_or(None));
+        if timeout == Some(Duration::ZERO) {
+            return Err(Error::LockTimeout {
+                waited: Duration::ZERO,
+            });
+        }
+        if let Some(t) = timeout {
+            self.set("lock_timeout", &format!("{}ms", t.as_millis().max(1)))
+                .await?;
+        }
+        let wait = self
+            .client
+            .query_one("SELECT pg_advisory_lock($1)", &[&ADVISORY_LOCK_KEY]);
+        let raced = self.race(wait, cancel).await;
+        if timeout.is_some() {
+            // Best effort: the window calls must not inherit the lock timeout.
+            let _ = self.set("lock_timeout", "0").await;
+        }
+        match raced {
+            Raced::Done(Ok(_)) => Ok(started.elapsed()),
+            Raced::Done(Err(e)) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                Err(Error::LockTimeout {
+                    waited: started.elapsed(),
+                })
+            }
+            Raced::Done(Err(e)) => Err(self.db_error("waiting for advisory lock 4246", &e)),
+            Raced::Cancelled(Some(Ok(_))) => {
+                // Granted just before the cancel landed: give it back.
+                self.unlock().await;
+                Err(Error::Cancelled)
+            }
+            Raced::Cancelled(_) => Err(Error::Cancelled),
+        }
+    }
+
+    /// Releases lock 4246. Never cancellable: it runs on every exit path.
+    /// If it fails the session is dead, and so is the lock.
+    pub async fn unlock(&self) {
+        if let Err(e) = self
+            .client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&ADVISORY_LOCK_KEY])
+            .await
+        {
+            tracing::warn!(error = %scrub(describe(&e), self.password.as_deref()),
+                "could not release advisory lock 4246; it is released when the session closes");
+        }
+    }
+
+    pub async fn set(&self, name: &str, value: &str) -> Result<()> {
+        self.client
+            .query_one("SELECT set_config($1, $2, false)", &[&name, &value])
+            .await
+            .map_err(|e| self.db_error("changing a session setting", &e))?;
+        Ok(())
+    }
+
+    /// One window call: its own transaction. Cancellation interrupts it
+    /// (the slice rolls back, which is always safe).
+    pub async fn rollup(
+        &self,
+        slice: &Slice,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> Result<i64> {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&slice.from, &slice.to];
+        let call = self.client.query_one(
+            "SELECT public.rollup_task_usage_hourly_window($1, $2)",
+            &params,
+        );
+        match self.race(call, cancel).await {
+            Raced::Done(Ok(row)) => Ok(row.get(0)),
+            Raced::Done(Err(e)) => Err(match (e.code(), timeout) {
+                (Some(c), Some(timeout)) if *c == SqlState::QUERY_CANCELED => Error::SliceTimeout {
+                    slice: *slice,
+                    timeout,
+                },
+                (Some(c), _) if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
+                    self.db_error("calling the window function", &e)
+                }
+                (Some(c), _) if *c == SqlState::UNDEFINED_FUNCTION => {
+                    self.db_error("calling the window function", &e)
+                }
+                _ => Error::Slice {
+                    slice: *slice,
+                    message: scrub(describe(&e), self.password.as_deref()),
+                },
+            }),
+            Raced::Cancelled(_) => Err(Error::Cancelled),
+        }
+    }
+
+    /// Stamps the watermark with the database clock, returning the new value
+    /// (None when no state row exists).
+    pub async fn stamp(&self) -> Result<Option<Timestamp>> {
+        let row = self
+            .client
+            .query_opt(
+                "UPDATE public.task_usage_hourly_rollup_state
+                    SET watermark_at = now() - interval '5 minutes'
+                  WHERE id = 1
+              RETURNING watermark_at",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db_error("stamping the watermark", &e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Runs `fut` until it finishes or `cancel` fires; on cancel, asks the
+    /// server to cancel the statement and waits briefly for it to return.
+    async fn race<T>(&self, fut: impl Future<Output = T>, cancel: &CancellationToken) -> Raced<T> {
+        tokio::pin!(fut);
+        tokio::select! {
+            biased;
+            out = &mut fut => Raced::Done(out),
+            _ = cancel.cancelled() => {
+                if let Err(e) = self.cancel_token.cancel_query(self.tls.clone()).await {
+                    tracing::debug!(error = %e, "cancel request failed");
+                }
+                Raced::Cancelled(tokio::time::timeout(CANCEL_GRACE, fut).await.ok())
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Dropping the client ends the session; the connection task then
+        // finishes by itself. Abort it in case the socket is stuck.
+        self.connection.abort();
+    }
+}
+
+fn classify_connect(e: &tokio_postgres::Error) -> ConnectFailure {
+    if let Some(code) = e.code() {
+        return if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            ConnectFailure::Authentication
+        } else if *code == SqlState::INVALID_CATALOG_NAME {
+            ConnectFailure::DatabaseNotFound
+        } else {
+            ConnectFailure::Other
+        };
+    }
+    let text = describe(e).to_ascii_lowercase();
+    if text.contains("tls") || text.contains("certificate") || text.contains("ssl") {
+        return ConnectFailure::Tls;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+                _ => ConnectFailure::Unreachable,
+            };
+        }
+        if s.downcast_ref::<rustls::Error>().is_some() {
+            return ConnectFailure::Tls;
+        }
+        source = s.source();
+    }
+    if text.contains("timed out") {
+        ConnectFailure::Timeout
+    } else {
+        ConnectFailure::Other
+    }
+}
+
+/// A driver error as one line: the server's message (and detail) for
+/// database errors, the error chain otherwise.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{}: {}", db.severity(), db.message());
+        if let Some(detail) = db.detail() {
+            s += &format!(" ({detail})");
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s += &format!(": {text}");
+        }
+        source = inner.source();
+    }
+    s
+}
+
+/// Removes the password from a message, wherever a server or driver put it.
+pub(crate) fn scrub(message: String, password: Option<&str>) -> String {
+    match password {
+        Some(p) if !p.is_empty() => message.replace(p, "****"),
+        _ => message,
+    }
+}
