@@ -203,7 +203,7 @@ pub enum ConnectFailure {
 
 /// Everything that can stop a run. Messages never hold the password;
 /// server messages are scrubbed of it before they are stored.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {
     #[error("invalid database connection string: {0}")]
     InvalidConnectionString(String),

@@ -14,9 +14,11 @@ use tokio_util::sync::CancellationToken;
 use super::plan::{Slice, Snapshot};
 use super::{ADVISORY_LOCK_KEY, ConnectFailure, Database, Error, FutureEvents, LockHolder, Result};
 
-/// How long to wait for a cancelled statement to come back before giving the
-/// session up for dead (closing it releases the lock server-side).
-const CANCEL_GRACE: Duration = Duration::from_secs(10);
+/// How often, and how many times, a cancel request is sent before the session
+/// is given up for dead (closing it releases the lock server-side). It is
+/// repeated because a request that overtakes its statement cancels nothing.
+const CANCEL_RETRY: Duration = Duration::from_secs(1);
+const CANCEL_ATTEMPTS: u32 = 10;
 
 pub(crate) struct Session {
     client: Client,
@@ -238,7 +240,8 @@ impl Session {
                    JOIN pg_stat_activity a ON a.pid = l.pid
                   WHERE l.locktype = 'advisory' AND l.granted
                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND l.classid = ($1 >> 32)::oid AND l.objid = ($1 & 4294967295)::oid
+                    AND l.classid = ($1::bigint >> 32)::oid
+                    AND l.objid = ($1::bigint & 4294967295)::oid
                     AND l.objsubid = 1
                   LIMIT 1",
                 &[&ADVISORY_LOCK_KEY],
@@ -266,7 +269,12 @@ impl Session {
         if self.try_lock().await? {
             return Ok(Duration::ZERO);
         }
-        on_wait(self.lock_holder().await.unwrap_or(None));
+        // Who holds it is information for the status, not a reason to fail.
+        let holder = self.lock_holder().await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot read the holder of lock 4246");
+            None
+        });
+        on_wait(holder);
         if timeout == Some(Duration::ZERO) {
             return Err(Error::LockTimeout {
                 waited: Duration::ZERO,
@@ -382,10 +390,15 @@ impl Session {
             biased;
             out = &mut fut => Raced::Done(out),
             _ = cancel.cancelled() => {
-                if let Err(e) = self.cancel_token.cancel_query(self.tls.clone()).await {
-                    tracing::debug!(error = %e, "cancel request failed");
+                for _ in 0..CANCEL_ATTEMPTS {
+                    if let Err(e) = self.cancel_token.cancel_query(self.tls.clone()).await {
+                        tracing::debug!(error = %e, "cancel request failed");
+                    }
+                    if let Ok(out) = tokio::time::timeout(CANCEL_RETRY, &mut fut).await {
+                        return Raced::Cancelled(Some(out));
+                    }
                 }
-                Raced::Cancelled(tokio::time::timeout(CANCEL_GRACE, fut).await.ok())
+                Raced::Cancelled(None)
             }
         }
     }

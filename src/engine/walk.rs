@@ -79,15 +79,19 @@ impl Run<'_> {
         if self.opts.dry_run {
             return self.dry_run(from, &snap).await;
         }
-        self.locked(async |run: &mut Self| {
-            let snap = run.session.snapshot().await?;
-            run.observe(&snap);
-            match plan::decide_if_lagging(&snap, threshold)? {
-                Decision::Skip { reason, stamp } => run.skip(reason, stamp).await,
-                Decision::Walk { from } => run.walk_and_stamp(from, &snap).await,
-            }
-        })
-        .await
+        self.acquire().await?;
+        let result = self.if_lagging_locked(threshold).await;
+        self.session.unlock().await;
+        result
+    }
+
+    async fn if_lagging_locked(&mut self, threshold: Duration) -> Result<()> {
+        let snap = self.session.snapshot().await?;
+        self.observe(&snap);
+        match plan::decide_if_lagging(&snap, threshold)? {
+            Decision::Skip { reason, stamp } => self.skip(reason, stamp).await,
+            Decision::Walk { from } => self.walk_and_stamp(from, &snap).await,
+        }
     }
 
     /// The operator command: lock first, then read the range, then walk.
@@ -108,25 +112,31 @@ impl Run<'_> {
                 Decision::Walk { from } => self.dry_run(from, &snap).await,
             };
         }
-        self.locked(async |run: &mut Self| {
-            let snap = run.session.snapshot().await?;
-            run.observe(&snap);
-            let decision = plan::decide(&snap, &run.opts.mode)?;
-            // Reported, not fatal: the user asked for the full walk.
-            let horizon = snap.future_horizon(GUARD_TOLERANCE);
-            if snap.max_event.is_some_and(|m| m > horizon) {
-                run.outcome.future_events = run.session.future_events(horizon, snap.now).await?;
-            }
-            match decision {
-                Decision::Skip { reason, stamp } => run.skip(reason, stamp).await,
-                Decision::Walk { from } => run.walk_and_stamp(from, &snap).await,
-            }
-        })
-        .await
+        self.acquire().await?;
+        let result = self.always_locked().await;
+        self.session.unlock().await;
+        result
     }
 
-    /// Runs `body` holding lock 4246 and releases it whatever `body` returns.
-    async fn locked(&mut self, body: impl AsyncFnOnce(&mut Self) -> Result<()>) -> Result<()> {
+    async fn always_locked(&mut self) -> Result<()> {
+        let snap = self.session.snapshot().await?;
+        self.observe(&snap);
+        let decision = plan::decide(&snap, &self.opts.mode)?;
+        // Reported, not fatal: the user asked for the full walk.
+        let horizon = snap.future_horizon(GUARD_TOLERANCE);
+        if snap.max_event.is_some_and(|m| m > horizon) {
+            self.outcome.future_events = self.session.future_events(horizon, snap.now).await?;
+        }
+        match decision {
+            Decision::Skip { reason, stamp } => self.skip(reason, stamp).await,
+            Decision::Walk { from } => self.walk_and_stamp(from, &snap).await,
+        }
+    }
+
+    /// Takes lock 4246 and arms the slice timeout. On success the caller
+    /// holds the lock and must call `unlock` whatever happens next; on
+    /// failure the lock is not held.
+    async fn acquire(&mut self) -> Result<()> {
         let on_event = &mut *self.on_event;
         let waited = self
             .session
@@ -138,15 +148,14 @@ impl Run<'_> {
         (self.on_event)(&Event::LockAcquired {
             waited_ms: millis(waited),
         });
-        let result = match self.slice_timeout_on().await {
-            Ok(()) => body(self).await,
-            Err(e) => Err(e),
-        };
-        self.session.unlock().await;
-        result
+        if let Err(e) = self.slice_timeout_on().await {
+            self.session.unlock().await;
+            return Err(e);
+        }
+        Ok(())
     }
 
-    async fn slice_timeout_on(&self) -> Result<()> {
+    async fn slice_timeout_on(&mut self) -> Result<()> {
         match self.opts.slice_timeout {
             Some(t) => {
                 self.session
@@ -171,7 +180,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    async fn require_window_function(&self) -> Result<()> {
+    async fn require_window_function(&mut self) -> Result<()> {
         match self.session.schema().await? {
             (_, true) => Ok(()),
             (_, false) => Err(Error::SchemaMissing {
@@ -180,7 +189,7 @@ impl Run<'_> {
         }
     }
 
-    async fn refuse_future_events(&self, snap: &Snapshot, threshold: Duration) -> Result<()> {
+    async fn refuse_future_events(&mut self, snap: &Snapshot, threshold: Duration) -> Result<()> {
         let horizon = snap.future_horizon(threshold);
         if snap.max_event.is_some_and(|m| m > horizon) {
             if let Some(future) = self.session.future_events(horizon, snap.now).await? {
@@ -316,4 +325,11 @@ mod tests {
             assert!(validate_setting_name(bad).is_err(), "{bad}");
         }
     }
+}
+
+/// The controller spawns runs on a multi-threaded runtime: keep `run` Send.
+#[allow(dead_code)]
+fn assert_run_is_send(db: &Database, opts: &Options, cancel: &CancellationToken) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(run(db, opts, cancel, &mut |_| {}));
 }
