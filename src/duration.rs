@@ -78,7 +78,9 @@ pub fn parse(input: &str) -> Result<Duration, ParseError> {
             // Digits beyond nanosecond precision are dropped, as in Go.
             let digits = &frac_part[..frac_part.len().min(18)];
             let frac: u128 = digits.parse().map_err(|_| err(input, "bad fraction"))?;
-            nanos += frac * unit_nanos / 10u128.pow(digits.len() as u32);
+            nanos = nanos
+                .checked_add(frac * unit_nanos / 10u128.pow(digits.len() as u32))
+                .ok_or_else(|| err(input, "number too large"))?;
         }
         total_nanos = total_nanos
             .checked_add(nanos)
@@ -97,7 +99,7 @@ pub fn format(d: Duration) -> String {
         return "0s".into();
     }
     if secs == 0 {
-        return if nanos % 1_000_000 == 0 {
+        return if nanos.is_multiple_of(1_000_000) {
             format!("{}ms", nanos / 1_000_000)
         } else {
             format!("{nanos}ns")

@@ -115,8 +115,15 @@ impl Database {
             Some(p) if !p.is_empty() => msg.replace(p.as_str(), "****"),
             _ => msg,
         };
-        let mut config = tokio_postgres::Config::from_str(&parts.rest)
-            .map_err(|e| Error::InvalidConnectionString(scrub(format!("{e}"))))?;
+        let mut config = tokio_postgres::Config::from_str(&parts.rest).map_err(|e| {
+            // The useful part ("invalid value for option `port`") is the
+            // source; tokio-postgres names options there, never values.
+            let text = match std::error::Error::source(&e) {
+                Some(source) => format!("{e}: {source}"),
+                None => e.to_string(),
+            };
+            Error::InvalidConnectionString(scrub(text))
+        })?;
         if config.get_hosts().is_empty() {
             // libpq defaults to the local socket; we only support what we can
             // test, so say it instead of guessing a socket path.

@@ -149,22 +149,32 @@ impl Session {
     /// rows) instead of MAX(COALESCE(..)), which would scan the table.
     pub async fn snapshot(&self) -> Result<Snapshot> {
         let (state_table, _) = self.schema().await?;
-        let watermark_sql = if state_table {
-            "(SELECT watermark_at FROM public.task_usage_hourly_rollup_state WHERE id = 1)"
-        } else {
-            "NULL::timestamptz"
-        };
-        let sql = format!(
-            "SELECT LEAST((SELECT min(created_at) FROM public.task_usage),
+        if !state_table {
+            // Nothing else is read: without the rollup schema the source
+            // tables may be missing too, and the hook skips anyway.
+            let now = self
+                .client
+                .query_one("SELECT now()", &[])
+                .await
+                .map_err(|e| self.db_error("reading the database clock", &e))?
+                .get(0);
+            return Ok(Snapshot {
+                state_table,
+                min_event: None,
+                max_event: None,
+                watermark: None,
+                now,
+            });
+        }
+        let sql = "SELECT LEAST((SELECT min(created_at) FROM public.task_usage),
                           (SELECT min(updated_at) FROM public.task_usage)),
                     GREATEST((SELECT max(updated_at) FROM public.task_usage),
                              (SELECT max(created_at) FROM public.task_usage WHERE updated_at IS NULL)),
-                    {watermark_sql},
-                    now()"
-        );
+                    (SELECT watermark_at FROM public.task_usage_hourly_rollup_state WHERE id = 1),
+                    now()";
         let row = self
             .client
-            .query_one(&sql, &[])
+            .query_one(sql, &[])
             .await
             .map_err(|e| self.db_error("reading the task_usage range", &e))?;
         Ok(Snapshot {
