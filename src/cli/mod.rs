@@ -71,6 +71,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Print the UsageBackfill CustomResourceDefinition (YAML).
     Crd,
+    /// Run the Kubernetes controller of UsageBackfill resources.
+    Controller(crate::controller::ControllerArgs),
 }
 
 /// Entry point of the binary.
@@ -96,6 +98,7 @@ pub fn main() -> ExitCode {
                 print!("{}", crate::api::crd_yaml());
                 exit::OK
             }
+            Command::Controller(args) => crate::controller::run(args, cancel).await,
         };
         ExitCode::from(code)
     })

@@ -1,0 +1,58 @@
+//! The controller's errors: talking to the API server, serving health
+//! checks. Failures of a backfill run are not errors here: they are
+//! outcomes, reported in the status (see [`super::decide`]).
+
+use std::net::SocketAddr;
+
+/// Everything that can fail a reconcile or the controller itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {kind} {namespace}/{name}")]
+    Read {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot write the status of {namespace}/{name}")]
+    WriteStatus {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot update the finalizer of {namespace}/{name}")]
+    Finalizer {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the object has no {0}")]
+    MissingMetadata(&'static str),
+    #[error("cannot set up the Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("cannot serve health checks on {addr}")]
+    Health {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A fixed name per variant, for logs and metric labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Read { .. } => "read",
+            Error::WriteStatus { .. } => "write_status",
+            Error::Finalizer { .. } => "finalizer",
+            Error::MissingMetadata(_) => "missing_metadata",
+            Error::Client(_) => "client",
+            Error::Health { .. } => "health",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

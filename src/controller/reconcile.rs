@@ -1,0 +1,293 @@
+//! One reconcile: fetch (the object, fresh, and its Secrets) → decide
+//! ([`decide`], pure) → act (start, cancel or observe a run task; add or
+//! remove the finalizer) → status (server-side apply, only when it
+//! changed, with an Event on each change). It never waits for a backfill.
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::Action as Requeue;
+use kube::{Resource, ResourceExt};
+
+use super::Context;
+use super::decide::{self, Action, Identity, Observed, SecretLookup, TaskView};
+use super::errors::{Error, Result};
+use super::events::EventReason;
+use super::inputs::{self, Inputs};
+use super::runner::{CancelReason, ObjectKey, RunSpec};
+use super::status;
+use super::writes;
+use crate::api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
+
+/// Reconciles one UsageBackfill; the entry point of the controller.
+pub async fn reconcile(obj: Arc<UsageBackfill>, ctx: Arc<Context>) -> Result<Requeue> {
+    let key = ObjectKey::new(
+        obj.namespace().ok_or(Error::MissingMetadata("namespace"))?,
+        obj.meta()
+            .name
+            .clone()
+            .ok_or(Error::MissingMetadata("name"))?,
+    );
+    let result = reconcile_key(&key, &ctx).await;
+    match &result {
+        Ok(_) => ctx.forget_failures(&key),
+        Err(e) => tracing::warn!(object = %key, error = %chain(e), "reconcile failed"),
+    }
+    result
+}
+
+/// On a reconcile error (the API server, not a run): retry with a
+/// per-object exponential backoff, 1 s doubling up to 2 min.
+pub fn error_policy(obj: Arc<UsageBackfill>, _error: &Error, ctx: Arc<Context>) -> Requeue {
+    let key = ObjectKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
+    Requeue::requeue(ctx.next_failure_delay(&key))
+}
+
+async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
+    let api: Api<UsageBackfill> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    // The task first, the object second: a task that ends in between has
+    // written its final status before leaving, so the read sees it.
+    let task = ctx.runner.view(key);
+    let read = |source| Error::Read {
+        kind: "UsageBackfill",
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        source,
+    };
+    let Some(obj) = api.get_opt(&key.name).await.map_err(read)? else {
+        ctx.runner.cancel(key, CancelReason::Deletion);
+        ctx.runner.forget(key);
+        return Ok(Requeue::await_change());
+    };
+    let identity = Identity::new(
+        obj.meta().generation.unwrap_or_default(),
+        obj.spec.run_id.clone(),
+    );
+    let status = obj.status.clone().unwrap_or_default();
+    let deleting = obj.meta().deletion_timestamp.is_some();
+    let has_finalizer = writes::has_finalizer(&obj);
+    let valid = obj.spec.validate();
+    let inputs = match &valid {
+        Ok(v) if !deleting && !matches!(task, TaskView::Active { .. }) => {
+            inputs::read(&ctx.client, &key.namespace, &obj.spec, v).await?
+        }
+        _ => Inputs::not_read(),
+    };
+    let now = Timestamp::now();
+    let action = decide::decide(&Observed {
+        identity: identity.clone(),
+        spec: valid.as_ref(),
+        status: &status,
+        deleting,
+        has_finalizer,
+        task: &task,
+        secret: &inputs.lookup,
+        now,
+        backoff: ctx.settings.runner.backoff,
+    });
+    tracing::debug!(object = %key, ?action, "decided");
+    if matches!(task, TaskView::Unsettled { .. }) && action != Action::SettleFinished {
+        ctx.runner.forget(key);
+    }
+
+    let act = Act {
+        ctx,
+        key,
+        api: &api,
+        obj: &obj,
+        identity: &identity,
+        status: &status,
+        now,
+    };
+    let requeue = match action {
+        Action::NothingToDo => Requeue::await_change(),
+        Action::Observe => Requeue::requeue(ctx.settings.observe_interval),
+        Action::WaitBackoff(wait) => Requeue::requeue(wait),
+        Action::StartRun(start) => {
+            act.start(start, inputs).await?;
+            Requeue::requeue(ctx.settings.observe_interval)
+        }
+        Action::ReportInvalid(e) => {
+            let new = status::invalid_spec(&status, &identity, &e, now);
+            act.report(new, EventReason::InvalidSpec).await?;
+            Requeue::await_change()
+        }
+        Action::ReportSecretProblem(p) => {
+            let new = status::secret_problem(&status, &identity, &p, now);
+            let reason = match p.reason() {
+                crate::api::Reason::SecretNotFound => EventReason::SecretNotFound,
+                _ => EventReason::SecretKeyMissing,
+            };
+            act.report(new, reason).await?;
+            // The Secret watch is what normally brings us back.
+            Requeue::requeue(ctx.settings.secret_recheck_interval)
+        }
+        Action::ReportUnusableSecret(e) => {
+            let versions = match &inputs.lookup {
+                SecretLookup::Unusable { versions, .. } => versions.as_str(),
+                _ => "",
+            };
+            let new =
+                status::unusable_secret(&status, &identity, &e, versions, &inputs.redactor, now);
+            act.report(new, EventReason::Failed).await?;
+            Requeue::await_change()
+        }
+        Action::Suspended => {
+            let new = status::suspended(&status, &identity, now);
+            act.report(new, EventReason::Suspended).await?;
+            Requeue::await_change()
+        }
+        Action::CancelObsolete => {
+            ctx.runner.cancel(key, CancelReason::Obsolete);
+            // The task wakes us when it has left; this is the fallback.
+            Requeue::requeue(ctx.settings.cancel_recheck_interval)
+        }
+        Action::CancelForDeletion => {
+            ctx.runner.cancel(key, CancelReason::Deletion);
+            Requeue::requeue(ctx.settings.cancel_recheck_interval)
+        }
+        Action::RemoveFinalizer => {
+            act.remove_finalizer().await?;
+            Requeue::await_change()
+        }
+        Action::SettleFinished => {
+            if let TaskView::Unsettled { final_status, .. } = &task {
+                super::runner::settle(&api, &key.name, final_status.as_deref())
+                    .await
+                    .map_err(|source| Error::WriteStatus {
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                        source,
+                    })?;
+            }
+            ctx.runner.forget(key);
+            Requeue::await_change()
+        }
+    };
+    // A finalizer with no run behind it (a crash between the final status
+    // and its removal) only blocks deletion: drop it.
+    if has_finalizer && !deleting && !ctx.runner.is_active(key) {
+        act.remove_finalizer().await?;
+    }
+    Ok(requeue)
+}
+
+struct Act<'a> {
+    ctx: &'a Context,
+    key: &'a ObjectKey,
+    api: &'a Api<UsageBackfill>,
+    obj: &'a UsageBackfill,
+    identity: &'a Identity,
+    status: &'a Status,
+    now: Timestamp,
+}
+
+impl Act<'_> {
+    async fn write_status(&self, new: &Status) -> Result<()> {
+        writes::apply_status(self.api, &self.key.name, new)
+            .await
+            .map_err(|source| Error::WriteStatus {
+                namespace: self.key.namespace.clone(),
+                name: self.key.name.clone(),
+                source,
+            })
+    }
+
+    /// Writes `new` and publishes `reason`, only when the status changed.
+    async fn report(&self, new: Status, reason: EventReason) -> Result<()> {
+        if new == *self.status {
+            return Ok(());
+        }
+        self.write_status(&new).await?;
+        let note = [
+            ConditionType::Stalled,
+            ConditionType::Reconciling,
+            ConditionType::Ready,
+        ]
+        .into_iter()
+        .find_map(|t| {
+            new.condition(t)
+                .filter(|c| c.status == "True" || t == ConditionType::Ready)
+        })
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+        self.ctx
+            .events
+            .publish(&self.obj.object_ref(&()), reason, note)
+            .await;
+        Ok(())
+    }
+
+    async fn remove_finalizer(&self) -> Result<()> {
+        writes::remove_finalizer(self.api, &self.key.name)
+            .await
+            .map(drop)
+            .map_err(|source| Error::Finalizer {
+                namespace: self.key.namespace.clone(),
+                name: self.key.name.clone(),
+                source,
+            })
+    }
+
+    /// Finalizer first (the task must never run without it), then the
+    /// starting status, the Event, and the task.
+    async fn start(&self, start: decide::Start, inputs: Inputs) -> Result<()> {
+        let (Ok(valid), Some(database), SecretLookup::Found { versions }) =
+            (self.obj.spec.validate(), inputs.database, &inputs.lookup)
+        else {
+            // decide() starts runs only with a valid spec and a usable Secret.
+            return Ok(());
+        };
+        writes::add_finalizer(self.api, self.obj)
+            .await
+            .map_err(|source| Error::Finalizer {
+                namespace: self.key.namespace.clone(),
+                name: self.key.name.clone(),
+                source,
+            })?;
+        let settings = &self.ctx.settings.session_settings;
+        let new = status::starting(
+            self.status,
+            self.identity,
+            &start,
+            versions,
+            settings,
+            self.now,
+        );
+        self.write_status(&new).await?;
+        let note = new
+            .condition(ConditionType::Reconciling)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        let regarding = self.obj.object_ref(&());
+        self.ctx
+            .events
+            .publish(&regarding, EventReason::Started, note)
+            .await;
+        tracing::info!(object = %self.key, attempt = start.attempt, kind = ?start.kind,
+            resume = ?start.resume.map(|r| r.cursor), "starting a run");
+        self.ctx.runner.start(RunSpec {
+            key: self.key.clone(),
+            identity: self.identity.clone(),
+            regarding,
+            database,
+            options: inputs::options(&valid, settings, start.resume),
+            status: new,
+            max_attempts: start.max_attempts,
+            redactor: inputs.redactor,
+        });
+        Ok(())
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

@@ -1,0 +1,100 @@
+//! Writes to the API server: the status by server-side apply under one
+//! field manager, the finalizer by merge patches guarded by the
+//! resourceVersion (so a concurrent change to the list is never lost).
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::api::{UsageBackfill, UsageBackfillStatus};
+
+/// The field manager of every status write.
+pub const FIELD_MANAGER: &str = "usage-backfill-operator";
+
+/// Present only while a run task is active: its cleanup cancels the run so
+/// that advisory lock 4246 is released before the object goes.
+pub const FINALIZER: &str = "usage.multica.ai/run-cleanup";
+
+/// How often a finalizer patch is retried on a resourceVersion conflict.
+const CONFLICT_RETRIES: usize = 5;
+
+/// Applies the complete status. Server-side apply removes whatever this
+/// manager stops sending, so `status` must be the whole status.
+pub async fn apply_status(
+    api: &Api<UsageBackfill>,
+    name: &str,
+    status: &UsageBackfillStatus,
+) -> kube::Result<()> {
+    let patch = json!({
+        "apiVersion": UsageBackfill::api_version(&()),
+        "kind": UsageBackfill::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+pub fn has_finalizer(obj: &UsageBackfill) -> bool {
+    obj.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Adds the finalizer to `obj` (as read), unless it is there.
+pub async fn add_finalizer(api: &Api<UsageBackfill>, obj: &UsageBackfill) -> kube::Result<()> {
+    if has_finalizer(obj) {
+        return Ok(());
+    }
+    let mut finalizers = obj.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_owned());
+    patch_finalizers(api, obj, finalizers).await
+}
+
+/// Removes the finalizer, reading the object first; retried on conflicts.
+/// Returns false when the object is gone.
+pub async fn remove_finalizer(api: &Api<UsageBackfill>, name: &str) -> kube::Result<bool> {
+    let mut tries = 0;
+    loop {
+        let Some(obj) = api.get_opt(name).await? else {
+            return Ok(false);
+        };
+        if !has_finalizer(&obj) {
+            return Ok(true);
+        }
+        let rest: Vec<String> = obj
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        match patch_finalizers(api, &obj, rest).await {
+            Ok(()) => return Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
+            Err(kube::Error::Api(e)) if e.code == 409 && tries < CONFLICT_RETRIES => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn patch_finalizers(
+    api: &Api<UsageBackfill>,
+    obj: &UsageBackfill,
+    finalizers: Vec<String>,
+) -> kube::Result<()> {
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": obj.resource_version(),
+            "finalizers": finalizers,
+        }
+    });
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}

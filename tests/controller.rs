@@ -1,0 +1,1216 @@
+//! The controller against a fake API server (HTTP level, `tests/support`)
+//! and a real PostgreSQL (`usage_backfill::testkit`): the status a user
+//! sees through every phase, retries, Secrets, suspend, deletion during a
+//! run, restart safety and shutdown. Assertions read the meaning of the
+//! recorded requests (resource, subresource, field manager, status JSON),
+//! never exact query strings; every wait has a timeout.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use tokio_postgres::Client as PgClient;
+use usage_backfill::api::{
+    BackfillResult, ConditionType, Phase, SkipReason, UsageBackfill, UsageBackfillSpec,
+    UsageBackfillStatus,
+};
+use usage_backfill::controller::decide::Backoff;
+use usage_backfill::controller::{
+    self, Context, ObjectKey, RunnerSettings, Settings, writes::FIELD_MANAGER, writes::FINALIZER,
+};
+use usage_backfill::fixture::{self, HistorySpec};
+use usage_backfill::testkit::{self, TestDatabase};
+
+use support::FakeApiServer;
+
+const NS: &str = "tenant-a";
+const SECRET: &str = "app-db";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn settings() -> Settings {
+    Settings {
+        runner: RunnerSettings {
+            // Every slice is written, so short runs show their progress.
+            progress_interval: Duration::ZERO,
+            heartbeat_interval: Duration::from_secs(15),
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                max: Duration::from_millis(400),
+            },
+            concurrency: 4,
+            settle_pause: Duration::from_millis(20),
+        },
+        session_settings: vec![("enable_nestloop".into(), "off".into())],
+        observe_interval: Duration::from_secs(60),
+        secret_recheck_interval: Duration::from_secs(60),
+        cancel_recheck_interval: Duration::from_millis(100),
+    }
+}
+
+fn small() -> HistorySpec {
+    HistorySpec {
+        rows: 400,
+        months: 4,
+        ..HistorySpec::default()
+    }
+}
+
+struct Harness {
+    fake: FakeApiServer,
+    ctx: Arc<Context>,
+    db: TestDatabase,
+    pg: PgClient,
+    /// The database password, which must never reach the API server.
+    password: String,
+}
+
+impl Harness {
+    async fn new(history: Option<HistorySpec>) -> Harness {
+        Self::with_settings(history, settings()).await
+    }
+
+    async fn with_settings(history: Option<HistorySpec>, settings: Settings) -> Harness {
+        let (client, fake) = FakeApiServer::start();
+        let ctx = Context::new(client, settings);
+        let db = testkit::fresh_database().await;
+        let pg = db.client().await;
+        if let Some(spec) = history {
+            fixture::generate(&pg, &spec).await.unwrap();
+        }
+        let config: tokio_postgres::Config = db.url().parse().unwrap();
+        let password =
+            String::from_utf8(config.get_password().unwrap_or_default().to_vec()).unwrap();
+        assert!(
+            password.len() >= 8,
+            "the harness password is distinctive enough to search for"
+        );
+        Harness {
+            fake,
+            ctx,
+            db,
+            pg,
+            password,
+        }
+    }
+
+    fn put_secret(&self) {
+        self.fake
+            .put_secret(NS, SECRET, "DATABASE_URL", self.db.url());
+    }
+
+    fn create(&self, name: &str, edit: impl FnOnce(&mut UsageBackfillSpec)) -> UsageBackfill {
+        let mut spec = UsageBackfillSpec::new(SECRET);
+        edit(&mut spec);
+        self.fake.create(NS, name, spec)
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new(NS, name)
+    }
+
+    fn status(&self, name: &str) -> UsageBackfillStatus {
+        self.fake
+            .get(NS, name)
+            .and_then(|o| o.status)
+            .unwrap_or_default()
+    }
+
+    /// One reconcile, as the controller would run it.
+    async fn reconcile(&self, name: &str) -> kube::runtime::controller::Action {
+        let obj = self.fake.get(NS, name).expect("object exists");
+        tokio::time::timeout(WAIT, controller::reconcile(Arc::new(obj), self.ctx.clone()))
+            .await
+            .expect("reconcile returns quickly")
+            .expect("reconcile succeeds")
+    }
+
+    /// Reconciles until the run for the current generation is finished
+    /// and its task and finalizer are gone.
+    async fn run_to_end(&self, name: &str) -> UsageBackfillStatus {
+        let key = Self::key(name);
+        let done = tokio::time::timeout(WAIT, async {
+            loop {
+                self.reconcile(name).await;
+                self.ctx.runner.wait_idle(&key).await;
+                let obj = self.fake.get(NS, name).unwrap();
+                let status = obj.status.clone().unwrap_or_default();
+                let current = status.observed_generation == obj.metadata.generation.unwrap();
+                let finished = status.phase.is_some_and(Phase::is_finished);
+                if current
+                    && finished
+                    && !self.ctx.runner.is_active(&key)
+                    && !writes_has_finalizer(&obj)
+                {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+        .await;
+        done.unwrap_or_else(|_| {
+            panic!(
+                "{name} did not finish within {WAIT:?}; requests:\n{}",
+                self.fake.describe_requests()
+            )
+        })
+    }
+
+    /// No request body the API server saw holds the database password.
+    fn assert_password_never_sent(&self) {
+        for r in self.fake.requests() {
+            assert!(
+                !r.raw_body.contains(&self.password),
+                "{} {} {:?} sent the database password",
+                r.method,
+                r.resource,
+                r.name
+            );
+        }
+        assert!(
+            self.fake.unexpected().is_empty(),
+            "{:?}",
+            self.fake.unexpected()
+        );
+    }
+
+    async fn watermark(&self) -> Option<Timestamp> {
+        fixture::watermark(&self.pg).await.unwrap()
+    }
+
+    /// Sessions holding (true) or waiting for (false) lock 4246.
+    async fn lock_4246(&self) -> Vec<(i32, bool, String)> {
+        self.pg
+            .query(
+                "SELECT l.pid, l.granted, coalesce(a.application_name, '')
+                   FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+                  WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = 4246
+                    AND l.objsubid = 1
+                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    async fn assert_rollup_correct(&self) {
+        assert_eq!(
+            fixture::recompute_mismatches(&self.pg).await.unwrap(),
+            0,
+            "task_usage_hourly differs from an independent recompute"
+        );
+        assert_eq!(
+            fixture::guard(&self.pg).await.unwrap(),
+            Ok(()),
+            "the migration guard refuses"
+        );
+    }
+}
+
+fn writes_has_finalizer(obj: &UsageBackfill) -> bool {
+    controller::writes::has_finalizer(obj)
+}
+
+fn cond(s: &UsageBackfillStatus, t: ConditionType) -> Option<(String, String)> {
+    s.condition(t).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+fn is(status: &str, reason: &str) -> Option<(String, String)> {
+    Some((status.into(), reason.into()))
+}
+
+fn conds(s: &UsageBackfillStatus) -> [Option<(String, String)>; 3] {
+    ConditionType::ALL.map(|t| cond(s, t))
+}
+
+fn message(s: &UsageBackfillStatus, t: ConditionType) -> String {
+    s.condition(t)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+/// A database time as the status carries it (RFC 3339, whole seconds).
+fn secs(ts: Timestamp) -> Time {
+    Time(Timestamp::from_second(ts.as_second()).unwrap())
+}
+
+/// What `kubectl get ubf` prints for it (the CRD's printer columns).
+fn kubectl_row(name: &str, s: &UsageBackfillStatus) -> String {
+    let watermark = s
+        .watermark_after
+        .as_ref()
+        .map(|t| jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", t.0).unwrap())
+        .unwrap_or_default();
+    format!(
+        "NAME       PHASE       SLICES   ROWS   WATERMARK              AGE\n{:<10} {:<11} {:<8} {:<6} {:<22} 5s",
+        name,
+        s.phase.map(|p| p.as_str()).unwrap_or(""),
+        s.progress.as_deref().unwrap_or(""),
+        s.rows_touched.map(|r| r.to_string()).unwrap_or_default(),
+        watermark
+    )
+}
+
+// ---------------------------------------------------------------------------
+// The main path
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_goes_pending_running_succeeded_with_the_engines_counts() {
+    let h = Harness::new(Some(small())).await;
+    h.put_secret();
+    h.create("backfill", |s| s.sleep_between_slices = "20ms".into());
+
+    // The first reconcile: finalizer, Pending, Started; it returns at once.
+    h.reconcile("backfill").await;
+    let first = h.fake.requests();
+    let finalizer_patch = first
+        .iter()
+        .find(|r| r.method == "PATCH" && r.subresource.is_none() && r.resource == "usagebackfills")
+        .expect("the finalizer is added with a patch");
+    assert_eq!(
+        finalizer_patch.body.as_ref().unwrap()["metadata"]["finalizers"],
+        serde_json::json!([FINALIZER])
+    );
+    assert!(
+        finalizer_patch.body.as_ref().unwrap()["metadata"]["resourceVersion"].is_string(),
+        "guarded by the resourceVersion"
+    );
+    let pending = &h.fake.statuses("backfill")[0];
+    assert_eq!(pending.phase, Some(Phase::Pending));
+    assert_eq!(pending.observed_generation, 1);
+    assert_eq!(pending.attempts, Some(1));
+    assert_eq!(
+        conds(pending),
+        [is("False", "Pending"), is("True", "Pending"), None]
+    );
+    let finalizer_at = first
+        .iter()
+        .position(|r| std::ptr::eq(r, finalizer_patch))
+        .unwrap();
+    let pending_at = first.iter().position(|r| r.is_status_apply()).unwrap();
+    assert!(
+        finalizer_at < pending_at,
+        "the finalizer is in place before the run starts"
+    );
+
+    let done = h.run_to_end("backfill").await;
+
+    // Phases in order, with progress in between.
+    let statuses = h.fake.statuses("backfill");
+    let mut phases: Vec<Phase> = statuses.iter().filter_map(|s| s.phase).collect();
+    phases.dedup();
+    assert_eq!(phases, [Phase::Pending, Phase::Running, Phase::Succeeded]);
+    let progress: Vec<(u32, u32, i64)> = statuses
+        .iter()
+        .filter(|s| s.phase == Some(Phase::Running))
+        .filter_map(|s| Some((s.slices_processed?, s.slices_total?, s.rows_touched?)))
+        .collect();
+    let total = done.slices_total.unwrap();
+    assert!(
+        progress.iter().any(|(p, t, _)| *p > 0 && p < t),
+        "mid-run progress: {progress:?}"
+    );
+    assert!(
+        progress
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].2 <= w[1].2),
+        "{progress:?}"
+    );
+    for s in statuses.iter().filter(|s| s.phase == Some(Phase::Running)) {
+        assert_eq!(
+            conds(s),
+            [is("False", "Running"), is("True", "Running"), None]
+        );
+        assert!(s.heartbeat_time.is_some());
+    }
+
+    // The final status: the engine's counts, the database's watermark.
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(conds(&done), [is("True", "Backfilled"), None, None]);
+    assert_eq!(done.observed_generation, 1);
+    assert_eq!(done.run_id.as_deref(), Some(""));
+    assert_eq!(done.slices_processed, Some(total));
+    assert!(total >= 4, "four months of history and the current month");
+    assert_eq!(done.progress, Some(format!("{total}/{total}")));
+    let last_progress = progress.last().unwrap();
+    assert_eq!(
+        (last_progress.0, last_progress.2),
+        (total, done.rows_touched.unwrap())
+    );
+    assert!(done.rows_touched.unwrap() > 0);
+    assert_eq!(done.watermark_stamped, Some(true));
+    assert_eq!(done.watermark_after, h.watermark().await.map(secs));
+    assert_eq!(
+        done.watermark_before,
+        Some(secs("1970-01-01T00:00:00Z".parse().unwrap()))
+    );
+    let max_event: Timestamp =
+        h.pg.query_one(
+            "SELECT max(coalesce(updated_at, created_at)) FROM task_usage",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(done.max_event, Some(secs(max_event)));
+    assert_eq!(
+        done.lag_seconds,
+        Some(max_event.as_second()),
+        "newest event minus the epoch watermark"
+    );
+    assert_eq!(
+        done.cursor, done.to,
+        "the cursor reached the end of the walk"
+    );
+    assert_eq!(done.attempts, Some(1));
+    assert_eq!(done.last_error, None);
+    assert_eq!(done.lock_holder, None);
+    assert!(done.started_at.is_some() && done.finished_at.is_some());
+    assert_eq!(
+        done.settings.get("enable_nestloop").map(String::as_str),
+        Some("off")
+    );
+    h.assert_rollup_correct().await;
+
+    // Every status write: SSA on /status under the one field manager, forced.
+    for r in h.fake.status_writes("backfill") {
+        assert_eq!(r.field_manager(), Some(FIELD_MANAGER));
+        assert_eq!(r.query.get("force").map(String::as_str), Some("true"));
+        assert_eq!(
+            r.content_type.as_deref(),
+            Some("application/apply-patch+yaml")
+        );
+    }
+    assert_eq!(h.fake.event_reasons("backfill"), ["Started", "Succeeded"]);
+    let (_, kind, note) = &h.fake.events("backfill")[1];
+    assert_eq!(kind, "Normal");
+    assert!(
+        note.starts_with(&format!("backfilled {total} slices from ")),
+        "{note}"
+    );
+
+    // Finished for this generation: further reconciles change nothing.
+    let writes = h.fake.status_writes("backfill").len();
+    h.reconcile("backfill").await;
+    assert_eq!(h.fake.status_writes("backfill").len(), writes);
+    assert!(!writes_has_finalizer(&h.fake.get(NS, "backfill").unwrap()));
+    h.assert_password_never_sent();
+
+    eprintln!(
+        "--- kubectl get ubf -n {NS}\n{}",
+        kubectl_row("backfill", &done)
+    );
+    eprintln!(
+        "--- status of a finished run\n{}",
+        serde_saphyr::to_string(&done).unwrap()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Skips
+// ---------------------------------------------------------------------------
+
+async fn assert_skipped(
+    h: &Harness,
+    name: &str,
+    reason: SkipReason,
+    stamped: bool,
+) -> UsageBackfillStatus {
+    let checksum = fixture::hourly_checksum(&h.pg).await.unwrap();
+    h.put_secret();
+    h.create(name, |_| {});
+    let done = h.run_to_end(name).await;
+    assert_eq!(done.phase, Some(Phase::Succeeded));
+    assert_eq!(done.result, Some(BackfillResult::Skipped));
+    assert_eq!(done.skipped, Some(reason));
+    assert_eq!(conds(&done), [is("True", "Skipped"), None, None]);
+    assert!(
+        message(&done, ConditionType::Ready).starts_with(&format!("skipped ({})", reason.as_str())),
+        "{}",
+        message(&done, ConditionType::Ready)
+    );
+    assert_eq!(done.watermark_stamped, Some(stamped));
+    assert_eq!(
+        fixture::hourly_checksum(&h.pg).await.unwrap(),
+        checksum,
+        "nothing rolled up"
+    );
+    assert_eq!(h.fake.event_reasons(name), ["Started", "Skipped"]);
+    h.assert_password_never_sent();
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_rollup_state_missing() {
+    let h = Harness::new(Some(small())).await;
+    fixture::drop_rollup_state_table(&h.pg).await.unwrap();
+    let done = assert_skipped(&h, "skip", SkipReason::RollupStateMissing, false).await;
+    assert_eq!(done.watermark_after, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_task_usage_empty() {
+    let h = Harness::new(None).await;
+    let done = assert_skipped(&h, "skip", SkipReason::TaskUsageEmpty, true).await;
+    assert_eq!(done.watermark_after, h.watermark().await.map(secs));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_watermark_within_threshold() {
+    let h = Harness::new(Some(small())).await;
+    let now: Timestamp = h.pg.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    fixture::set_watermark(&h.pg, Some(now)).await.unwrap();
+    let done = assert_skipped(&h, "skip", SkipReason::WatermarkWithinThreshold, true).await;
+    assert_eq!(done.watermark_after, h.watermark().await.map(secs));
+    assert!(done.lag_seconds.unwrap() <= 3600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_plans_and_writes_nothing() {
+    let h = Harness::new(Some(small())).await;
+    let before = (
+        fixture::hourly_checksum(&h.pg).await.unwrap(),
+        h.watermark().await,
+    );
+    h.put_secret();
+    h.create("plan", |s| s.dry_run = true);
+    let done = h.run_to_end("plan").await;
+    assert_eq!(done.result, Some(BackfillResult::DryRun));
+    assert_eq!(conds(&done), [is("True", "DryRun"), None, None]);
+    assert_eq!(done.watermark_stamped, Some(false));
+    assert_eq!(
+        done.watermark_after,
+        before.1.map(secs),
+        "the watermark as it was"
+    );
+    let (p, t) = (done.slices_processed.unwrap(), done.slices_total.unwrap());
+    assert!(p == t && t >= 4, "{p}/{t} slices planned");
+    let rows: i64 =
+        h.pg.query_one("SELECT count(*) FROM task_usage", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert!(done.rows_touched.unwrap() > 0 && done.rows_touched.unwrap() <= rows);
+    assert!(
+        message(&done, ConditionType::Ready)
+            .starts_with(&format!("dry run: would walk {t} slices"))
+    );
+    assert_eq!(
+        (
+            fixture::hourly_checksum(&h.pg).await.unwrap(),
+            h.watermark().await
+        ),
+        before,
+        "nothing written"
+    );
+    assert_eq!(h.fake.event_reasons("plan"), ["Started", "Succeeded"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_bounds_the_runs_in_progress() {
+    let mut settings = settings();
+    settings.runner.concurrency = 1;
+    let h = Harness::with_settings(Some(slow_history()), settings).await;
+    h.put_secret();
+    h.create("first", |s| s.sleep_between_slices = "200ms".into());
+    h.create("second", |s| s.sleep_between_slices = "200ms".into());
+    h.reconcile("first").await;
+    wait_running(&h, "first", 1).await;
+    h.reconcile("second").await;
+    assert!(
+        h.ctx.runner.is_active(&Harness::key("second")),
+        "started, waiting for a slot"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        h.status("second").phase,
+        Some(Phase::Pending),
+        "no slot, so not even waiting for the lock yet"
+    );
+    let first = h.run_to_end("first").await;
+    assert_eq!(first.result, Some(BackfillResult::Backfilled));
+    let second = h.run_to_end("second").await;
+    // The first run stamped a fresh watermark: nothing left to do.
+    assert_eq!(second.skipped, Some(SkipReason::WatermarkWithinThreshold));
+    assert!(
+        h.fake
+            .statuses("second")
+            .iter()
+            .all(|s| s.phase != Some(Phase::WaitingForLock))
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Secrets and terminal input problems
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_waits_then_runs_once_it_appears() {
+    let h = Harness::new(Some(small())).await;
+    h.create("waits", |_| {});
+    h.reconcile("waits").await;
+    let s = h.status("waits");
+    assert_eq!(s.phase, Some(Phase::Pending));
+    assert_eq!(
+        conds(&s),
+        [
+            is("False", "SecretNotFound"),
+            is("True", "SecretNotFound"),
+            None
+        ]
+    );
+    assert!(
+        message(&s, ConditionType::Reconciling)
+            .starts_with("Secret \"app-db\" does not exist in this namespace"),
+        "{}",
+        message(&s, ConditionType::Reconciling)
+    );
+    assert_eq!(s.observed_generation, 1);
+    assert_eq!(s.attempts, None, "not an attempt");
+    assert!(!h.ctx.runner.is_active(&Harness::key("waits")));
+    assert!(!writes_has_finalizer(&h.fake.get(NS, "waits").unwrap()));
+    let secret_reads = h
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "secrets" && r.namespace.as_deref() == Some(NS))
+        .count();
+    assert!(
+        secret_reads >= 1,
+        "the Secret is read in the object's own namespace"
+    );
+
+    // Requeued: no new write, no new Event (no write loop).
+    let writes = h.fake.status_writes("waits").len();
+    h.reconcile("waits").await;
+    assert_eq!(h.fake.status_writes("waits").len(), writes);
+    assert_eq!(h.fake.event_reasons("waits"), ["SecretNotFound"]);
+
+    // A Secret without the key: still waiting, with its own reason.
+    h.fake.put_secret(NS, SECRET, "OTHER_KEY", "x");
+    h.reconcile("waits").await;
+    let s = h.status("waits");
+    assert_eq!(
+        cond(&s, ConditionType::Reconciling),
+        is("True", "SecretKeyMissing")
+    );
+
+    h.put_secret();
+    let done = h.run_to_end("waits").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.attempts, Some(1));
+    assert_eq!(
+        h.fake.event_reasons("waits"),
+        ["SecretNotFound", "SecretKeyMissing", "Started", "Succeeded"]
+    );
+    h.assert_rollup_correct().await;
+    h.assert_password_never_sent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_dsn_is_stalled_with_a_specific_message_until_the_secret_is_fixed() {
+    let h = Harness::new(Some(small())).await;
+    h.fake.put_secret(
+        NS,
+        SECRET,
+        "DATABASE_URL",
+        "postgres://app:Zq9-secret-Zq9@db.example/app?sslmode=verify-everything",
+    );
+    h.create("bad-dsn", |_| {});
+    h.reconcile("bad-dsn").await;
+    let s = h.status("bad-dsn");
+    assert_eq!(s.phase, Some(Phase::Failed));
+    assert_eq!(
+        conds(&s),
+        [
+            is("False", "InvalidConnectionString"),
+            None,
+            is("True", "InvalidConnectionString")
+        ]
+    );
+    let msg = message(&s, ConditionType::Stalled);
+    assert!(
+        msg.starts_with("invalid database connection string: "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("unknown sslmode \"verify-everything\""),
+        "names what is wrong: {msg}"
+    );
+    assert!(!msg.contains("Zq9-secret-Zq9"));
+    assert_eq!(s.observed_generation, 1);
+    assert!(s.secret_resource_versions.is_some());
+    assert!(
+        !writes_has_finalizer(&h.fake.get(NS, "bad-dsn").unwrap()),
+        "no run, no finalizer"
+    );
+    assert_eq!(h.fake.event_reasons("bad-dsn"), ["Failed"]);
+    // Terminal: nothing more happens while nothing changes.
+    h.reconcile("bad-dsn").await;
+    assert_eq!(h.fake.status_writes("bad-dsn").len(), 1);
+
+    // Fixing the Secret retries at once.
+    h.put_secret();
+    let done = h.run_to_end("bad-dsn").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.attempts, Some(1));
+    assert_eq!(done.last_error, None);
+    for r in h.fake.requests() {
+        assert!(!r.raw_body.contains("Zq9-secret-Zq9"));
+    }
+    h.assert_password_never_sent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_spec_is_stalled_and_a_fixed_spec_runs() {
+    let h = Harness::new(Some(small())).await;
+    h.put_secret();
+    h.create("invalid", |s| s.months_back = 3);
+    h.reconcile("invalid").await;
+    let s = h.status("invalid");
+    assert_eq!(s.phase, Some(Phase::Failed));
+    assert_eq!(
+        conds(&s),
+        [is("False", "InvalidSpec"), None, is("True", "InvalidSpec")]
+    );
+    assert_eq!(
+        message(&s, ConditionType::Stalled),
+        "spec.monthsBack: applies to mode Always only; remove it or set spec.mode: Always"
+    );
+    assert_eq!(h.fake.event_reasons("invalid"), ["InvalidSpec"]);
+    h.fake.edit_spec(NS, "invalid", |s| s.months_back = 0);
+    let done = h.run_to_end("invalid").await;
+    assert_eq!(done.observed_generation, 2);
+    assert_eq!(conds(&done), [is("True", "Backfilled"), None, None]);
+}
+
+// ---------------------------------------------------------------------------
+// Retries
+// ---------------------------------------------------------------------------
+
+/// A port nothing listens on.
+async fn closed_port() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_retry_with_backoff_then_fail_after_the_backoff_limit() {
+    let h = Harness::new(None).await;
+    let port = closed_port().await;
+    h.fake.put_secret(
+        NS,
+        SECRET,
+        "DATABASE_URL",
+        &format!("postgres://app:Kx7-unreachable@127.0.0.1:{port}/app?connect_timeout=3"),
+    );
+    h.create("flaky", |s| s.backoff_limit = 2);
+    let done = h.run_to_end("flaky").await;
+
+    assert_eq!(done.phase, Some(Phase::Failed));
+    assert_eq!(done.attempts, Some(3), "backoffLimit 2: three attempts");
+    assert_eq!(
+        conds(&done),
+        [
+            is("False", "BackoffLimitExceeded"),
+            None,
+            is("True", "BackoffLimitExceeded")
+        ]
+    );
+    let msg = message(&done, ConditionType::Stalled);
+    assert!(
+        msg.starts_with("3 attempts failed (backoffLimit 2); last error (DatabaseUnreachable): cannot connect to app@127.0.0.1"),
+        "{msg}"
+    );
+    assert!(
+        done.last_error
+            .as_ref()
+            .unwrap()
+            .starts_with("cannot connect")
+    );
+
+    // Between attempts: Reconciling=True with the failure's reason, not Stalled.
+    let retries: Vec<UsageBackfillStatus> = h
+        .fake
+        .statuses("flaky")
+        .into_iter()
+        .filter(|s| cond(s, ConditionType::Ready) == is("False", "RetryScheduled"))
+        .collect();
+    assert_eq!(
+        retries
+            .iter()
+            .map(|s| s.attempts.unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
+    for s in &retries {
+        assert_eq!(
+            conds(s),
+            [
+                is("False", "RetryScheduled"),
+                is("True", "DatabaseUnreachable"),
+                None
+            ]
+        );
+        assert!(message(s, ConditionType::Reconciling).contains("retrying in"));
+        assert!(s.finished_at.is_some());
+    }
+    assert_eq!(
+        h.fake.event_reasons("flaky"),
+        [
+            "Started",
+            "RetryScheduled",
+            "Started",
+            "RetryScheduled",
+            "Started",
+            "Failed"
+        ]
+    );
+    let events = h.fake.events("flaky");
+    assert_eq!(events[1].1, "Warning");
+    for r in h.fake.requests() {
+        assert!(!r.raw_body.contains("Kx7-unreachable"));
+    }
+    h.assert_password_never_sent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_fails_without_ever_showing_it() {
+    let h = Harness::new(Some(small())).await;
+    let url = h.db.url().replace(&h.password, "Wr0ng-Pa55-word");
+    h.fake.put_secret(NS, SECRET, "DATABASE_URL", &url);
+    h.create("auth", |s| s.backoff_limit = 0);
+    let done = h.run_to_end("auth").await;
+    assert_eq!(done.phase, Some(Phase::Failed));
+    assert_eq!(
+        cond(&done, ConditionType::Stalled),
+        is("True", "BackoffLimitExceeded")
+    );
+    assert!(
+        message(&done, ConditionType::Stalled).contains("last error (AuthenticationFailed)"),
+        "{}",
+        message(&done, ConditionType::Stalled)
+    );
+    for r in h.fake.requests() {
+        assert!(
+            !r.raw_body.contains("Wr0ng-Pa55-word"),
+            "{} {:?}",
+            r.method,
+            r.body
+        );
+    }
+    // Rotating the Secret to the right password retries at once.
+    h.put_secret();
+    let done = h.run_to_end("auth").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    h.assert_password_never_sent();
+}
+
+// ---------------------------------------------------------------------------
+// Once per generation/runId, suspend
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_run_id_runs_again() {
+    let h = Harness::new(Some(small())).await;
+    h.put_secret();
+    h.create("rerun", |s| s.run_id = "first".into());
+    let first = h.run_to_end("rerun").await;
+    assert_eq!(first.run_id.as_deref(), Some("first"));
+    let first_watermark = first.watermark_after.clone().unwrap();
+
+    // The same generation again: nothing.
+    h.reconcile("rerun").await;
+    assert_eq!(h.fake.event_reasons("rerun"), ["Started", "Succeeded"]);
+
+    h.fake
+        .edit_spec(NS, "rerun", |s| s.run_id = "second".into());
+    h.reconcile("rerun").await;
+    let pending = h.status("rerun");
+    assert_eq!(pending.observed_generation, 2);
+    assert_eq!(pending.run_id.as_deref(), Some("second"));
+    assert_eq!(pending.phase, Some(Phase::Pending));
+    assert_eq!(
+        pending.rows_touched, None,
+        "counts of the first run are gone"
+    );
+    assert_eq!(pending.attempts, Some(1));
+    let second = h.run_to_end("rerun").await;
+    assert_eq!(second.observed_generation, 2);
+    assert_eq!(second.run_id.as_deref(), Some("second"));
+    // The watermark was fresh, so the hook's lag check now skips.
+    assert_eq!(second.result, Some(BackfillResult::Skipped));
+    assert_eq!(second.skipped, Some(SkipReason::WatermarkWithinThreshold));
+    assert!(second.watermark_after.unwrap() >= first_watermark);
+    assert_eq!(
+        h.fake.event_reasons("rerun"),
+        ["Started", "Succeeded", "Started", "Skipped"]
+    );
+    h.assert_password_never_sent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_prevents_a_run() {
+    let h = Harness::new(Some(small())).await;
+    h.put_secret();
+    h.create("paused", |s| s.suspend = true);
+    h.reconcile("paused").await;
+    let s = h.status("paused");
+    assert_eq!(s.phase, Some(Phase::Pending));
+    assert_eq!(
+        conds(&s),
+        [is("False", "Suspended"), is("False", "Suspended"), None]
+    );
+    assert_eq!(s.observed_generation, 1);
+    assert!(!h.ctx.runner.is_active(&Harness::key("paused")));
+    assert!(!writes_has_finalizer(&h.fake.get(NS, "paused").unwrap()));
+    h.reconcile("paused").await;
+    assert_eq!(h.fake.status_writes("paused").len(), 1, "no write loop");
+    assert_eq!(h.fake.event_reasons("paused"), ["Suspended"]);
+    assert_eq!(
+        h.watermark().await,
+        Some("1970-01-01T00:00:00Z".parse().unwrap()),
+        "untouched"
+    );
+
+    h.fake.edit_spec(NS, "paused", |s| s.suspend = false);
+    let done = h.run_to_end("paused").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.observed_generation, 2);
+}
+
+// ---------------------------------------------------------------------------
+// The lock, deletion, restart, shutdown
+// ---------------------------------------------------------------------------
+
+/// Six months of history walked slowly: a run that lasts a few seconds.
+fn slow_history() -> HistorySpec {
+    HistorySpec {
+        rows: 300,
+        months: 6,
+        ..HistorySpec::default()
+    }
+}
+
+async fn wait_running(h: &Harness, name: &str, slices: u32) -> UsageBackfillStatus {
+    h.fake
+        .wait_for(
+            &format!("{name} Running with {slices} slices done"),
+            WAIT,
+            |f| {
+                let s = f.get(NS, name)?.status?;
+                (s.phase == Some(Phase::Running) && s.slices_processed? >= slices).then_some(s)
+            },
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_the_lock_shows_the_holder_and_keeps_a_heartbeat() {
+    let mut settings = settings();
+    settings.runner.heartbeat_interval = Duration::from_millis(300);
+    let h = Harness::with_settings(Some(small()), settings).await;
+    // Someone else (the cron tick, another backfill) holds lock 4246.
+    let holder = h.db.client().await;
+    holder
+        .batch_execute("SET application_name = 'pg_cron rollup'; SELECT pg_advisory_lock(4246)")
+        .await
+        .unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    h.put_secret();
+    h.create("queued", |_| {});
+    h.reconcile("queued").await;
+
+    let waiting = h
+        .fake
+        .wait_for("WaitingForLock", WAIT, |f| {
+            let s = f.get(NS, "queued")?.status?;
+            (s.phase == Some(Phase::WaitingForLock)).then_some(s)
+        })
+        .await;
+    let lock_holder = waiting.lock_holder.clone().unwrap();
+    assert_eq!(lock_holder.pid, Some(holder_pid));
+    assert_eq!(
+        lock_holder.application_name.as_deref(),
+        Some("pg_cron rollup")
+    );
+    assert_eq!(
+        conds(&waiting),
+        [
+            is("False", "WaitingForLock"),
+            is("True", "WaitingForLock"),
+            None
+        ]
+    );
+    assert!(
+        message(&waiting, ConditionType::Reconciling)
+            .contains(&format!("pid {holder_pid} (pg_cron rollup)"))
+    );
+    assert!(
+        h.fake
+            .event_reasons("queued")
+            .contains(&"WaitingForLock".to_owned())
+    );
+
+    // While it waits, heartbeatTime moves on.
+    let first_beat = waiting.heartbeat_time.clone().unwrap();
+    h.fake
+        .wait_for("a later heartbeat", WAIT, |f| {
+            let s = f.get(NS, "queued")?.status?;
+            (s.phase == Some(Phase::WaitingForLock) && s.heartbeat_time? > first_beat).then_some(())
+        })
+        .await;
+
+    holder
+        .batch_execute("SELECT pg_advisory_unlock(4246)")
+        .await
+        .unwrap();
+    let done = h.run_to_end("queued").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.lock_holder, None);
+    h.assert_rollup_correct().await;
+    h.assert_password_never_sent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_during_a_run_releases_the_lock_and_the_finalizer_and_stamps_nothing() {
+    let h = Harness::new(Some(slow_history())).await;
+    let watermark = h.watermark().await;
+    h.put_secret();
+    h.create("doomed", |s| s.sleep_between_slices = "400ms".into());
+    h.reconcile("doomed").await;
+    wait_running(&h, "doomed", 1).await;
+    let locks = h.lock_4246().await;
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert!(
+        locks[0].1 && locks[0].2 == "usage-backfill",
+        "held by the run: {locks:?}"
+    );
+    assert!(writes_has_finalizer(&h.fake.get(NS, "doomed").unwrap()));
+
+    h.fake.delete(NS, "doomed");
+    let writes_before = h.fake.status_writes("doomed").len();
+    h.reconcile("doomed").await;
+    tokio::time::timeout(WAIT, h.ctx.runner.wait_idle(&Harness::key("doomed")))
+        .await
+        .expect("the run stops");
+    h.fake
+        .wait_for("the object to go", WAIT, |f| {
+            f.get(NS, "doomed").is_none().then_some(())
+        })
+        .await;
+    assert!(h.lock_4246().await.is_empty(), "lock 4246 released");
+    assert_eq!(h.watermark().await, watermark, "nothing stamped");
+    assert_eq!(
+        h.fake.status_writes("doomed").len(),
+        writes_before,
+        "no status for a deleted object"
+    );
+    assert!(
+        !h.fake
+            .event_reasons("doomed")
+            .contains(&"Succeeded".to_owned())
+    );
+    h.assert_password_never_sent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_resumes_from_the_cursor() {
+    let h = Harness::new(Some(slow_history())).await;
+    h.put_secret();
+    h.create("resumable", |s| s.sleep_between_slices = "300ms".into());
+    h.reconcile("resumable").await;
+    wait_running(&h, "resumable", 2).await;
+
+    // The first controller stops (SIGTERM): the run is cancelled, saves its
+    // status with the cursor, releases the lock and drops the finalizer.
+    let left = h.ctx.runner.shutdown(WAIT).await;
+    assert_eq!(left, 0);
+    let saved = h.status("resumable");
+    assert_eq!(
+        saved.phase,
+        Some(Phase::Running),
+        "the phase stays for the next controller"
+    );
+    let cursor = saved.cursor.clone().expect("a cursor");
+    let (done_before, rows_before) = (saved.slices_processed.unwrap(), saved.rows_touched.unwrap());
+    assert!(
+        done_before >= 2 && done_before < saved.slices_total.unwrap(),
+        "{saved:?}"
+    );
+    assert!(message(&saved, ConditionType::Reconciling).contains("controller stopped"));
+    assert!(h.lock_4246().await.is_empty(), "lock released on shutdown");
+    assert!(!writes_has_finalizer(&h.fake.get(NS, "resumable").unwrap()));
+    let watermark = h.watermark().await;
+    assert_eq!(
+        watermark,
+        Some("1970-01-01T00:00:00Z".parse().unwrap()),
+        "nothing stamped"
+    );
+
+    // A new controller (fresh context, nothing in memory) finds it Running.
+    let writes_before = h.fake.status_writes("resumable").len();
+    let h2 = Harness {
+        ctx: Context::new(h.ctx.client.clone(), settings()),
+        ..h
+    };
+    let done = h2.run_to_end("resumable").await;
+    let after: Vec<UsageBackfillStatus> = h2.fake.statuses("resumable")[writes_before..].to_vec();
+    let starting = &after[0];
+    assert_eq!(starting.attempts, Some(1), "a restart is not a new attempt");
+    assert_eq!(
+        message(starting, ConditionType::Reconciling),
+        format!(
+            "continuing attempt 1 of 7 after a controller restart, resuming at {}",
+            jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", cursor.0).unwrap()
+        )
+    );
+    let first_slice = after
+        .iter()
+        .find(|s| s.phase == Some(Phase::Running) && s.cursor.as_ref() > Some(&cursor))
+        .expect("a slice after the restart");
+    assert_eq!(
+        first_slice.slices_processed,
+        Some(done_before + 1),
+        "counting on, not over"
+    );
+    assert!(first_slice.rows_touched.unwrap() >= rows_before);
+    assert_eq!(done.slices_processed, done.slices_total);
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.attempts, Some(1));
+
+    // The counts equal an uninterrupted run on an identical database.
+    let reference = testkit::fresh_database().await;
+    let rc = reference.client().await;
+    fixture::generate(&rc, &slow_history()).await.unwrap();
+    let full = usage_backfill::engine::run(
+        &usage_backfill::engine::Database::parse(reference.url()).unwrap(),
+        &usage_backfill::engine::Options::default(),
+        &usage_backfill::engine::CancellationToken::new(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        u64::from(done.slices_processed.unwrap()),
+        full.slices_processed
+    );
+    assert_eq!(
+        done.rows_touched,
+        Some(full.rows_touched),
+        "old + new = a full run"
+    );
+    assert_eq!(
+        fixture::hourly_checksum(&h2.pg).await.unwrap(),
+        fixture::hourly_checksum(&rc).await.unwrap()
+    );
+    h2.assert_rollup_correct().await;
+    h2.assert_password_never_sent();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_final_write_is_settled_by_the_next_reconcile() {
+    let h = Harness::new(None).await;
+    h.put_secret();
+    h.create("unsettled", |_| {});
+    h.reconcile("unsettled").await;
+    // Every try of the task's final status write fails (5 tries).
+    h.fake.fail_status_writes("Succeeded", 5);
+    let key = Harness::key("unsettled");
+    tokio::time::timeout(WAIT, h.ctx.runner.wait_idle(&key))
+        .await
+        .unwrap();
+    assert!(matches!(
+        h.ctx.runner.view(&key),
+        controller::decide::TaskView::Unsettled { .. }
+    ));
+    assert_ne!(h.status("unsettled").phase, Some(Phase::Succeeded));
+    let done = h.run_to_end("unsettled").await;
+    assert_eq!(done.skipped, Some(SkipReason::TaskUsageEmpty));
+    assert_eq!(h.ctx.runner.view(&key), controller::decide::TaskView::None);
+}
+
+// ---------------------------------------------------------------------------
+// The whole controller: watches, the Secret mapping, graceful shutdown
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_reacts_to_secrets_and_shuts_down_gracefully() {
+    let h = Harness::new(Some(slow_history())).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let controller = tokio::spawn(controller::run_controllers(
+        h.ctx.clone(),
+        Vec::new(),
+        4,
+        ready.clone(),
+        WAIT,
+        cancel.clone(),
+    ));
+    h.fake
+        .wait_for("the cache to sync", WAIT, |_| {
+            ready
+                .load(std::sync::atomic::Ordering::Acquire)
+                .then_some(())
+        })
+        .await;
+
+    // No Secret yet: waiting, reported.
+    h.create("watched", |_| {});
+    h.fake
+        .wait_for("SecretNotFound", WAIT, |f| {
+            let s = f.get(NS, "watched")?.status?;
+            (cond(&s, ConditionType::Reconciling) == is("True", "SecretNotFound")).then_some(())
+        })
+        .await;
+    // The Secret appears: the Secret watch maps it to the object, which runs.
+    h.put_secret();
+    let done = h
+        .fake
+        .wait_for("Succeeded", WAIT, |f| {
+            let o = f.get(NS, "watched")?;
+            let s = o.status.clone()?;
+            (s.phase == Some(Phase::Succeeded) && !writes_has_finalizer(&o)).then_some(s)
+        })
+        .await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    let secret_watch = h
+        .fake
+        .requests()
+        .into_iter()
+        .any(|r| r.resource == "secrets" && r.is_watch());
+    assert!(secret_watch, "Secrets are watched");
+
+    // A slow run, then SIGTERM: the run saves its cursor and lets go.
+    fixture::set_watermark(&h.pg, Some("1970-01-01T00:00:00Z".parse().unwrap()))
+        .await
+        .unwrap();
+    h.create("interrupted", |s| s.sleep_between_slices = "300ms".into());
+    wait_running(&h, "interrupted", 1).await;
+    cancel.cancel();
+    tokio::time::timeout(WAIT, controller)
+        .await
+        .expect("the controller stops")
+        .unwrap();
+    let s = h.status("interrupted");
+    assert_eq!(s.phase, Some(Phase::Running));
+    assert!(s.cursor.is_some());
+    assert!(message(&s, ConditionType::Reconciling).contains("controller stopped"));
+    assert!(!writes_has_finalizer(
+        &h.fake.get(NS, "interrupted").unwrap()
+    ));
+    assert!(h.lock_4246().await.is_empty());
+    assert_eq!(h.ctx.runner.active(), 0);
+    h.assert_password_never_sent();
+}

@@ -1,0 +1,739 @@
+//! A fake Kubernetes API server at the HTTP level, for controller tests.
+//!
+//! `kube::Client::new` runs over a tower-test mock service; a task answers
+//! each request from an in-memory store of UsageBackfills, Secrets and
+//! Events, with the semantics the controller relies on: generation bumps
+//! on spec changes only, resourceVersion preconditions on merge patches
+//! (409 on conflict), server-side apply on `/status` (needs a field
+//! manager and the apply content type; the manager's status replaces the
+//! old one, which is what SSA does for a sole manager sending everything),
+//! finalizers holding back deletion, list + watch (streamed, also the
+//! metadata-only form used for Secrets), and Event creation.
+//!
+//! Every request is recorded (method, resource, namespace, name,
+//! subresource, query, content type, JSON body, response code) so tests
+//! assert what requests mean, not how kube spells them.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use usage_backfill::api::{UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
+
+/// A response body: all at once, or a stream of watch events.
+pub enum FakeBody {
+    Full(Option<Bytes>),
+    Stream(mpsc::UnboundedReceiver<Bytes>),
+}
+
+impl http_body::Body for FakeBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            FakeBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            FakeBody::Stream(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+}
+
+/// One request as the fake API server saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    /// Plural resource: usagebackfills, secrets, events.
+    pub resource: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub subresource: Option<String>,
+    pub query: BTreeMap<String, String>,
+    pub content_type: Option<String>,
+    pub body: Option<Value>,
+    pub raw_body: String,
+    pub code: u16,
+}
+
+impl Recorded {
+    pub fn field_manager(&self) -> Option<&str> {
+        self.query.get("fieldManager").map(String::as_str)
+    }
+
+    /// A server-side apply of the status subresource.
+    pub fn is_status_apply(&self) -> bool {
+        self.method == "PATCH"
+            && self.resource == "usagebackfills"
+            && self.subresource.as_deref() == Some("status")
+            && self.content_type.as_deref() == Some("application/apply-patch+yaml")
+    }
+
+    /// The status sent, when this is a status write.
+    pub fn status(&self) -> Option<UsageBackfillStatus> {
+        if !self.is_status_apply() {
+            return None;
+        }
+        serde_json::from_value(self.body.as_ref()?.get("status")?.clone()).ok()
+    }
+
+    pub fn is_watch(&self) -> bool {
+        self.query.get("watch").map(String::as_str) == Some("true")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    resource: String,
+    namespace: String,
+    name: String,
+}
+
+struct Watch {
+    resource: String,
+    namespace: Option<String>,
+    meta_only: bool,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<Key, Value>,
+    requests: Vec<Recorded>,
+    last_rv: u64,
+    uid: u64,
+    watches: Vec<Watch>,
+    /// Answer this many status writes of this phase with a 500.
+    fail_status_writes: Option<(String, usize)>,
+}
+
+/// The fake API server; cheap to clone.
+#[derive(Clone)]
+pub struct FakeApiServer {
+    state: Arc<Mutex<State>>,
+}
+
+const UBF_API: &str = "usage.multica.ai/v1alpha1";
+
+impl FakeApiServer {
+    /// Starts the server; the client talks to it with default namespace
+    /// "default".
+    pub fn start() -> (kube::Client, FakeApiServer) {
+        let (service, mut handle) =
+            tower_test::mock::pair::<Request<kube::client::Body>, Response<FakeBody>>();
+        let fake = FakeApiServer {
+            state: Arc::new(Mutex::new(State::default())),
+        };
+        let server = fake.clone();
+        tokio::spawn(async move {
+            while let Some((request, respond)) = handle.next_request().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let response = server.handle(request).await;
+                    respond.send_response(response);
+                });
+            }
+        });
+        (kube::Client::new(service, "default"), fake)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // -----------------------------------------------------------------
+    // The test's side: arrange and inspect
+    // -----------------------------------------------------------------
+
+    /// Creates a UsageBackfill (generation 1, a uid, no status).
+    pub fn create(&self, namespace: &str, name: &str, spec: UsageBackfillSpec) -> UsageBackfill {
+        let mut obj = serde_json::to_value(UsageBackfill::new(name, spec)).unwrap();
+        obj["metadata"]["namespace"] = json!(namespace);
+        obj["metadata"]["generation"] = json!(1);
+        obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+        let mut st = self.state();
+        st.uid += 1;
+        obj["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", st.uid));
+        let key = Key {
+            resource: "usagebackfills".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        st.store(key, obj, "ADDED");
+        drop(st);
+        self.get(namespace, name).unwrap()
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<UsageBackfill> {
+        let st = self.state();
+        let v = st.objects.get(&Key {
+            resource: "usagebackfills".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        })?;
+        Some(serde_json::from_value(v.clone()).unwrap())
+    }
+
+    /// Changes the spec (a new generation), as `kubectl apply` would.
+    pub fn edit_spec(
+        &self,
+        namespace: &str,
+        name: &str,
+        edit: impl FnOnce(&mut UsageBackfillSpec),
+    ) {
+        let mut obj = self.get(namespace, name).expect("object exists");
+        edit(&mut obj.spec);
+        let spec = serde_json::to_value(&obj.spec).unwrap();
+        let mut st = self.state();
+        let key = Key {
+            resource: "usagebackfills".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        let mut v = st.objects.get(&key).unwrap().clone();
+        if v["spec"] != spec {
+            v["spec"] = spec;
+            let g = v["metadata"]["generation"].as_i64().unwrap_or(1);
+            v["metadata"]["generation"] = json!(g + 1);
+        }
+        st.store(key, v, "MODIFIED");
+    }
+
+    /// Replaces the status directly (as an earlier controller left it).
+    pub fn set_status(&self, namespace: &str, name: &str, status: &UsageBackfillStatus) {
+        let mut st = self.state();
+        let key = Key {
+            resource: "usagebackfills".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        let mut v = st.objects.get(&key).unwrap().clone();
+        v["status"] = serde_json::to_value(status).unwrap();
+        st.store(key, v, "MODIFIED");
+    }
+
+    /// `kubectl delete`: marks the object deleted; it goes once no
+    /// finalizer holds it.
+    pub fn delete(&self, namespace: &str, name: &str) {
+        let mut st = self.state();
+        let key = Key {
+            resource: "usagebackfills".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        let Some(mut v) = st.objects.get(&key).cloned() else {
+            return;
+        };
+        v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:01Z");
+        st.store_or_finish_deletion(key, v);
+    }
+
+    /// Creates or replaces an Opaque Secret with one key.
+    pub fn put_secret(&self, namespace: &str, name: &str, key: &str, value: &str) {
+        // ByteString serializes as base64, like the apiserver's data.
+        let data =
+            serde_json::to_value(k8s_openapi::ByteString(value.as_bytes().to_vec())).unwrap();
+        let mut st = self.state();
+        st.uid += 1;
+        let obj = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": format!("00000000-0000-0000-0001-{:012}", st.uid),
+            },
+            "type": "Opaque",
+            "data": { key: data },
+        });
+        let k = Key {
+            resource: "secrets".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        let verb = if st.objects.contains_key(&k) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.store(k, obj, verb);
+    }
+
+    /// Answer the next `count` status writes of `phase` with a 500.
+    pub fn fail_status_writes(&self, phase: &str, count: usize) {
+        self.state().fail_status_writes = Some((phase.to_owned(), count));
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state().requests.clone()
+    }
+
+    /// Status writes to `name`, in order.
+    pub fn status_writes(&self, name: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.is_status_apply() && r.name.as_deref() == Some(name) && r.code < 300)
+            .collect()
+    }
+
+    /// The statuses written to `name`, in order.
+    pub fn statuses(&self, name: &str) -> Vec<UsageBackfillStatus> {
+        self.status_writes(name)
+            .iter()
+            .filter_map(Recorded::status)
+            .collect()
+    }
+
+    /// Events about `name` (reason, type, note), in order; a repeat
+    /// folded into an Event's series (a PATCH) counts as one more.
+    pub fn events(&self, name: &str) -> Vec<(String, String, String)> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.resource == "events" && ["POST", "PATCH"].contains(&r.method.as_str()))
+            .filter(|r| r.code < 300)
+            .filter_map(|r| r.body)
+            .filter(|b| b["regarding"]["name"] == json!(name))
+            .map(|b| {
+                let s = |k: &str| b[k].as_str().unwrap_or_default().to_owned();
+                (s("reason"), s("type"), s("note"))
+            })
+            .collect()
+    }
+
+    pub fn event_reasons(&self, name: &str) -> Vec<String> {
+        self.events(name).into_iter().map(|e| e.0).collect()
+    }
+
+    /// Requests the server could not route (a test bug or a new API use).
+    pub fn unexpected(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.code == 418)
+            .collect()
+    }
+
+    /// Polls `check` every 20 ms until it gives `Some`, failing the test
+    /// after `timeout` with `what`.
+    pub async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&FakeApiServer) -> Option<T>,
+    ) -> T {
+        let polled = tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(v) = check(self) {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        match polled {
+            Ok(v) => v,
+            Err(_) => panic!(
+                "timed out after {timeout:?} waiting for {what}; requests so far:\n{}",
+                self.describe_requests()
+            ),
+        }
+    }
+
+    /// One line per request, for failure messages.
+    pub fn describe_requests(&self) -> String {
+        self.requests()
+            .iter()
+            .map(|r| {
+                let phase = r
+                    .status()
+                    .and_then(|s| s.phase)
+                    .map(|p| format!(" phase={}", p.as_str()))
+                    .unwrap_or_default();
+                format!(
+                    "{} {} {}/{}{} -> {}{}",
+                    r.method,
+                    r.resource,
+                    r.namespace.as_deref().unwrap_or("-"),
+                    r.name.as_deref().unwrap_or("-"),
+                    r.subresource
+                        .as_ref()
+                        .map(|s| format!("/{s}"))
+                        .unwrap_or_default(),
+                    r.code,
+                    phase
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    // -----------------------------------------------------------------
+    // The API server's side
+    // -----------------------------------------------------------------
+
+    fn handle(
+        &self,
+        request: Request<kube::client::Body>,
+    ) -> impl Future<Output = Response<FakeBody>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            let (parts, body) = request.into_parts();
+            let raw = body.collect_bytes().await.unwrap_or_default();
+            let raw_body = String::from_utf8_lossy(&raw).into_owned();
+            let body: Option<Value> = serde_json::from_slice(&raw).ok();
+            let query: BTreeMap<String, String> = parts
+                .uri
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (k.to_owned(), v.to_owned())
+                })
+                .collect();
+            let route = Route::parse(parts.uri.path());
+            let header = |h: http::header::HeaderName| {
+                parts
+                    .headers
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let mut rec = Recorded {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_owned(),
+                resource: route.resource.clone().unwrap_or_default(),
+                namespace: route.namespace.clone(),
+                name: route.name.clone(),
+                subresource: route.subresource.clone(),
+                query,
+                content_type: header(http::header::CONTENT_TYPE),
+                body: body.clone(),
+                raw_body,
+                code: 0,
+            };
+            let meta_only = header(http::header::ACCEPT)
+                .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
+            let (code, response) = this.respond(&rec, &route, meta_only);
+            rec.code = code.as_u16();
+            this.state().requests.push(rec);
+            Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(response)
+                .unwrap()
+        }
+    }
+
+    fn respond(&self, r: &Recorded, route: &Route, meta_only: bool) -> (StatusCode, FakeBody) {
+        let mut st = self.state();
+        let Some(resource) = route.resource.clone() else {
+            return teapot(r);
+        };
+        if !["usagebackfills", "secrets", "events"].contains(&resource.as_str()) {
+            return teapot(r);
+        }
+        let key = |name: &str| Key {
+            resource: resource.clone(),
+            namespace: route.namespace.clone().unwrap_or_default(),
+            name: name.to_owned(),
+        };
+        match (r.method.as_str(), &route.name, route.subresource.as_deref()) {
+            ("GET", None, None) if r.is_watch() => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let since: u64 = r
+                    .query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                // Replay what changed since the list the watch follows.
+                for (k, v) in &st.objects {
+                    if k.resource == resource
+                        && route.namespace.as_ref().is_none_or(|ns| *ns == k.namespace)
+                        && rv_of(v) > since
+                    {
+                        let _ = tx.send(watch_line("MODIFIED", v, meta_only));
+                    }
+                }
+                st.watches.push(Watch {
+                    resource,
+                    namespace: route.namespace.clone(),
+                    meta_only,
+                    tx,
+                });
+                (StatusCode::OK, FakeBody::Stream(rx))
+            }
+            ("GET", None, None) => {
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|(k, _)| {
+                        k.resource == resource
+                            && route.namespace.as_ref().is_none_or(|ns| *ns == k.namespace)
+                    })
+                    .map(|(_, v)| if meta_only { meta(v) } else { v.clone() })
+                    .collect();
+                let kind = if meta_only {
+                    "PartialObjectMetadataList".to_owned()
+                } else {
+                    format!("{}List", kind_of(&resource))
+                };
+                let list = json!({
+                    "apiVersion": if meta_only { "meta.k8s.io/v1" } else { api_version_of(&resource) },
+                    "kind": kind,
+                    "metadata": { "resourceVersion": st.last_rv.to_string() },
+                    "items": items,
+                });
+                ok(&list)
+            }
+            ("GET", Some(name), None) => match st.objects.get(&key(name)) {
+                Some(v) => ok(v),
+                None => not_found(&resource, name),
+            },
+            ("POST", None, None) if resource == "events" => {
+                let mut v = r.body.clone().unwrap_or_default();
+                let name = v["metadata"]["name"].as_str().unwrap_or("event").to_owned();
+                v["metadata"]["namespace"] = json!(route.namespace.clone().unwrap_or_default());
+                st.store(key(&name), v.clone(), "ADDED");
+                (StatusCode::CREATED, full(&st.objects[&key(&name)]))
+            }
+            ("PATCH", Some(name), None) if resource == "events" => {
+                let Some(mut v) = st.objects.get(&key(name)).cloned() else {
+                    return not_found(&resource, name);
+                };
+                merge(&mut v, r.body.as_ref().unwrap_or(&Value::Null));
+                st.store(key(name), v.clone(), "MODIFIED");
+                ok(&v)
+            }
+            ("PATCH", Some(name), Some("status")) if resource == "usagebackfills" => {
+                if r.content_type.as_deref() != Some("application/apply-patch+yaml") {
+                    return status_error(415, "UnsupportedMediaType", "expected an apply patch");
+                }
+                if r.field_manager().is_none_or(str::is_empty) {
+                    return status_error(
+                        422,
+                        "Invalid",
+                        "PATCH with apply requires a fieldManager",
+                    );
+                }
+                let phase = r.body.as_ref().and_then(|b| b["status"]["phase"].as_str());
+                if let Some((failing, left)) = &mut st.fail_status_writes
+                    && *left > 0
+                    && phase == Some(failing.as_str())
+                {
+                    *left -= 1;
+                    return status_error(500, "InternalError", "injected failure");
+                }
+                let Some(mut v) = st.objects.get(&key(name)).cloned() else {
+                    return not_found(&resource, name);
+                };
+                let body = r.body.clone().unwrap_or_default();
+                if body["apiVersion"] != json!(UBF_API) || body["kind"] != json!("UsageBackfill") {
+                    return status_error(400, "BadRequest", "apply needs apiVersion and kind");
+                }
+                v["status"] = body["status"].clone();
+                st.store(key(name), v, "MODIFIED");
+                ok(&st.objects[&key(name)])
+            }
+            ("PATCH", Some(name), None) if resource == "usagebackfills" => {
+                if r.content_type.as_deref() != Some("application/merge-patch+json") {
+                    return status_error(415, "UnsupportedMediaType", "expected a merge patch");
+                }
+                let Some(mut v) = st.objects.get(&key(name)).cloned() else {
+                    return not_found(&resource, name);
+                };
+                let mut patch = r.body.clone().unwrap_or_default();
+                if let Some(want) = patch["metadata"]
+                    .as_object_mut()
+                    .and_then(|m| m.remove("resourceVersion"))
+                    && want != v["metadata"]["resourceVersion"]
+                {
+                    return status_error(409, "Conflict", "the object has been modified");
+                }
+                let spec_before = v["spec"].clone();
+                merge(&mut v, &patch);
+                if v["spec"] != spec_before {
+                    let g = v["metadata"]["generation"].as_i64().unwrap_or(1);
+                    v["metadata"]["generation"] = json!(g + 1);
+                }
+                let v = st.store_or_finish_deletion(key(name), v);
+                ok(&v)
+            }
+            _ => teapot(r),
+        }
+    }
+}
+
+impl State {
+    fn store(&mut self, key: Key, mut v: Value, verb: &str) {
+        self.last_rv += 1;
+        v["metadata"]["resourceVersion"] = json!(self.last_rv.to_string());
+        self.notify(&key, &v, verb);
+        self.objects.insert(key, v);
+    }
+
+    /// Stores `v`, or removes it when it is deleted and unfinalized.
+    fn store_or_finish_deletion(&mut self, key: Key, v: Value) -> Value {
+        let deleting = !v["metadata"]["deletionTimestamp"].is_null();
+        let finalized = v["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if deleting && !finalized {
+            self.last_rv += 1;
+            let mut gone = v.clone();
+            gone["metadata"]["resourceVersion"] = json!(self.last_rv.to_string());
+            self.notify(&key, &gone, "DELETED");
+            self.objects.remove(&key);
+            gone
+        } else {
+            self.store(key.clone(), v, "MODIFIED");
+            self.objects[&key].clone()
+        }
+    }
+
+    fn notify(&mut self, key: &Key, v: &Value, verb: &str) {
+        self.watches.retain(|w| {
+            if w.resource != key.resource
+                || w.namespace.as_ref().is_some_and(|ns| *ns != key.namespace)
+            {
+                return !w.tx.is_closed();
+            }
+            w.tx.send(watch_line(verb, v, w.meta_only)).is_ok()
+        });
+    }
+}
+
+#[derive(Debug, Default)]
+struct Route {
+    resource: Option<String>,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+impl Route {
+    /// `/api/v1/...` or `/apis/GROUP/VERSION/...`, then
+    /// `[namespaces/NS/]RESOURCE[/NAME[/SUB]]`.
+    fn parse(path: &str) -> Route {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let rest = match segs.as_slice() {
+            ["api", _, rest @ ..] => rest,
+            ["apis", _, _, rest @ ..] => rest,
+            _ => return Route::default(),
+        };
+        let (namespace, rest) = match rest {
+            ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+            rest => (None, rest),
+        };
+        Route {
+            resource: rest.first().map(|s| s.to_string()),
+            namespace,
+            name: rest.get(1).map(|s| s.to_string()),
+            subresource: rest.get(2).map(|s| s.to_string()),
+        }
+    }
+}
+
+fn rv_of(v: &Value) -> u64 {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn meta(v: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": v["metadata"].clone(),
+    })
+}
+
+fn watch_line(verb: &str, v: &Value, meta_only: bool) -> Bytes {
+    let object = if meta_only { meta(v) } else { v.clone() };
+    let mut line = serde_json::to_vec(&json!({ "type": verb, "object": object })).unwrap();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn kind_of(resource: &str) -> &'static str {
+    match resource {
+        "usagebackfills" => "UsageBackfill",
+        "secrets" => "Secret",
+        _ => "Event",
+    }
+}
+
+fn api_version_of(resource: &str) -> &'static str {
+    match resource {
+        "usagebackfills" => UBF_API,
+        "secrets" => "v1",
+        _ => "events.k8s.io/v1",
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn full(v: &Value) -> FakeBody {
+    FakeBody::Full(Some(Bytes::from(serde_json::to_vec(v).unwrap())))
+}
+
+fn ok(v: &Value) -> (StatusCode, FakeBody) {
+    (StatusCode::OK, full(v))
+}
+
+fn status_error(code: u16, reason: &str, message: &str) -> (StatusCode, FakeBody) {
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "Status",
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    });
+    (StatusCode::from_u16(code).unwrap(), full(&body))
+}
+
+fn not_found(resource: &str, name: &str) -> (StatusCode, FakeBody) {
+    status_error(404, "NotFound", &format!("{resource} \"{name}\" not found"))
+}
+
+/// What the fake does not implement: 418, and recorded as unexpected.
+fn teapot(r: &Recorded) -> (StatusCode, FakeBody) {
+    status_error(
+        418,
+        "Unexpected",
+        &format!("fake API server: no route for {} {}", r.method, r.path),
+    )
+}
