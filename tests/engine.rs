@@ -612,7 +612,8 @@ async fn a_failing_slice_aborts_without_stamping_and_a_resume_completes() {
     assert!(lock_4246(&client).await.is_empty());
     let (processed, rows, cursor) = events
         .iter()
-        .filter_map(|e| match e {
+        .rev()
+        .find_map(|e| match e {
             Event::SliceDone {
                 slices_processed,
                 rows_touched,
@@ -621,7 +622,6 @@ async fn a_failing_slice_aborts_without_stamping_and_a_resume_completes() {
             } => Some((*slices_processed, *rows_touched, *cursor)),
             _ => None,
         })
-        .last()
         .unwrap();
     assert_eq!(cursor, third);
     repair_window(&client).await;

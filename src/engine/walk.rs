@@ -191,10 +191,10 @@ impl Run<'_> {
 
     async fn refuse_future_events(&mut self, snap: &Snapshot, threshold: Duration) -> Result<()> {
         let horizon = snap.future_horizon(threshold);
-        if snap.max_event.is_some_and(|m| m > horizon) {
-            if let Some(future) = self.session.future_events(horizon, snap.now).await? {
-                return Err(Error::FutureDatedEvents(future));
-            }
+        if snap.max_event.is_some_and(|m| m > horizon)
+            && let Some(future) = self.session.future_events(horizon, snap.now).await?
+        {
+            return Err(Error::FutureDatedEvents(future));
         }
         Ok(())
     }
@@ -312,6 +312,13 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The controller spawns runs on a multi-threaded runtime: keep `run` Send.
+#[allow(dead_code)]
+fn assert_run_is_send(db: &Database, opts: &Options, cancel: &CancellationToken) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(run(db, opts, cancel, &mut |_| {}));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,11 +332,4 @@ mod tests {
             assert!(validate_setting_name(bad).is_err(), "{bad}");
         }
     }
-}
-
-/// The controller spawns runs on a multi-threaded runtime: keep `run` Send.
-#[allow(dead_code)]
-fn assert_run_is_send(db: &Database, opts: &Options, cancel: &CancellationToken) {
-    fn is_send<T: Send>(_: T) {}
-    is_send(run(db, opts, cancel, &mut |_| {}));
 }
