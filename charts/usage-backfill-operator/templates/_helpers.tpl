@@ -1,0 +1,78 @@
+{{/* Chart name, bounded for label values. */}}
+{{- define "usage-backfill-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name of every object. */}}
+{{- define "usage-backfill-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "usage-backfill-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "usage-backfill-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "usage-backfill-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "usage-backfill-operator.labels" -}}
+helm.sh/chart: {{ include "usage-backfill-operator.chart" . }}
+{{ include "usage-backfill-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: controller
+app.kubernetes.io/part-of: usage-backfill
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "usage-backfill-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "usage-backfill-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "usage-backfill-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+What the controller does in a watched namespace: reconcile UsageBackfills
+(finalizer by patch, status by server-side apply), read the Secrets they
+reference, and record Events (events.k8s.io, core as a fallback).
+*/}}
+{{- define "usage-backfill-operator.watchRules" -}}
+- apiGroups: ["usage.multica.ai"]
+  resources: ["usagebackfills"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["usage.multica.ai"]
+  resources: ["usagebackfills/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["usage.multica.ai"]
+  resources: ["usagebackfills/finalizers"]
+  verbs: ["update"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

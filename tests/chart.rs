@@ -1,0 +1,237 @@
+//! The Helm chart stays in step with the crate: its CRD copy is the
+//! generated CRD byte for byte, and its RBAC grants what the controller uses.
+//! (Rendering, schema validation and the rest: `.ci/chart-check`.)
+//!
+//! Sync the copy with `cp crds/*.yaml charts/usage-backfill-operator/crds/`,
+//! or `UPDATE_CRDS=1 cargo test --test chart`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use usage_backfill::api;
+
+const CRD_FILE: &str = "usagebackfills.usage.multica.ai.yaml";
+const SYNC: &str = "cp crds/*.yaml charts/usage-backfill-operator/crds/ \
+                    (or UPDATE_CRDS=1 cargo test --test chart)";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart() -> PathBuf {
+    root().join("charts/usage-backfill-operator")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+#[test]
+fn chart_crd_is_the_generated_crd() {
+    let copy = chart().join("crds").join(CRD_FILE);
+    if std::env::var("UPDATE_CRDS").as_deref() == Ok("1") {
+        // From the generator, not from crds/: tests/crd.rs may rewrite that
+        // file after this test has run.
+        std::fs::write(&copy, api::crd_yaml()).unwrap();
+        return;
+    }
+    let source = root().join("crds").join(CRD_FILE);
+    let (a, b) = (read(&source), read(&copy));
+    if a != b {
+        let line = a
+            .lines()
+            .zip(b.lines())
+            .position(|(x, y)| x != y)
+            .unwrap_or_else(|| a.lines().count().min(b.lines().count()));
+        panic!(
+            "{} differs from {} (first difference at line {}); sync it with: {SYNC}",
+            copy.display(),
+            source.display(),
+            line + 1
+        );
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Rule {
+    api_groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+}
+
+/// (apiGroup, resource) -> verbs, from a YAML list of RBAC rules.
+fn grants(rules_yaml: &str) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let rules: Vec<Rule> = serde_saphyr::from_str(rules_yaml)
+        .unwrap_or_else(|e| panic!("RBAC rules are not a YAML list of rules: {e}\n{rules_yaml}"));
+    let mut out: BTreeMap<_, BTreeSet<String>> = BTreeMap::new();
+    for r in rules {
+        for g in &r.api_groups {
+            for res in &r.resources {
+                out.entry((g.clone(), res.clone()))
+                    .or_default()
+                    .extend(r.verbs.iter().cloned());
+            }
+        }
+    }
+    out
+}
+
+/// The body of a named template of `_helpers.tpl`.
+fn define<'a>(helpers: &'a str, name: &str) -> &'a str {
+    let start = format!("{{{{- define \"{name}\" -}}}}");
+    let body = helpers
+        .split_once(&start)
+        .unwrap_or_else(|| panic!("_helpers.tpl defines no {name}"))
+        .1;
+    body.split_once("{{- end }}")
+        .unwrap_or_else(|| panic!("{name} in _helpers.tpl has no end"))
+        .0
+}
+
+/// What the controller does with each resource it touches, per watched
+/// namespace: reconcile UsageBackfills (finalizer patch, status by
+/// server-side apply), read the Secrets they name (metadata watch + get),
+/// record Events (kube's Recorder: events.k8s.io, core for older clusters).
+const WATCH_NEEDS: &[(&str, &str, &[&str])] = &[
+    (
+        "usage.multica.ai",
+        "usagebackfills",
+        &["get", "list", "watch", "patch", "update"],
+    ),
+    (
+        "usage.multica.ai",
+        "usagebackfills/status",
+        &["get", "patch", "update"],
+    ),
+    ("usage.multica.ai", "usagebackfills/finalizers", &["update"]),
+    ("", "secrets", &["get", "list", "watch"]),
+    ("events.k8s.io", "events", &["create", "patch"]),
+    ("", "events", &["create", "patch"]),
+];
+
+/// Built-in kinds a controller might start using, with their API group and
+/// resource; a kind of this table imported under `src/` must be granted.
+const KNOWN_KINDS: &[(&str, &str, &str)] = &[
+    ("Secret", "", "secrets"),
+    ("ConfigMap", "", "configmaps"),
+    ("Event", "events.k8s.io", "events"),
+    ("Lease", "coordination.k8s.io", "leases"),
+    ("Pod", "", "pods"),
+    ("Namespace", "", "namespaces"),
+    ("Service", "", "services"),
+    ("ServiceAccount", "", "serviceaccounts"),
+    ("Job", "batch", "jobs"),
+    ("Deployment", "apps", "deployments"),
+];
+
+fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Kinds of [`KNOWN_KINDS`] that `src/` imports from `k8s_openapi::api`.
+fn kinds_used_by_the_crate() -> BTreeSet<&'static str> {
+    let mut files = Vec::new();
+    rust_sources(&root().join("src"), &mut files);
+    let mut used = BTreeSet::new();
+    for file in files {
+        let text = read(&file);
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("k8s_openapi::api::") {
+            rest = &rest[i..];
+            let path = rest.split([';', '>', ')']).next().unwrap_or("");
+            for (kind, _, _) in KNOWN_KINDS {
+                let named = path
+                    .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                    .any(|word| word == *kind);
+                if named {
+                    used.insert(*kind);
+                }
+            }
+            rest = &rest["k8s_openapi::api::".len()..];
+        }
+    }
+    used
+}
+
+#[test]
+fn chart_rbac_grants_what_the_controller_uses() {
+    let templates = chart().join("templates");
+    let helpers = read(&templates.join("_helpers.tpl"));
+    let rbac = read(&templates.join("rbac.yaml"));
+    let watch = grants(define(&helpers, "usage-backfill-operator.watchRules"));
+
+    let mut missing = Vec::new();
+    for (group, resource, verbs) in WATCH_NEEDS {
+        let have = watch
+            .get(&((*group).to_owned(), (*resource).to_owned()))
+            .cloned()
+            .unwrap_or_default();
+        for verb in *verbs {
+            if !have.contains(*verb) {
+                missing.push(format!("{verb} {group}/{resource}"));
+            }
+        }
+    }
+    for kind in kinds_used_by_the_crate() {
+        let (_, group, resource) = KNOWN_KINDS.iter().find(|(k, _, _)| *k == kind).unwrap();
+        let granted = watch.contains_key(&((*group).to_owned(), (*resource).to_owned()))
+            || rbac.contains(&format!("resources: [\"{resource}\"]"));
+        if !granted {
+            missing.push(format!("src/ uses {kind}: grant {group}/{resource}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "charts/usage-backfill-operator/templates/_helpers.tpl (watchRules) lacks: {}",
+        missing.join(", ")
+    );
+    for (key, verbs) in &watch {
+        assert!(
+            !key.0.contains('*') && !key.1.contains('*') && !verbs.contains("*"),
+            "no wildcards in the chart's RBAC: {key:?} {verbs:?}"
+        );
+    }
+
+    // Both modes use the same rules: the ClusterRole, and one Role per
+    // watched namespace.
+    let uses = rbac
+        .matches("include \"usage-backfill-operator.watchRules\"")
+        .count();
+    assert_eq!(
+        uses, 2,
+        "rbac.yaml must use watchRules in the ClusterRole and the per-namespace Role"
+    );
+    for needle in [
+        "kind: ClusterRole",
+        "kind: Role",
+        "range $i, $ns := .Values.watchNamespaces",
+    ] {
+        assert!(rbac.contains(needle), "rbac.yaml lacks {needle:?}");
+    }
+
+    // Leader election: Leases in the release namespace.
+    let lease_rule = rbac
+        .split("---")
+        .find(|doc| doc.contains("resources: [\"leases\"]"))
+        .expect("rbac.yaml grants no leases (leader election)");
+    assert!(
+        lease_rule.contains("kind: Role")
+            && lease_rule.contains("namespace: {{ .Release.Namespace }}")
+    );
+    assert!(lease_rule.contains("apiGroups: [\"coordination.k8s.io\"]"));
+    for verb in ["get", "list", "watch", "create", "update", "patch"] {
+        assert!(
+            lease_rule.contains(&format!("\"{verb}\"")),
+            "leases lack {verb}"
+        );
+    }
+}
