@@ -1095,7 +1095,28 @@ fn optional_enum(schema: &mut schemars::Schema) {
 
 /// The CustomResourceDefinition of [`UsageBackfill`].
 pub fn crd() -> CustomResourceDefinition {
-    UsageBackfill::crd()
+    let mut crd = UsageBackfill::crd();
+    // The apiserver applies schema defaults when it reads an object from
+    // storage, including to a missing `status`: a just-created object then
+    // reads `observedGeneration: -1` and kstatus (Flux, Helm 4 --wait) never
+    // calls it Current before the controller has looked at it. The -1
+    // default of the field itself applies only once a status exists.
+    for version in &mut crd.spec.versions {
+        let status = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("status"));
+        if let Some(status) = status {
+            status.default = Some(
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON(
+                    serde_json::json!({ "observedGeneration": -1 }),
+                ),
+            );
+        }
+    }
+    crd
 }
 
 /// The CRD as the YAML committed under `crds/`.

@@ -64,7 +64,8 @@ const STATUS: &str = "/properties/status/properties";
 #[test]
 fn names_scope_and_subresources() {
     let crd = crd_json();
-    assert_eq!(api::crd(), UsageBackfill::crd());
+    // api::crd() is the derived CRD plus a default for a missing status.
+    assert_eq!(api::crd().spec.names, UsageBackfill::crd().spec.names);
     assert_eq!(crd["metadata"]["name"], "usagebackfills.usage.multica.ai");
     let spec = &crd["spec"];
     assert_eq!(spec["group"], "usage.multica.ai");
@@ -138,6 +139,11 @@ fn status_defaults_observed_generation_to_minus_one() {
     assert_eq!(og["default"], json!(-1));
     assert_eq!(og["type"], "integer");
     assert_eq!(og["format"], "int64");
+    // A missing status is defaulted too, so a fresh object is never Current.
+    assert_eq!(
+        at(&schema, "/properties/status")["default"],
+        json!({"observedGeneration": -1})
+    );
 }
 
 #[test]

@@ -143,6 +143,17 @@ async fn a_usage_backfill_becomes_ready_in_a_real_cluster() {
         )
         .await
         .expect("creating the UsageBackfill");
+    // Before any controller looked at it, the apiserver defaults the missing
+    // status, so kstatus cannot call the fresh object Current.
+    let fresh = objects
+        .get("backfill")
+        .await
+        .expect("reading the UsageBackfill");
+    assert_eq!(
+        fresh.status.map(|s| s.observed_generation),
+        Some(-1),
+        "a fresh object reads observedGeneration -1"
+    );
 
     // The controller, in this process, watching the test namespace only.
     let ctx = Context::new(client.clone(), Settings::default());
