@@ -3,6 +3,7 @@
 
 mod backfill;
 mod demo;
+pub mod wait;
 
 use std::process::ExitCode;
 
@@ -73,6 +74,10 @@ pub enum Command {
     Crd,
     /// Run the Kubernetes controller of UsageBackfill resources.
     Controller(crate::controller::ControllerArgs),
+    /// Wait until a UsageBackfill is Ready for its current generation
+    /// (for a Helm hook Job); print progress, fail on Stalled/Failed.
+    #[command(after_help = wait::EXIT_CODES_HELP)]
+    Wait(wait::WaitArgs),
 }
 
 /// Entry point of the binary.
@@ -99,6 +104,7 @@ pub fn main() -> ExitCode {
                 exit::OK
             }
             Command::Controller(args) => crate::controller::run(args, cancel).await,
+            Command::Wait(args) => wait::run(args, cancel).await,
         };
         ExitCode::from(code)
     })

@@ -39,9 +39,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("invalid leader election settings: {0}")]
+    LeaseSettings(String),
+    #[error(
+        "lost the leader Lease and {runs} run(s) did not stop within the shutdown timeout; exiting so that no run outlives leadership"
+    )]
+    RunsOutlivedLeadership { runs: usize },
+    #[error("the leader election task ended")]
+    ElectionEnded,
 }
 
 impl Error {
+    /// The labels a reconcile can fail with (see [`Error::label`]).
+    pub const RECONCILE_LABELS: [&'static str; 4] =
+        ["read", "write_status", "finalizer", "missing_metadata"];
+
     /// A fixed name per variant, for logs and metric labels.
     pub fn label(&self) -> &'static str {
         match self {
@@ -51,6 +63,9 @@ impl Error {
             Error::MissingMetadata(_) => "missing_metadata",
             Error::Client(_) => "client",
             Error::Health { .. } => "health",
+            Error::LeaseSettings(_) => "lease_settings",
+            Error::RunsOutlivedLeadership { .. } => "runs_outlived_leadership",
+            Error::ElectionEnded => "election_ended",
         }
     }
 }

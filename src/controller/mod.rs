@@ -10,17 +10,30 @@
 //! - [`inputs`]: Secrets → engine database and options.
 //! - [`writes`]: status by server-side apply, the finalizer.
 //! - [`events`]: Kubernetes Events.
-//! - [`health`]: `/healthz` and `/readyz`.
+//! - [`health`]: `/healthz`, `/readyz` and `/metrics`.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`leader`]: leader election on a Lease.
 //!
 //! On SIGTERM the controllers stop taking work, then every run is cancelled
 //! (lock 4246 released, nothing stamped), saves its status with the cursor
 //! and drops its finalizer; the next controller resumes from there.
+//!
+//! With leader election (the default) every replica serves the HTTP
+//! endpoints, and only the holder of the Lease `usage-backfill-operator`
+//! runs the controllers, each leadership term with a fresh [`Context`].
+//! Losing the Lease ends the term like a SIGTERM does (runs cancelled,
+//! cursors saved) and the replica goes back to standby; if a run does not
+//! stop within `--shutdown-timeout`, the process exits with code 1 instead
+//! (the Deployment restarts it, as a standby), so that no backfill outlives
+//! its leadership: PostgreSQL ends a dead process's session and its lock.
 
 pub mod decide;
 pub mod errors;
 pub mod events;
 pub mod health;
 pub mod inputs;
+pub mod leader;
+pub mod metrics;
 pub mod reconcile;
 pub mod runner;
 pub mod status;
@@ -40,9 +53,12 @@ use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use errors::{Error, Result};
+pub use leader::{Election, LeaseSettings};
+pub use metrics::Metrics;
 pub use reconcile::{error_policy, reconcile};
 pub use runner::{ObjectKey, Runner, RunnerSettings};
 
@@ -66,8 +82,8 @@ pub struct ControllerArgs {
     /// in phase Pending for a slot.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
-    /// Address of the /healthz and /readyz endpoints.
-    #[arg(long, default_value = "0.0.0.0:8080")]
+    /// Address of the /healthz, /readyz and /metrics endpoints.
+    #[arg(long, visible_alias = "http-addr", default_value = "0.0.0.0:8080")]
     pub health_addr: SocketAddr,
     /// Session setting of every backfill session, NAME=VALUE; repeatable.
     /// Replaces the default, which turns nested loops off for the window
@@ -82,9 +98,55 @@ pub struct ControllerArgs {
     /// Longest backoff between attempts.
     #[arg(long, value_parser = duration::clap_parse, default_value = "5m")]
     pub retry_backoff_max: Duration,
-    /// How long a shutdown waits for runs to save their cursor.
+    /// How long a shutdown (or the loss of leadership) waits for runs to
+    /// save their cursor.
     #[arg(long, value_parser = duration::clap_parse, default_value = "25s")]
     pub shutdown_timeout: Duration,
+    /// Elect a leader among the replicas with the Lease
+    /// `usage-backfill-operator`; only the leader reconciles and runs
+    /// backfills, the others stand by (healthy and ready). Set
+    /// `--leader-election=false` to run a single replica without a Lease
+    /// (local development).
+    #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Namespace of the leader Lease: the operator's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Identity of this replica in the Lease. Default: $POD_NAME, else the
+    /// host name.
+    #[arg(long, env = "POD_NAME")]
+    pub lease_identity: Option<String>,
+    /// How long the Lease stays valid after the leader's last renewal:
+    /// how long the replicas go without a leader when it dies. Whole
+    /// seconds.
+    #[arg(long, value_parser = duration::clap_parse, default_value = "15s")]
+    pub lease_duration: Duration,
+    /// The leader renews the Lease this long before it expires, and steps
+    /// down half of it before the expiry when it cannot; also the clock
+    /// skew tolerated between nodes. Whole seconds, less than
+    /// --lease-duration.
+    #[arg(long, value_parser = duration::clap_parse, default_value = "5s")]
+    pub lease_grace: Duration,
+}
+
+impl ControllerArgs {
+    /// The leader election settings of these flags.
+    pub fn lease_settings(&self) -> std::result::Result<LeaseSettings, String> {
+        let settings = LeaseSettings {
+            name: leader::LEASE_NAME.to_owned(),
+            namespace: self.lease_namespace.clone(),
+            identity: self
+                .lease_identity
+                .clone()
+                .filter(|i| !i.is_empty())
+                .unwrap_or_else(leader::default_identity),
+            duration: self.lease_duration,
+            grace: self.lease_grace,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
 }
 
 fn parse_setting(s: &str) -> std::result::Result<(String, String), String> {
@@ -139,19 +201,32 @@ pub struct Context {
     pub events: events::Publisher,
     pub runner: Runner,
     pub settings: Settings,
+    pub metrics: Arc<Metrics>,
     /// Consecutive reconcile errors per object, for [`error_policy`].
     failures: Mutex<HashMap<ObjectKey, u32>>,
 }
 
 impl Context {
+    /// A context with metrics of its own (not served anywhere).
     pub fn new(client: Client, settings: Settings) -> Arc<Self> {
+        Self::with_metrics(client, settings, Metrics::new())
+    }
+
+    /// A context recording into `metrics`.
+    pub fn with_metrics(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Arc<Self> {
         let events = events::Publisher::new(client.clone(), std::env::var("POD_NAME").ok());
-        let runner = Runner::new(client.clone(), events.clone(), settings.runner);
+        let runner = Runner::with_metrics(
+            client.clone(),
+            events.clone(),
+            settings.runner,
+            metrics.clone(),
+        );
         Arc::new(Context {
             client,
             events,
             runner,
             settings,
+            metrics,
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -207,40 +282,156 @@ pub async fn run(args: ControllerArgs, cancel: CancellationToken) -> u8 {
                 source = s.source();
             }
             eprintln!("error: {text}");
-            exit::RETRYABLE
+            match e {
+                Error::LeaseSettings(_) => exit::USAGE,
+                _ => exit::RETRYABLE,
+            }
         }
     }
 }
 
 async fn serve(args: &ControllerArgs, cancel: CancellationToken) -> Result<()> {
-    let client = Client::try_default().await.map_err(Error::Client)?;
+    let lease = args
+        .leader_election
+        .then(|| args.lease_settings())
+        .transpose()
+        .map_err(Error::LeaseSettings)?;
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Client(kube::Error::InferConfig(e)))?;
+    let client = Client::try_from(config.clone()).map_err(Error::Client)?;
     let listener = tokio::net::TcpListener::bind(args.health_addr)
         .await
         .map_err(|source| Error::Health {
             addr: args.health_addr,
             source,
         })?;
-    let ready = Arc::new(AtomicBool::new(false));
-    let health = tokio::spawn(health::serve(listener, ready.clone(), cancel.clone()));
-    let ctx = Context::new(client, Settings::from_args(args));
+    let metrics = Metrics::new();
+    let state = health::State::new(lease.is_some(), metrics.clone());
+    let stop_serving = CancellationToken::new();
+    let server = tokio::spawn(health::serve(listener, state.clone(), stop_serving.clone()));
+    let replica = Replica {
+        client: client.clone(),
+        settings: Settings::from_args(args),
+        namespaces: args.namespaces.clone(),
+        concurrency: args.concurrency,
+        shutdown_timeout: args.shutdown_timeout,
+        state: state.clone(),
+    };
     tracing::info!(namespaces = ?args.namespaces, concurrency = args.concurrency,
-        health = %args.health_addr, "controller starting");
-    run_controllers(
-        ctx,
-        args.namespaces.clone(),
-        args.concurrency,
-        ready,
-        args.shutdown_timeout,
-        cancel,
-    )
-    .await;
-    let _ = health.await;
-    Ok(())
+        http = %args.health_addr, leader_election = lease.is_some(), "controller starting");
+    let result = match lease {
+        None => {
+            replica.lead(cancel).await;
+            Ok(())
+        }
+        Some(lease) => {
+            // The Lease gets a client of its own with short timeouts, so
+            // that a hung renewal fails fast and is retried.
+            let mut lease_config = config;
+            let timeout = Some(lease.grace.max(Duration::from_secs(1)));
+            lease_config.connect_timeout = timeout;
+            lease_config.read_timeout = timeout;
+            lease_config.write_timeout = timeout;
+            let lease_client = Client::try_from(lease_config).map_err(Error::Client)?;
+            tracing::info!(lease = %lease.name, namespace = %lease.namespace,
+                identity = %lease.identity, "standing by until elected");
+            let election = Election::start(lease_client, lease);
+            let result = replica
+                .lead_while_elected(election.subscribe(), cancel)
+                .await;
+            // Released only now, once our runs have stopped.
+            election.stop().await;
+            result
+        }
+    };
+    stop_serving.cancel();
+    let _ = server.await;
+    result
+}
+
+/// One replica of the operator: what it runs while it leads.
+pub struct Replica {
+    pub client: Client,
+    pub settings: Settings,
+    /// Namespaces to watch; empty for all.
+    pub namespaces: Vec<String>,
+    pub concurrency: u16,
+    pub shutdown_timeout: Duration,
+    /// Readiness, leadership and metrics, as the HTTP endpoints show them.
+    pub state: Arc<health::State>,
+}
+
+impl Replica {
+    /// Runs the controllers, with a fresh context, until `stop`; returns
+    /// the number of runs that did not stop in time.
+    pub async fn lead(&self, stop: CancellationToken) -> usize {
+        let ctx = Context::with_metrics(
+            self.client.clone(),
+            self.settings.clone(),
+            self.state.metrics().clone(),
+        );
+        self.state.set_leading(true);
+        let left = run_controllers(
+            ctx,
+            self.namespaces.clone(),
+            self.concurrency,
+            self.state.synced(),
+            self.shutdown_timeout,
+            stop,
+        )
+        .await;
+        self.state.set_leading(false);
+        left
+    }
+
+    /// Stands by until `leading` says this replica leads, leads until it
+    /// says otherwise, and again, until `cancel`. Fails when runs outlive a
+    /// lost leadership (see the module docs) or the election ends.
+    pub async fn lead_while_elected(
+        &self,
+        mut leading: watch::Receiver<bool>,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        loop {
+            // (The guard `wait_for` returns is not Send: keep it inside.)
+            let elected = async { leading.wait_for(|l| *l).await.is_ok() };
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                elected = elected => if !elected {
+                    return Err(Error::ElectionEnded);
+                },
+            }
+            tracing::info!("elected: starting the controllers");
+            let stop = cancel.child_token();
+            let run = self.lead(stop.clone());
+            tokio::pin!(run);
+            let lost = async {
+                let _ = leading.wait_for(|l| !*l).await;
+            };
+            let left = tokio::select! {
+                left = &mut run => left,
+                () = lost => {
+                    tracing::warn!("leadership lost: stopping the controllers and cancelling runs");
+                    stop.cancel();
+                    run.await
+                }
+            };
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            if left > 0 {
+                return Err(Error::RunsOutlivedLeadership { runs: left });
+            }
+            tracing::info!("standing by until elected again");
+        }
+    }
 }
 
 /// Runs one controller per watched namespace (one for all when
 /// `namespaces` is empty) until `cancel`, then cancels the runs and waits
-/// up to `shutdown_timeout` for them to save their cursor.
+/// up to `shutdown_timeout` for them to save their cursor. Returns the
+/// number of runs still finishing at the end.
 pub async fn run_controllers(
     ctx: Arc<Context>,
     namespaces: Vec<String>,
@@ -248,7 +439,7 @@ pub async fn run_controllers(
     ready: Arc<AtomicBool>,
     shutdown_timeout: Duration,
     cancel: CancellationToken,
-) {
+) -> usize {
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
     } else {
@@ -294,6 +485,7 @@ pub async fn run_controllers(
             });
         controllers.push(run);
     }
+    ctx.metrics.set_lag_source(stores.clone());
     let readiness = async move {
         for store in stores {
             // The store's readiness wakes one waiter only, and the
@@ -312,21 +504,46 @@ pub async fn run_controllers(
         tracing::info!("UsageBackfill cache synced; ready");
     };
     let readiness = tokio::spawn(readiness);
-    futures::future::join_all(controllers).await;
+    // Boxed, so that dropping it below really drops (aborts) the controllers.
+    let mut controllers = Box::pin(futures::future::join_all(controllers));
+    // The controllers finish the reconciles in flight before they stop; one
+    // stuck on an unreachable API server must not hold up the cancelling of
+    // the runs, so they get a fifth of the time, then are dropped (which
+    // aborts those reconciles, as a crash would).
+    let reconciles_grace = shutdown_timeout / 5;
+    let stopping = async {
+        cancel.cancelled().await;
+        let started = tokio::time::Instant::now();
+        tokio::time::sleep(reconciles_grace).await;
+        started
+    };
+    let stopped_at = tokio::select! {
+        _ = &mut controllers => None,
+        started = stopping => {
+            tracing::warn!(grace = ?reconciles_grace, "reconciles still in flight at shutdown; abandoning them");
+            Some(started)
+        }
+    };
+    drop(controllers);
     readiness.abort();
     tracing::info!(
         runs = ctx.runner.active(),
         "controllers stopped; cancelling runs"
     );
-    let left = ctx.runner.shutdown(shutdown_timeout).await;
+    let left_for_runs = stopped_at.map_or(shutdown_timeout, |t| {
+        shutdown_timeout.saturating_sub(t.elapsed())
+    });
+    let left = ctx.runner.shutdown(left_for_runs).await;
+    ctx.metrics.set_lag_source(Vec::new());
     if left > 0 {
         tracing::warn!(
             runs = left,
             "runs still finishing at exit; PostgreSQL releases their lock when the sessions close"
         );
     } else {
-        tracing::info!("all runs saved their status; bye");
+        tracing::info!("all runs saved their status");
     }
+    left
 }
 
 #[cfg(test)]
@@ -406,5 +623,58 @@ mod tests {
             [("work_mem".to_owned(), "64MB".to_owned())]
         );
         assert!(Wrap::try_parse_from(["x", "--concurrency", "0"]).is_err());
+    }
+
+    #[test]
+    fn leader_election_flags() {
+        let w = Wrap::try_parse_from(["x"]).unwrap();
+        assert!(w.args.leader_election, "on by default");
+        assert_eq!(w.args.lease_duration, Duration::from_secs(15));
+        assert_eq!(w.args.lease_grace, Duration::from_secs(5));
+        assert!(
+            Wrap::try_parse_from(["x", "--leader-election"])
+                .unwrap()
+                .args
+                .leader_election
+        );
+        let w = Wrap::try_parse_from([
+            "x",
+            "--leader-election=false",
+            "--lease-namespace",
+            "ops",
+            "--lease-identity",
+            "pod-1",
+            "--lease-duration",
+            "4s",
+            "--lease-grace",
+            "1s",
+            "--http-addr",
+            "127.0.0.1:9090",
+        ])
+        .unwrap();
+        assert!(!w.args.leader_election);
+        assert_eq!(w.args.health_addr.to_string(), "127.0.0.1:9090");
+        assert_eq!(
+            w.args.lease_settings().unwrap(),
+            LeaseSettings {
+                name: "usage-backfill-operator".into(),
+                namespace: "ops".into(),
+                identity: "pod-1".into(),
+                duration: Duration::from_secs(4),
+                grace: Duration::from_secs(1),
+            }
+        );
+        let w = Wrap::try_parse_from(["x", "--lease-grace", "1500ms"]).unwrap();
+        assert!(
+            w.args
+                .lease_settings()
+                .unwrap_err()
+                .contains("whole seconds")
+        );
+        let w = Wrap::try_parse_from(["x", "--lease-identity", ""]).unwrap();
+        assert!(
+            !w.args.lease_settings().unwrap().identity.is_empty(),
+            "an empty identity falls back to the host name"
+        );
     }
 }

@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action as Requeue;
 use kube::{Resource, ResourceExt};
+use tracing::Instrument;
 
 use super::Context;
 use super::decide::{self, Action, Identity, Observed, SecretLookup, TaskView};
@@ -22,14 +23,21 @@ use crate::api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
 
 /// Reconciles one UsageBackfill; the entry point of the controller.
 pub async fn reconcile(obj: Arc<UsageBackfill>, ctx: Arc<Context>) -> Result<Requeue> {
-    let key = ObjectKey::new(
-        obj.namespace().ok_or(Error::MissingMetadata("namespace"))?,
-        obj.meta()
-            .name
-            .clone()
-            .ok_or(Error::MissingMetadata("name"))?,
-    );
-    let result = reconcile_key(&key, &ctx).await;
+    let (Some(namespace), Some(name)) = (obj.namespace(), obj.meta().name.clone()) else {
+        let e = Error::MissingMetadata(if obj.namespace().is_none() {
+            "namespace"
+        } else {
+            "name"
+        });
+        ctx.metrics.reconciled(Err(&e));
+        return Err(e);
+    };
+    let key = ObjectKey::new(namespace, name);
+    // Not `name`: the JSON log format writes the span's own name under that key.
+    let span =
+        tracing::info_span!("reconcile", namespace = %key.namespace, usagebackfill = %key.name);
+    let result = reconcile_key(&key, &ctx).instrument(span).await;
+    ctx.metrics.reconciled(result.as_ref().map(drop));
     match &result {
         Ok(_) => ctx.forget_failures(&key),
         Err(e) => tracing::warn!(object = %key, error = %chain(e), "reconcile failed"),

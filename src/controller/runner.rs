@@ -27,9 +27,11 @@ use kube::Client;
 use kube::api::Api;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::decide::{self, AfterFailure, Backoff, Identity, TaskView};
 use super::events::{EventReason, Publisher};
+use super::metrics::{Metrics, RunOutcome};
 use super::status::{self, Change, Redactor};
 use super::writes;
 use crate::api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
@@ -117,6 +119,7 @@ pub struct Runner {
 struct Inner {
     client: Client,
     events: Publisher,
+    metrics: Arc<Metrics>,
     settings: RunnerSettings,
     slots: Arc<Semaphore>,
     tasks: Mutex<HashMap<ObjectKey, Entry>>,
@@ -134,11 +137,22 @@ struct Entry {
 }
 
 impl Runner {
+    /// A runner with metrics of its own (not served anywhere).
     pub fn new(client: Client, events: Publisher, settings: RunnerSettings) -> Self {
+        Self::with_metrics(client, events, settings, Metrics::new())
+    }
+
+    pub fn with_metrics(
+        client: Client,
+        events: Publisher,
+        settings: RunnerSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Runner {
             inner: Arc::new(Inner {
                 client,
                 events,
+                metrics,
                 slots: Arc::new(Semaphore::new(settings.concurrency.max(1))),
                 settings,
                 tasks: Mutex::new(HashMap::new()),
@@ -181,11 +195,7 @@ impl Runner {
 
     /// Number of tasks running.
     pub fn active(&self) -> usize {
-        self.inner
-            .tasks()
-            .values()
-            .filter(|e| e.unsettled.is_none())
-            .count()
+        self.inner.active()
     }
 
     /// Starts the task of `spec`. Any unsettled leftover of the key is
@@ -210,17 +220,24 @@ impl Runner {
                 },
             );
         }
+        self.inner.metrics.set_runs_active(self.inner.active());
         let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let key = spec.key.clone();
-            let mut guard = Leave {
-                inner: inner.clone(),
-                key: key.clone(),
-                unsettled: None,
-            };
-            guard.unsettled = run(&inner, spec, cancel).await;
-            drop(guard);
-        });
+        // The engine's `slice` spans nest in this one.
+        let span = tracing::info_span!("run", namespace = %spec.key.namespace,
+            usagebackfill = %spec.key.name);
+        tokio::spawn(
+            async move {
+                let key = spec.key.clone();
+                let mut guard = Leave {
+                    inner: inner.clone(),
+                    key: key.clone(),
+                    unsettled: None,
+                };
+                guard.unsettled = run(&inner, spec, cancel).await;
+                drop(guard);
+            }
+            .instrument(span),
+        );
     }
 
     /// Cancels the task of `key`, if any; the first reason given sticks.
@@ -293,6 +310,13 @@ impl Inner {
     fn cancel_reason(&self, key: &ObjectKey) -> Option<CancelReason> {
         self.tasks().get(key).and_then(|e| e.why)
     }
+
+    fn active(&self) -> usize {
+        self.tasks()
+            .values()
+            .filter(|e| e.unsettled.is_none())
+            .count()
+    }
 }
 
 /// Takes the task out of the map however it ends (a panic included: the
@@ -318,6 +342,7 @@ impl Drop for Leave {
                 }
             }
         }
+        self.inner.metrics.set_runs_active(self.inner.active());
         self.inner.changed.notify_waiters();
         self.inner
             .wake
@@ -334,6 +359,7 @@ async fn run(
     cancel: CancellationToken,
 ) -> Option<Option<Box<Status>>> {
     let api: Api<UsageBackfill> = Api::namespaced(inner.client.clone(), &spec.key.namespace);
+    let started = Instant::now();
     let mut desired = spec.status.clone();
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let engine_run = {
@@ -364,14 +390,26 @@ async fn run(
     let (final_status, event) = match result {
         Err(_) if matches!(why, Some(CancelReason::Deletion | CancelReason::Obsolete)) => {
             tracing::info!(object = %spec.key, reason = ?why, "run cancelled");
+            inner
+                .metrics
+                .run_ended(RunOutcome::Cancelled, None, started.elapsed());
             (None, None)
         }
         Err(engine::Error::Cancelled) => {
             tracing::info!(object = %spec.key, "run interrupted by shutdown; it resumes from the cursor");
+            inner
+                .metrics
+                .run_ended(RunOutcome::Cancelled, None, started.elapsed());
             status::interrupted(&mut desired, now);
             (Some(desired), None)
         }
         Ok(outcome) => {
+            let counted = match (outcome.skipped, outcome.dry_run) {
+                (Some(_), _) => RunOutcome::Skipped,
+                (None, true) => RunOutcome::DryRun,
+                (None, false) => RunOutcome::Backfilled,
+            };
+            inner.metrics.run_ended(counted, None, started.elapsed());
             let s = status::succeeded(&desired, &outcome, now);
             let reason = if outcome.skipped.is_some() {
                 EventReason::Skipped
@@ -387,6 +425,9 @@ async fn run(
             let backoff = inner.settings.backoff;
             match decide::after_failure(&e, attempt, spec.max_attempts, backoff) {
                 AfterFailure::Retry { delay } => {
+                    inner
+                        .metrics
+                        .run_ended(RunOutcome::Retry, Some(e.reason()), started.elapsed());
                     tracing::warn!(object = %spec.key, reason = e.reason(), attempt,
                         retry_in = ?delay, error = %spec.redactor.redact(&e.to_string()), "attempt failed");
                     status::retry_scheduled(&mut desired, &e, delay, &spec.redactor, now);
@@ -394,6 +435,11 @@ async fn run(
                     (Some(desired), Some((EventReason::RetryScheduled, note)))
                 }
                 AfterFailure::Terminal { reason } => {
+                    inner.metrics.run_ended(
+                        RunOutcome::Failed,
+                        Some(e.reason()),
+                        started.elapsed(),
+                    );
                     tracing::warn!(object = %spec.key, reason, attempt,
                         error = %spec.redactor.redact(&e.to_string()), "run failed");
                     status::failed(
@@ -485,6 +531,13 @@ async fn report_progress(
         let write = tokio::select! {
             event = rx.recv() => {
                 let Some(event) = event else { break };
+                match &event {
+                    Event::SliceDone { rows, .. } => inner.metrics.slice_done(*rows),
+                    Event::LockAcquired { waited_ms } => {
+                        inner.metrics.lock_acquired(Duration::from_millis(*waited_ms));
+                    }
+                    _ => {}
+                }
                 let change = status::apply_event(desired, &event, Timestamp::now());
                 if let Event::WaitingForLock { .. } = event {
                     let note = message(desired, ConditionType::Reconciling);

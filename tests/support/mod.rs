@@ -10,13 +10,28 @@
 //! finalizers holding back deletion, list + watch (streamed, also the
 //! metadata-only form used for Secrets), and Event creation.
 //!
+//! Leases (`coordination.k8s.io/v1`) for leader election: get, create,
+//! replace (resourceVersion-guarded) and patch, where a server-side apply
+//! conflicts (409) when it would change a field another field manager owns
+//! with a different value, and a strategic-merge or merge patch takes the
+//! fields it sets (and drops those it nulls): what makes two simultaneous
+//! acquisitions of a Lease fail for one of them.
+//!
+//! Several clients can talk to one server ([`FakeApiServer::connect`]),
+//! and each can be cut off ([`FakeApiServer::cut`]): its requests hang
+//! until restored and then fail, never reaching the server (a partition),
+//! or fail at once with a 503 or a 403.
+//!
 //! Every request is recorded (method, resource, namespace, name,
 //! subresource, query, content type, JSON body, response code) so tests
 //! assert what requests mean, not how kube spells them.
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::collections::BTreeMap;
+#[path = "http.rs"]
+pub mod over_http;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -55,6 +70,8 @@ impl http_body::Body for FakeBody {
 /// One request as the fake API server saw it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// Which client sent it (see [`FakeApiServer::connect`]).
+    pub client: ClientId,
     pub method: String,
     pub path: String,
     /// Plural resource: usagebackfills, secrets, events.
@@ -109,9 +126,31 @@ struct Watch {
     tx: mpsc::UnboundedSender<Bytes>,
 }
 
+/// A client of the fake, as numbered by [`FakeApiServer::connect`].
+pub type ClientId = u64;
+
+/// How a cut-off client's requests fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// No answer until restored, then a 503: the request never reached
+    /// the server (a partition).
+    Hang,
+    /// 503 Service Unavailable at once.
+    Fail,
+    /// 403 Forbidden at once (RBAC says no).
+    Forbid,
+}
+
 #[derive(Default)]
 struct State {
     objects: BTreeMap<Key, Value>,
+    /// Leases only: spec field -> the field manager owning it.
+    owners: BTreeMap<Key, BTreeMap<String, String>>,
+    clients: u64,
+    outages: BTreeMap<ClientId, Outage>,
+    /// Requests of a cut-off client waiting for it to be restored.
+    hung: BTreeSet<u64>,
+    next_hung: u64,
     requests: Vec<Recorded>,
     last_rv: u64,
     uid: u64,
@@ -132,22 +171,48 @@ impl FakeApiServer {
     /// Starts the server; the client talks to it with default namespace
     /// "default".
     pub fn start() -> (kube::Client, FakeApiServer) {
-        let (service, mut handle) =
-            tower_test::mock::pair::<Request<kube::client::Body>, Response<FakeBody>>();
         let fake = FakeApiServer {
             state: Arc::new(Mutex::new(State::default())),
         };
-        let server = fake.clone();
+        let (client, _) = fake.connect();
+        (client, fake)
+    }
+
+    /// Another client of the same server (default namespace "default"),
+    /// e.g. a second replica of the operator.
+    pub fn connect(&self) -> (kube::Client, ClientId) {
+        let (service, mut handle) =
+            tower_test::mock::pair::<Request<kube::client::Body>, Response<FakeBody>>();
+        let id = {
+            let mut st = self.state();
+            st.clients += 1;
+            st.clients - 1
+        };
+        let server = self.clone();
         tokio::spawn(async move {
             while let Some((request, respond)) = handle.next_request().await {
                 let server = server.clone();
                 tokio::spawn(async move {
-                    let response = server.handle(request).await;
+                    let response = server.handle(request, id).await;
                     respond.send_response(response);
                 });
             }
         });
-        (kube::Client::new(service, "default"), fake)
+        (kube::Client::new(service, "default"), id)
+    }
+
+    /// Cuts `client` off (`Some`) or restores it (`None`).
+    pub fn cut(&self, client: ClientId, outage: Option<Outage>) {
+        let mut st = self.state();
+        match outage {
+            Some(o) => st.outages.insert(client, o),
+            None => st.outages.remove(&client),
+        };
+    }
+
+    /// Requests hanging because their client is cut off.
+    pub fn hung_requests(&self) -> usize {
+        self.state().hung.len()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -272,6 +337,25 @@ impl FakeApiServer {
         st.store(k, obj, verb);
     }
 
+    /// The Lease `namespace/name`, as stored.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state()
+            .objects
+            .get(&Key {
+                resource: "leases".into(),
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .cloned()
+    }
+
+    /// Who holds the Lease, per its spec.
+    pub fn lease_holder(&self, namespace: &str, name: &str) -> Option<String> {
+        self.lease(namespace, name)?["spec"]["holderIdentity"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
     /// Answer the next `count` status writes of `phase` with a 500.
     pub fn fail_status_writes(&self, phase: &str, count: usize) {
         self.state().fail_status_writes = Some((phase.to_owned(), count));
@@ -386,9 +470,55 @@ impl FakeApiServer {
     fn handle(
         &self,
         request: Request<kube::client::Body>,
+        client: ClientId,
     ) -> impl Future<Output = Response<FakeBody>> + Send + 'static {
         let this = self.clone();
         async move {
+            let outage = this.state().outages.get(&client).copied();
+            match outage {
+                Some(o @ (Outage::Fail | Outage::Forbid)) => {
+                    let (code, body) = if o == Outage::Fail {
+                        status_error(503, "ServiceUnavailable", "injected outage")
+                    } else {
+                        status_error(403, "Forbidden", "injected: RBAC denies this request")
+                    };
+                    return Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .unwrap();
+                }
+                Some(Outage::Hang) => {
+                    let ticket = {
+                        let mut st = this.state();
+                        st.next_hung += 1;
+                        let t = st.next_hung;
+                        st.hung.insert(t);
+                        t
+                    };
+                    // Removed from `hung` however this ends (the client may
+                    // give up and drop the request).
+                    struct Unhang(FakeApiServer, u64);
+                    impl Drop for Unhang {
+                        fn drop(&mut self) {
+                            self.0.state().hung.remove(&self.1);
+                        }
+                    }
+                    let _unhang = Unhang(this.clone(), ticket);
+                    while this.state().outages.get(&client) == Some(&Outage::Hang) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    // It never reached the server: the connection broke.
+                    let (code, body) =
+                        status_error(503, "ServiceUnavailable", "connection lost in a partition");
+                    return Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .unwrap();
+                }
+                None => {}
+            }
             let (parts, body) = request.into_parts();
             let raw = body.collect_bytes().await.unwrap_or_default();
             let raw_body = String::from_utf8_lossy(&raw).into_owned();
@@ -413,6 +543,7 @@ impl FakeApiServer {
                     .map(str::to_owned)
             };
             let mut rec = Recorded {
+                client,
                 method: parts.method.to_string(),
                 path: parts.uri.path().to_owned(),
                 resource: route.resource.clone().unwrap_or_default(),
@@ -443,8 +574,13 @@ impl FakeApiServer {
         let Some(resource) = route.resource.clone() else {
             return teapot(r);
         };
-        if !["usagebackfills", "secrets", "events"].contains(&resource.as_str()) {
+        if !["usagebackfills", "secrets", "events", "leases"].contains(&resource.as_str()) {
             return teapot(r);
+        }
+        if resource == "leases"
+            && let Some(answer) = st.lease_request(r, route)
+        {
+            return answer;
         }
         let key = |name: &str| Key {
             resource: resource.clone(),
@@ -673,6 +809,7 @@ fn kind_of(resource: &str) -> &'static str {
     match resource {
         "usagebackfills" => "UsageBackfill",
         "secrets" => "Secret",
+        "leases" => "Lease",
         _ => "Event",
     }
 }
@@ -681,8 +818,160 @@ fn api_version_of(resource: &str) -> &'static str {
     match resource {
         "usagebackfills" => UBF_API,
         "secrets" => "v1",
+        "leases" => "coordination.k8s.io/v1",
         _ => "events.k8s.io/v1",
     }
+}
+
+impl State {
+    /// Writes to Leases (reads take the common path): `None` when the
+    /// request is not one of those.
+    fn lease_request(&mut self, r: &Recorded, route: &Route) -> Option<(StatusCode, FakeBody)> {
+        let namespace = route.namespace.clone().unwrap_or_default();
+        let key = |name: &str| Key {
+            resource: "leases".into(),
+            namespace: namespace.clone(),
+            name: name.to_owned(),
+        };
+        let manager = r.field_manager().unwrap_or("").to_owned();
+        let body = r.body.clone().unwrap_or_default();
+        Some(match (r.method.as_str(), &route.name) {
+            ("POST", None) => {
+                let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
+                    return Some(status_error(
+                        422,
+                        "Invalid",
+                        "metadata.name: Required value",
+                    ));
+                };
+                if self.objects.contains_key(&key(&name)) {
+                    return Some(status_error(
+                        409,
+                        "AlreadyExists",
+                        &format!("leases.coordination.k8s.io \"{name}\" already exists"),
+                    ));
+                }
+                let mut v = body.clone();
+                v["apiVersion"] = json!("coordination.k8s.io/v1");
+                v["kind"] = json!("Lease");
+                v["metadata"]["namespace"] = json!(namespace);
+                self.uid += 1;
+                v["metadata"]["uid"] = json!(format!("00000000-0000-0000-0002-{:012}", self.uid));
+                if v["spec"].is_null() {
+                    v["spec"] = json!({});
+                }
+                let owned = spec_fields(&v).map(|f| (f, manager.clone())).collect();
+                self.owners.insert(key(&name), owned);
+                self.store(key(&name), v, "ADDED");
+                (StatusCode::CREATED, full(&self.objects[&key(&name)]))
+            }
+            ("PUT", Some(name)) => {
+                let Some(old) = self.objects.get(&key(name)) else {
+                    return Some(not_found("leases", name));
+                };
+                let want = &body["metadata"]["resourceVersion"];
+                if !want.is_null() && *want != old["metadata"]["resourceVersion"] {
+                    return Some(status_error(
+                        409,
+                        "Conflict",
+                        "the object has been modified",
+                    ));
+                }
+                let mut v = body.clone();
+                v["metadata"]["uid"] = old["metadata"]["uid"].clone();
+                v["metadata"]["namespace"] = json!(namespace);
+                let owned = spec_fields(&v).map(|f| (f, manager.clone())).collect();
+                self.owners.insert(key(name), owned);
+                self.store(key(name), v, "MODIFIED");
+                ok(&self.objects[&key(name)])
+            }
+            ("PATCH", Some(name)) => {
+                let Some(mut v) = self.objects.get(&key(name)).cloned() else {
+                    return Some(not_found("leases", name));
+                };
+                let patch_spec = body["spec"].as_object().cloned().unwrap_or_default();
+                let owners = self.owners.entry(key(name)).or_default();
+                match r.content_type.as_deref() {
+                    Some("application/apply-patch+yaml") => {
+                        if manager.is_empty() {
+                            return Some(status_error(
+                                422,
+                                "Invalid",
+                                "PATCH with apply requires a fieldManager",
+                            ));
+                        }
+                        let force = r.query.get("force").map(String::as_str) == Some("true");
+                        let conflicts: Vec<String> = patch_spec
+                            .iter()
+                            .filter(|(f, value)| {
+                                owners.get(*f).is_some_and(|o| *o != manager)
+                                    && v["spec"][f.as_str()] != **value
+                            })
+                            .map(|(f, _)| format!("conflict with {:?}: .spec.{f}", owners[f]))
+                            .collect();
+                        if !conflicts.is_empty() && !force {
+                            return Some(status_error(
+                                409,
+                                "Conflict",
+                                &format!(
+                                    "Apply failed with {} conflict(s): {}",
+                                    conflicts.len(),
+                                    conflicts.join(", ")
+                                ),
+                            ));
+                        }
+                        for (f, value) in patch_spec {
+                            v["spec"][f.as_str()] = value;
+                            owners.insert(f, manager.clone());
+                        }
+                    }
+                    Some(
+                        "application/strategic-merge-patch+json" | "application/merge-patch+json",
+                    ) => {
+                        let want = &body["metadata"]["resourceVersion"];
+                        if !want.is_null() && *want != v["metadata"]["resourceVersion"] {
+                            return Some(status_error(
+                                409,
+                                "Conflict",
+                                "the object has been modified",
+                            ));
+                        }
+                        let mut patch = body.clone();
+                        if let Some(m) = patch["metadata"].as_object_mut() {
+                            m.remove("resourceVersion");
+                        }
+                        merge(&mut v, &patch);
+                        for (f, value) in patch_spec {
+                            if value.is_null() {
+                                owners.remove(&f);
+                            } else {
+                                owners.insert(f, manager.clone());
+                            }
+                        }
+                    }
+                    _ => {
+                        return Some(status_error(
+                            415,
+                            "UnsupportedMediaType",
+                            "unsupported patch type",
+                        ));
+                    }
+                }
+                self.store(key(name), v, "MODIFIED");
+                ok(&self.objects[&key(name)])
+            }
+            _ => return None,
+        })
+    }
+}
+
+fn spec_fields(v: &Value) -> impl Iterator<Item = String> + '_ {
+    v["spec"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, value)| !value.is_null())
+        .map(|(f, _)| f.clone())
 }
 
 /// RFC 7386 JSON merge patch.

@@ -1,0 +1,387 @@
+//! Prometheus metrics of the controller, served as text on `/metrics`.
+//!
+//! Every label value comes from a fixed set (an enum's static name), so
+//! the number of series is bounded; the one per-object gauge,
+//! `usage_backfill_watermark_lag_seconds{namespace,name}`, is read from the
+//! leader's UsageBackfill cache at scrape time, so its series goes with the
+//! object and survives a controller restart.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::errors::Error;
+use crate::api::UsageBackfill;
+
+/// Content-Type of [`Metrics::encode`]: the Prometheus text format 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// How a run (one attempt) ended: the `outcome` label of
+/// `usage_backfill_runs_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunOutcome {
+    /// The walk ran and the watermark was stamped.
+    Backfilled,
+    /// Nothing to walk.
+    Skipped,
+    /// A dry run planned the walk.
+    DryRun,
+    /// Terminal failure (the object is Failed/Stalled).
+    Failed,
+    /// The attempt failed and another follows after the backoff.
+    Retry,
+    /// Cancelled: deletion, a new spec, shutdown or lost leadership.
+    Cancelled,
+}
+
+impl RunOutcome {
+    pub const ALL: [Self; 6] = [
+        Self::Backfilled,
+        Self::Skipped,
+        Self::DryRun,
+        Self::Failed,
+        Self::Retry,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Backfilled => "backfilled",
+            Self::Skipped => "skipped",
+            Self::DryRun => "dry_run",
+            Self::Failed => "failed",
+            Self::Retry => "retry",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ObjectLabels {
+    namespace: String,
+    name: String,
+}
+
+/// The registry and a handle on every metric. Shared by the health server,
+/// every reconcile and every run task (of every leadership term).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ResultLabel, Counter>,
+    reconcile_failures: Family<ReasonLabel, Counter>,
+    runs: Family<OutcomeLabel, Counter>,
+    run_failures: Family<ReasonLabel, Counter>,
+    run_duration: Histogram,
+    slices: Counter,
+    rows_touched: Counter,
+    lock_wait: Histogram,
+    runs_active: Gauge,
+    leader: Gauge,
+    lag: Arc<WatermarkLag>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("usage_backfill");
+        let reconciles = Family::<ResultLabel, Counter>::default();
+        let reconcile_failures = Family::<ReasonLabel, Counter>::default();
+        let runs = Family::<OutcomeLabel, Counter>::default();
+        let run_failures = Family::<ReasonLabel, Counter>::default();
+        // 1 s to about 4.5 h.
+        let run_duration = Histogram::new(exponential_buckets(1.0, 2.0, 15));
+        let slices = Counter::default();
+        let rows_touched = Counter::default();
+        // 10 ms to about 45 min.
+        let lock_wait = Histogram::new(exponential_buckets(0.01, 4.0, 10));
+        let runs_active = Gauge::default();
+        let leader = Gauge::default();
+        let lag = Arc::new(WatermarkLag::default());
+
+        // Counters get their `_total` suffix from the encoder.
+        registry.register(
+            "reconciles",
+            "Reconciles of UsageBackfills by result (ok, error)",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_failures",
+            "Failed reconciles by reason (read, write_status, finalizer, missing_metadata): errors talking to the API server, not failed backfills",
+            reconcile_failures.clone(),
+        );
+        registry.register(
+            "runs",
+            "Backfill runs (attempts) ended, by outcome: backfilled, skipped, dry_run, failed, retry, cancelled",
+            runs.clone(),
+        );
+        registry.register(
+            "run_failures",
+            "Failed backfill attempts by reason (the condition reason, e.g. DatabaseUnreachable, SliceFailed)",
+            run_failures.clone(),
+        );
+        registry.register(
+            "run_duration_seconds",
+            "Wall time of a backfill run (attempt), from its start to its end, whatever the outcome",
+            run_duration.clone(),
+        );
+        registry.register(
+            "slices",
+            "Month slices committed by backfill runs",
+            slices.clone(),
+        );
+        registry.register(
+            "rows_touched",
+            "Rollup rows upserted or deleted by backfill runs",
+            rows_touched.clone(),
+        );
+        registry.register(
+            "lock_wait_seconds",
+            "Time a run waited for advisory lock 4246 before it got it",
+            lock_wait.clone(),
+        );
+        registry.register(
+            "runs_active",
+            "Backfill runs in progress in this process (including those waiting for a slot or the lock)",
+            runs_active.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease (or runs without leader election), else 0",
+            leader.clone(),
+        );
+        registry.register_collector(Box::new(lag.clone()));
+
+        // Every fixed label value from the start, so that rate() and
+        // absence alerts see zeros rather than missing series.
+        for result in ["ok", "error"] {
+            let _ = reconciles.get_or_create(&ResultLabel { result });
+        }
+        for reason in Error::RECONCILE_LABELS {
+            let _ = reconcile_failures.get_or_create(&ReasonLabel { reason });
+        }
+        for outcome in RunOutcome::ALL {
+            let _ = runs.get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            });
+        }
+
+        Arc::new(Metrics {
+            registry,
+            reconciles,
+            reconcile_failures,
+            runs,
+            run_failures,
+            run_duration,
+            slices,
+            rows_touched,
+            lock_wait,
+            runs_active,
+            leader,
+            lag,
+        })
+    }
+
+    /// The whole registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn reconciled(&self, result: Result<(), &Error>) {
+        let result = match result {
+            Ok(()) => "ok",
+            Err(e) => {
+                self.reconcile_failures
+                    .get_or_create(&ReasonLabel { reason: e.label() })
+                    .inc();
+                "error"
+            }
+        };
+        self.reconciles.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// A run ended after `elapsed`; `failure` is the engine's reason when
+    /// the attempt failed (outcome failed or retry).
+    pub fn run_ended(&self, outcome: RunOutcome, failure: Option<&'static str>, elapsed: Duration) {
+        self.runs
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        if let Some(reason) = failure {
+            self.run_failures
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        }
+        self.run_duration.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn slice_done(&self, rows: i64) {
+        self.slices.inc();
+        self.rows_touched.inc_by(u64::try_from(rows).unwrap_or(0));
+    }
+
+    pub fn lock_acquired(&self, waited: Duration) {
+        self.lock_wait.observe(waited.as_secs_f64());
+    }
+
+    pub fn set_runs_active(&self, n: usize) {
+        self.runs_active.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// The caches the lag gauge is read from (the current leadership
+    /// term's); empty when not leading.
+    pub fn set_lag_source(&self, stores: Vec<Store<UsageBackfill>>) {
+        *self.lag.stores.lock().unwrap_or_else(|p| p.into_inner()) = stores;
+    }
+}
+
+/// `usage_backfill_watermark_lag_seconds{namespace,name}`, computed from
+/// the cached objects at each scrape.
+#[derive(Debug, Default)]
+struct WatermarkLag {
+    stores: Mutex<Vec<Store<UsageBackfill>>>,
+}
+
+impl Collector for WatermarkLag {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let family = Family::<ObjectLabels, Gauge>::default();
+        let stores = self
+            .stores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut any = false;
+        for obj in stores.iter().flat_map(Store::state) {
+            if let Some(lag) = obj.status.as_ref().and_then(watermark_lag) {
+                let labels = ObjectLabels {
+                    namespace: obj.namespace().unwrap_or_default(),
+                    name: obj.name_any(),
+                };
+                family.get_or_create(&labels).set(lag);
+                any = true;
+            }
+        }
+        if !any {
+            return Ok(());
+        }
+        let metric = encoder.encode_descriptor(
+            "watermark_lag_seconds",
+            "How far the rollup watermark is behind the newest task_usage event, in seconds, as the last run of the UsageBackfill left them (status maxEvent - watermarkAfter, else status lagSeconds; 0 when the watermark is ahead)",
+            None,
+            family.metric_type(),
+        )?;
+        family.encode(metric)
+    }
+}
+
+/// The lag a finished run left: the newest event minus the watermark read
+/// back after the run (status.lagSeconds is measured before the run, so
+/// after a backfill it says how far behind the rollup *was*), and 0 when
+/// the watermark is ahead of the newest event: nothing is behind.
+pub fn watermark_lag(s: &crate::api::UsageBackfillStatus) -> Option<i64> {
+    let lag = match (&s.max_event, &s.watermark_after) {
+        (Some(max), Some(after)) => Some(max.0.as_second() - after.0.as_second()),
+        _ => s.lag_seconds,
+    };
+    lag.map(|l| l.max(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_series_exist_from_the_start() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert!(text.contains("usage_backfill_reconciles_total{result=\"ok\"} 0\n"));
+        assert!(
+            text.contains("usage_backfill_reconcile_failures_total{reason=\"write_status\"} 0\n")
+        );
+        assert!(text.contains("usage_backfill_runs_total{outcome=\"dry_run\"} 0\n"));
+        assert!(text.contains("# TYPE usage_backfill_run_duration_seconds histogram\n"));
+        assert!(text.contains("usage_backfill_leader 0\n"));
+        assert!(!text.contains("watermark_lag"), "no objects, no series");
+        assert!(!text.contains("# EOF"), "Prometheus text, not OpenMetrics");
+    }
+
+    #[test]
+    fn counts_and_histograms() {
+        let m = Metrics::new();
+        m.run_ended(
+            RunOutcome::Retry,
+            Some("SliceFailed"),
+            Duration::from_millis(1500),
+        );
+        m.run_ended(RunOutcome::Backfilled, None, Duration::from_secs(3));
+        m.slice_done(7);
+        m.slice_done(-1);
+        m.lock_acquired(Duration::from_millis(20));
+        m.set_runs_active(2);
+        m.set_leader(true);
+        let text = m.encode();
+        for line in [
+            "usage_backfill_runs_total{outcome=\"retry\"} 1\n",
+            "usage_backfill_runs_total{outcome=\"backfilled\"} 1\n",
+            "usage_backfill_run_failures_total{reason=\"SliceFailed\"} 1\n",
+            "usage_backfill_run_duration_seconds_count 2\n",
+            "usage_backfill_run_duration_seconds_sum 4.5\n",
+            "usage_backfill_run_duration_seconds_bucket{le=\"2\"} 1\n",
+            "usage_backfill_slices_total 2\n",
+            "usage_backfill_rows_touched_total 7\n",
+            "usage_backfill_lock_wait_seconds_count 1\n",
+            "usage_backfill_runs_active 2\n",
+            "usage_backfill_leader 1\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn lag_prefers_the_watermark_read_back() {
+        use crate::api::UsageBackfillStatus;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let t = |s: &str| Some(Time(s.parse().unwrap()));
+        let mut s = UsageBackfillStatus {
+            lag_seconds: Some(1_000_000),
+            ..Default::default()
+        };
+        assert_eq!(watermark_lag(&s), Some(1_000_000));
+        s.max_event = t("2026-01-01T01:00:00Z");
+        s.watermark_after = t("2026-01-01T00:00:00Z");
+        assert_eq!(watermark_lag(&s), Some(3600));
+        s.watermark_after = t("2026-01-01T02:00:00Z");
+        assert_eq!(watermark_lag(&s), Some(0), "ahead: nothing behind");
+        assert_eq!(watermark_lag(&UsageBackfillStatus::default()), None);
+    }
+}
