@@ -139,7 +139,8 @@ pub struct UsageBackfillSpec {
     /// When that would leave older history un-rolled-up the run is refused,
     /// unless forcePartial is set. Default 0: walk the whole history.
     #[serde(default)]
-    pub months_back: u32,
+    #[schemars(range(min = 0, max = 4294967295u32))]
+    pub months_back: i64,
 
     /// Mode Always only (must be false with IfLagging): allow monthsBack to
     /// skip existing history. The watermark stamped at the end abandons the
@@ -191,7 +192,8 @@ pub struct UsageBackfillSpec {
     /// before the resource turns Failed (Stalled). Default 6; 0 means a
     /// failed attempt is final.
     #[serde(default = "default_backoff_limit")]
-    pub backoff_limit: u32,
+    #[schemars(range(min = 0, max = 4294967295u32))]
+    pub backoff_limit: i64,
 
     /// Do not start a new run while true. Like any spec change, setting it
     /// cancels a run in progress: advisory lock 4246 is released, the slices
@@ -208,8 +210,8 @@ fn default_sleep_between_slices() -> String {
     DEFAULT_SLEEP_BETWEEN_SLICES.into()
 }
 
-fn default_backoff_limit() -> u32 {
-    DEFAULT_BACKOFF_LIMIT
+fn default_backoff_limit() -> i64 {
+    DEFAULT_BACKOFF_LIMIT.into()
 }
 
 /// Where the database is and how to reach it.
@@ -882,7 +884,7 @@ impl UsageBackfillSpec {
             slice_timeout: None,
             application_name: None,
             run_id: String::new(),
-            backoff_limit: DEFAULT_BACKOFF_LIMIT,
+            backoff_limit: DEFAULT_BACKOFF_LIMIT.into(),
             suspend: false,
         }
     }
@@ -927,7 +929,7 @@ impl UsageBackfillSpec {
                 }
             }
             Mode::Always => ModeSettings::Always {
-                months_back: self.months_back,
+                months_back: count("monthsBack", self.months_back)?,
                 force_partial: self.force_partial,
             },
         };
@@ -970,7 +972,7 @@ impl UsageBackfillSpec {
             slice_timeout,
             application_name,
             run_id: self.run_id.clone(),
-            backoff_limit: self.backoff_limit,
+            backoff_limit: count("backoffLimit", self.backoff_limit)?,
             suspend: self.suspend,
         })
     }
@@ -983,6 +985,18 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> SpecError {
         field,
         problem: problem.into(),
     }
+}
+
+/// A count of the spec: stored as i64 so that any integer the API server
+/// accepts deserializes (one undecodable object would fail the controller's
+/// whole list), checked here.
+fn count(field: &'static str, value: i64) -> Result<u32, SpecError> {
+    u32::try_from(value).map_err(|_| {
+        invalid(
+            field,
+            format!("must be a whole number from 0 to {}, not {value}", u32::MAX),
+        )
+    })
 }
 
 fn parse_duration(field: &'static str, value: &str) -> Result<Duration, SpecError> {

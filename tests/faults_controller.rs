@@ -1,0 +1,1740 @@
+//! Faults and bad input at the controller level: the operator process
+//! SIGKILLed mid-run (the real binary, against the fake API server served
+//! over HTTP), two UsageBackfills on one database, a cron tick during a
+//! run, deletion mid-run, a rotated Secret, a stalled slice, PostgreSQL
+//! restarted mid-run, and bad input that must end in a specific status
+//! reason and an Event without a database write.
+//!
+//! The test database is instrumented: the window function is wrapped (a
+//! configurable sleep or stall, and a log of every committed call with the
+//! session's pid, application_name, role and timestamps), and a trigger logs
+//! every UPDATE of `watermark_at` (the stamp counter). Every fault case ends
+//! with the hourly table equal to an independent recompute, lock 4246
+//! released and the watermark stamped exactly once per finished run. Every
+//! wait has a timeout; sleeps only pace polling.
+
+mod support;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use serde_json::json;
+use tokio_postgres::Client as PgClient;
+use usage_backfill::api::{
+    BackfillResult, CaSecretRef, ConditionType, Mode, Phase, SkipReason, TlsMode, TlsSpec,
+    UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
+};
+use usage_backfill::controller::decide::Backoff;
+use usage_backfill::controller::{self, Context, ObjectKey, RunnerSettings, Settings};
+use usage_backfill::fixture::{self, HistorySpec};
+use usage_backfill::pgtemp::{ServerTls, TempPostgres, TempPostgresOptions};
+use usage_backfill::testkit::{self, TestDatabase};
+
+use support::FakeApiServer;
+
+const NS: &str = "tenant-a";
+const SECRET: &str = "app-db";
+const WAIT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------
+// Database instrumentation
+// ---------------------------------------------------------------------------
+
+/// Knobs of the wrapped window function, its call log, and the stamp log.
+/// Calls and stamps are logged in the caller's transaction: a slice that
+/// rolls back (killed, timed out) leaves no row, exactly like its rollup.
+const INSTRUMENT: &str = "
+    CREATE TABLE fault_knobs (
+        id            int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+        sleep_seconds float8 NOT NULL DEFAULT 0,
+        -- Calls for slices starting at or after this stall (stall_seconds).
+        stall_from    timestamptz,
+        stall_seconds float8 NOT NULL DEFAULT 3600
+    );
+    INSERT INTO fault_knobs DEFAULT VALUES;
+    CREATE TABLE window_calls (
+        id       bigserial PRIMARY KEY,
+        pid      int NOT NULL,
+        app      text NOT NULL,
+        usr      text NOT NULL,
+        p_from   timestamptz NOT NULL,
+        p_to     timestamptz NOT NULL,
+        started  timestamptz NOT NULL,
+        finished timestamptz NOT NULL
+    );
+    CREATE TABLE watermark_stamps (
+        id     bigserial PRIMARY KEY,
+        pid    int NOT NULL,
+        app    text NOT NULL,
+        old_at timestamptz,
+        new_at timestamptz,
+        at     timestamptz NOT NULL DEFAULT clock_timestamp()
+    );
+    CREATE FUNCTION log_watermark_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO watermark_stamps (pid, app, old_at, new_at)
+        VALUES (pg_backend_pid(), current_setting('application_name'),
+                OLD.watermark_at, NEW.watermark_at);
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER log_watermark_stamp
+        AFTER UPDATE OF watermark_at ON task_usage_hourly_rollup_state
+        FOR EACH ROW EXECUTE FUNCTION log_watermark_stamp();
+    ALTER FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz) RENAME TO real_window;
+    CREATE FUNCTION rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
+    RETURNS bigint LANGUAGE plpgsql AS $$
+    DECLARE
+        k         fault_knobs;
+        v_started timestamptz := clock_timestamp();
+        v_rows    bigint;
+    BEGIN
+        SELECT * INTO k FROM fault_knobs WHERE id = 1;
+        PERFORM pg_sleep(k.sleep_seconds);
+        IF p_from >= k.stall_from THEN
+            PERFORM pg_sleep(k.stall_seconds);
+        END IF;
+        v_rows := real_window(p_from, p_to);
+        INSERT INTO window_calls (pid, app, usr, p_from, p_to, started, finished)
+        VALUES (pg_backend_pid(), current_setting('application_name'), current_user,
+                p_from, p_to, v_started, clock_timestamp());
+        RETURN v_rows;
+    END $$;
+    GRANT SELECT ON fault_knobs, window_calls TO PUBLIC;
+    GRANT INSERT ON window_calls, watermark_stamps TO PUBLIC;
+    GRANT USAGE ON SEQUENCE window_calls_id_seq, watermark_stamps_id_seq TO PUBLIC;
+    GRANT EXECUTE ON FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz) TO PUBLIC;";
+
+async fn instrument(pg: &PgClient) {
+    pg.batch_execute(INSTRUMENT).await.unwrap();
+}
+
+/// Every window call sleeps `seconds`.
+async fn slow_window(pg: &PgClient, seconds: f64) {
+    pg.execute("UPDATE fault_knobs SET sleep_seconds = $1", &[&seconds])
+        .await
+        .unwrap();
+}
+
+/// Window calls for slices starting at or after `from` stall (for an
+/// hour); `None` repairs them.
+async fn stall_window_from(pg: &PgClient, from: Option<Timestamp>) {
+    pg.execute("UPDATE fault_knobs SET stall_from = $1", &[&from])
+        .await
+        .unwrap();
+}
+
+/// The database clock.
+async fn db_now(pg: &PgClient) -> Timestamp {
+    pg.query_one("SELECT clock_timestamp()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[derive(Debug, Clone)]
+struct Call {
+    app: String,
+    usr: String,
+    from: Timestamp,
+    started: Timestamp,
+    finished: Timestamp,
+}
+
+/// Committed window calls, in the order they started.
+async fn calls(pg: &PgClient) -> Vec<Call> {
+    pg.query(
+        "SELECT app, usr, p_from, started, finished FROM window_calls ORDER BY started, id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| Call {
+        app: r.get(0),
+        usr: r.get(1),
+        from: r.get(2),
+        started: r.get(3),
+        finished: r.get(4),
+    })
+    .collect()
+}
+
+/// Watermark stamps by backfill sessions (application_name set; the test's
+/// own sessions have none): (application_name, when), in order.
+async fn backfill_stamps(pg: &PgClient) -> Vec<(String, Timestamp)> {
+    pg.query(
+        "SELECT app, at FROM watermark_stamps WHERE app <> '' ORDER BY at, id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Sessions holding (true) or waiting for (false) lock 4246, with their
+/// application_name.
+async fn lock_4246(pg: &PgClient) -> Vec<(i32, bool, String)> {
+    pg.query(
+        "SELECT l.pid, l.granted, coalesce(a.application_name, '')
+           FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = 4246
+            AND l.objsubid = 1
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// How a fault case must end: the rollup equals an independent recompute,
+/// the migration guard passes, lock 4246 is free, and the backfill stamped
+/// the watermark exactly `stamps` times (once per finished run).
+async fn assert_recovered(pg: &PgClient, stamps: usize) {
+    assert_eq!(
+        fixture::recompute_mismatches(pg).await.unwrap(),
+        0,
+        "task_usage_hourly differs from an independent recompute"
+    );
+    assert_eq!(
+        fixture::guard(pg).await.unwrap(),
+        Ok(()),
+        "the guard passes"
+    );
+    assert!(lock_4246(pg).await.is_empty(), "lock 4246 released");
+    let stamped = backfill_stamps(pg).await;
+    assert_eq!(stamped.len(), stamps, "watermark stamps: {stamped:?}");
+}
+
+/// What "no database write" is measured by.
+#[derive(Debug, PartialEq)]
+struct Untouched {
+    checksum: String,
+    watermark: String,
+    calls: usize,
+    stamps: usize,
+}
+
+async fn untouched(pg: &PgClient) -> Untouched {
+    Untouched {
+        checksum: fixture::hourly_checksum(pg).await.unwrap(),
+        watermark: watermark_text(pg).await,
+        calls: calls(pg).await.len(),
+        stamps: backfill_stamps(pg).await.len(),
+    }
+}
+
+/// The watermark as text, also when it is NULL, its row or its table gone.
+async fn watermark_text(pg: &PgClient) -> String {
+    let table: Option<String> = pg
+        .query_one(
+            "SELECT to_regclass('task_usage_hourly_rollup_state')::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if table.is_none() {
+        return "no table".into();
+    }
+    let row = pg
+        .query_opt(
+            "SELECT coalesce(watermark_at::text, 'NULL')
+               FROM task_usage_hourly_rollup_state WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    row.map_or_else(|| "no row".into(), |r| r.get(0))
+}
+
+async fn connect(url: &str) -> PgClient {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url:?}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+fn password_of(url: &str) -> String {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    String::from_utf8(config.get_password().unwrap_or_default().to_vec()).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// The controller, driven reconcile by reconcile
+// ---------------------------------------------------------------------------
+
+fn settings() -> Settings {
+    Settings {
+        runner: RunnerSettings {
+            // Every slice is written, so that a fault can be timed on it.
+            progress_interval: Duration::ZERO,
+            heartbeat_interval: Duration::from_millis(500),
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                max: Duration::from_millis(400),
+            },
+            concurrency: 4,
+            settle_pause: Duration::from_millis(20),
+        },
+        session_settings: vec![("enable_nestloop".into(), "off".into())],
+        observe_interval: Duration::from_secs(60),
+        secret_recheck_interval: Duration::from_secs(60),
+        cancel_recheck_interval: Duration::from_millis(100),
+    }
+}
+
+fn history() -> HistorySpec {
+    HistorySpec {
+        rows: 300,
+        months: 4,
+        ..HistorySpec::default()
+    }
+}
+
+struct Harness {
+    fake: FakeApiServer,
+    ctx: Arc<Context>,
+    /// The database URL the Secret holds.
+    url: String,
+    pg: PgClient,
+    _db: Option<TestDatabase>,
+}
+
+impl Harness {
+    /// A fresh testkit database with `history`, instrumented.
+    async fn new(history: Option<HistorySpec>) -> Harness {
+        let db = testkit::fresh_database().await;
+        let pg = db.client().await;
+        if let Some(spec) = history {
+            fixture::generate(&pg, &spec).await.unwrap();
+        }
+        instrument(&pg).await;
+        let (client, fake) = FakeApiServer::start();
+        Harness {
+            fake,
+            ctx: Context::new(client, settings()),
+            url: db.url().to_owned(),
+            pg,
+            _db: Some(db),
+        }
+    }
+
+    /// A harness on a database of another server, already prepared.
+    async fn on(url: &str) -> Harness {
+        let (client, fake) = FakeApiServer::start();
+        Harness {
+            fake,
+            ctx: Context::new(client, settings()),
+            url: url.to_owned(),
+            pg: connect(url).await,
+            _db: None,
+        }
+    }
+
+    fn put_secret(&self) {
+        self.fake.put_secret(NS, SECRET, "DATABASE_URL", &self.url);
+    }
+
+    fn create(&self, name: &str, edit: impl FnOnce(&mut UsageBackfillSpec)) -> UsageBackfill {
+        let mut spec = UsageBackfillSpec::new(SECRET);
+        edit(&mut spec);
+        self.fake.create(NS, name, spec)
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new(NS, name)
+    }
+
+    fn status(&self, name: &str) -> UsageBackfillStatus {
+        self.fake
+            .get(NS, name)
+            .and_then(|o| o.status)
+            .unwrap_or_default()
+    }
+
+    async fn reconcile(&self, name: &str) {
+        let obj = self.fake.get(NS, name).expect("object exists");
+        tokio::time::timeout(WAIT, controller::reconcile(Arc::new(obj), self.ctx.clone()))
+            .await
+            .expect("reconcile returns quickly")
+            .expect("reconcile succeeds");
+    }
+
+    /// One reconcile, then waits for the run it started (if any) to end.
+    async fn attempt(&self, name: &str) -> UsageBackfillStatus {
+        self.reconcile(name).await;
+        self.status_after_attempt(name).await
+    }
+
+    /// Waits for the run in progress to end; its status.
+    async fn status_after_attempt(&self, name: &str) -> UsageBackfillStatus {
+        tokio::time::timeout(WAIT, self.ctx.runner.wait_idle(&Self::key(name)))
+            .await
+            .expect("the attempt ends");
+        self.status(name)
+    }
+
+    /// Reconciles until the run of the current generation is finished and
+    /// its task and finalizer are gone.
+    async fn run_to_end(&self, name: &str) -> UsageBackfillStatus {
+        let key = Self::key(name);
+        let done = tokio::time::timeout(WAIT, async {
+            loop {
+                self.reconcile(name).await;
+                self.ctx.runner.wait_idle(&key).await;
+                let obj = self.fake.get(NS, name).unwrap();
+                let status = obj.status.clone().unwrap_or_default();
+                let current = status.observed_generation == obj.metadata.generation.unwrap();
+                if current
+                    && status.phase.is_some_and(Phase::is_finished)
+                    && !self.ctx.runner.is_active(&key)
+                    && !controller::writes::has_finalizer(&obj)
+                {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+        .await;
+        done.unwrap_or_else(|_| {
+            panic!(
+                "{name} did not finish within {WAIT:?}; requests:\n{}",
+                self.fake.describe_requests()
+            )
+        })
+    }
+
+    async fn wait_running(&self, name: &str, slices: u32) -> UsageBackfillStatus {
+        self.fake
+            .wait_for(
+                &format!("{name} Running, {slices} slices done"),
+                WAIT,
+                |f| {
+                    let s = f.get(NS, name)?.status?;
+                    (s.phase == Some(Phase::Running) && s.slices_processed? >= slices).then_some(s)
+                },
+            )
+            .await
+    }
+
+    /// No request the API server saw carries any of `secrets`.
+    fn assert_never_sent(&self, secrets: &[&str]) {
+        for r in self.fake.requests() {
+            for secret in secrets {
+                assert!(
+                    !r.raw_body.contains(secret),
+                    "{} {} {:?} sent a password",
+                    r.method,
+                    r.resource,
+                    r.name
+                );
+            }
+        }
+        assert!(
+            self.fake.unexpected().is_empty(),
+            "{:?}",
+            self.fake.unexpected()
+        );
+    }
+}
+
+fn cond(s: &UsageBackfillStatus, t: ConditionType) -> Option<(String, String)> {
+    s.condition(t).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+fn is(status: &str, reason: &str) -> Option<(String, String)> {
+    Some((status.into(), reason.into()))
+}
+
+fn conds(s: &UsageBackfillStatus) -> [Option<(String, String)>; 3] {
+    ConditionType::ALL.map(|t| cond(s, t))
+}
+
+fn message(s: &UsageBackfillStatus, t: ConditionType) -> String {
+    s.condition(t)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+/// A database time as the status carries it (RFC 3339, whole seconds).
+fn secs(ts: Timestamp) -> Timestamp {
+    Timestamp::from_second(ts.as_second()).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// The operator process SIGKILLed mid-run, and restarted
+// ---------------------------------------------------------------------------
+
+/// `usage-backfill controller` as a subprocess, talking to `server`.
+struct Operator {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(server: &support::over_http::HttpServer, dir: &Path, tag: &str) -> Operator {
+        let kubeconfig = server.write_kubeconfig(dir);
+        let log = dir.join(format!("operator-{tag}.log"));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_usage-backfill"))
+            .args([
+                "controller",
+                "--leader-election=false",
+                "--namespace",
+                NS,
+                "--health-addr",
+                "127.0.0.1:0",
+                "--retry-backoff",
+                "200ms",
+                "--shutdown-timeout",
+                "10s",
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "trace")
+            .env("POD_NAME", format!("usage-backfill-{tag}"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("WATCH_NAMESPACE")
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting usage-backfill controller");
+        Operator { child, log }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_sigkilled_mid_run_resumes_from_the_cursor_when_restarted() {
+    let db = testkit::fresh_database().await;
+    let pg = db.client().await;
+    fixture::generate(
+        &pg,
+        &HistorySpec {
+            rows: 300,
+            months: 6,
+            ..HistorySpec::default()
+        },
+    )
+    .await
+    .unwrap();
+    instrument(&pg).await;
+    slow_window(&pg, 0.4).await;
+    let password = password_of(db.url());
+    let (_, fake) = FakeApiServer::start();
+    fake.put_secret(NS, SECRET, "DATABASE_URL", db.url());
+    fake.create(NS, "killed", UsageBackfillSpec::new(SECRET));
+    let dir = tempfile::tempdir().unwrap();
+
+    // The first operator process: wait until it has recorded progress.
+    let first_server = fake.serve_http().await;
+    let mut first = Operator::start(&first_server, dir.path(), "first");
+    let mid_run = tokio::time::timeout(WAIT, async {
+        loop {
+            let s = fake.get(NS, "killed").and_then(|o| o.status);
+            if let Some(s) = s
+                && s.phase == Some(Phase::Running)
+                && s.cursor.is_some()
+                && s.slices_processed
+                    .is_some_and(|p| p >= 1 && Some(p) < s.slices_total)
+            {
+                return s;
+            }
+            if let Ok(Some(exit)) = first.child.try_wait() {
+                panic!("the operator exited: {exit}\n{}", first.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no progress recorded; requests:\n{}\nlogs:\n{}",
+            fake.describe_requests(),
+            first.logs()
+        )
+    });
+    assert!(mid_run.slices_total.unwrap() >= 2, "{mid_run:?}");
+    let lock_session = lock_4246(&pg).await;
+    assert!(
+        matches!(lock_session.as_slice(), [(_, true, app)] if app == "usage-backfill"),
+        "{lock_session:?}"
+    );
+    let lock_session = lock_session[0].0;
+
+    // kill -9: no shutdown, no final status, the finalizer stays.
+    first.child.start_kill().unwrap();
+    let exit = tokio::time::timeout(WAIT, first.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.signal(), Some(9), "{exit}");
+    // Calls started from now on are the second process's.
+    let killed_at = db_now(&pg).await;
+    drop(first_server);
+    let saved = fake.get(NS, "killed").unwrap();
+    assert!(
+        controller::writes::has_finalizer(&saved),
+        "a killed process removes nothing"
+    );
+    let saved = saved.status.unwrap();
+    assert_eq!(saved.phase, Some(Phase::Running));
+    let cursor = saved.cursor.clone().unwrap().0;
+    let done_before = saved.slices_processed.unwrap();
+    assert!(done_before >= 1 && done_before < saved.slices_total.unwrap());
+    assert!(
+        backfill_stamps(&pg).await.is_empty(),
+        "the killed run stamped nothing"
+    );
+
+    // The second process finds the status Running with no task behind it
+    // and continues the attempt from the saved cursor (it may first wait
+    // for lock 4246 until PostgreSQL has ended the killed session).
+    let second_server = fake.serve_http().await;
+    let mut second = Operator::start(&second_server, dir.path(), "second");
+    let done = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(o) = fake.get(NS, "killed")
+                && let Some(s) = o.status.clone()
+                && s.phase.is_some_and(Phase::is_finished)
+                && !controller::writes::has_finalizer(&o)
+            {
+                return s;
+            }
+            if let Ok(Some(exit)) = second.child.try_wait() {
+                panic!("the operator exited: {exit}\n{}", second.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the second operator did not finish; requests:\n{}\nlogs:\n{}",
+            fake.describe_requests(),
+            second.logs()
+        )
+    });
+    assert_eq!(done.phase, Some(Phase::Succeeded), "{done:?}");
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.attempts, Some(1), "a restart is not a new attempt");
+    assert_eq!(done.slices_processed, done.slices_total);
+    assert_eq!(done.watermark_stamped, Some(true));
+
+    // What the second process wrote: it continued, from the cursor, counting on.
+    let after: Vec<UsageBackfillStatus> = fake
+        .status_writes("killed")
+        .iter()
+        .filter(|r| r.client == second_server.client)
+        .filter_map(|r| r.status())
+        .collect();
+    let show = jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", cursor).unwrap();
+    assert_eq!(
+        message(&after[0], ConditionType::Reconciling),
+        format!("continuing attempt 1 of 7 after a controller restart, resuming at {show}")
+    );
+    // Progress is written at most once a second by the binary: the counts
+    // it shows only ever continue from the saved ones.
+    for s in &after {
+        assert!(s.slices_processed >= Some(done_before), "{s:?}");
+        assert!(s.rows_touched >= saved.rows_touched, "{s:?}");
+    }
+    let waited: Vec<&UsageBackfillStatus> = after
+        .iter()
+        .filter(|s| s.phase == Some(Phase::WaitingForLock))
+        .collect();
+    for s in &waited {
+        // Only ever the killed process's session, until PostgreSQL ends it.
+        assert_eq!(
+            s.lock_holder.as_ref().unwrap().pid,
+            Some(lock_session),
+            "{s:?}"
+        );
+    }
+
+    // In the database: the second session's first window call starts at
+    // the saved cursor, and it walks exactly the slices after it.
+    let all = calls(&pg).await;
+    let total = done.slices_total.unwrap() as usize;
+    let resumed: Vec<&Call> = all.iter().filter(|c| c.started > killed_at).collect();
+    assert_eq!(
+        resumed.iter().map(|c| c.from).min(),
+        Some(cursor),
+        "resumed from the cursor: {all:?}"
+    );
+    assert_eq!(resumed.len(), total - done_before as usize, "{all:?}");
+    assert!(
+        all.len() < 2 * total,
+        "not walked from the beginning: {all:?}"
+    );
+    let stamps = backfill_stamps(&pg).await;
+    assert_eq!(stamps.len(), 1, "{stamps:?}");
+    assert_recovered(&pg, 1).await;
+
+    // SIGTERM: the idle operator exits cleanly.
+    let pid = second.pid();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let exit = tokio::time::timeout(WAIT, second.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "{exit}\n{}", second.logs());
+    for (tag, logs) in [("first", first.logs()), ("second", second.logs())] {
+        assert!(logs.contains("TRACE"), "{tag}: trace logging is on");
+        assert!(
+            !logs.contains(&password),
+            "{tag}: the database password is in the operator's logs"
+        );
+    }
+    for r in fake.requests() {
+        assert!(!r.raw_body.contains(&password), "{} {}", r.method, r.path);
+    }
+    assert!(fake.unexpected().is_empty(), "{:?}", fake.unexpected());
+}
+
+// ---------------------------------------------------------------------------
+// Two UsageBackfills on one database; a cron tick during a run
+// ---------------------------------------------------------------------------
+
+/// Waits until a session of `app` holds (`granted`) or waits for lock 4246.
+async fn wait_lock(pg: &PgClient, app: &str, granted: bool) -> i32 {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let locks = lock_4246(pg).await;
+            if let Some((pid, ..)) = locks.iter().find(|(_, g, a)| *g == granted && a == app) {
+                return *pid;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{app} never {} lock 4246",
+            if granted { "held" } else { "waited for" }
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_backfills_on_one_database_run_one_after_the_other() {
+    let h = Harness::new(Some(history())).await;
+    slow_window(&h.pg, 0.2).await;
+    h.put_secret();
+    // Created together: an IfLagging hook, an Always command, another hook.
+    h.create("first", |s| {
+        s.application_name = Some("backfill-first".into())
+    });
+    h.create("second", |s| {
+        s.mode = Mode::Always;
+        s.application_name = Some("backfill-second".into());
+    });
+    h.create("third", |s| {
+        s.application_name = Some("backfill-third".into())
+    });
+
+    h.reconcile("first").await;
+    let holder = wait_lock(&h.pg, "backfill-first", true).await;
+    h.reconcile("second").await;
+    wait_lock(&h.pg, "backfill-second", false).await;
+    h.reconcile("third").await;
+    wait_lock(&h.pg, "backfill-third", false).await;
+    for name in ["second", "third"] {
+        let waiting = h
+            .fake
+            .wait_for(&format!("{name} WaitingForLock"), WAIT, |f| {
+                let s = f.get(NS, name)?.status?;
+                (s.phase == Some(Phase::WaitingForLock)).then_some(s)
+            })
+            .await;
+        let lock_holder = waiting.lock_holder.clone().expect("the holder is shown");
+        assert_eq!(lock_holder.pid, Some(holder), "{name}");
+        assert_eq!(
+            lock_holder.application_name.as_deref(),
+            Some("backfill-first")
+        );
+        assert_eq!(
+            conds(&waiting),
+            [
+                is("False", "WaitingForLock"),
+                is("True", "WaitingForLock"),
+                None
+            ]
+        );
+        assert!(
+            message(&waiting, ConditionType::Reconciling)
+                .contains(&format!("pid {holder} (backfill-first)")),
+            "{}",
+            message(&waiting, ConditionType::Reconciling)
+        );
+        assert!(
+            h.fake
+                .event_reasons(name)
+                .contains(&"WaitingForLock".to_owned())
+        );
+    }
+
+    let first = h.run_to_end("first").await;
+    let second = h.run_to_end("second").await;
+    let third = h.run_to_end("third").await;
+    assert_eq!(first.result, Some(BackfillResult::Backfilled));
+    // Always walks whatever the watermark says.
+    assert_eq!(second.result, Some(BackfillResult::Backfilled));
+    assert_eq!(second.slices_processed, second.slices_total);
+    // The hook re-checks under the lock and finds the work done.
+    assert_eq!(third.result, Some(BackfillResult::Skipped));
+    assert_eq!(third.skipped, Some(SkipReason::WatermarkWithinThreshold));
+    for s in [&first, &second, &third] {
+        assert_eq!(s.watermark_stamped, Some(true));
+        assert_eq!(s.lock_holder, None);
+    }
+
+    // Never interleaved: each run's window calls form one block, and a
+    // block starts only after the previous run stamped.
+    let all = calls(&h.pg).await;
+    let mut blocks: Vec<(&str, Timestamp, Timestamp)> = Vec::new();
+    for c in &all {
+        match blocks.last_mut() {
+            Some((app, _, end)) if *app == c.app => *end = c.finished,
+            _ => blocks.push((c.app.as_str(), c.started, c.finished)),
+        }
+    }
+    let order: Vec<&str> = blocks.iter().map(|b| b.0).collect();
+    assert_eq!(order, ["backfill-first", "backfill-second"], "{all:?}");
+    let stamps = backfill_stamps(&h.pg).await;
+    let stamp_of = |app: &str| -> Timestamp {
+        let mine: Vec<_> = stamps.iter().filter(|(a, _)| a == app).collect();
+        assert_eq!(mine.len(), 1, "{app} stamped exactly once: {stamps:?}");
+        mine[0].1
+    };
+    let (first_stamp, second_stamp, third_stamp) = (
+        stamp_of("backfill-first"),
+        stamp_of("backfill-second"),
+        stamp_of("backfill-third"),
+    );
+    assert!(blocks[0].2 < first_stamp && first_stamp < blocks[1].1);
+    assert!(blocks[1].2 < second_stamp);
+    assert!(
+        first_stamp < third_stamp,
+        "the hook ran after the first run"
+    );
+    assert_eq!(
+        all.iter().filter(|c| c.app == "backfill-first").count(),
+        first.slices_total.unwrap() as usize
+    );
+    assert_eq!(
+        all.iter().filter(|c| c.app == "backfill-second").count(),
+        second.slices_total.unwrap() as usize
+    );
+    assert_recovered(&h.pg, 3).await;
+    h.assert_never_sent(&[&password_of(&h.url)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_tick_during_the_controllers_backfill_gets_nothing_and_the_next_one_works() {
+    let h = Harness::new(Some(history())).await;
+    slow_window(&h.pg, 0.2).await;
+    h.put_secret();
+    h.create("ticked", |_| {});
+    h.reconcile("ticked").await;
+    h.wait_running("ticked", 1).await;
+    let before = fixture::watermark(&h.pg).await.unwrap();
+    let calls_before = calls(&h.pg).await.len();
+
+    // pg_cron's tick, while the controller's run holds lock 4246.
+    assert_eq!(fixture::rollup_tick(&h.pg).await.unwrap(), 0);
+    assert_eq!(fixture::watermark(&h.pg).await.unwrap(), before);
+    let tick_calls = calls(&h.pg)
+        .await
+        .into_iter()
+        .filter(|c| c.app.is_empty())
+        .count();
+    assert_eq!(tick_calls, 0, "the tick called no window");
+    assert!(calls(&h.pg).await.len() >= calls_before);
+
+    let done = h.run_to_end("ticked").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_recovered(&h.pg, 1).await;
+    let stamped = fixture::watermark(&h.pg).await.unwrap().unwrap();
+    assert_eq!(done.watermark_after.map(|t| t.0), Some(secs(stamped)));
+
+    // A late correction just after the watermark: the next tick picks it up.
+    h.pg.batch_execute(
+        "UPDATE task_usage SET input_tokens = input_tokens + 1000,
+                updated_at = (SELECT watermark_at FROM task_usage_hourly_rollup_state WHERE id = 1)
+                             + interval '1 millisecond'
+          WHERE id = (SELECT id FROM task_usage ORDER BY created_at DESC LIMIT 1)",
+    )
+    .await
+    .unwrap();
+    assert_eq!(fixture::recompute_mismatches(&h.pg).await.unwrap(), 1);
+    assert!(fixture::rollup_tick(&h.pg).await.unwrap() >= 1);
+    assert!(fixture::watermark(&h.pg).await.unwrap().unwrap() > stamped);
+    let last_error: Option<String> =
+        h.pg.query_one(
+            "SELECT last_error FROM task_usage_hourly_rollup_state WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last_error, None);
+    assert_recovered(&h.pg, 1).await;
+}
+
+// ---------------------------------------------------------------------------
+// Deletion, rotated password, stalled slice, PostgreSQL restart
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_mid_run_cancels_releases_the_lock_and_stamps_nothing() {
+    let h = Harness::new(Some(history())).await;
+    slow_window(&h.pg, 0.3).await;
+    let watermark = fixture::watermark(&h.pg).await.unwrap();
+    h.put_secret();
+    h.create("doomed", |_| {});
+    h.reconcile("doomed").await;
+    let running = h.wait_running("doomed", 1).await;
+    assert_eq!(lock_4246(&h.pg).await.len(), 1);
+
+    h.fake.delete(NS, "doomed");
+    let writes = h.fake.status_writes("doomed").len();
+    h.reconcile("doomed").await;
+    tokio::time::timeout(WAIT, h.ctx.runner.wait_idle(&Harness::key("doomed")))
+        .await
+        .expect("the run stops");
+    h.fake
+        .wait_for("the object to go", WAIT, |f| {
+            f.get(NS, "doomed").is_none().then_some(())
+        })
+        .await;
+    assert!(lock_4246(&h.pg).await.is_empty(), "lock 4246 released");
+    assert_eq!(fixture::watermark(&h.pg).await.unwrap(), watermark);
+    assert!(backfill_stamps(&h.pg).await.is_empty(), "nothing stamped");
+    let walked = calls(&h.pg).await.len();
+    assert!(walked < running.slices_total.unwrap() as usize);
+    assert_eq!(h.fake.status_writes("doomed").len(), writes);
+    assert!(
+        !h.fake
+            .event_reasons("doomed")
+            .contains(&"Succeeded".to_owned())
+    );
+
+    // The committed slices stay; a new resource finishes the job.
+    slow_window(&h.pg, 0.0).await;
+    h.create("again", |_| {});
+    let done = h.run_to_end("again").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_recovered(&h.pg, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_fails_retryably_and_the_updated_secret_is_used_next() {
+    const OLD: &str = "Rotate-0ld-8c1e-SECRET";
+    const NEW: &str = "Rotate-N3w-8c1e-SECRET";
+    let h = Harness::new(Some(history())).await;
+    let db = h._db.as_ref().unwrap();
+    let role = db
+        .create_role(
+            "app",
+            OLD,
+            "GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
+             GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role};",
+        )
+        .await;
+    h.fake.put_secret(NS, SECRET, "DATABASE_URL", &role.url);
+    // The DBA rotates the role's password; the Secret still has the old one.
+    h.pg.batch_execute(&format!("ALTER ROLE \"{}\" PASSWORD '{NEW}'", role.name))
+        .await
+        .unwrap();
+    let before = untouched(&h.pg).await;
+    h.create("rotated", |_| {});
+
+    let failed = h.attempt("rotated").await;
+    assert_eq!(failed.phase, Some(Phase::Pending));
+    assert_eq!(
+        conds(&failed),
+        [
+            is("False", "RetryScheduled"),
+            is("True", "AuthenticationFailed"),
+            None
+        ],
+        "retryable, not Stalled"
+    );
+    assert_eq!(failed.attempts, Some(1));
+    assert!(
+        failed
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("password authentication failed")),
+        "{:?}",
+        failed.last_error
+    );
+    let events = h.fake.events("rotated");
+    assert_eq!(events.last().unwrap().0, "RetryScheduled");
+    assert_eq!(events.last().unwrap().1, "Warning");
+    assert_eq!(untouched(&h.pg).await, before, "no database write");
+
+    // The Secret is updated: the next attempt uses the new password at once
+    // (a fresh sequence of attempts, no backoff).
+    h.fake
+        .put_secret(NS, SECRET, "DATABASE_URL", &role.url.replace(OLD, NEW));
+    h.reconcile("rotated").await;
+    let starting = h.status("rotated");
+    assert!(
+        message(&starting, ConditionType::Reconciling)
+            .starts_with("the Secret changed: starting attempt 1 of 7"),
+        "{}",
+        message(&starting, ConditionType::Reconciling)
+    );
+    let done = h.run_to_end("rotated").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.attempts, Some(1));
+    assert_eq!(done.last_error, None);
+    let walked = calls(&h.pg).await;
+    assert!(!walked.is_empty() && walked.iter().all(|c| c.usr == role.name));
+    assert_eq!(
+        h.fake.event_reasons("rotated"),
+        ["Started", "RetryScheduled", "Started", "Succeeded"]
+    );
+    h.assert_never_sent(&[OLD, NEW]);
+    assert_recovered(&h.pg, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_slice_times_out_retryably_and_the_retry_resumes() {
+    let h = Harness::new(Some(history())).await;
+    // Window calls from the third month of history on never return.
+    let stall_from: Timestamp =
+        h.pg.query_one(
+            "SELECT (date_trunc('month', min(least(created_at, coalesce(updated_at, created_at)))
+                                 AT TIME ZONE 'UTC') + interval '2 months') AT TIME ZONE 'UTC'
+               FROM task_usage",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    stall_window_from(&h.pg, Some(stall_from)).await;
+    h.put_secret();
+    h.create("stalled", |s| s.slice_timeout = Some("1s".into()));
+
+    let failed = h.attempt("stalled").await;
+    assert_eq!(
+        conds(&failed),
+        [
+            is("False", "RetryScheduled"),
+            is("True", "SliceTimeout"),
+            None
+        ]
+    );
+    assert!(
+        failed
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("exceeded the statement timeout of 1s")),
+        "{:?}",
+        failed.last_error
+    );
+    assert!(failed.slices_processed >= Some(1), "{failed:?}");
+    let cursor = failed.cursor.clone().expect("a cursor").0;
+    assert!(cursor >= stall_from, "{cursor} {stall_from}");
+    let first_attempt = calls(&h.pg).await;
+    assert_eq!(first_attempt.len() as u32, failed.slices_processed.unwrap());
+    assert!(first_attempt.iter().all(|c| c.from < stall_from));
+    assert!(lock_4246(&h.pg).await.is_empty(), "released while it waits");
+    assert!(backfill_stamps(&h.pg).await.is_empty());
+    assert_eq!(
+        h.fake.event_reasons("stalled"),
+        ["Started", "RetryScheduled"]
+    );
+
+    // Repaired; the retry resumes at the stalled slice.
+    stall_window_from(&h.pg, None).await;
+    let done = h.run_to_end("stalled").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.attempts, Some(2));
+    assert_eq!(done.slices_processed, done.slices_total);
+    let all = calls(&h.pg).await;
+    let retried = &all[first_attempt.len()..];
+    assert_eq!(
+        retried.iter().map(|c| c.from).min(),
+        Some(cursor),
+        "the retry resumed at the stalled slice: {all:?}"
+    );
+    assert_eq!(
+        all.len(),
+        done.slices_total.unwrap() as usize,
+        "every slice walked once"
+    );
+    assert_recovered(&h.pg, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_session_terminated_under_the_controller_then_the_retry_completes() {
+    let h = Harness::new(Some(history())).await;
+    slow_window(&h.pg, 0.3).await;
+    h.put_secret();
+    h.create("terminated", |_| {});
+    h.reconcile("terminated").await;
+    h.wait_running("terminated", 1).await;
+    let holder = wait_lock(&h.pg, "usage-backfill", true).await;
+    let killed: bool =
+        h.pg.query_one("SELECT pg_terminate_backend($1)", &[&holder])
+            .await
+            .unwrap()
+            .get(0);
+    assert!(killed);
+    let failed = h.status_after_attempt("terminated").await;
+    assert_eq!(
+        cond(&failed, ConditionType::Ready),
+        is("False", "RetryScheduled"),
+        "{failed:?}"
+    );
+    let reconciling = cond(&failed, ConditionType::Reconciling).unwrap();
+    assert_eq!(reconciling.0, "True");
+    assert!(
+        ["SliceFailed", "DatabaseError", "LockLost"].contains(&reconciling.1.as_str()),
+        "{reconciling:?}"
+    );
+    assert_eq!(cond(&failed, ConditionType::Stalled), None);
+    assert!(
+        lock_4246(&h.pg).await.is_empty(),
+        "the lock died with the session"
+    );
+    assert!(backfill_stamps(&h.pg).await.is_empty(), "not stamped");
+    let cursor = failed.cursor.clone().expect("a cursor").0;
+
+    slow_window(&h.pg, 0.0).await;
+    let retry_from = db_now(&h.pg).await;
+    let done = h.run_to_end("terminated").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.attempts, Some(2));
+    assert_eq!(done.slices_processed, done.slices_total);
+    let all = calls(&h.pg).await;
+    assert_eq!(
+        all.iter()
+            .filter(|c| c.started > retry_from)
+            .map(|c| c.from)
+            .min(),
+        Some(cursor),
+        "resumed from the cursor: {all:?}"
+    );
+    assert_recovered(&h.pg, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_the_controller_then_the_retry_completes() {
+    // A server of our own: restarting the shared one breaks other tests.
+    let server = TempPostgres::start(TempPostgresOptions::default())
+        .await
+        .unwrap();
+    let admin = connect(&server.admin_url("postgres")).await;
+    admin
+        .batch_execute("CREATE DATABASE restart")
+        .await
+        .unwrap();
+    let url = server.admin_url("restart");
+    let pg = connect(&url).await;
+    fixture::install(&pg).await.unwrap();
+    fixture::generate(&pg, &history()).await.unwrap();
+    instrument(&pg).await;
+    slow_window(&pg, 0.4).await;
+    drop((admin, pg));
+    let h = Harness::on(&url).await;
+    h.put_secret();
+    h.create("restarted", |_| {});
+    h.reconcile("restarted").await;
+    h.wait_running("restarted", 1).await;
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart().unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    let failed = h.status_after_attempt("restarted").await;
+    assert_eq!(
+        cond(&failed, ConditionType::Ready),
+        is("False", "RetryScheduled"),
+        "{failed:?}"
+    );
+    assert_eq!(
+        failed
+            .condition(ConditionType::Reconciling)
+            .map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert_eq!(cond(&failed, ConditionType::Stalled), None);
+    let cursor = failed.cursor.clone().expect("a cursor").0;
+
+    let pg = connect(&url).await;
+    assert!(backfill_stamps(&pg).await.is_empty(), "not stamped");
+    slow_window(&pg, 0.0).await;
+    let retry_from = db_now(&pg).await;
+    let done = h.run_to_end("restarted").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.attempts, Some(2));
+    assert_eq!(done.slices_processed, done.slices_total);
+    let all = calls(&pg).await;
+    let retried = all.iter().filter(|c| c.started > retry_from);
+    assert_eq!(
+        retried.map(|c| c.from).min(),
+        Some(cursor),
+        "resumed from the cursor: {all:?}"
+    );
+    assert_recovered(&pg, 1).await;
+    drop(server);
+}
+
+// ---------------------------------------------------------------------------
+// Bad input through the controller
+// ---------------------------------------------------------------------------
+
+/// One reconcile of a fresh object whose input is bad: the status, the
+/// Events, and proof that the database was not written.
+async fn bad_input(
+    h: &Harness,
+    name: &str,
+    edit: impl FnOnce(&mut UsageBackfillSpec),
+) -> (UsageBackfillStatus, Vec<(String, String, String)>) {
+    let before = untouched(&h.pg).await;
+    h.create(name, edit);
+    let status = h.attempt(name).await;
+    // Terminal (or waiting) input problems settle: a second reconcile
+    // writes nothing new.
+    let writes = h.fake.status_writes(name).len();
+    h.reconcile(name).await;
+    assert_eq!(
+        h.fake.status_writes(name).len(),
+        writes,
+        "{name}: no write loop"
+    );
+    assert_eq!(untouched(&h.pg).await, before, "{name}: no database write");
+    assert!(lock_4246(&h.pg).await.is_empty());
+    (status, h.fake.events(name))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_secret_values_are_reported_specifically_without_a_database_write() {
+    let h = Harness::new(Some(history())).await;
+
+    // An empty value: waiting for the Secret to be fixed, not failed.
+    h.fake.put_secret(NS, SECRET, "DATABASE_URL", " \n");
+    let (s, events) = bad_input(&h, "empty", |_| {}).await;
+    assert_eq!(s.phase, Some(Phase::Pending));
+    assert_eq!(
+        conds(&s),
+        [
+            is("False", "SecretKeyMissing"),
+            is("True", "SecretKeyMissing"),
+            None
+        ]
+    );
+    assert!(
+        message(&s, ConditionType::Reconciling)
+            .starts_with("key \"DATABASE_URL\" of Secret \"app-db\" is empty"),
+        "{}",
+        message(&s, ConditionType::Reconciling)
+    );
+    assert_eq!(s.attempts, None, "not an attempt");
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].0.as_str(), events[0].1.as_str()),
+        ("SecretKeyMissing", "Warning")
+    );
+
+    // Garbage: terminal until the Secret changes.
+    for (name, dsn, says) in [
+        (
+            "garbage",
+            "this is not a connection string",
+            "invalid database connection string",
+        ),
+        (
+            "garbage-url",
+            "postgres://app:Gb7-secret-Gb7@db.example:notaport/app",
+            "invalid database connection string",
+        ),
+        (
+            "no-host",
+            "postgres://app:Gb7-secret-Gb7@/app",
+            "invalid database connection string",
+        ),
+    ] {
+        h.fake.put_secret(NS, SECRET, "DATABASE_URL", dsn);
+        let (s, events) = bad_input(&h, name, |_| {}).await;
+        assert_eq!(s.phase, Some(Phase::Failed), "{name}: {s:?}");
+        assert_eq!(
+            conds(&s),
+            [
+                is("False", "InvalidConnectionString"),
+                None,
+                is("True", "InvalidConnectionString")
+            ],
+            "{name}"
+        );
+        let msg = message(&s, ConditionType::Stalled);
+        assert!(msg.starts_with(says), "{name}: {msg}");
+        assert!(!msg.contains("Gb7-secret-Gb7"), "{name}: {msg}");
+        assert_eq!(events.len(), 1, "{name}: {events:?}");
+        assert_eq!(
+            (events[0].0.as_str(), events[0].1.as_str()),
+            ("Failed", "Warning")
+        );
+        assert!(!controller::writes::has_finalizer(
+            &h.fake.get(NS, name).unwrap()
+        ));
+    }
+    h.assert_never_sent(&["Gb7-secret-Gb7"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_durations_in_the_spec_are_stalled_with_the_field_named() {
+    let h = Harness::new(Some(history())).await;
+    h.put_secret();
+    for (name, edit, field) in [
+        (
+            "lag",
+            Box::new(|s: &mut UsageBackfillSpec| s.lag_threshold = "1x".into())
+                as Box<dyn FnOnce(&mut UsageBackfillSpec)>,
+            "spec.lagThreshold",
+        ),
+        (
+            "sleep",
+            Box::new(|s: &mut UsageBackfillSpec| s.sleep_between_slices = "-5s".into()),
+            "spec.sleepBetweenSlices",
+        ),
+        (
+            "lock",
+            Box::new(|s: &mut UsageBackfillSpec| s.lock_timeout = Some("forever".into())),
+            "spec.lockTimeout",
+        ),
+        (
+            "slice",
+            Box::new(|s: &mut UsageBackfillSpec| s.slice_timeout = Some("0s".into())),
+            "spec.sliceTimeout",
+        ),
+    ] {
+        let (s, events) = bad_input(&h, name, edit).await;
+        assert_eq!(s.phase, Some(Phase::Failed), "{name}");
+        assert_eq!(
+            conds(&s),
+            [is("False", "InvalidSpec"), None, is("True", "InvalidSpec")],
+            "{name}"
+        );
+        let msg = message(&s, ConditionType::Stalled);
+        assert!(msg.starts_with(&format!("{field}: ")), "{name}: {msg}");
+        assert_eq!(
+            events.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+            ["InvalidSpec"],
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_state_problems_are_stalled_with_a_specific_reason_and_no_write() {
+    let h = Harness::new(Some(history())).await;
+    h.put_secret();
+
+    // Months back without forcePartial would abandon older history.
+    let (s, events) = bad_input(&h, "partial", |s| {
+        s.mode = Mode::Always;
+        s.months_back = 1;
+    })
+    .await;
+    assert_eq!(s.phase, Some(Phase::Failed));
+    assert_eq!(
+        conds(&s),
+        [
+            is("False", "PartialRangeRefused"),
+            None,
+            is("True", "PartialRangeRefused")
+        ]
+    );
+    let msg = message(&s, ConditionType::Stalled);
+    assert!(msg.starts_with("months-back 1 starts at "), "{msg}");
+    assert!(msg.contains("force-partial"), "{msg}");
+    assert_eq!(events.last().map(|e| e.0.as_str()), Some("Failed"));
+
+    // A NULL watermark needs a person.
+    h.pg.batch_execute(
+        "ALTER TABLE task_usage_hourly_rollup_state ALTER COLUMN watermark_at DROP NOT NULL;
+         UPDATE task_usage_hourly_rollup_state SET watermark_at = NULL;",
+    )
+    .await
+    .unwrap();
+    let (s, events) = bad_input(&h, "null-watermark", |_| {}).await;
+    assert_eq!(
+        conds(&s),
+        [
+            is("False", "ManualInterventionRequired"),
+            None,
+            is("True", "ManualInterventionRequired")
+        ]
+    );
+    assert!(message(&s, ConditionType::Stalled).contains("watermark is NULL"));
+    assert_eq!(events.last().map(|e| e.0.as_str()), Some("Failed"));
+    fixture::set_watermark(&h.pg, Some(Timestamp::UNIX_EPOCH))
+        .await
+        .unwrap();
+
+    // The window function missing (migrations not run).
+    h.pg.batch_execute(
+        "ALTER FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz) RENAME TO not_yet",
+    )
+    .await
+    .unwrap();
+    let (s, events) = bad_input(&h, "no-function", |_| {}).await;
+    assert_eq!(
+        conds(&s),
+        [
+            is("False", "SchemaMissing"),
+            None,
+            is("True", "SchemaMissing")
+        ]
+    );
+    assert!(
+        message(&s, ConditionType::Stalled).contains(
+            "function rollup_task_usage_hourly_window(timestamptz, timestamptz) is missing"
+        ),
+        "{}",
+        message(&s, ConditionType::Stalled)
+    );
+    assert_eq!(events.last().map(|e| e.0.as_str()), Some("Failed"));
+
+    // No rollup tables at all, with the command (Always) that needs them.
+    fixture::drop_rollup_state_table(&h.pg).await.unwrap();
+    let (s, events) = bad_input(&h, "no-tables", |s| s.mode = Mode::Always).await;
+    assert_eq!(
+        conds(&s),
+        [
+            is("False", "RollupStateMissing"),
+            None,
+            is("True", "RollupStateMissing")
+        ]
+    );
+    assert!(message(&s, ConditionType::Stalled).contains("does not exist"));
+    assert_eq!(events.last().map(|e| e.0.as_str()), Some("Failed"));
+}
+
+/// A test certificate authority (as in tests/engine_inputs.rs).
+struct TestCa {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn server_cert(&self, names: &[&str]) -> ServerTls {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].clone());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        ServerTls {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verify_full_refuses_a_foreign_ca_and_a_wrong_name_then_connects() {
+    let ca = TestCa::new("usage-backfill");
+    // The certificate names localhost only, not 127.0.0.1.
+    let server = TempPostgres::start(TempPostgresOptions {
+        tls: Some(ca.server_cert(&["localhost"])),
+        ..TempPostgresOptions::default()
+    })
+    .await
+    .expect("starting a TLS PostgreSQL");
+    let admin = connect(&server.admin_url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE usage").await.unwrap();
+    let by_ip = server.admin_url("usage");
+    let by_name = by_ip.replace("@127.0.0.1:", "@localhost:");
+    let pg = connect(&by_ip).await;
+    fixture::install(&pg).await.unwrap();
+    fixture::generate(&pg, &history()).await.unwrap();
+    instrument(&pg).await;
+    drop(pg);
+    let h = Harness::on(&by_ip).await;
+    let before = untouched(&h.pg).await;
+    let tls = TlsSpec {
+        mode: Some(TlsMode::VerifyFull),
+        ca_secret_ref: Some(CaSecretRef {
+            name: "db-ca".into(),
+            key: "ca.crt".into(),
+        }),
+    };
+
+    // 1. The right name, a CA that did not sign the server certificate.
+    let foreign = TestCa::new("someone-else");
+    h.fake.put_secret(NS, SECRET, "DATABASE_URL", &by_name);
+    h.fake.put_secret(NS, "db-ca", "ca.crt", &foreign.pem);
+    h.create("tls", |s| s.database.tls = Some(tls));
+    let s = h.attempt("tls").await;
+    assert_eq!(
+        conds(&s),
+        [
+            is("False", "RetryScheduled"),
+            is("True", "TlsHandshakeFailed"),
+            None
+        ],
+        "{s:?}"
+    );
+    let error = s.last_error.clone().unwrap();
+    assert!(error.contains("certificate"), "{error}");
+    assert_eq!(untouched(&h.pg).await, before, "no database write");
+    assert_eq!(h.fake.event_reasons("tls"), ["Started", "RetryScheduled"]);
+
+    // 2. The right CA, the server reached by an address its certificate
+    //    does not name.
+    h.fake.put_secret(NS, "db-ca", "ca.crt", &ca.pem);
+    h.fake.put_secret(NS, SECRET, "DATABASE_URL", &by_ip);
+    let s = h.attempt("tls").await;
+    assert_eq!(
+        cond(&s, ConditionType::Reconciling),
+        is("True", "TlsHandshakeFailed"),
+        "{s:?}"
+    );
+    let error = s.last_error.clone().unwrap();
+    assert!(
+        error.contains("name") || error.contains("127.0.0.1"),
+        "says the name does not match: {error}"
+    );
+    assert_ne!(s.last_error.as_deref(), None);
+    assert_eq!(untouched(&h.pg).await, before, "no database write");
+
+    // 3. The right CA and the right name: verify-full connects and runs.
+    h.fake.put_secret(NS, SECRET, "DATABASE_URL", &by_name);
+    let done = h.run_to_end("tls").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled), "{done:?}");
+    assert_recovered(&h.pg, 1).await;
+    h.assert_never_sent(&[server.password()]);
+}
+
+/// Numbers the typed spec cannot hold. The CRD schema rejects a negative
+/// backoffLimit (minimum 0) but has no maximum, so 2^32 reaches the
+/// controller through a real API server too; -1 does with a CRD installed
+/// without its schema. Either must be reported on the object itself, and
+/// must not stop the controller from serving the other objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_out_of_range_are_reported_and_do_not_block_other_objects() {
+    let h = Harness::new(Some(history())).await;
+    h.put_secret();
+    let secret_ref = json!({ "secretRef": { "name": SECRET } });
+    h.fake.create_raw(
+        NS,
+        "negative",
+        json!({ "database": secret_ref, "backoffLimit": -1 }),
+    );
+    h.fake.create_raw(
+        NS,
+        "huge",
+        json!({ "database": secret_ref, "mode": "Always", "monthsBack": 4294967296u64 }),
+    );
+    h.create("healthy", |_| {});
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let controller = tokio::spawn(controller::run_controllers(
+        h.ctx.clone(),
+        vec![NS.to_owned()],
+        4,
+        ready.clone(),
+        WAIT,
+        cancel.clone(),
+    ));
+
+    // The well-formed object is served, and each malformed one says what
+    // is wrong with it.
+    let check = || {
+        let synced = ready.load(Ordering::Acquire);
+        let served = h
+            .fake
+            .get(NS, "healthy")
+            .and_then(|o| o.status)
+            .and_then(|s| s.phase)
+            == Some(Phase::Succeeded);
+        let reported: Vec<(&str, bool, Option<serde_json::Value>)> =
+            [("negative", "backoffLimit"), ("huge", "monthsBack")]
+                .into_iter()
+                .map(|(name, field)| {
+                    let status = h.fake.get_raw(NS, name).unwrap()["status"].clone();
+                    let stalled = status["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|c| c["type"] == "Stalled" && c["status"] == "True")
+                        .cloned();
+                    let ok = stalled.as_ref().is_some_and(|c| {
+                        c["reason"] == "InvalidSpec"
+                            && c["message"].as_str().is_some_and(|m| m.contains(field))
+                    }) && h
+                        .fake
+                        .event_reasons(name)
+                        .contains(&"InvalidSpec".to_owned());
+                    (name, ok, stalled)
+                })
+                .collect();
+        (synced, served, reported)
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let (synced, served, reported) = check();
+            if synced && served && reported.iter().all(|r| r.1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (synced, served, reported) = check();
+    cancel.cancel();
+    // (Bounded: see the next test for a controller that never stops.)
+    let stopped = tokio::time::timeout(Duration::from_secs(5), controller).await;
+    assert!(
+        synced && served,
+        "one malformed UsageBackfill stops the controller for every object in its \
+         namespace (cache synced: {synced}, healthy served: {served}); requests:\n{}",
+        h.fake.describe_requests()
+    );
+    for (name, ok, stalled) in reported {
+        assert!(
+            ok,
+            "{name}: no InvalidSpec status naming the field: {stalled:?}"
+        );
+    }
+    assert!(stopped.is_ok(), "the controller stops when cancelled");
+    assert_recovered(&h.pg, 1).await;
+}
+
+/// SIGTERM (or the loss of leadership) before the UsageBackfill cache has
+/// synced, e.g. while the API server does not answer (or RBAC denies the
+/// list, or a malformed object fails it): the controller must stop
+/// within the shutdown timeout, not hang until the kubelet's SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_never_synced_stops_when_cancelled() {
+    let (client, fake) = FakeApiServer::start();
+    // The API server does not answer the client start() returned
+    // (client 0): a partition at startup.
+    fake.cut(0, Some(support::Outage::Hang));
+    let ctx = Context::new(client, settings());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let controller = tokio::spawn(controller::run_controllers(
+        ctx,
+        vec![NS.to_owned()],
+        4,
+        ready.clone(),
+        Duration::from_secs(2),
+        cancel.clone(),
+    ));
+    fake.wait_for("the list to hang", WAIT, |f| {
+        (f.hung_requests() >= 1).then_some(())
+    })
+    .await;
+    cancel.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    assert!(!ready.load(Ordering::Acquire));
+    assert!(
+        stopped.is_ok(),
+        "run_controllers did not return within 10 s of its cancellation \
+         (shutdown timeout 2 s) because the cache never synced"
+    );
+}
+
+/// The command line's side of "negative numbers": clap's range check names
+/// the flag and the allowed range; exit code 2 (usage), nothing run.
+#[test]
+fn cli_rejects_negative_and_out_of_range_numbers_with_exit_2() {
+    let url = "postgres://u@127.0.0.1:1/d";
+    for (args, says) in [
+        (
+            vec!["--mode", "always", "--months-back=-1"],
+            "invalid value '-1' for '--months-back <MONTHS_BACK>'",
+        ),
+        (
+            vec!["--mode", "always", "--months-back", "4294967296"],
+            "invalid value '4294967296' for '--months-back <MONTHS_BACK>'",
+        ),
+        (
+            vec!["--sleep-between-slices=-5s"],
+            "negative durations are not allowed",
+        ),
+        (vec!["--lock-timeout", "1x"], "--lock-timeout"),
+        // A bare -1 reads as a flag: still exit 2, naming it.
+        (vec!["--mode", "always", "--months-back", "-1"], "'-1'"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_usage-backfill"))
+            .args(["backfill", "--database-url", url])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
