@@ -50,28 +50,7 @@ impl Redactor {
     /// password, the raw and percent-decoded URL password, the raw and
     /// unquoted `password=` value. Works on DSNs that do not parse, too.
     pub fn for_dsn(dsn: &str) -> Self {
-        let mut words = Vec::new();
-        if let Ok(db) = engine::Database::parse(dsn)
-            && let Some(p) = db.password()
-        {
-            words.push(p);
-        }
-        let dsn = dsn.trim();
-        if let Some(rest) = dsn
-            .strip_prefix("postgres://")
-            .or_else(|| dsn.strip_prefix("postgresql://"))
-        {
-            let authority = rest.split(['/', '?']).next().unwrap_or("");
-            if let Some((userinfo, _)) = authority.rsplit_once('@')
-                && let Some((_, password)) = userinfo.split_once(':')
-            {
-                words.push(password.to_owned());
-                words.push(percent_decode(password));
-            }
-        } else {
-            words.extend(key_value_passwords(dsn));
-        }
-        words.retain(|w| !w.is_empty());
+        let mut words = engine::dsn::password_candidates(dsn);
         // Longest first, so that no shorter word splits a longer one.
         words.sort_by_key(|w| std::cmp::Reverse(w.len()));
         words.dedup();
@@ -104,65 +83,6 @@ fn truncate(mut s: String) -> String {
         s.push_str("...");
     }
     s
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(hex) = std::str::from_utf8(&bytes[i + 1..i + 3])
-            && let Ok(b) = u8::from_str_radix(hex, 16)
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `password` values of a key=value DSN, raw and unquoted.
-fn key_value_passwords(dsn: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut rest = dsn;
-    while let Some(i) = rest.find("password") {
-        let after = rest[i + "password".len()..].trim_start();
-        rest = &rest[i + "password".len()..];
-        let Some(value) = after.strip_prefix('=') else {
-            continue;
-        };
-        let value = value.trim_start();
-        if let Some(quoted) = value.strip_prefix('\'') {
-            let mut raw_end = quoted.len();
-            let mut unquoted = String::new();
-            let mut chars = quoted.char_indices();
-            while let Some((j, c)) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some((_, n)) = chars.next() {
-                            unquoted.push(n);
-                        }
-                    }
-                    '\'' => {
-                        raw_end = j;
-                        break;
-                    }
-                    c => unquoted.push(c),
-                }
-            }
-            found.push(quoted[..raw_end].to_owned());
-            found.push(unquoted);
-        } else {
-            let end = value.find(char::is_whitespace).unwrap_or(value.len());
-            found.push(value[..end].to_owned());
-        }
-    }
-    found
 }
 
 fn time(ts: Timestamp) -> Time {

@@ -213,6 +213,75 @@ impl Database {
     }
 }
 
+/// Everything in `dsn` that is, or may be, its password: the parsed
+/// password, the raw and percent-decoded URL password, the raw and unquoted
+/// `password=` values. Lenient on purpose: it also works on DSNs that do not
+/// parse, so that callers can scrub them out of any message.
+pub fn password_candidates(dsn: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    if let Ok(db) = Database::parse(dsn)
+        && let Some(p) = db.password()
+    {
+        words.push(p);
+    }
+    let dsn = dsn.trim();
+    if let Some(rest) = dsn
+        .strip_prefix("postgres://")
+        .or_else(|| dsn.strip_prefix("postgresql://"))
+    {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        if let Some((userinfo, _)) = authority.rsplit_once('@')
+            && let Some((_, password)) = userinfo.split_once(':')
+        {
+            words.push(password.to_owned());
+            words.push(percent_decode(password));
+        }
+    } else {
+        words.extend(key_value_passwords(dsn));
+    }
+    words.retain(|w| !w.is_empty());
+    words
+}
+
+/// `password` values of a key=value DSN, raw and unquoted.
+fn key_value_passwords(dsn: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = dsn;
+    while let Some(i) = rest.find("password") {
+        let after = rest[i + "password".len()..].trim_start();
+        rest = &rest[i + "password".len()..];
+        let Some(value) = after.strip_prefix('=') else {
+            continue;
+        };
+        let value = value.trim_start();
+        if let Some(quoted) = value.strip_prefix('\'') {
+            let mut raw_end = quoted.len();
+            let mut unquoted = String::new();
+            let mut chars = quoted.char_indices();
+            while let Some((j, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            unquoted.push(n);
+                        }
+                    }
+                    '\'' => {
+                        raw_end = j;
+                        break;
+                    }
+                    c => unquoted.push(c),
+                }
+            }
+            found.push(quoted[..raw_end].to_owned());
+            found.push(unquoted);
+        } else {
+            let end = value.find(char::is_whitespace).unwrap_or(value.len());
+            found.push(value[..end].to_owned());
+        }
+    }
+    found
+}
+
 /// What [`split_url`] / [`split_key_value`] pull out of a DSN.
 #[derive(Debug)]
 struct Parts {
