@@ -121,7 +121,8 @@ async fn backend_in_window(client: &Client) -> i32 {
                 .query_opt(
                     "SELECT pid FROM pg_stat_activity
                       WHERE datname = current_database() AND application_name = 'usage-backfill'
-                        AND query LIKE '%rollup_task_usage_hourly_window%' AND state = 'active'",
+                        AND query LIKE '%rollup_task_usage_hourly_window%' AND state = 'active'
+                      LIMIT 1",
                     &[],
                 )
                 .await

@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::exit;
 use crate::duration;
-use crate::engine::{self, Database, Error, Event, Mode, Options, Outcome, TlsMode};
+use crate::engine::{
+    self, Database, Error, Event, Mode, Options, Outcome, Performance, TlsMode, Tuning,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct BackfillArgs {
@@ -53,6 +55,19 @@ pub struct BackfillArgs {
     /// (e.g. --set enable_nestloop=off).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting)]
     pub settings: Vec<(String, String)>,
+    /// Planner settings of the backfill's sessions: default (measured, see
+    /// docs/performance.md), off (the server's, as the reference), or
+    /// NAME=VALUE[,NAME=VALUE…]. --set wins over them.
+    #[arg(long, default_value = "default", value_parser = |s: &str| s.parse::<Tuning>())]
+    pub tuning: Tuning,
+    /// Sessions running historical slices at once (1 = serial).
+    #[arg(long, default_value_t = engine::DEFAULT_PARALLELISM,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub parallelism: u32,
+    /// Target duration of one window call (transaction): slices predicted
+    /// longer, from measured times, are split (default: no target).
+    #[arg(long, value_parser = duration::clap_parse)]
+    pub max_slice_duration: Option<Duration>,
     /// Result format on stdout.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -128,6 +143,14 @@ impl BackfillArgs {
         })
     }
 
+    pub fn performance(&self) -> Performance {
+        Performance {
+            tuning: self.tuning.clone(),
+            parallelism: self.parallelism,
+            max_slice_duration: self.max_slice_duration,
+        }
+    }
+
     pub fn database(&self) -> Result<Database, Error> {
         let mut db = Database::parse(&self.database_url)?;
         if let Some(mode) = self.tls_mode {
@@ -157,7 +180,8 @@ pub async fn run(args: BackfillArgs, cancel: CancellationToken) -> u8 {
     };
     tracing::info!(target = %db.describe(), tls = db.tls_mode.as_str(), "starting backfill");
     let mut progress = Progress::new();
-    let result = engine::run(&db, &opts, &cancel, &mut |e| progress.on_event(e)).await;
+    let perf = args.performance();
+    let result = engine::run_with(&db, &opts, &perf, &cancel, &mut |e| progress.on_event(e)).await;
     progress.finish();
     match result {
         Ok(outcome) => {
@@ -253,6 +277,8 @@ impl Progress {
                 ..
             } => match &self.bar {
                 Some(bar) => {
+                    // Slice sizing may re-plan the walk as it measures.
+                    bar.set_length(*slices_total);
                     bar.set_position(*slices_processed);
                     bar.set_message(format!("{rows_touched} rows"));
                 }
@@ -337,6 +363,29 @@ pub(crate) fn render_text(o: &Outcome) -> String {
     if !o.settings.is_empty() {
         let s: Vec<String> = o.settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
         line("session settings:", s.join(" "));
+    }
+    if let Some(t) = &o.tuning {
+        let plan = t.plan_cache_mode.as_deref().map_or(String::new(), |m| {
+            format!(", plan_cache_mode={m} (measured)")
+        });
+        line("tuning:", format!("{}{plan}", t.preset));
+    }
+    if o.sessions > 1 {
+        line("sessions:", o.sessions.to_string());
+    }
+    if let Some(st) = &o.slice_stats {
+        line(
+            "slice times:",
+            format!(
+                "median {}, max {} over {} slice(s)",
+                duration::format(Duration::from_millis(st.median_ms)),
+                duration::format(Duration::from_millis(st.max_ms)),
+                st.slices
+            ),
+        );
+    }
+    if o.slice_retries > 0 {
+        line("slice retries:", o.slice_retries.to_string());
     }
     for p in &o.planned {
         line(
@@ -423,6 +472,35 @@ mod tests {
                 lag_threshold: Duration::from_secs(3600)
             }
         );
+    }
+
+    #[test]
+    fn performance_flags() {
+        assert_eq!(parse(&[]).unwrap().performance(), Performance::default());
+        let p = parse(&[
+            "--tuning",
+            "off",
+            "--parallelism",
+            "1",
+            "--max-slice-duration",
+            "30s",
+        ])
+        .unwrap()
+        .performance();
+        assert_eq!(
+            p,
+            Performance {
+                tuning: Tuning::Off,
+                parallelism: 1,
+                max_slice_duration: Some(Duration::from_secs(30)),
+            }
+        );
+        let p = parse(&["--tuning", "enable_nestloop=off,work_mem=8MB"])
+            .unwrap()
+            .performance();
+        assert_eq!(p.tuning.settings().len(), 2);
+        assert!(parse(&["--parallelism", "0"]).is_err());
+        assert!(parse(&["--tuning", "fast"]).is_err());
     }
 
     #[test]

@@ -9,11 +9,19 @@
 //! watermark with the database clock → unlock. Progress is reported through
 //! an [`Event`] callback, cancellation through a [`CancellationToken`], and a
 //! run can resume from a cursor ([`Resume`]).
+//!
+//! How fast it goes is [`Performance`]: planner settings for our sessions
+//! ([`tuning`]), historical slices on several sessions at once while the
+//! lock session holds lock 4246 ([`parallel`]), and slice widths from counts
+//! and measured times ([`sizing`]). `docs/performance.md` has the figures.
 
 pub mod dsn;
+mod parallel;
 pub mod plan;
 mod session;
+pub mod sizing;
 mod tls;
+pub mod tuning;
 mod walk;
 
 use std::time::Duration;
@@ -24,7 +32,9 @@ pub use tokio_util::sync::CancellationToken;
 
 pub use dsn::{Database, TlsMode};
 pub use plan::Slice;
-pub use walk::run;
+pub use sizing::SliceStats;
+pub use tuning::{PlanProbe, Tuning, TuningReport};
+pub use walk::{run, run_with};
 
 /// The advisory lock every writer of `task_usage_hourly` takes.
 pub const ADVISORY_LOCK_KEY: i64 = 4246;
@@ -75,6 +85,48 @@ pub struct Options {
     /// backfill's own session only, e.g. planner settings (gap 1).
     pub session_settings: Vec<(String, String)>,
     pub resume: Option<Resume>,
+}
+
+/// Sessions running window calls at once unless told otherwise: measured
+/// best on 2 cores (`docs/performance.md`).
+pub const DEFAULT_PARALLELISM: u32 = 2;
+
+/// How fast a run goes; none of it changes what a run writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Performance {
+    /// Planner settings for the backfill's own sessions
+    /// (`Options::session_settings` win over them).
+    pub tuning: Tuning,
+    /// Sessions running historical slices at once, the lock session
+    /// included; 1 is the reference's serial walk on the lock session. The
+    /// slice that reaches the present always runs alone, last.
+    pub parallelism: u32,
+    /// Optional target for one window call (one transaction): slices
+    /// predicted longer, from the times measured so far, are split (for
+    /// busy production databases). A target, not a limit: `slice_timeout`
+    /// is the limit.
+    pub max_slice_duration: Option<Duration>,
+}
+
+impl Default for Performance {
+    fn default() -> Self {
+        Performance {
+            tuning: Tuning::Default,
+            parallelism: DEFAULT_PARALLELISM,
+            max_slice_duration: None,
+        }
+    }
+}
+
+impl Performance {
+    /// The reference's way: one session, the server's planner settings.
+    pub fn reference() -> Self {
+        Performance {
+            tuning: Tuning::Off,
+            parallelism: 1,
+            max_slice_duration: None,
+        }
+    }
 }
 
 /// Why a run did nothing; the words are the reference's.
@@ -183,7 +235,18 @@ pub struct Outcome {
     pub lag_seconds: Option<i64>,
     /// Only in `Always` mode, where they do not stop the walk.
     pub future_events: Option<FutureEvents>,
+    /// The session settings of the backfill's sessions: the tuning's, then
+    /// the user's (which win).
     pub settings: Vec<(String, String)>,
+    /// What tuning did (preset, measured plan_cache_mode); None in a dry run
+    /// or when nothing was walked.
+    pub tuning: Option<TuningReport>,
+    /// Sessions that ran window calls (1 = serial).
+    pub sessions: u32,
+    /// Window calls run again after a deadlock or serialization failure.
+    pub slice_retries: u64,
+    /// Slice times of this attempt (median, max).
+    pub slice_stats: Option<SliceStats>,
     pub planned: Vec<PlannedSlice>,
     pub lock_waited_ms: u64,
     pub elapsed_ms: u64,
@@ -249,6 +312,10 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
     #[error(
+        "advisory lock 4246 was lost mid-run ({message}); the workers were stopped and nothing was stamped"
+    )]
+    LockLost { message: String },
+    #[error(
         "slice [{}, {}) exceeded the statement timeout of {}",
         slice.from, slice.to, crate::duration::format(*timeout)
     )]
@@ -286,6 +353,7 @@ impl Error {
             Error::FutureDatedEvents(_) => "FutureDatedEvents",
             Error::LockTimeout { .. } => "LockTimeout",
             Error::Cancelled => "Cancelled",
+            Error::LockLost { .. } => "LockLost",
             Error::SliceTimeout { .. } => "SliceTimeout",
             Error::Slice { .. } => "SliceFailed",
             Error::Database { .. } => "DatabaseError",
@@ -301,6 +369,7 @@ impl Error {
             | Error::LockTimeout { .. }
             | Error::SliceTimeout { .. }
             | Error::Slice { .. }
+            | Error::LockLost { .. }
             | Error::Database { .. } => true,
             Error::InvalidConnectionString(_)
             | Error::Tls(_)

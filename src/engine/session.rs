@@ -29,6 +29,14 @@ pub(crate) struct Session {
     connection: tokio::task::JoinHandle<()>,
 }
 
+/// A failed window call of the parallel walk.
+pub(crate) struct SliceError {
+    pub error: Error,
+    /// A deadlock or serialization failure: running the slice again is
+    /// the remedy (its transaction rolled back).
+    pub conflict: bool,
+}
+
 /// The outcome of a statement raced against cancellation.
 enum Raced<T> {
     Done(T),
@@ -340,14 +348,108 @@ impl Session {
         Ok(())
     }
 
-    /// One window call: its own transaction. Cancellation interrupts it
-    /// (the slice rolls back, which is always safe).
-    pub async fn rollup(
+    /// This session's backend pid (names the lock holder for the workers).
+    pub async fn backend_pid(&self) -> Result<i32> {
+        let row = self
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(|e| self.db_error("reading the backend pid", &e))?;
+        Ok(row.get(0))
+    }
+
+    /// Whether the connection is gone (no round trip: usable while a
+    /// statement of this session is running).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Events per UTC calendar month from `from` on, in one scan: the
+    /// slice sizes, by the same rule as [`Session::estimate`].
+    pub async fn month_counts(&self, from: Timestamp) -> Result<Vec<(Timestamp, i64)>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT date_trunc('month', COALESCE(updated_at, created_at) AT TIME ZONE 'UTC')
+                            AT TIME ZONE 'UTC' AS month,
+                        count(*)
+                   FROM public.task_usage
+                  WHERE COALESCE(updated_at, created_at) >= $1
+                  GROUP BY 1
+                  ORDER BY 1",
+                &[&from],
+            )
+            .await
+            .map_err(|e| self.db_error("counting events per month", &e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Sets (or, with None, resets to the server's default) the plan cache
+    /// mode of this session.
+    pub async fn set_plan_cache_mode(&self, mode: Option<&str>) -> Result<()> {
+        match mode {
+            Some(m) => self.set("plan_cache_mode", m).await,
+            None => self
+                .client
+                .batch_execute("RESET plan_cache_mode")
+                .await
+                .map_err(|e| self.db_error("resetting plan_cache_mode", &e)),
+        }
+    }
+
+    /// One window call, for the parallel walk. With `guard`, the call runs
+    /// only while the session with that pid still holds lock 4246: the
+    /// check and the call are one statement, so a worker never starts a
+    /// window after the lock session is gone. The error says whether the
+    /// slice may simply be run again (deadlock, serialization failure).
+    pub async fn rollup_attempt(
         &self,
         slice: &Slice,
         timeout: Option<Duration>,
         cancel: &CancellationToken,
-    ) -> Result<i64> {
+        guard: Option<i32>,
+    ) -> std::result::Result<i64, SliceError> {
+        let Some(pid) = guard else {
+            return self.rollup_classified(slice, timeout, cancel).await;
+        };
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&slice.from, &slice.to, &pid, &ADVISORY_LOCK_KEY];
+        let call = self.client.query_opt(
+            "SELECT public.rollup_task_usage_hourly_window($1, $2)
+              WHERE EXISTS (
+                    SELECT 1 FROM pg_catalog.pg_locks l
+                     WHERE l.locktype = 'advisory' AND l.granted AND l.pid = $3
+                       AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                          WHERE datname = current_database())
+                       AND l.classid = ($4::bigint >> 32)::oid
+                       AND l.objid = ($4::bigint & 4294967295)::oid
+                       AND l.objsubid = 1)",
+            &params,
+        );
+        match self.race(call, cancel).await {
+            Raced::Done(Ok(Some(row))) => Ok(row.get(0)),
+            Raced::Done(Ok(None)) => Err(SliceError {
+                error: Error::LockLost {
+                    message: format!("the session holding it (pid {pid}) no longer does"),
+                },
+                conflict: false,
+            }),
+            Raced::Done(Err(e)) => Err(self.slice_error(slice, timeout, &e)),
+            Raced::Cancelled(_) => Err(SliceError {
+                error: Error::Cancelled,
+                conflict: false,
+            }),
+        }
+    }
+
+    /// One window call: its own transaction. Cancellation interrupts it
+    /// (the slice rolls back, which is always safe).
+    async fn rollup_classified(
+        &self,
+        slice: &Slice,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> std::result::Result<i64, SliceError> {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&slice.from, &slice.to];
         let call = self.client.query_one(
             "SELECT public.rollup_task_usage_hourly_window($1, $2)",
@@ -355,24 +457,42 @@ impl Session {
         );
         match self.race(call, cancel).await {
             Raced::Done(Ok(row)) => Ok(row.get(0)),
-            Raced::Done(Err(e)) => Err(match (e.code(), timeout) {
-                (Some(c), Some(timeout)) if *c == SqlState::QUERY_CANCELED => Error::SliceTimeout {
-                    slice: *slice,
-                    timeout,
-                },
-                (Some(c), _) if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
-                    self.db_error("calling the window function", &e)
-                }
-                (Some(c), _) if *c == SqlState::UNDEFINED_FUNCTION => {
-                    self.db_error("calling the window function", &e)
-                }
-                _ => Error::Slice {
-                    slice: *slice,
-                    message: scrub(describe(&e), self.password.as_deref()),
-                },
+            Raced::Done(Err(e)) => Err(self.slice_error(slice, timeout, &e)),
+            Raced::Cancelled(_) => Err(SliceError {
+                error: Error::Cancelled,
+                conflict: false,
             }),
-            Raced::Cancelled(_) => Err(Error::Cancelled),
         }
+    }
+
+    /// The error of a failed window call: a timeout, a missing privilege or
+    /// function (as such), else a slice failure.
+    fn slice_error(
+        &self,
+        slice: &Slice,
+        timeout: Option<Duration>,
+        e: &tokio_postgres::Error,
+    ) -> SliceError {
+        let conflict = matches!(
+            e.code(),
+            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        );
+        let error = match (e.code(), timeout) {
+            (Some(c), Some(timeout)) if *c == SqlState::QUERY_CANCELED => Error::SliceTimeout {
+                slice: *slice,
+                timeout,
+            },
+            (Some(c), _)
+                if *c == SqlState::INSUFFICIENT_PRIVILEGE || *c == SqlState::UNDEFINED_FUNCTION =>
+            {
+                self.db_error("calling the window function", e)
+            }
+            _ => Error::Slice {
+                slice: *slice,
+                message: scrub(describe(e), self.password.as_deref()),
+            },
+        };
+        SliceError { error, conflict }
     }
 
     /// Stamps the watermark with the database clock, returning the new value

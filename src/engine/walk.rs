@@ -3,12 +3,32 @@
 
 use std::time::{Duration, Instant};
 
+use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use super::plan::{self, Decision, GUARD_TOLERANCE, Snapshot};
+use super::parallel::Walk;
+use super::plan::{self, Decision, GUARD_TOLERANCE, Slice, Snapshot};
 use super::session::Session;
-use super::{Database, Error, Event, Mode, Options, Outcome, PlannedSlice, Result, SkipReason};
+use super::sizing::{self, Piece};
+use super::tuning::{self, TuningReport};
+use super::{
+    Database, Error, Event, Mode, Options, Outcome, Performance, PlannedSlice, Result, SkipReason,
+};
+
+/// Upper bound of `Performance::parallelism` (connections are a shared,
+/// limited resource of the database).
+pub const MAX_PARALLELISM: u32 = 16;
+
+/// Runs one backfill attempt against `db` with the default
+/// [`Performance`] (tuned, parallel): see [`run_with`].
+pub async fn run(
+    db: &Database,
+    opts: &Options,
+    cancel: &CancellationToken,
+    on_event: &mut (dyn FnMut(&Event) + Send),
+) -> Result<Outcome> {
+    run_with(db, opts, &Performance::default(), cancel, on_event).await
+}
 
 /// Runs one backfill attempt against `db`.
 ///
@@ -16,30 +36,37 @@ use super::{Database, Error, Event, Mode, Options, Outcome, PlannedSlice, Result
 /// the run between slices, during a slice (the slice rolls back) and while
 /// waiting for the lock; the lock is released before this returns, and
 /// nothing is stamped. With `opts.resume`, slices before the cursor are not
-/// walked again and counts continue from the resumed ones.
-pub async fn run(
+/// walked again and counts continue from the resumed ones. `perf` changes
+/// how fast, never what is written.
+pub async fn run_with(
     db: &Database,
     opts: &Options,
+    perf: &Performance,
     cancel: &CancellationToken,
     on_event: &mut (dyn FnMut(&Event) + Send),
 ) -> Result<Outcome> {
-    for (name, _) in &opts.session_settings {
+    let tuning_settings = perf.tuning.settings();
+    for (name, _) in opts.session_settings.iter().chain(&tuning_settings) {
         validate_setting_name(name)?;
     }
+    let settings = tuning::effective(&tuning_settings, &opts.session_settings);
     let started = Instant::now();
     let session = Session::connect(db).await?;
     on_event(&Event::Connected {
         server_version: session.server_version().await?,
     });
-    session.apply_settings(&opts.session_settings).await?;
+    session.apply_settings(&settings).await?;
     let mut run = Run {
+        db,
         session: &session,
         opts,
+        perf,
+        settings: &settings,
         cancel,
         on_event,
         outcome: Outcome {
             dry_run: opts.dry_run,
-            settings: opts.session_settings.clone(),
+            settings: settings.clone(),
             ..Outcome::default()
         },
     };
@@ -50,8 +77,12 @@ pub async fn run(
 }
 
 struct Run<'a> {
+    db: &'a Database,
     session: &'a Session,
     opts: &'a Options,
+    perf: &'a Performance,
+    /// Settings of every session of the run (tuning, then the user's).
+    settings: &'a [(String, String)],
     cancel: &'a CancellationToken,
     on_event: &'a mut (dyn FnMut(&Event) + Send),
     outcome: Outcome,
@@ -199,14 +230,19 @@ impl Run<'_> {
         Ok(())
     }
 
-    async fn dry_run(&mut self, from: jiff::Timestamp, snap: &Snapshot) -> Result<()> {
+    /// The plan only: the slices the walk would start with (sized from the
+    /// counts), each with its estimated events.
+    async fn dry_run(&mut self, from: Timestamp, snap: &Snapshot) -> Result<()> {
         let max_event = snap.max_event.expect("a walk is only decided on history");
         let slices = plan::slices(from, max_event, snap.now);
-        self.announce(from, &slices, 0);
-        for slice in slices {
+        let (historical, last) = self.size(&slices).await?;
+        let pieces: Vec<Piece> = historical.into_iter().chain(last).collect();
+        let to = slices.last().map_or(from, |s| s.to);
+        self.announce(from, to, pieces.len() as u64);
+        for piece in pieces {
             let planned = PlannedSlice {
-                slice,
-                estimated_events: self.session.estimate(&slice).await?,
+                slice: piece.slice,
+                estimated_events: piece.events,
             };
             (self.on_event)(&Event::SlicePlanned(planned.clone()));
             self.outcome.planned.push(planned);
@@ -214,11 +250,54 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn announce(&mut self, from: jiff::Timestamp, slices: &[plan::Slice], already: u64) {
-        let to = slices.last().map_or(from, |s| s.to);
+    /// The slices before the last, sized ([`sizing::by_counts`]), and the
+    /// last, each with its estimated events.
+    async fn size(&mut self, slices: &[Slice]) -> Result<(Vec<Piece>, Option<Piece>)> {
+        let Some(first) = slices.first() else {
+            return Ok((Vec::new(), None));
+        };
+        // Sizing only saves time: without counts, the calendar months stay.
+        let months = match self.session.month_counts(first.from).await {
+            Ok(months) => Some(months),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count events per month; walking calendar months");
+                self.outcome.warnings.push(format!(
+                    "slice sizing skipped: cannot count events per month ({e})"
+                ));
+                None
+            }
+        };
+        let mut pieces = Vec::with_capacity(slices.len());
+        for slice in slices {
+            let whole_months = slice.from == plan::month_floor(slice.from)
+                && (slice.to == plan::month_floor(slice.to) || slice == slices.last().unwrap());
+            let events = match &months {
+                None => 0,
+                Some(months) if whole_months => sizing::events_from_months(slice, months),
+                // A slice starting at a resume cursor: count it.
+                Some(_) => self.session.estimate(slice).await?,
+            };
+            pieces.push(Piece {
+                slice: *slice,
+                events,
+            });
+        }
+        let last = pieces.pop();
+        let workers = self.perf.parallelism.clamp(1, MAX_PARALLELISM) as usize;
+        let mut historical = match months {
+            Some(_) => sizing::by_counts(pieces, workers),
+            None => pieces,
+        };
+        if self.perf.max_slice_duration.is_some() {
+            historical = sizing::probe_first(historical);
+        }
+        Ok((historical, last))
+    }
+
+    fn announce(&mut self, from: Timestamp, to: Timestamp, total: u64) {
         self.outcome.from = Some(from);
         self.outcome.to = Some(to);
-        self.outcome.slices_total = already + slices.len() as u64;
+        self.outcome.slices_total = total;
         (self.on_event)(&Event::Planned {
             from,
             to,
@@ -226,53 +305,101 @@ impl Run<'_> {
         });
     }
 
-    async fn walk_and_stamp(&mut self, from: jiff::Timestamp, snap: &Snapshot) -> Result<()> {
+    async fn walk_and_stamp(&mut self, from: Timestamp, snap: &Snapshot) -> Result<()> {
         let max_event = snap.max_event.expect("a walk is only decided on history");
         let all = plan::slices(from, max_event, snap.now);
         let resume = self.opts.resume.as_ref();
         let slices = plan::resume_slices(all, resume);
         let already = resume.map_or(0, |r| r.slices_processed);
+        let already_rows = resume.map_or(0, |r| r.rows_touched);
         self.outcome.slices_processed = already;
-        self.outcome.rows_touched = resume.map_or(0, |r| r.rows_touched);
-        self.announce(from, &slices, already);
+        self.outcome.rows_touched = already_rows;
+        let (historical, last) = self.size(&slices).await?;
+        let to = slices.last().map_or(from, |s| s.to);
+        let total = already + historical.len() as u64 + u64::from(last.is_some());
+        self.announce(from, to, total);
         self.outcome.cursor = slices.first().map(|s| s.from);
-        for (i, slice) in slices.iter().enumerate() {
-            if self.cancel.is_cancelled() {
-                return Err(Error::Cancelled);
-            }
-            if i > 0 && !self.opts.sleep_between_slices.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(self.opts.sleep_between_slices) => {}
-                    _ = self.cancel.cancelled() => return Err(Error::Cancelled),
-                }
-            }
-            (self.on_event)(&Event::SliceStarted { slice: *slice });
-            let span = tracing::info_span!("slice", from = %slice.from, to = %slice.to);
-            let started = Instant::now();
-            let rows = self
-                .session
-                .rollup(slice, self.opts.slice_timeout, self.cancel)
-                .instrument(span.clone())
-                .await?;
-            let elapsed = started.elapsed();
-            tracing::debug!(parent: &span, rows, elapsed_ms = millis(elapsed), "slice done");
-            self.outcome.slices_processed += 1;
-            self.outcome.rows_touched += rows;
-            self.outcome.cursor = Some(slice.to);
-            (self.on_event)(&Event::SliceDone {
-                slice: *slice,
-                rows,
-                elapsed_ms: millis(elapsed),
-                slices_processed: self.outcome.slices_processed,
-                slices_total: self.outcome.slices_total,
-                rows_touched: self.outcome.rows_touched,
-                cursor: slice.to,
-            });
+
+        let wanted = self.perf.parallelism.clamp(1, MAX_PARALLELISM) as usize;
+        let extra = wanted.min(historical.len()).saturating_sub(1);
+        let workers = self.connect_workers(extra).await?;
+        let lock_pid = if workers.is_empty() {
+            None
+        } else {
+            Some(self.session.backend_pid().await?)
+        };
+        let probe = self
+            .perf
+            .tuning
+            .probes_plan_cache_mode(&self.opts.session_settings);
+        self.outcome.sessions = 1 + workers.len() as u32;
+        let walked = Walk {
+            lock: self.session,
+            workers: &workers,
+            lock_pid,
+            historical,
+            last,
+            slice_timeout: self.opts.slice_timeout,
+            sleep: self.opts.sleep_between_slices,
+            cap: self.perf.max_slice_duration,
+            probe,
+            already_processed: already,
+            already_rows,
         }
+        .run(self.cancel, &mut *self.on_event)
+        .await;
+        // Workers end with the walk, before the stamp: only the lock
+        // session writes the watermark.
+        drop(workers);
+        let walked = walked?;
+        self.outcome.slices_processed = walked.slices_processed;
+        self.outcome.rows_touched = walked.rows_touched;
+        self.outcome.slices_total = walked.slices_total;
+        self.outcome.cursor = walked.cursor.or(self.outcome.cursor);
+        self.outcome.slice_retries = walked.retries;
+        self.outcome.slice_stats = sizing::stats(&walked.durations_ms);
+        self.outcome.tuning = Some(TuningReport {
+            preset: self.perf.tuning.name().to_string(),
+            plan_cache_mode: walked.plan_cache_mode,
+            probes: walked.probes,
+        });
         if self.cancel.is_cancelled() {
             return Err(Error::Cancelled);
         }
         self.stamp().await
+    }
+
+    /// Up to `n` more sessions with the run's settings. A worker that
+    /// cannot connect (e.g. the server's connection limit) costs speed,
+    /// not the run: it is left out, with a warning.
+    async fn connect_workers(&mut self, n: usize) -> Result<Vec<Session>> {
+        let attempts = futures::future::join_all((0..n).map(|_| async {
+            let session = Session::connect(self.db).await?;
+            session.apply_settings(self.settings).await?;
+            if let Some(t) = self.opts.slice_timeout {
+                session
+                    .set("statement_timeout", &format!("{}ms", t.as_millis().max(1)))
+                    .await?;
+            }
+            Ok::<_, Error>(session)
+        }))
+        .await;
+        let mut workers = Vec::with_capacity(n);
+        for attempt in attempts {
+            match attempt {
+                Ok(session) => workers.push(session),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a worker session could not be opened; walking with fewer");
+                    self.outcome.warnings.push(format!(
+                        "a worker session could not be opened ({e}); walked with fewer"
+                    ));
+                }
+            }
+        }
+        if self.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        Ok(workers)
     }
 
     async fn stamp(&mut self) -> Result<()> {
@@ -317,6 +444,13 @@ fn millis(d: Duration) -> u64 {
 fn assert_run_is_send(db: &Database, opts: &Options, cancel: &CancellationToken) {
     fn is_send<T: Send>(_: T) {}
     is_send(run(db, opts, cancel, &mut |_| {}));
+    is_send(run_with(
+        db,
+        opts,
+        &Performance::default(),
+        cancel,
+        &mut |_| {},
+    ));
 }
 
 #[cfg(test)]

@@ -1,0 +1,474 @@
+//! Benchmark of the backfill: the reference walk against the operator, on
+//! identical synthetic databases of one throwaway PostgreSQL.
+//!
+//! ```sh
+//! cargo run --release --example bench -- --scale standard   # even 200k, few-agents 20k
+//! cargo run --release --example bench -- --scale large      # + even 3M (long: the reference takes a while)
+//! cargo run --example bench -- --scale tiny                 # CI smoke: correctness only
+//! ```
+//!
+//! For each history one source database is generated (fixed seed) and
+//! copied (`CREATE DATABASE … TEMPLATE`) for every variant:
+//!
+//! - `reference`: the reference walk, written here with plain tokio-postgres
+//!   (not the engine): one session, advisory lock 4246, serial calendar
+//!   months from MIN(created_at) to the month after the newest event, the
+//!   server's planner settings, stamp, unlock;
+//! - `operator`: `engine::run` with its defaults (tuned, parallel, sized);
+//! - `p1-off`: the engine with parallelism 1 and tuning off (our own
+//!   overhead, against the reference);
+//! - `set-based`: one INSERT … SELECT … GROUP BY over all history (the
+//!   practical lower bound, `fixture::rollup_full_set_based`).
+//!
+//! Every variant's hourly table must have the reference's checksum, and the
+//! operator's must match an independent recompute; any difference fails the
+//! run (exit code 1). Wall times and ratios are printed, never asserted.
+//! The operator's peak RSS is this process's VmHWM, reset before its run.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+use usage_backfill::engine::{
+    self, CancellationToken, Database, Options, Outcome, Performance, Tuning,
+};
+use usage_backfill::fixture::{self, HistorySpec};
+use usage_backfill::pgtemp::{TempPostgres, TempPostgresOptions};
+
+const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--only NAME] [--variants LIST] [--repeat N] [--sweep]
+  tiny      even 3k + few-agents 1.5k (default spec, with a dirty queue): correctness smoke
+  standard  even 200k + few-agents 20k (6 months each)
+  large     standard + even 3M (6 months)
+  --only NAME     run only the histories whose name contains NAME
+  --variants LIST comma-separated subset of reference,p1-off,operator,set-based
+  --repeat N      run every variant N times (alternating), report medians
+  --sweep         also time operator variants (parallelism 1/3, tuning presets)";
+
+struct Args {
+    scale: String,
+    only: Option<String>,
+    sweep: bool,
+    variants: Option<Vec<String>>,
+    repeat: usize,
+}
+
+fn args() -> Result<Args, String> {
+    let mut out = Args {
+        scale: "standard".into(),
+        only: None,
+        sweep: false,
+        variants: None,
+        repeat: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--scale" => out.scale = it.next().ok_or("--scale needs a value")?,
+            "--only" => out.only = Some(it.next().ok_or("--only needs a value")?),
+            "--sweep" => out.sweep = true,
+            "--variants" => {
+                let list = it.next().ok_or("--variants needs a value")?;
+                out.variants = Some(list.split(',').map(|v| v.trim().to_string()).collect());
+            }
+            "--repeat" => {
+                out.repeat = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n >= 1)
+                    .ok_or("--repeat needs a number >= 1")?
+            }
+            // `cargo bench` passes this to harness = false targets.
+            "--bench" => {}
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if !["tiny", "standard", "large"].contains(&out.scale.as_str()) {
+        return Err(format!("unknown scale {:?}", out.scale));
+    }
+    Ok(out)
+}
+
+fn histories(scale: &str) -> Vec<(&'static str, HistorySpec)> {
+    match scale {
+        "tiny" => vec![
+            ("even-3k", HistorySpec::even(3_000, 3)),
+            ("few-agents-1.5k", HistorySpec::few_agents(1_500, 3)),
+            // Every special case: legacy rows, later updates, a dirty queue.
+            ("mixed-2k", HistorySpec::default()),
+        ],
+        "standard" => vec![
+            ("even-200k", HistorySpec::even(200_000, 6)),
+            ("few-agents-20k", HistorySpec::few_agents(20_000, 6)),
+        ],
+        _ => vec![
+            ("even-200k", HistorySpec::even(200_000, 6)),
+            ("few-agents-20k", HistorySpec::few_agents(20_000, 6)),
+            ("even-3M", HistorySpec::even(3_000_000, 6)),
+        ],
+    }
+}
+
+struct Row {
+    history: String,
+    variant: String,
+    wall: Duration,
+    checksum: String,
+    note: String,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> std::process::ExitCode {
+    let args = match args() {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("error: {e}");
+            }
+            eprintln!("{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match bench(&args).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn bench(args: &Args) -> Result<bool, BoxError> {
+    let pg = TempPostgres::start(TempPostgresOptions::default()).await?;
+    eprintln!(
+        "PostgreSQL {} on 127.0.0.1:{}; {} CPU(s); scale {}",
+        pg.version(),
+        pg.port(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.scale
+    );
+    let admin = connect(&pg.admin_url("postgres")).await?;
+    admin
+        .batch_execute("CREATE DATABASE bench_template")
+        .await?;
+    {
+        let c = connect(&pg.admin_url("bench_template")).await?;
+        fixture::install(&c).await?;
+        // Optional: warms every copy's tables before its timed run.
+        if let Err(e) = c.batch_execute("CREATE EXTENSION pg_prewarm").await {
+            eprintln!("pg_prewarm unavailable ({e}): runs start with cold caches");
+        }
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let mut ok = true;
+    let mut rss: Vec<(String, u64)> = Vec::new();
+    for (name, spec) in histories(&args.scale) {
+        if args.only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        let source = db_name(name, "source");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {source} TEMPLATE bench_template"))
+            .await?;
+        let started = Instant::now();
+        let stats = {
+            let c = connect(&pg.admin_url(&source)).await?;
+            fixture::generate(&c, &spec).await?
+        };
+        eprintln!(
+            "\n{name}: {stats} (generated in {:.1}s)",
+            started.elapsed().as_secs_f64()
+        );
+
+        // The reference and our serial untuned walk side by side: (d)
+        // compares them under the same machine conditions.
+        let mut variants: Vec<(&str, Variant)> = vec![
+            ("reference", Variant::Reference),
+            ("p1-off", Variant::Engine(Performance::reference())),
+            ("operator", Variant::Engine(Performance::default())),
+            ("set-based", Variant::SetBased),
+        ];
+        if args.sweep {
+            for p in [1, 3] {
+                variants.push((
+                    if p == 1 { "tuned-p1" } else { "tuned-p3" },
+                    Variant::Engine(Performance {
+                        parallelism: p,
+                        ..Performance::default()
+                    }),
+                ));
+            }
+            variants.push((
+                "nestloop-off-p1",
+                Variant::Engine(Performance {
+                    tuning: Tuning::Custom(vec![("enable_nestloop".into(), "off".into())]),
+                    parallelism: 1,
+                    max_slice_duration: None,
+                }),
+            ));
+            variants.push((
+                "nestloop-off-p2",
+                Variant::Engine(Performance {
+                    tuning: Tuning::Custom(vec![("enable_nestloop".into(), "off".into())]),
+                    ..Performance::default()
+                }),
+            ));
+            // What measuring plan_cache_mode costs where generic wins.
+            variants.push((
+                "static-generic-p2",
+                Variant::Engine(Performance {
+                    tuning: Tuning::Custom(vec![
+                        ("enable_nestloop".into(), "off".into()),
+                        ("work_mem".into(), "4MB".into()),
+                        ("plan_cache_mode".into(), "force_generic_plan".into()),
+                    ]),
+                    ..Performance::default()
+                }),
+            ));
+        }
+        if let Some(keep) = &args.variants {
+            variants.retain(|(v, _)| keep.iter().any(|k| k == v));
+        }
+        let order: Vec<usize> = (0..args.repeat).flat_map(|_| 0..variants.len()).collect();
+
+        for i in order {
+            let (variant, how) = &variants[i];
+            let variant = *variant;
+            let db = db_name(name, variant);
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db} TEMPLATE {source}"))
+                .await?;
+            let url = pg.admin_url(&db);
+            prewarm(&url).await;
+            let is_operator = variant == "operator";
+            if is_operator {
+                reset_peak_rss();
+            }
+            let rss_before = vm_kib("VmRSS");
+            let started = Instant::now();
+            let note = match how {
+                Variant::Reference => {
+                    let slices = reference_walk(&url).await?;
+                    format!("{slices} monthly slices")
+                }
+                Variant::SetBased => {
+                    let c = connect(&url).await?;
+                    let buckets = fixture::rollup_full_set_based(&c).await?;
+                    format!("{buckets} buckets")
+                }
+                Variant::Engine(perf) => describe(&operator(&url, perf).await?),
+            };
+            let wall = started.elapsed();
+            if is_operator {
+                let peak = vm_kib("VmHWM");
+                eprintln!(
+                    "  operator peak RSS {} KiB (RSS before {} KiB)",
+                    peak.unwrap_or(0),
+                    rss_before.unwrap_or(0)
+                );
+                if let Some(peak) = peak {
+                    match rss.iter_mut().find(|(h, _)| h == name) {
+                        Some((_, max)) => *max = (*max).max(peak),
+                        None => rss.push((name.to_string(), peak)),
+                    }
+                }
+            }
+            let c = connect(&url).await?;
+            let checksum = fixture::hourly_checksum(&c).await?;
+            let mut note = note;
+            if matches!(how, Variant::Engine(_)) {
+                let mismatches = fixture::recompute_mismatches(&c).await?;
+                if mismatches != 0 {
+                    ok = false;
+                    note += &format!("; {mismatches} MISMATCHES against a recompute");
+                }
+            }
+            eprintln!("  {variant:<16} {:>9.3}s  {note}", wall.as_secs_f64());
+            rows.push(Row {
+                history: name.to_string(),
+                variant: variant.to_string(),
+                wall,
+                checksum,
+                note,
+            });
+            drop(c);
+            admin
+                .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+                .await?;
+        }
+        admin
+            .batch_execute(&format!("DROP DATABASE {source} WITH (FORCE)"))
+            .await?;
+    }
+
+    println!("\n| history | variant | runs | wall time (median) | ratio | hourly table |");
+    println!("|---|---|---:|---:|---:|---|");
+    let mut histories: Vec<&str> = rows.iter().map(|r| r.history.as_str()).collect();
+    histories.dedup();
+    for h in histories {
+        let of_h: Vec<&Row> = rows.iter().filter(|r| r.history == h).collect();
+        let mut names: Vec<&str> = of_h.iter().map(|r| r.variant.as_str()).collect();
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|n| seen.insert(*n));
+        let median = |variant: &str| {
+            let mut walls: Vec<f64> = of_h
+                .iter()
+                .filter(|r| r.variant == variant)
+                .map(|r| r.wall.as_secs_f64())
+                .collect();
+            walls.sort_by(f64::total_cmp);
+            (walls.len(), walls[walls.len() / 2])
+        };
+        let base = ["reference", "p1-off", "operator"]
+            .into_iter()
+            .find(|b| names.contains(b))
+            .unwrap_or(names[0]);
+        let base_checksum = &of_h.iter().find(|r| r.variant == base).unwrap().checksum;
+        let (_, base_wall) = median(base);
+        for name in names {
+            let different: Vec<&&Row> = of_h
+                .iter()
+                .filter(|r| r.variant == name && r.checksum != *base_checksum)
+                .collect();
+            ok &= different.is_empty();
+            let (runs, wall) = median(name);
+            println!(
+                "| {h} | {name} | {runs} | {wall:.2} s | {:.3}x {base} | {} |",
+                wall / base_wall,
+                match different.first() {
+                    None => "identical".to_string(),
+                    Some(r) => format!("DIFFERENT ({})", r.note),
+                }
+            );
+        }
+    }
+    if !rss.is_empty() {
+        println!("\noperator peak RSS (VmHWM of this process during its run):");
+        for (h, kib) in &rss {
+            println!("  {h}: {:.1} MiB", *kib as f64 / 1024.0);
+        }
+    }
+    println!(
+        "\ncontroller idle RSS: not measured here (the controller needs a Kubernetes API server)."
+    );
+    println!(
+        "{}",
+        if ok {
+            "all hourly tables identical, operator tables match an independent recompute"
+        } else {
+            "FAILED: hourly tables differ"
+        }
+    );
+    Ok(ok)
+}
+
+enum Variant {
+    Reference,
+    Engine(Performance),
+    SetBased,
+}
+
+async fn operator(url: &str, perf: &Performance) -> Result<Outcome, BoxError> {
+    let db = Database::parse(url)?;
+    let opts = Options::default();
+    Ok(engine::run_with(&db, &opts, perf, &CancellationToken::new(), &mut |_| {}).await?)
+}
+
+fn describe(o: &Outcome) -> String {
+    let mut s = format!("{} slices on {} session(s)", o.slices_processed, o.sessions);
+    if let Some(st) = &o.slice_stats {
+        s += &format!(", slice median {} ms / max {} ms", st.median_ms, st.max_ms);
+    }
+    if let Some(m) = o.tuning.as_ref().and_then(|t| t.plan_cache_mode.as_deref()) {
+        s += &format!(", {m}");
+    }
+    if o.slice_retries > 0 {
+        s += &format!(", {} retries", o.slice_retries);
+    }
+    s
+}
+
+/// The reference walk, as the reference hook runs it: one session, lock
+/// 4246, calendar months from MIN(created_at) through the month of the
+/// newest event, the server's settings, stamp, unlock.
+async fn reference_walk(url: &str) -> Result<u64, BoxError> {
+    let c = connect(url).await?;
+    c.execute("SELECT pg_advisory_lock(4246)", &[]).await?;
+    let row = c
+        .query_one(
+            "SELECT date_trunc('month', min(created_at) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                    date_trunc('month', max(COALESCE(updated_at, created_at)) AT TIME ZONE 'UTC')
+                        AT TIME ZONE 'UTC' + interval '1 month'
+               FROM task_usage",
+            &[],
+        )
+        .await?;
+    let (from, to): (jiff::Timestamp, jiff::Timestamp) = (row.get(0), row.get(1));
+    let mut cursor = from;
+    let mut slices = 0;
+    while cursor < to {
+        let next = engine::plan::add_months(cursor, 1);
+        c.query_one(
+            "SELECT rollup_task_usage_hourly_window($1, $2)",
+            &[&cursor, &next],
+        )
+        .await?;
+        slices += 1;
+        cursor = next;
+    }
+    c.execute(
+        "UPDATE task_usage_hourly_rollup_state SET watermark_at = now() - interval '5 minutes' WHERE id = 1",
+        &[],
+    )
+    .await?;
+    c.execute("SELECT pg_advisory_unlock(4246)", &[]).await?;
+    Ok(slices)
+}
+
+/// Reads every table and index of the copy into the OS cache, so no
+/// variant pays for a cold start the others do not.
+async fn prewarm(url: &str) {
+    if let Ok(c) = connect(url).await {
+        let _ = c
+            .batch_execute(
+                "SELECT pg_prewarm(c.oid, 'read')
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = 'public' AND c.relkind IN ('r', 'i')",
+            )
+            .await;
+    }
+}
+
+async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn db_name(history: &str, variant: &str) -> String {
+    format!("bench_{history}_{variant}")
+        .to_ascii_lowercase()
+        .replace(['-', '.'], "_")
+}
+
+/// A `Vm…:` line of /proc/self/status, in KiB.
+fn vm_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Resets VmHWM to the current RSS (Linux 4.0+), so the next reading is
+/// the peak of what runs in between.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}

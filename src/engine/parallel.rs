@@ -1,0 +1,635 @@
+//! The walk over the planned slices: historical slices on up to
+//! `parallelism` sessions at once, then the slice that reaches the present
+//! alone, on the lock session, after every other slice has committed.
+//!
+//! - The lock session (holding lock 4246 for the whole run) is worker 0;
+//!   the other workers call the window function only inside a statement
+//!   that checks the lock session still holds the lock, and a watchdog
+//!   stops them (cancelling their statements) as soon as the lock
+//!   session's connection is gone.
+//! - Slices are disjoint in `updated_at` but their keys can overlap (a row
+//!   updated in a later month than created); every window call recomputes
+//!   whole buckets from all raw rows, so any order gives the same table.
+//!   Concurrent upserts of one key may deadlock: a deadlock or
+//!   serialization failure runs the slice again, a bounded number of times.
+//! - `SliceDone` events come in slice order: a slice that commits before an
+//!   earlier one is reported once every earlier slice has committed, so the
+//!   cursor (start of the earliest slice not yet committed) and the counts
+//!   of every event form a valid [`super::Resume`].
+//! - On a failure no further slice starts; slices under way finish (their
+//!   work counts), then the earliest failure is returned. On cancellation
+//!   every statement is cancelled.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use jiff::Timestamp;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::session::{Session, SliceError};
+use super::sizing::{self, Model, Piece};
+use super::tuning::{self, PROBE_MIN_EVENTS, PROBE_MODES, PlanProbe};
+use super::{Error, Event, Result, Slice};
+
+/// Attempts of a slice that keeps hitting deadlocks or serialization
+/// failures (each rolls back; the last error is returned).
+pub const CONFLICT_ATTEMPTS: u32 = 5;
+const CONFLICT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often the lock session's connection is looked at.
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What to walk, and how.
+pub(crate) struct Walk<'a> {
+    /// Holds lock 4246; runs slices too, and the last slice alone.
+    pub lock: &'a Session,
+    /// Further sessions with the same settings.
+    pub workers: &'a [Session],
+    /// Backend pid of the lock session (the workers' guard).
+    pub lock_pid: Option<i32>,
+    /// Slices before the last, in order, contiguous.
+    pub historical: Vec<Piece>,
+    /// The slice reaching the present (drains the dirty queue).
+    pub last: Option<Piece>,
+    pub slice_timeout: Option<Duration>,
+    /// Pause of a session between two of its slices.
+    pub sleep: Duration,
+    pub cap: Option<Duration>,
+    /// Choose plan_cache_mode by measurement on the first two slices.
+    pub probe: bool,
+    /// Counts of the attempt resumed from.
+    pub already_processed: u64,
+    pub already_rows: i64,
+}
+
+/// What the walk did; counts include the resumed attempt's.
+#[derive(Debug, Default)]
+pub(crate) struct Walked {
+    pub slices_processed: u64,
+    pub rows_touched: i64,
+    pub slices_total: u64,
+    pub cursor: Option<Timestamp>,
+    pub durations_ms: Vec<u64>,
+    pub retries: u64,
+    /// The plan_cache_mode kept, when probed and conclusive.
+    pub plan_cache_mode: Option<String>,
+    pub probes: Vec<PlanProbe>,
+}
+
+enum Msg {
+    Started(Slice),
+    Done {
+        piece: Piece,
+        rows: i64,
+        elapsed: Duration,
+    },
+    Failed {
+        slice: Slice,
+        error: Error,
+    },
+}
+
+/// The plan_cache_mode a session should have for a slice: None leaves it
+/// as it is, Some(None) resets it to the server's default.
+type Want = Option<Option<String>>;
+
+/// Shared by the workers: what is left to start, and what was measured.
+struct Shared {
+    pending: VecDeque<Piece>,
+    started: u64,
+    stop: bool,
+    model: Model,
+    cap: Option<Duration>,
+    /// plan_cache_mode values not yet probed.
+    untried: VecDeque<&'static str>,
+    running_probes: Vec<RunningProbe>,
+    probes: Vec<PlanProbe>,
+    decided: Want,
+    retries: u64,
+    durations_ms: Vec<u64>,
+}
+
+struct RunningProbe {
+    id: u64,
+    mode: String,
+    events: i64,
+    started: Instant,
+    /// Cancelled when the probe can no longer win.
+    abort: CancellationToken,
+}
+
+/// A probe slice under way: which one, and the token that aborts it.
+#[derive(Clone)]
+struct Ticket {
+    id: u64,
+    abort: CancellationToken,
+}
+
+enum Next {
+    /// A slice, the plan_cache_mode it wants, and for a probe its ticket.
+    Run(Piece, Want, Option<Ticket>),
+    Done,
+}
+
+/// A probe is given up once it has run this much longer than the finished
+/// probe's time per event predicts for it: well beyond the noise between
+/// two runs of one plan (on 3M rows both modes pick the same plan, and
+/// re-running a 50 s slice for nothing must not happen), well below the
+/// 3-5x a wrong plan costs where it matters.
+const PROBE_MARGIN: f64 = 1.5;
+
+impl Shared {
+    fn next(&mut self, stop_all: &CancellationToken) -> Next {
+        if self.stop || self.pending.is_empty() {
+            return Next::Done;
+        }
+        if let Some(mode) = self.untried.pop_front() {
+            let piece = self.pending.pop_front().expect("checked above");
+            let ticket = Ticket {
+                id: self.started,
+                abort: stop_all.child_token(),
+            };
+            self.running_probes.push(RunningProbe {
+                id: ticket.id,
+                mode: mode.to_string(),
+                events: piece.events,
+                started: Instant::now(),
+                abort: ticket.abort.clone(),
+            });
+            self.started += 1;
+            return Next::Run(piece, Some(Some(mode.to_string())), Some(ticket));
+        }
+        self.early_verdict();
+        let want = match &self.decided {
+            Some(decided) => Some(decided.clone()),
+            // Probes under way: nobody waits for them; the best mode known
+            // so far (the first probed before any finished) is used.
+            None if self.probing() => Some(Some(self.provisional())),
+            None => None,
+        };
+        self.started += 1;
+        let piece = self.pending.pop_front().expect("checked above");
+        Next::Run(piece, want, None)
+    }
+
+    fn probing(&self) -> bool {
+        !self.running_probes.is_empty() || !self.probes.is_empty()
+    }
+
+    /// The completed probe with the lowest time per event, if any.
+    fn best_probe(&self) -> Option<&PlanProbe> {
+        self.probes
+            .iter()
+            .filter(|p| p.completed && p.events > 0)
+            .min_by(|a, b| {
+                let ra = a.elapsed_ms as f64 / a.events as f64;
+                let rb = b.elapsed_ms as f64 / b.events as f64;
+                ra.total_cmp(&rb)
+            })
+    }
+
+    fn provisional(&self) -> String {
+        self.best_probe()
+            .map_or(PROBE_MODES[0], |p| p.plan_cache_mode.as_str())
+            .to_string()
+    }
+
+    /// Decides before every probe has finished when the running ones can no
+    /// longer beat a finished one, and aborts them (their slices run again
+    /// under the winner): a losing probe costs about one winning slice.
+    fn early_verdict(&mut self) {
+        if self.decided.is_some() || self.running_probes.is_empty() {
+            return;
+        }
+        let Some(best) = self.best_probe().cloned() else {
+            return;
+        };
+        let rate = best.elapsed_ms as f64 / best.events as f64;
+        let lost = |r: &RunningProbe| {
+            r.started.elapsed().as_secs_f64() * 1000.0 > PROBE_MARGIN * rate * r.events as f64 + 1.0
+        };
+        if self.running_probes.iter().all(lost) {
+            tracing::info!(plan_cache_mode = %best.plan_cache_mode,
+                "plan_cache_mode chosen by measurement (the other probe is already slower)");
+            for r in &self.running_probes {
+                r.abort.cancel();
+            }
+            self.decided = Some(Some(best.plan_cache_mode));
+        }
+    }
+
+    /// A probe aborted by [`Shared::early_verdict`]: its slice goes back to
+    /// the front of the queue.
+    fn aborted(&mut self, piece: Piece, ticket: &Ticket, elapsed: Duration) {
+        if let Some(i) = self.running_probes.iter().position(|r| r.id == ticket.id) {
+            let r = self.running_probes.remove(i);
+            self.probes.push(PlanProbe {
+                plan_cache_mode: r.mode,
+                events: r.events,
+                elapsed_ms: millis(elapsed),
+                completed: false,
+            });
+        }
+        self.started -= 1;
+        self.pending.push_front(piece);
+    }
+
+    fn finished(&mut self, piece: &Piece, probe: Option<&Ticket>, elapsed: Option<Duration>) {
+        let running = probe.and_then(|ticket| {
+            let i = self.running_probes.iter().position(|r| r.id == ticket.id)?;
+            Some(self.running_probes.remove(i))
+        });
+        let Some(elapsed) = elapsed else {
+            self.stop = true;
+            return;
+        };
+        self.durations_ms.push(millis(elapsed));
+        self.model.observe(piece.events, elapsed);
+        if let Some(r) = running {
+            self.probes.push(PlanProbe {
+                plan_cache_mode: r.mode,
+                events: piece.events,
+                elapsed_ms: millis(elapsed),
+                completed: true,
+            });
+            if self.decided.is_none() {
+                if self.untried.is_empty() && self.running_probes.is_empty() {
+                    let chosen = tuning::choose_plan_mode(&self.probes);
+                    tracing::info!(
+                        plan_cache_mode = chosen.as_deref().unwrap_or("server default"),
+                        probes = ?self.probes,
+                        "plan_cache_mode chosen by measurement"
+                    );
+                    self.decided = Some(chosen);
+                } else {
+                    self.early_verdict();
+                }
+            }
+        }
+        if let Some(cap) = self.cap {
+            let pending: Vec<Piece> = self.pending.drain(..).collect();
+            self.pending = sizing::fit_cap(pending, &self.model, cap).into();
+        }
+    }
+}
+
+/// Committed slices not yet reported, and the resume point.
+struct Prefix {
+    cursor: Timestamp,
+    done: BTreeMap<Timestamp, (Piece, i64, Duration)>,
+    processed: u64,
+    rows: i64,
+    /// Cancelled: nothing more is reported.
+    quiet: bool,
+}
+
+impl Walk<'_> {
+    pub async fn run(
+        self,
+        cancel: &CancellationToken,
+        emit: &mut (dyn FnMut(&Event) + Send),
+    ) -> Result<Walked> {
+        let Some(start) = self
+            .historical
+            .first()
+            .or(self.last.as_ref())
+            .map(|p| p.slice.from)
+        else {
+            return Ok(Walked {
+                slices_processed: self.already_processed,
+                rows_touched: self.already_rows,
+                slices_total: self.already_processed,
+                ..Walked::default()
+            });
+        };
+        let probe = self.probe
+            && self.historical.len() >= 3
+            && self.historical[..2]
+                .iter()
+                .all(|p| p.events >= PROBE_MIN_EVENTS);
+        let any_historical = !self.historical.is_empty();
+        let shared = Mutex::new(Shared {
+            pending: self.historical.iter().copied().collect(),
+            started: 0,
+            stop: false,
+            model: Model::default(),
+            cap: self.cap,
+            untried: if probe {
+                PROBE_MODES.into_iter().collect()
+            } else {
+                VecDeque::new()
+            },
+            running_probes: Vec::new(),
+            probes: Vec::new(),
+            decided: None,
+            retries: 0,
+            durations_ms: Vec::new(),
+        });
+        let mut prefix = Prefix {
+            cursor: start,
+            done: BTreeMap::new(),
+            processed: self.already_processed,
+            rows: self.already_rows,
+            quiet: false,
+        };
+        // Cancelled by the caller, or by us when the lock is lost.
+        let stop_all = cancel.child_token();
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sessions = std::iter::once((self.lock, None))
+            .chain(self.workers.iter().map(|w| (w, self.lock_pid)));
+        let workers =
+            join_all(sessions.map(|(session, guard)| {
+                self.worker(session, guard, &shared, tx.clone(), &stop_all)
+            }));
+        drop(tx);
+        let (_, failure) = tokio::join!(
+            workers,
+            self.coordinate(rx, &shared, &mut prefix, &stop_all, cancel, emit)
+        );
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        if let Some(error) = failure {
+            return Err(error);
+        }
+
+        if let Some(last) = self.last {
+            if any_historical && !self.sleep.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.sleep) => {}
+                    _ = cancel.cancelled() => return Err(Error::Cancelled),
+                }
+            }
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let decided = shared.lock().unwrap().decided.clone();
+            if let Some(mode) = decided {
+                self.lock.set_plan_cache_mode(mode.as_deref()).await?;
+            }
+            emit(&Event::SliceStarted { slice: last.slice });
+            let started = Instant::now();
+            let rows = self
+                .attempt(self.lock, &last.slice, None, &shared, cancel)
+                .await?;
+            let elapsed = started.elapsed();
+            shared.lock().unwrap().durations_ms.push(millis(elapsed));
+            prefix.done.insert(last.slice.from, (last, rows, elapsed));
+            self.advance(&mut prefix, &shared, cancel, emit);
+        }
+
+        let shared = shared.into_inner().unwrap();
+        Ok(Walked {
+            slices_processed: prefix.processed,
+            rows_touched: prefix.rows,
+            slices_total: self.total(&shared),
+            cursor: Some(prefix.cursor),
+            durations_ms: shared.durations_ms,
+            retries: shared.retries,
+            plan_cache_mode: shared.decided.flatten(),
+            probes: shared.probes,
+        })
+    }
+
+    /// Slices of the whole walk as now planned, the resumed ones included.
+    fn total(&self, shared: &Shared) -> u64 {
+        self.already_processed
+            + shared.started
+            + shared.pending.len() as u64
+            + u64::from(self.last.is_some())
+    }
+
+    /// One session's loop: take the next slice, run it, report it.
+    async fn worker(
+        &self,
+        session: &Session,
+        guard: Option<i32>,
+        shared: &Mutex<Shared>,
+        tx: mpsc::UnboundedSender<Msg>,
+        stop_all: &CancellationToken,
+    ) {
+        // The plan_cache_mode this session was given; None: the server's.
+        let mut mode: Option<String> = None;
+        loop {
+            if stop_all.is_cancelled() {
+                return;
+            }
+            let next = shared.lock().unwrap().next(stop_all);
+            let (piece, want, ticket) = match next {
+                Next::Run(piece, want, ticket) => (piece, want, ticket),
+                Next::Done => return,
+            };
+            if let Some(want) = want.filter(|w| *w != mode) {
+                if let Err(error) = session.set_plan_cache_mode(want.as_deref()).await {
+                    shared
+                        .lock()
+                        .unwrap()
+                        .finished(&piece, ticket.as_ref(), None);
+                    let _ = tx.send(Msg::Failed {
+                        slice: piece.slice,
+                        error,
+                    });
+                    return;
+                }
+                mode = want;
+            }
+            let _ = tx.send(Msg::Started(piece.slice));
+            let started = Instant::now();
+            let token = ticket.as_ref().map_or(stop_all, |t| &t.abort);
+            let result = self
+                .attempt(session, &piece.slice, guard, shared, token)
+                .await;
+            let elapsed = started.elapsed();
+            if let (Some(t), Err(Error::Cancelled)) = (&ticket, &result)
+                && t.abort.is_cancelled()
+                && !stop_all.is_cancelled()
+            {
+                tracing::info!(from = %piece.slice.from, to = %piece.slice.to,
+                    plan_cache_mode = mode.as_deref().unwrap_or(""),
+                    "probe given up: the other plan_cache_mode is faster; the slice runs again");
+                shared.lock().unwrap().aborted(piece, t, elapsed);
+                continue;
+            }
+            shared.lock().unwrap().finished(
+                &piece,
+                ticket.as_ref(),
+                result.is_ok().then_some(elapsed),
+            );
+            match result {
+                Ok(rows) => {
+                    let _ = tx.send(Msg::Done {
+                        piece,
+                        rows,
+                        elapsed,
+                    });
+                }
+                Err(error) => {
+                    let _ = tx.send(Msg::Failed {
+                        slice: piece.slice,
+                        error,
+                    });
+                    return;
+                }
+            }
+            // The pause between two slices of this session, if it gets
+            // another one.
+            if !self.sleep.is_zero() && !shared.lock().unwrap().pending.is_empty() {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.sleep) => {}
+                    _ = stop_all.cancelled() => return,
+                }
+            }
+        }
+    }
+
+    /// One slice, run again after a deadlock or serialization failure.
+    async fn attempt(
+        &self,
+        session: &Session,
+        slice: &Slice,
+        guard: Option<i32>,
+        shared: &Mutex<Shared>,
+        cancel: &CancellationToken,
+    ) -> Result<i64> {
+        let mut attempt = 1;
+        loop {
+            let span = tracing::info_span!("slice", from = %slice.from, to = %slice.to, attempt);
+            let result = tracing::Instrument::instrument(
+                session.rollup_attempt(slice, self.slice_timeout, cancel, guard),
+                span,
+            )
+            .await;
+            match result {
+                Ok(rows) => return Ok(rows),
+                Err(SliceError {
+                    conflict: true,
+                    error,
+                }) if attempt < CONFLICT_ATTEMPTS => {
+                    shared.lock().unwrap().retries += 1;
+                    // Exponential, with a jitter so two colliding sessions
+                    // do not collide again.
+                    let jitter = (slice.from.as_second().unsigned_abs() * 7919
+                        + u64::from(attempt) * 104_729)
+                        % 100;
+                    let backoff =
+                        CONFLICT_BACKOFF * 2u32.pow(attempt - 1) + Duration::from_millis(jitter);
+                    tracing::info!(from = %slice.from, to = %slice.to, attempt, error = %error,
+                        backoff_ms = millis(backoff), "slice conflicted with another; running it again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cancel.cancelled() => return Err(Error::Cancelled),
+                    }
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.error),
+            }
+        }
+    }
+
+    /// Reports progress in slice order and watches the lock session; returns
+    /// the error that ends the walk, if any.
+    async fn coordinate(
+        &self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        shared: &Mutex<Shared>,
+        prefix: &mut Prefix,
+        stop_all: &CancellationToken,
+        cancel: &CancellationToken,
+        emit: &mut (dyn FnMut(&Event) + Send),
+    ) -> Option<Error> {
+        let mut failures: Vec<(Slice, Error)> = Vec::new();
+        let mut lock_lost: Option<Error> = None;
+        let mut watch = tokio::time::interval(WATCH_INTERVAL);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    None => break,
+                    Some(Msg::Started(slice)) => {
+                        if !prefix.quiet {
+                            emit(&Event::SliceStarted { slice });
+                        }
+                    }
+                    Some(Msg::Done { piece, rows, elapsed }) => {
+                        prefix.done.insert(piece.slice.from, (piece, rows, elapsed));
+                        self.advance(prefix, shared, cancel, emit);
+                    }
+                    Some(Msg::Failed { slice, error }) => {
+                        tracing::warn!(from = %slice.from, to = %slice.to, error = %error, "slice failed");
+                        if matches!(error, Error::LockLost { .. }) && lock_lost.is_none() {
+                            stop_all.cancel();
+                            lock_lost = Some(error);
+                        } else if !matches!(error, Error::Cancelled) {
+                            failures.push((slice, error));
+                        }
+                    }
+                },
+                _ = watch.tick(), if lock_lost.is_none() => {
+                    shared.lock().unwrap().early_verdict();
+                    if self.lock.is_closed() {
+                        shared.lock().unwrap().stop = true;
+                        stop_all.cancel();
+                        lock_lost = Some(Error::LockLost {
+                            message: "the connection of the session holding it closed".into(),
+                        });
+                    }
+                }
+            }
+        }
+        if lock_lost.is_none() && self.lock.is_closed() {
+            lock_lost = Some(Error::LockLost {
+                message: "the connection of the session holding it closed".into(),
+            });
+        }
+        if let Some(e) = lock_lost {
+            return Some(e);
+        }
+        failures.sort_by_key(|(slice, _)| slice.from);
+        failures
+            .into_iter()
+            .next()
+            .map(|(_, e)| e)
+            .or_else(|| stop_all.is_cancelled().then_some(Error::Cancelled))
+    }
+
+    /// Reports every committed slice that now continues the committed
+    /// prefix, in order.
+    fn advance(
+        &self,
+        prefix: &mut Prefix,
+        shared: &Mutex<Shared>,
+        cancel: &CancellationToken,
+        emit: &mut (dyn FnMut(&Event) + Send),
+    ) {
+        while let Some((piece, rows, elapsed)) = prefix.done.remove(&prefix.cursor) {
+            prefix.processed += 1;
+            prefix.rows += rows;
+            prefix.cursor = piece.slice.to;
+            if prefix.quiet {
+                continue;
+            }
+            let total = self.total(&shared.lock().unwrap());
+            emit(&Event::SliceDone {
+                slice: piece.slice,
+                rows,
+                elapsed_ms: millis(elapsed),
+                slices_processed: prefix.processed,
+                slices_total: total.max(prefix.processed),
+                rows_touched: prefix.rows,
+                cursor: prefix.cursor,
+            });
+            // The callback may cancel; what follows is not reported, so the
+            // last event stays a valid resume point.
+            if cancel.is_cancelled() {
+                prefix.quiet = true;
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

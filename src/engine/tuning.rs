@@ -1,0 +1,276 @@
+//! Planner settings for the backfill's own sessions (gap 1 of the contract).
+//!
+//! The application's window function is not ours, its plan is: the reference
+//! runs it with the server's defaults, where the planner underestimates the
+//! dirty keys and the recompute degenerates into nested loops (cost grows
+//! with the square of an agent's history). Every choice below was measured
+//! on the fixture; `docs/performance.md` has the figures.
+//!
+//! - `enable_nestloop = off`: the fix. Hash joins instead of nested loops.
+//! - `work_mem = 4MB`: pinned, not raised. The big hash join of the recompute
+//!   runs faster in many small batches that stay in the CPU cache than in one
+//!   large table (1M-3M rows: 25-35 % slower at 16-64MB), so a raised server
+//!   default is undone for our sessions only.
+//! - `plan_cache_mode`: chosen per run by measurement. The window function
+//!   is PL/pgSQL, so its statement is plan-cached per session, and a generic
+//!   plan (estimates without the slice bounds) picks a much better join order
+//!   on some histories (even 200k rows: 4-5x faster) and a worse one on
+//!   others (600k: 20-30 % slower). The first two historical slices are run
+//!   one with each mode and the faster mode (per event) is kept; a probe
+//!   that can no longer win is cancelled and its slice re-run (see
+//!   `parallel`).
+//!
+//! Settings measured and left out because they did not pay: `jit = off`
+//! (no difference beyond noise; JIT compiles in under 0.1 s per slice),
+//! `enable_mergejoin = off`, higher `work_mem` / `hash_mem_multiplier`
+//! (slower, see above), `max_parallel_workers_per_gather` (irrelevant: a
+//! statement with data-modifying CTEs never runs a parallel plan).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+/// Which planner settings the backfill's sessions get. The user's
+/// `Options::session_settings` always win over these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Tuning {
+    /// [`DEFAULT_SETTINGS`], and `plan_cache_mode` chosen by measurement.
+    #[default]
+    Default,
+    /// The server's defaults, exactly as the reference runs.
+    Off,
+    /// Exactly these settings (no measured `plan_cache_mode`).
+    Custom(Vec<(String, String)>),
+}
+
+/// The static settings of [`Tuning::Default`].
+pub const DEFAULT_SETTINGS: &[(&str, &str)] = &[("enable_nestloop", "off"), ("work_mem", "4MB")];
+
+/// The setting [`Tuning::Default`] chooses by measurement.
+pub const PLAN_CACHE_MODE: &str = "plan_cache_mode";
+
+/// The values tried, in this order, on the first historical slices.
+pub const PROBE_MODES: [&str; 2] = ["force_generic_plan", "force_custom_plan"];
+
+/// A probe slice smaller than this says more about noise than about plans.
+pub const PROBE_MIN_EVENTS: i64 = 2000;
+
+impl Tuning {
+    /// The static settings, before the user's override them.
+    pub fn settings(&self) -> Vec<(String, String)> {
+        match self {
+            Tuning::Default => DEFAULT_SETTINGS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            Tuning::Off => Vec::new(),
+            Tuning::Custom(list) => list.clone(),
+        }
+    }
+
+    /// Whether `plan_cache_mode` is chosen by measurement in this run.
+    pub fn probes_plan_cache_mode(&self, user: &[(String, String)]) -> bool {
+        matches!(self, Tuning::Default)
+            && !user
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(PLAN_CACHE_MODE))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Tuning::Default => "default",
+            Tuning::Off => "off",
+            Tuning::Custom(_) => "custom",
+        }
+    }
+}
+
+impl fmt::Display for Tuning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tuning::Custom(list) => {
+                let parts: Vec<String> = list.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                f.write_str(&parts.join(","))
+            }
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+impl FromStr for Tuning {
+    type Err = String;
+
+    /// `default`, `off`, or a custom list `name=value[,name=value…]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "default" | "on" => Ok(Tuning::Default),
+            "off" | "none" => Ok(Tuning::Off),
+            list => {
+                let mut out = Vec::new();
+                for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    match part.split_once('=') {
+                        Some((k, v)) if !k.trim().is_empty() => {
+                            out.push((k.trim().to_string(), v.trim().to_string()))
+                        }
+                        _ => {
+                            return Err(format!(
+                                "expected default, off or NAME=VALUE[,NAME=VALUE…], got {part:?}"
+                            ));
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    return Err("expected default, off or NAME=VALUE[,NAME=VALUE…]".into());
+                }
+                Ok(Tuning::Custom(out))
+            }
+        }
+    }
+}
+
+/// The settings a session gets: the tuning's, minus those the user sets,
+/// then the user's in their order (the user wins; names compare
+/// case-insensitively, as PostgreSQL's do).
+pub fn effective(tuning: &[(String, String)], user: &[(String, String)]) -> Vec<(String, String)> {
+    let overridden = |name: &str| user.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    tuning
+        .iter()
+        .filter(|(k, _)| !overridden(k))
+        .chain(user.iter())
+        .cloned()
+        .collect()
+}
+
+/// One slice run under one `plan_cache_mode`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanProbe {
+    pub plan_cache_mode: String,
+    pub events: i64,
+    pub elapsed_ms: u64,
+    /// False when given up because the other mode had already won (its
+    /// slice ran again under the winner); `elapsed_ms` is then how long it
+    /// ran before that.
+    pub completed: bool,
+}
+
+impl PlanProbe {
+    fn ms_per_event(&self) -> Option<f64> {
+        (self.events > 0).then(|| self.elapsed_ms as f64 / self.events as f64)
+    }
+}
+
+/// What tuning did in a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TuningReport {
+    /// `default`, `off` or `custom`.
+    pub preset: String,
+    /// The `plan_cache_mode` kept after probing; None when not probed (or
+    /// inconclusive, in which case the server's default stays).
+    pub plan_cache_mode: Option<String>,
+    pub probes: Vec<PlanProbe>,
+}
+
+/// The faster mode per event among completed probes, or None when a probe
+/// saw no events.
+pub fn choose_plan_mode(probes: &[PlanProbe]) -> Option<String> {
+    let mut best: Option<(&PlanProbe, f64)> = None;
+    for p in probes.iter().filter(|p| p.completed) {
+        let rate = p.ms_per_event()?;
+        if best.is_none_or(|(_, r)| rate < r) {
+            best = Some((p, rate));
+        }
+    }
+    best.map(|(p, _)| p.plan_cache_mode.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_user_wins_over_the_tuning() {
+        let tuning = Tuning::Default.settings();
+        assert_eq!(
+            effective(&tuning, &[]),
+            kv(&[("enable_nestloop", "off"), ("work_mem", "4MB")])
+        );
+        let user = kv(&[("WORK_MEM", "64MB"), ("application_name", "x")]);
+        assert_eq!(
+            effective(&tuning, &user),
+            kv(&[
+                ("enable_nestloop", "off"),
+                ("WORK_MEM", "64MB"),
+                ("application_name", "x")
+            ])
+        );
+        assert_eq!(effective(&Tuning::Off.settings(), &user), user);
+    }
+
+    #[test]
+    fn only_the_default_preset_probes_and_not_over_the_user() {
+        assert!(Tuning::Default.probes_plan_cache_mode(&[]));
+        assert!(!Tuning::Off.probes_plan_cache_mode(&[]));
+        assert!(!Tuning::Custom(kv(&[("a", "b")])).probes_plan_cache_mode(&[]));
+        assert!(!Tuning::Default.probes_plan_cache_mode(&kv(&[("plan_cache_mode", "auto")])));
+    }
+
+    #[test]
+    fn parses_presets_and_lists() {
+        assert_eq!("default".parse::<Tuning>().unwrap(), Tuning::Default);
+        assert_eq!("off".parse::<Tuning>().unwrap(), Tuning::Off);
+        assert_eq!(
+            "enable_nestloop=off, work_mem=8MB"
+                .parse::<Tuning>()
+                .unwrap(),
+            Tuning::Custom(kv(&[("enable_nestloop", "off"), ("work_mem", "8MB")]))
+        );
+        assert!("fast".parse::<Tuning>().is_err());
+        assert!("=x".parse::<Tuning>().is_err());
+        let custom = Tuning::Custom(kv(&[("a", "1"), ("b", "2")]));
+        assert_eq!(custom.to_string().parse::<Tuning>().unwrap(), custom);
+    }
+
+    #[test]
+    fn the_faster_mode_per_event_wins() {
+        let p = |mode: &str, events, ms| PlanProbe {
+            plan_cache_mode: mode.into(),
+            events,
+            elapsed_ms: ms,
+            completed: true,
+        };
+        // Generic: 1000 ms for 30k events; custom: 2000 ms for 90k: custom wins.
+        assert_eq!(
+            choose_plan_mode(&[
+                p("force_generic_plan", 30_000, 1000),
+                p("force_custom_plan", 90_000, 2000)
+            ]),
+            Some("force_custom_plan".into())
+        );
+        assert_eq!(
+            choose_plan_mode(&[
+                p("force_generic_plan", 30_000, 700),
+                p("force_custom_plan", 30_000, 3000)
+            ]),
+            Some("force_generic_plan".into())
+        );
+        assert_eq!(
+            choose_plan_mode(&[p("force_generic_plan", 0, 7), p("force_custom_plan", 10, 3)]),
+            None
+        );
+        let given_up = PlanProbe {
+            completed: false,
+            ..p("force_custom_plan", 30_000, 100)
+        };
+        assert_eq!(
+            choose_plan_mode(&[p("force_generic_plan", 30_000, 700), given_up]),
+            Some("force_generic_plan".into())
+        );
+    }
+}

@@ -1,0 +1,779 @@
+//! The fast engine against a real PostgreSQL: parallel slices give the
+//! serial result, the slice reaching the present runs alone and last,
+//! cancellation and a lost lock stop every session, resume works after an
+//! out-of-order interruption, conflicts are retried, tuning reaches our
+//! sessions only, and slice sizing follows measured times.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio_postgres::Client;
+use usage_backfill::engine::{
+    self, CancellationToken, Database, Error, Event, Options, Outcome, Performance, Resume, Slice,
+    Tuning,
+};
+use usage_backfill::fixture::{self, HistorySpec};
+use usage_backfill::testkit::{self, TestDatabase};
+
+async fn run_perf(
+    db: &TestDatabase,
+    opts: &Options,
+    perf: &Performance,
+    cancel: &CancellationToken,
+) -> (Result<Outcome, Error>, Vec<Event>) {
+    let database = Database::parse(db.url()).unwrap();
+    let mut events = Vec::new();
+    let result = engine::run_with(&database, opts, perf, cancel, &mut |e| {
+        events.push(e.clone())
+    })
+    .await;
+    (result, events)
+}
+
+fn parallel(n: u32) -> Performance {
+    Performance {
+        parallelism: n,
+        ..Performance::default()
+    }
+}
+
+async fn with_history(spec: &HistorySpec) -> (TestDatabase, Client) {
+    let db = testkit::fresh_database().await;
+    let client = db.client().await;
+    fixture::generate(&client, spec).await.unwrap();
+    (db, client)
+}
+
+/// Rows updated in later months (keys shared between slices), legacy rows
+/// and a dirty queue: what makes concurrent slices overlap.
+fn overlapping() -> HistorySpec {
+    HistorySpec {
+        rows: 3000,
+        months: 6,
+        seed: 42,
+        later_update_share: 0.3,
+        dirty_queue_entries: 20,
+        ..HistorySpec::default()
+    }
+}
+
+async fn assert_correct(client: &Client) {
+    assert_eq!(
+        fixture::recompute_mismatches(client).await.unwrap(),
+        0,
+        "hourly table differs from an independent recompute"
+    );
+    assert_eq!(fixture::guard(client).await.unwrap(), Ok(()));
+}
+
+async fn lock_holders(client: &Client) -> Vec<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_locks
+              WHERE locktype = 'advisory' AND classid = 0 AND objid = 4246 AND objsubid = 1
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Backfill sessions of this database still connected.
+async fn our_sessions(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'usage-backfill'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn eventually_no_sessions(client: &Client) {
+    for _ in 0..100 {
+        if our_sessions(client).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("backfill sessions still connected after the run returned");
+}
+
+/// Replaces the window function by a wrapper that counts calls (a
+/// sequence: not rolled back), runs `before` (PL/pgSQL), calls the real
+/// one and logs the call (rolled back with a failed slice).
+async fn wrap_window(client: &Client, before: &str) {
+    client
+        .batch_execute(&format!(
+            "CREATE SEQUENCE window_calls;
+             CREATE TABLE window_log (
+                 p_from timestamptz, p_to timestamptz, pid int,
+                 started timestamptz, finished timestamptz, holds_lock bool,
+                 nestloop text, work_mem text, plan_mode text);
+             ALTER FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz) RENAME TO real_window;
+             CREATE FUNCTION rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
+             RETURNS bigint LANGUAGE plpgsql AS $$
+             DECLARE
+                 v bigint;
+                 t0 timestamptz := clock_timestamp();
+             BEGIN
+                 PERFORM nextval('window_calls');
+                 {before}
+                 v := real_window(p_from, p_to);
+                 INSERT INTO window_log VALUES (
+                     p_from, p_to, pg_backend_pid(), t0, clock_timestamp(),
+                     EXISTS (SELECT 1 FROM pg_locks
+                              WHERE locktype = 'advisory' AND classid = 0 AND objid = 4246
+                                AND objsubid = 1 AND granted AND pid = pg_backend_pid()),
+                     current_setting('enable_nestloop'), current_setting('work_mem'),
+                     current_setting('plan_cache_mode'));
+                 RETURN v;
+             END $$;"
+        ))
+        .await
+        .unwrap();
+}
+
+struct Call {
+    slice: Slice,
+    pid: i32,
+    started: Timestamp,
+    finished: Timestamp,
+    holds_lock: bool,
+    nestloop: String,
+    work_mem: String,
+    plan_mode: String,
+}
+
+async fn calls(client: &Client) -> Vec<Call> {
+    client
+        .query("SELECT * FROM window_log ORDER BY started", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| Call {
+            slice: Slice {
+                from: r.get(0),
+                to: r.get(1),
+            },
+            pid: r.get(2),
+            started: r.get(3),
+            finished: r.get(4),
+            holds_lock: r.get(5),
+            nestloop: r.get(6),
+            work_mem: r.get(7),
+            plan_mode: r.get(8),
+        })
+        .collect()
+}
+
+async fn window_calls(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM window_calls",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn done_slices(events: &[Event]) -> Vec<(Slice, u64, Timestamp)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SliceDone {
+                slice,
+                slices_processed,
+                cursor,
+                ..
+            } => Some((*slice, *slices_processed, *cursor)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn last_resume(events: &[Event]) -> Option<Resume> {
+    events.iter().rev().find_map(|e| match e {
+        Event::SliceDone {
+            cursor,
+            slices_processed,
+            rows_touched,
+            ..
+        } => Some(Resume {
+            cursor: *cursor,
+            slices_processed: *slices_processed,
+            rows_touched: *rows_touched,
+        }),
+        _ => None,
+    })
+}
+
+fn overlap(a: &Call, b: &Call) -> bool {
+    a.started < b.finished && b.started < a.finished
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn parallel_slices_give_the_serial_table() {
+    let spec = overlapping();
+    let (serial_db, serial) = with_history(&spec).await;
+    let (par_db, par) = with_history(&spec).await;
+    let opts = Options::default();
+    let cancel = CancellationToken::new();
+    let one = run_perf(&serial_db, &opts, &Performance::reference(), &cancel)
+        .await
+        .0
+        .unwrap();
+    assert_eq!(one.sessions, 1);
+    wrap_window(&par, "PERFORM pg_sleep(0.1);").await;
+    let (three, events) = run_perf(&par_db, &opts, &parallel(3), &cancel).await;
+    let three = three.unwrap();
+    assert_eq!(three.sessions, 3);
+    assert!(three.watermark_stamped);
+    assert_eq!(
+        fixture::hourly_checksum(&par).await.unwrap(),
+        fixture::hourly_checksum(&serial).await.unwrap()
+    );
+    assert_eq!(fixture::dirty_queue_len(&par).await.unwrap(), 0);
+    assert_correct(&par).await;
+    // It really ran concurrently, and every slice was reported once, in order.
+    let calls = calls(&par).await;
+    assert!(
+        calls
+            .iter()
+            .enumerate()
+            .any(|(i, a)| calls[i + 1..].iter().any(|b| overlap(a, b))),
+        "no two window calls overlapped"
+    );
+    let done = done_slices(&events);
+    assert_eq!(done.len() as u64, three.slices_processed);
+    for w in done.windows(2) {
+        assert_eq!(w[0].2, w[1].0.from, "reported in slice order");
+        assert_eq!(w[0].1 + 1, w[1].1);
+    }
+    assert_eq!(three.cursor, three.to);
+    let stats = three.slice_stats.unwrap();
+    assert_eq!(stats.slices, three.slices_processed);
+    assert!(stats.median_ms <= stats.max_ms && stats.max_ms >= 100);
+}
+
+#[tokio::test]
+async fn the_slice_reaching_the_present_runs_alone_and_last_on_the_lock_session() {
+    let (db, client) = with_history(&overlapping()).await;
+    wrap_window(&client, "PERFORM pg_sleep(0.15);").await;
+    let (outcome, events) = run_perf(
+        &db,
+        &Options::default(),
+        &parallel(2),
+        &CancellationToken::new(),
+    )
+    .await;
+    let outcome = outcome.unwrap();
+    let calls = calls(&client).await;
+    assert_eq!(calls.len() as u64, outcome.slices_processed);
+    let last = calls.iter().max_by_key(|c| c.slice.to).expect("slices ran");
+    assert_eq!(Some(last.slice.to), outcome.to);
+    assert!(last.slice.to >= Timestamp::now() - jiff::SignedDuration::from_mins(1));
+    for other in calls.iter().filter(|c| c.slice != last.slice) {
+        assert!(
+            other.finished <= last.started,
+            "slice {:?} overlapped the last slice",
+            other.slice
+        );
+    }
+    assert!(last.holds_lock, "the last slice runs on the lock session");
+    assert_eq!(
+        calls
+            .iter()
+            .map(|c| c.pid)
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        2
+    );
+    // Events: the last slice starts after every other slice was reported.
+    let started_last = events
+        .iter()
+        .position(|e| matches!(e, Event::SliceStarted { slice } if slice.to == last.slice.to))
+        .unwrap();
+    let done_others = events
+        .iter()
+        .rposition(|e| matches!(e, Event::SliceDone { slice, .. } if slice.to != last.slice.to))
+        .unwrap();
+    assert!(done_others < started_last);
+    assert!(matches!(events.last(), Some(Event::Stamped { .. })));
+}
+
+#[tokio::test]
+async fn cancellation_stops_every_session_and_releases_the_lock() {
+    let (db, client) = with_history(&overlapping()).await;
+    wrap_window(&client, "PERFORM pg_sleep(30);").await;
+    let watermark = fixture::watermark(&client).await.unwrap();
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let database = Database::parse(db.url()).unwrap();
+    let started = Arc::new(Mutex::new(0));
+    let seen = started.clone();
+    let run = tokio::spawn(async move {
+        engine::run_with(
+            &database,
+            &Options::default(),
+            &parallel(3),
+            &cancel,
+            &mut |e| {
+                if matches!(e, Event::SliceStarted { .. }) {
+                    *seen.lock().unwrap() += 1;
+                }
+            },
+        )
+        .await
+    });
+    // Three window calls under way, then cancel.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while window_calls(&client).await < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("three sessions in the window");
+    let t0 = std::time::Instant::now();
+    token.cancel();
+    let result = run.await.unwrap();
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "statements were cancelled, not awaited"
+    );
+    assert_eq!(*started.lock().unwrap(), 3);
+    assert!(lock_holders(&client).await.is_empty(), "lock released");
+    eventually_no_sessions(&client).await;
+    assert_eq!(fixture::watermark(&client).await.unwrap(), watermark);
+    assert!(calls(&client).await.is_empty(), "every slice rolled back");
+}
+
+/// Slice 2 is slow, so slices 3 and 4 commit before it: nothing after
+/// slice 1 is reported, the cursor stays at slice 2, and resuming from it
+/// gives the full run's table.
+#[tokio::test]
+async fn resume_after_an_out_of_order_interruption() {
+    let spec = overlapping();
+    let (full_db, full) = with_history(&spec).await;
+    let (part_db, part) = with_history(&spec).await;
+    let opts = Options::default();
+    run_perf(&full_db, &opts, &parallel(2), &CancellationToken::new())
+        .await
+        .0
+        .unwrap();
+
+    let second: Timestamp = part
+        .query_one(
+            "SELECT date_trunc('month', min(COALESCE(LEAST(created_at, updated_at), created_at))
+                                   AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' + interval '1 month'
+               FROM task_usage",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    wrap_window(
+        &part,
+        &format!("IF p_from = '{second}' THEN PERFORM pg_sleep(30); END IF;"),
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let database = Database::parse(part_db.url()).unwrap();
+    let watcher = part_db.client().await;
+    let handle = tokio::spawn(async move {
+        let mut events = Vec::new();
+        let result = engine::run_with(&database, &opts, &parallel(2), &cancel, &mut |e| {
+            events.push(e.clone())
+        })
+        .await;
+        (result, events)
+    });
+    // Wait until two later slices committed while slice 2 sleeps.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let later: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM window_log WHERE p_from > $1",
+                    &[&second],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if later >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("later slices committed");
+    token.cancel();
+    let (result, events) = handle.await.unwrap();
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    let done = done_slices(&events);
+    assert_eq!(done.len(), 1, "only slice 1 continues the committed prefix");
+    let resume = last_resume(&events).unwrap();
+    assert_eq!(resume.cursor, second);
+    assert_eq!(resume.slices_processed, 1);
+    assert!(lock_holders(&part).await.is_empty());
+
+    part.batch_execute(
+        "CREATE OR REPLACE FUNCTION rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
+         RETURNS bigint LANGUAGE sql AS $$ SELECT real_window(p_from, p_to) $$",
+    )
+    .await
+    .unwrap();
+    let (outcome, events) = run_perf(
+        &part_db,
+        &Options {
+            resume: Some(resume),
+            ..Options::default()
+        },
+        &parallel(2),
+        &CancellationToken::new(),
+    )
+    .await;
+    let outcome = outcome.unwrap();
+    let first_started = events.iter().find_map(|e| match e {
+        Event::SliceStarted { slice } => Some(slice.from),
+        _ => None,
+    });
+    assert_eq!(first_started, Some(second), "resumed at the cursor");
+    assert_eq!(outcome.slices_processed, outcome.slices_total);
+    assert_eq!(
+        fixture::hourly_checksum(&part).await.unwrap(),
+        fixture::hourly_checksum(&full).await.unwrap()
+    );
+    assert_correct(&part).await;
+}
+
+/// Each slice's first attempt (per session) fails with a deadlock.
+const DEADLOCK_ONCE: &str = "
+    IF NOT EXISTS (SELECT 1 FROM pg_locks
+                    WHERE locktype = 'advisory' AND classid = 777 AND objsubid = 2
+                      AND objid = (extract(epoch FROM p_from)::bigint / 3600)::int::oid
+                      AND pid = pg_backend_pid()) THEN
+        PERFORM pg_advisory_lock(777, (extract(epoch FROM p_from)::bigint / 3600)::int);
+        RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01';
+    END IF;";
+
+#[tokio::test]
+async fn deadlocks_and_serialization_failures_are_retried() {
+    let spec = overlapping();
+    let (plain_db, plain) = with_history(&spec).await;
+    let (db, client) = with_history(&spec).await;
+    run_perf(
+        &plain_db,
+        &Options::default(),
+        &Performance::reference(),
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap();
+    wrap_window(&client, DEADLOCK_ONCE).await;
+    let outcome = run_perf(
+        &db,
+        &Options::default(),
+        &parallel(2),
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap();
+    assert_eq!(outcome.slice_retries, outcome.slices_processed);
+    assert_eq!(
+        window_calls(&client).await,
+        2 * outcome.slices_processed as i64
+    );
+    assert_eq!(
+        fixture::hourly_checksum(&client).await.unwrap(),
+        fixture::hourly_checksum(&plain).await.unwrap()
+    );
+    assert_correct(&client).await;
+
+    // A conflict that never clears: bounded, then a retryable slice error.
+    client
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
+             RETURNS bigint LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM nextval('window_calls');
+                 RAISE EXCEPTION 'injected serialization failure' USING ERRCODE = '40001';
+             END $$;
+             ALTER SEQUENCE window_calls RESTART;",
+        )
+        .await
+        .unwrap();
+    let watermark = fixture::watermark(&client).await.unwrap();
+    let err = run_perf(
+        &db,
+        &Options {
+            mode: engine::Mode::Always {
+                months_back: 0,
+                force_partial: false,
+            },
+            ..Options::default()
+        },
+        &parallel(1),
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap_err();
+    assert!(matches!(err, Error::Slice { .. }), "{err}");
+    assert!(err.to_string().contains("injected serialization failure"));
+    assert!(err.is_retryable());
+    assert_eq!(window_calls(&client).await, 5, "bounded attempts");
+    assert_eq!(fixture::watermark(&client).await.unwrap(), watermark);
+    assert!(lock_holders(&client).await.is_empty());
+}
+
+#[tokio::test]
+async fn losing_the_lock_session_stops_the_workers() {
+    let (db, client) = with_history(&overlapping()).await;
+    wrap_window(&client, "PERFORM pg_sleep(1);").await;
+    let watermark = fixture::watermark(&client).await.unwrap();
+    let database = Database::parse(db.url()).unwrap();
+    let handle = tokio::spawn(async move {
+        engine::run_with(
+            &database,
+            &Options::default(),
+            &parallel(3),
+            &CancellationToken::new(),
+            &mut |_| {},
+        )
+        .await
+    });
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while window_calls(&client).await < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("three sessions in the window");
+    let holder = lock_holders(&client).await;
+    assert_eq!(holder.len(), 1);
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&holder[0]])
+        .await
+        .unwrap();
+    let calls_at_kill = window_calls(&client).await;
+    let err = handle.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::LockLost { .. }), "{err}");
+    assert!(err.is_retryable());
+    assert_eq!(err.reason(), "LockLost");
+    assert_eq!(
+        window_calls(&client).await,
+        calls_at_kill,
+        "no window call started after the lock was lost"
+    );
+    eventually_no_sessions(&client).await;
+    assert_eq!(fixture::watermark(&client).await.unwrap(), watermark);
+    // The next attempt completes.
+    client
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
+             RETURNS bigint LANGUAGE sql AS $$ SELECT real_window(p_from, p_to) $$",
+        )
+        .await
+        .unwrap();
+    run_perf(
+        &db,
+        &Options::default(),
+        &parallel(3),
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap();
+    assert_correct(&client).await;
+}
+
+#[tokio::test]
+async fn tuning_reaches_our_sessions_only_and_the_user_wins() {
+    let (db, client) = with_history(&overlapping()).await;
+    wrap_window(&client, "").await;
+    let outcome = run_perf(
+        &db,
+        &Options::default(),
+        &parallel(2),
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap();
+    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+    assert_eq!(
+        outcome.settings,
+        vec![kv("enable_nestloop", "off"), kv("work_mem", "4MB")]
+    );
+    assert_eq!(outcome.tuning.as_ref().unwrap().preset, "default");
+    for c in calls(&client).await {
+        assert_eq!((c.nestloop.as_str(), c.work_mem.as_str()), ("off", "4MB"));
+    }
+    let other: String = client
+        .query_one("SHOW enable_nestloop", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(other, "on", "other sessions keep the server's settings");
+
+    // The user's settings win; tuning off leaves the server's.
+    client.batch_execute("TRUNCATE window_log").await.unwrap();
+    let opts = Options {
+        mode: engine::Mode::Always {
+            months_back: 0,
+            force_partial: false,
+        },
+        session_settings: vec![kv("work_mem", "8MB")],
+        ..Options::default()
+    };
+    let outcome = run_perf(&db, &opts, &parallel(2), &CancellationToken::new())
+        .await
+        .0
+        .unwrap();
+    assert_eq!(
+        outcome.settings,
+        vec![kv("enable_nestloop", "off"), kv("work_mem", "8MB")]
+    );
+    for c in calls(&client).await {
+        assert_eq!((c.nestloop.as_str(), c.work_mem.as_str()), ("off", "8MB"));
+    }
+    client.batch_execute("TRUNCATE window_log").await.unwrap();
+    let off = Performance {
+        tuning: Tuning::Off,
+        ..parallel(2)
+    };
+    let outcome = run_perf(
+        &db,
+        &Options {
+            session_settings: vec![],
+            ..opts
+        },
+        &off,
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap();
+    assert!(outcome.settings.is_empty());
+    assert_eq!(outcome.tuning.unwrap().preset, "off");
+    for c in calls(&client).await {
+        assert_eq!(c.nestloop, "on");
+    }
+    assert_correct(&client).await;
+}
+
+/// With enough events per slice, the first two slices run one under each
+/// plan_cache_mode and the rest under the faster (once known).
+#[tokio::test]
+async fn plan_cache_mode_is_chosen_by_measurement() {
+    let (db, client) = with_history(&HistorySpec::even(16_000, 4)).await;
+    wrap_window(&client, "").await;
+    let outcome = run_perf(
+        &db,
+        &Options::default(),
+        &parallel(2),
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap();
+    let tuning = outcome.tuning.unwrap();
+    let probed: Vec<&str> = tuning
+        .probes
+        .iter()
+        .map(|p| p.plan_cache_mode.as_str())
+        .collect();
+    assert_eq!(probed.len(), 2);
+    assert!(probed.contains(&"force_generic_plan") && probed.contains(&"force_custom_plan"));
+    let chosen = tuning.plan_cache_mode.clone().expect("a mode was chosen");
+    assert!(
+        tuning
+            .probes
+            .iter()
+            .any(|p| p.completed && p.plan_cache_mode == chosen),
+        "{tuning:?}"
+    );
+    // A probe that could no longer win was given up, and its slice ran
+    // again under the winner; committed calls ran under their probe's mode
+    // or the winner's.
+    let mut calls = calls(&client).await;
+    calls.sort_by_key(|c| c.slice.from);
+    assert_eq!(calls.len() as u64, outcome.slices_processed);
+    let expect = |mode: &str| {
+        let p = tuning
+            .probes
+            .iter()
+            .find(|p| p.plan_cache_mode == mode)
+            .unwrap();
+        if p.completed {
+            mode.to_string()
+        } else {
+            chosen.clone()
+        }
+    };
+    assert_eq!(calls[0].plan_mode, expect("force_generic_plan"));
+    assert_eq!(calls[1].plan_mode, expect("force_custom_plan"));
+    // Until the verdict nobody waits: slices run under the first mode (the
+    // provisional best); the last slice runs under the chosen one.
+    for c in &calls[2..] {
+        assert!(
+            c.plan_mode == chosen || c.plan_mode == "force_generic_plan",
+            "{:?}: {}",
+            c.slice,
+            c.plan_mode
+        );
+    }
+    assert_eq!(calls.last().unwrap().plan_mode, chosen);
+    assert_correct(&client).await;
+}
+
+/// Window time proportional to a slice's events (0.2 ms each): with a cap
+/// of 300 ms the months (about 2700 events, 540 ms) are split, and the
+/// probed first month's cheap eighths are merged again.
+#[tokio::test]
+async fn a_cap_on_slice_duration_splits_by_measured_time() {
+    let (db, client) = with_history(&HistorySpec::even(8_000, 3)).await;
+    wrap_window(
+        &client,
+        "PERFORM pg_sleep(0.0002 * (SELECT count(*) FROM task_usage
+                                     WHERE COALESCE(updated_at, created_at) >= p_from
+                                       AND COALESCE(updated_at, created_at) < p_to));",
+    )
+    .await;
+    let perf = Performance {
+        max_slice_duration: Some(Duration::from_millis(300)),
+        ..parallel(1)
+    };
+    let (outcome, events) =
+        run_perf(&db, &Options::default(), &perf, &CancellationToken::new()).await;
+    let outcome = outcome.unwrap();
+    let months = 3 + 1;
+    assert!(
+        outcome.slices_processed > months + 4,
+        "split: {} slices",
+        outcome.slices_processed
+    );
+    // Fewer than all eighths of every month: cheap neighbours were merged.
+    assert!(outcome.slices_processed < 3 * 8 + 1, "{outcome:?}");
+    let done = done_slices(&events);
+    for w in done.windows(2) {
+        assert_eq!(w[0].2, w[1].0.from);
+    }
+    let stats = outcome.slice_stats.unwrap();
+    assert!(stats.max_ms < 600, "{stats:?}");
+    assert_correct(&client).await;
+}
