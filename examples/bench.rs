@@ -372,8 +372,11 @@ enum Variant {
 
 async fn operator(url: &str, perf: &Performance) -> Result<Outcome, BoxError> {
     let db = Database::parse(url)?;
-    let opts = Options::default();
-    Ok(engine::run_with(&db, &opts, perf, &CancellationToken::new(), &mut |_| {}).await?)
+    let opts = Options {
+        performance: perf.clone(),
+        ..Options::default()
+    };
+    Ok(engine::run(&db, &opts, &CancellationToken::new(), &mut |_| {}).await?)
 }
 
 fn describe(o: &Outcome) -> String {

@@ -45,6 +45,12 @@ pub const DEFAULT_APPLICATION_NAME: &str = "usage-backfill";
 const MAX_APPLICATION_NAME_LEN: usize = 63;
 /// Longest Secret name or key Kubernetes accepts.
 const MAX_SECRET_NAME_LEN: usize = 253;
+/// Default of spec.parallelism (the engine's measured default).
+pub const DEFAULT_PARALLELISM: u32 = crate::engine::DEFAULT_PARALLELISM;
+/// Largest spec.parallelism (the engine's bound).
+const MAX_PARALLELISM: u32 = crate::engine::MAX_PARALLELISM;
+/// Shortest spec.maxSliceDuration: shorter targets split every slice.
+const MIN_MAX_SLICE_DURATION: Duration = Duration::from_secs(1);
 
 /// Runs the usage-rollup backfill against a PostgreSQL database, once per
 /// spec: any change to the spec (for example a new runId) runs it again.
@@ -200,6 +206,31 @@ pub struct UsageBackfillSpec {
     /// already committed stay, nothing is stamped. Default false.
     #[serde(default)]
     pub suspend: bool,
+
+    /// Planner settings of the backfill's own database sessions (never the
+    /// application's). They change how fast the window calls run, never
+    /// what they write. Default: preset Tuned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning: Option<TuningSpec>,
+
+    /// Database sessions running historical month slices at once while one
+    /// session holds advisory lock 4246; 1 walks serially like the
+    /// reference. The slice reaching the present always runs alone, after
+    /// every other slice has committed. Each session is one connection of
+    /// the database's max_connections. Default 2 (measured best on 2 cores;
+    /// see docs/performance.md), at most 16.
+    #[serde(default = "default_parallelism")]
+    #[schemars(range(min = 1, max = MAX_PARALLELISM))]
+    pub parallelism: i64,
+
+    /// Target duration of one window call (one transaction), for busy
+    /// production databases: slices predicted longer, from the times
+    /// measured so far in the run, are split into narrower ones. A target,
+    /// not a limit (sliceTimeout is the limit). Go-style duration, at least
+    /// 1s. Default: unset, slices sized for speed alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = duration::PATTERN))]
+    pub max_slice_duration: Option<String>,
 }
 
 fn default_lag_threshold() -> String {
@@ -212,6 +243,51 @@ fn default_sleep_between_slices() -> String {
 
 fn default_backoff_limit() -> i64 {
     DEFAULT_BACKOFF_LIMIT.into()
+}
+
+fn default_parallelism() -> i64 {
+    DEFAULT_PARALLELISM.into()
+}
+
+/// Planner settings of the backfill's sessions.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TuningSpec {
+    /// Tuned: the measured settings (enable_nestloop off, work_mem 4MB, and
+    /// plan_cache_mode chosen by timing the first slices), with which the
+    /// window function's recompute uses hash joins instead of nested loops.
+    /// ServerDefaults: the server's settings, exactly as the reference
+    /// runs. Default: Tuned.
+    #[serde(default)]
+    pub preset: TuningPreset,
+
+    /// Further session settings (name: value), applied after the preset's
+    /// and winning over them; setting plan_cache_mode turns its measurement
+    /// off. Names are PostgreSQL setting names; values are strings (quote
+    /// "on" and "off", which YAML reads as booleans); a value the server
+    /// refuses fails the attempt. Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
+}
+
+/// A set of planner settings. (Not "On"/"Off": YAML 1.1 reads those as
+/// booleans.)
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TuningPreset {
+    /// Measured settings: see docs/performance.md.
+    #[default]
+    Tuned,
+    /// The server's settings, as the reference runs.
+    ServerDefaults,
+}
+
+impl TuningPreset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tuned => "Tuned",
+            Self::ServerDefaults => "ServerDefaults",
+        }
+    }
 }
 
 /// Where the database is and how to reach it.
@@ -459,9 +535,15 @@ pub struct UsageBackfillStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_resource_versions: Option<String>,
 
-    /// Session planner settings the run applied (e.g. enable_nestloop: "off").
+    /// Session planner settings the run applied (e.g. enable_nestloop: "off"):
+    /// the tuning preset's, the operator's, then spec.tuning.settings.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub settings: BTreeMap<String, String>,
+
+    /// How a run that walked slices went: sessions, the measured
+    /// plan_cache_mode, retried slices and slice times.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub performance: Option<PerformanceStatus>,
 
     /// Events dated beyond the database clock (writer clock skew), which no
     /// walk can bring within the lag threshold.
@@ -510,6 +592,7 @@ impl Default for UsageBackfillStatus {
             run_id: None,
             secret_resource_versions: None,
             settings: BTreeMap::new(),
+            performance: None,
             future_events: None,
             warnings: Vec::new(),
             conditions: Vec::new(),
@@ -677,6 +760,33 @@ pub struct LockHolder {
     pub since: Option<Time>,
 }
 
+/// How the walk of a run went.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PerformanceStatus {
+    /// Database sessions that ran window calls (1 = serial).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<u32>,
+
+    /// plan_cache_mode kept after timing the first slices under each mode
+    /// (tuning preset Tuned); absent when not measured or inconclusive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_cache_mode: Option<String>,
+
+    /// Window calls run again after a deadlock or serialization failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice_retries: Option<i64>,
+
+    /// Median duration of a window call (one slice) in the last attempt,
+    /// in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice_median_millis: Option<i64>,
+
+    /// Longest window call in the last attempt, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice_max_millis: Option<i64>,
+}
+
 /// task_usage rows dated beyond the database clock.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(default, rename_all = "camelCase")]
@@ -842,6 +952,11 @@ pub struct ValidSpec {
     pub run_id: String,
     pub backoff_limit: u32,
     pub suspend: bool,
+    pub tuning: TuningPreset,
+    /// spec.tuning.settings, in name order.
+    pub tuning_settings: Vec<(String, String)>,
+    pub parallelism: u32,
+    pub max_slice_duration: Option<Duration>,
 }
 
 /// The mode with the settings that apply to it only.
@@ -886,6 +1001,9 @@ impl UsageBackfillSpec {
             run_id: String::new(),
             backoff_limit: DEFAULT_BACKOFF_LIMIT.into(),
             suspend: false,
+            tuning: None,
+            parallelism: DEFAULT_PARALLELISM.into(),
+            max_slice_duration: None,
         }
     }
 
@@ -961,6 +1079,44 @@ impl UsageBackfillSpec {
             }
         };
 
+        let tuning = self.tuning.clone().unwrap_or_default();
+        if let Some(name) = tuning
+            .settings
+            .keys()
+            .find(|name| !crate::engine::tuning::is_setting_name(name))
+        {
+            return Err(invalid(
+                "tuning.settings",
+                format!(
+                    "{:?} is not a PostgreSQL setting name (letters, digits, '_' and '.', at most 63)",
+                    name.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        let parallelism = u32::try_from(self.parallelism)
+            .ok()
+            .filter(|p| (1..=MAX_PARALLELISM).contains(p))
+            .ok_or_else(|| {
+                invalid(
+                    "parallelism",
+                    format!(
+                        "must be a whole number from 1 to {MAX_PARALLELISM}, not {}",
+                        self.parallelism
+                    ),
+                )
+            })?;
+        let max_slice_duration = self
+            .max_slice_duration
+            .as_deref()
+            .map(|s| parse_duration("maxSliceDuration", s))
+            .transpose()?;
+        if max_slice_duration.is_some_and(|d| d < MIN_MAX_SLICE_DURATION) {
+            return Err(invalid(
+                "maxSliceDuration",
+                "must be at least 1s (omit the field for no target)",
+            ));
+        }
+
         Ok(ValidSpec {
             secret: db.secret_ref.clone(),
             tls_mode: tls.mode,
@@ -974,6 +1130,10 @@ impl UsageBackfillSpec {
             run_id: self.run_id.clone(),
             backoff_limit: count("backoffLimit", self.backoff_limit)?,
             suspend: self.suspend,
+            tuning: tuning.preset,
+            tuning_settings: tuning.settings.into_iter().collect(),
+            parallelism,
+            max_slice_duration,
         })
     }
 }
@@ -1199,6 +1359,10 @@ mod tests {
                 run_id: String::new(),
                 backoff_limit: 6,
                 suspend: false,
+                tuning: TuningPreset::Tuned,
+                tuning_settings: Vec::new(),
+                parallelism: 2,
+                max_slice_duration: None,
             }
         );
         assert_eq!(valid.tls_mode(None), TlsMode::Prefer);
@@ -1324,6 +1488,61 @@ mod tests {
         );
         s.slice_timeout = Some("1ms".into());
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn performance_fields_are_checked_and_parsed() {
+        let parsed: UsageBackfillSpec = serde_json::from_value(serde_json::json!({
+            "database": {"secretRef": {"name": "app-db"}},
+            "tuning": {"preset": "ServerDefaults", "settings": {"work_mem": "64MB", "jit": "off"}},
+            "parallelism": 4,
+            "maxSliceDuration": "2m",
+        }))
+        .unwrap();
+        let valid = parsed.validate().unwrap();
+        assert_eq!(valid.tuning, TuningPreset::ServerDefaults);
+        assert_eq!(
+            valid.tuning_settings,
+            [
+                ("jit".to_owned(), "off".to_owned()),
+                ("work_mem".to_owned(), "64MB".to_owned())
+            ]
+        );
+        assert_eq!(valid.parallelism, 4);
+        assert_eq!(valid.max_slice_duration, Some(Duration::from_secs(120)));
+
+        let mut s = spec();
+        for (p, ok) in [(0, false), (1, true), (16, true), (17, false), (-1, false)] {
+            s.parallelism = p;
+            match s.validate() {
+                Ok(v) => assert!(ok && v.parallelism == p as u32, "{p}"),
+                Err(e) => assert!(
+                    !ok && e.to_string()
+                        == format!(
+                            "spec.parallelism: must be a whole number from 1 to 16, not {p}"
+                        ),
+                    "{p}: {e}"
+                ),
+            }
+        }
+        s.parallelism = 2;
+        s.max_slice_duration = Some("500ms".into());
+        assert_eq!(
+            err(&s),
+            "spec.maxSliceDuration: must be at least 1s (omit the field for no target)"
+        );
+        s.max_slice_duration = Some("ten".into());
+        assert!(err(&s).starts_with("spec.maxSliceDuration:"), "{}", err(&s));
+        s.max_slice_duration = None;
+        s.tuning = Some(TuningSpec {
+            preset: TuningPreset::Tuned,
+            settings: [("work mem; reset all".to_owned(), "1".to_owned())].into(),
+        });
+        assert_eq!(
+            err(&s),
+            "spec.tuning.settings: \"work mem; reset all\" is not a PostgreSQL setting name \
+             (letters, digits, '_' and '.', at most 63)"
+        );
     }
 
     #[test]
@@ -1520,6 +1739,12 @@ mod tests {
             assert_eq!(
                 serde_json::to_value(r).unwrap(),
                 serde_json::json!(r.as_str())
+            );
+        }
+        for t in [TuningPreset::Tuned, TuningPreset::ServerDefaults] {
+            assert_eq!(
+                serde_json::to_value(t).unwrap(),
+                serde_json::json!(t.as_str())
             );
         }
         for m in [Mode::IfLagging, Mode::Always] {

@@ -15,8 +15,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_postgres::Client as PgClient;
 use usage_backfill::api::{
-    BackfillResult, ConditionType, Phase, SkipReason, UsageBackfill, UsageBackfillSpec,
-    UsageBackfillStatus,
+    BackfillResult, ConditionType, Mode, Phase, SkipReason, TuningPreset, TuningSpec,
+    UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
 };
 use usage_backfill::controller::decide::Backoff;
 use usage_backfill::controller::{
@@ -45,7 +45,7 @@ fn settings() -> Settings {
             concurrency: 4,
             settle_pause: Duration::from_millis(20),
         },
-        session_settings: vec![("enable_nestloop".into(), "off".into())],
+        session_settings: Vec::new(),
         observe_interval: Duration::from_secs(60),
         secret_recheck_interval: Duration::from_secs(60),
         cancel_recheck_interval: Duration::from_millis(100),
@@ -374,9 +374,24 @@ async fn create_goes_pending_running_succeeded_with_the_engines_counts() {
     assert_eq!(done.last_error, None);
     assert_eq!(done.lock_holder, None);
     assert!(done.started_at.is_some() && done.finished_at.is_some());
+    // The tuned preset by default, and how the walk went.
     assert_eq!(
-        done.settings.get("enable_nestloop").map(String::as_str),
-        Some("off")
+        done.settings,
+        [
+            ("enable_nestloop".to_owned(), "off".to_owned()),
+            ("work_mem".to_owned(), "4MB".to_owned())
+        ]
+        .into()
+    );
+    let perf = done
+        .performance
+        .clone()
+        .expect("a walk reports its performance");
+    assert!(matches!(perf.sessions, Some(1..=2)), "{perf:?}");
+    assert_eq!(perf.slice_retries, Some(0));
+    assert!(
+        perf.slice_median_millis <= perf.slice_max_millis,
+        "{perf:?}"
     );
     h.assert_rollup_correct().await;
 
@@ -690,6 +705,63 @@ async fn invalid_spec_is_stalled_and_a_fixed_spec_runs() {
     let done = h.run_to_end("invalid").await;
     assert_eq!(done.observed_generation, 2);
     assert_eq!(conds(&done), [is("True", "Backfilled"), None, None]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_tuning_and_parallelism_reach_the_run_and_a_refused_setting_stalls_it() {
+    let h = Harness::new(Some(small())).await;
+    h.put_secret();
+    h.create("tuned", |s| {
+        s.tuning = Some(TuningSpec {
+            preset: TuningPreset::ServerDefaults,
+            settings: [("work_mem".to_owned(), "8MB".to_owned())].into(),
+        });
+        s.parallelism = 1;
+    });
+    let done = h.run_to_end("tuned").await;
+    assert_eq!(conds(&done), [is("True", "Backfilled"), None, None]);
+    assert_eq!(
+        done.settings,
+        [("work_mem".to_owned(), "8MB".to_owned())].into(),
+        "the server's settings plus the spec's, nothing of the tuned preset"
+    );
+    let perf = done.performance.clone().unwrap();
+    assert_eq!(perf.sessions, Some(1));
+    assert_eq!(
+        perf.plan_cache_mode, None,
+        "measured by the tuned preset only"
+    );
+    h.assert_rollup_correct().await;
+
+    // A value the server refuses: terminal, named, and nothing written.
+    let watermark = h.watermark().await;
+    h.fake.edit_spec(NS, "tuned", |s| {
+        s.tuning.as_mut().unwrap().settings = [("work_mem".to_owned(), "lots".to_owned())].into();
+        s.mode = Mode::Always;
+    });
+    let failed = h.run_to_end("tuned").await;
+    assert_eq!(failed.phase, Some(Phase::Failed));
+    assert_eq!(
+        conds(&failed),
+        [
+            is("False", "InvalidSessionSetting"),
+            None,
+            is("True", "InvalidSessionSetting")
+        ]
+    );
+    let msg = message(&failed, ConditionType::Stalled);
+    assert!(
+        msg.contains("\"work_mem\"") && msg.contains("lots"),
+        "{msg}"
+    );
+    assert_eq!(failed.attempts, Some(1), "not retried");
+    assert_eq!(h.watermark().await, watermark, "nothing stamped");
+    assert!(
+        h.fake.event_reasons("tuned").contains(&"Failed".to_owned()),
+        "{:?}",
+        h.fake.event_reasons("tuned")
+    );
+    h.assert_password_never_sent();
 }
 
 // ---------------------------------------------------------------------------

@@ -457,15 +457,18 @@ fn schema_defaults_agree_with_serde_defaults() {
             "/mode",
             "/monthsBack",
             "/observedGeneration",
+            "/parallelism",
             "/runId",
             "/sleepBetweenSlices",
             "/suspend",
+            "/tuning/preset",
         ]
     );
 
     // Minimal objects: serde fills the same values the apiserver would.
     let spec: UsageBackfillSpec = serde_json::from_value(json!({
-        "database": {"secretRef": {"name": "db"}, "tls": {"caSecretRef": {"name": "ca"}}}
+        "database": {"secretRef": {"name": "db"}, "tls": {"caSecretRef": {"name": "ca"}}},
+        "tuning": {}
     }))
     .unwrap();
     let status: UsageBackfillStatus = serde_json::from_value(json!({"futureEvents": {}})).unwrap();

@@ -23,11 +23,12 @@ async fn run_perf(
     cancel: &CancellationToken,
 ) -> (Result<Outcome, Error>, Vec<Event>) {
     let database = Database::parse(db.url()).unwrap();
+    let opts = Options {
+        performance: perf.clone(),
+        ..opts.clone()
+    };
     let mut events = Vec::new();
-    let result = engine::run_with(&database, opts, perf, cancel, &mut |e| {
-        events.push(e.clone())
-    })
-    .await;
+    let result = engine::run(&database, &opts, cancel, &mut |e| events.push(e.clone())).await;
     (result, events)
 }
 
@@ -35,6 +36,13 @@ fn parallel(n: u32) -> Performance {
     Performance {
         parallelism: n,
         ..Performance::default()
+    }
+}
+
+fn with_parallelism(n: u32) -> Options {
+    Options {
+        performance: parallel(n),
+        ..Options::default()
     }
 }
 
@@ -322,17 +330,11 @@ async fn cancellation_stops_every_session_and_releases_the_lock() {
     let started = Arc::new(Mutex::new(0));
     let seen = started.clone();
     let run = tokio::spawn(async move {
-        engine::run_with(
-            &database,
-            &Options::default(),
-            &parallel(3),
-            &cancel,
-            &mut |e| {
-                if matches!(e, Event::SliceStarted { .. }) {
-                    *seen.lock().unwrap() += 1;
-                }
-            },
-        )
+        engine::run(&database, &with_parallelism(3), &cancel, &mut |e| {
+            if matches!(e, Event::SliceStarted { .. }) {
+                *seen.lock().unwrap() += 1;
+            }
+        })
         .await
     });
     // Three window calls under way, then cancel.
@@ -393,10 +395,11 @@ async fn resume_after_an_out_of_order_interruption() {
     let watcher = part_db.client().await;
     let handle = tokio::spawn(async move {
         let mut events = Vec::new();
-        let result = engine::run_with(&database, &opts, &parallel(2), &cancel, &mut |e| {
-            events.push(e.clone())
-        })
-        .await;
+        let opts = Options {
+            performance: parallel(2),
+            ..opts
+        };
+        let result = engine::run(&database, &opts, &cancel, &mut |e| events.push(e.clone())).await;
         (result, events)
     });
     // Wait until two later slices committed while slice 2 sleeps.
@@ -547,10 +550,9 @@ async fn losing_the_lock_session_stops_the_workers() {
     let watermark = fixture::watermark(&client).await.unwrap();
     let database = Database::parse(db.url()).unwrap();
     let handle = tokio::spawn(async move {
-        engine::run_with(
+        engine::run(
             &database,
-            &Options::default(),
-            &parallel(3),
+            &with_parallelism(3),
             &CancellationToken::new(),
             &mut |_| {},
         )

@@ -53,7 +53,7 @@ pub struct BackfillArgs {
     pub ca_file: Option<PathBuf>,
     /// Session setting for the backfill session, NAME=VALUE; repeatable
     /// (e.g. --set enable_nestloop=off).
-    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting)]
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = super::parse_setting)]
     pub settings: Vec<(String, String)>,
     /// Planner settings of the backfill's sessions: default (measured, see
     /// docs/performance.md), off (the server's, as the reference), or
@@ -62,7 +62,7 @@ pub struct BackfillArgs {
     pub tuning: Tuning,
     /// Sessions running historical slices at once (1 = serial).
     #[arg(long, default_value_t = engine::DEFAULT_PARALLELISM,
-          value_parser = clap::value_parser!(u32).range(1..=16))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(engine::MAX_PARALLELISM)))]
     pub parallelism: u32,
     /// Target duration of one window call (transaction): slices predicted
     /// longer, from measured times, are split (default: no target).
@@ -106,13 +106,6 @@ pub enum OutputFormat {
     Json,
 }
 
-fn parse_setting(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err("expected NAME=VALUE".to_string()),
-    }
-}
-
 impl BackfillArgs {
     /// Cross-flag rules clap cannot express, with a message naming the flag.
     pub fn options(&self) -> Result<Options, String> {
@@ -140,15 +133,12 @@ impl BackfillArgs {
             slice_timeout: self.slice_timeout,
             session_settings: self.settings.clone(),
             resume: None,
+            performance: Performance {
+                tuning: self.tuning.clone(),
+                parallelism: self.parallelism,
+                max_slice_duration: self.max_slice_duration,
+            },
         })
-    }
-
-    pub fn performance(&self) -> Performance {
-        Performance {
-            tuning: self.tuning.clone(),
-            parallelism: self.parallelism,
-            max_slice_duration: self.max_slice_duration,
-        }
     }
 
     pub fn database(&self) -> Result<Database, Error> {
@@ -180,8 +170,7 @@ pub async fn run(args: BackfillArgs, cancel: CancellationToken) -> u8 {
     };
     tracing::info!(target = %db.describe(), tls = db.tls_mode.as_str(), "starting backfill");
     let mut progress = Progress::new();
-    let perf = args.performance();
-    let result = engine::run_with(&db, &opts, &perf, &cancel, &mut |e| progress.on_event(e)).await;
+    let result = engine::run(&db, &opts, &cancel, &mut |e| progress.on_event(e)).await;
     progress.finish();
     match result {
         Ok(outcome) => {
@@ -476,7 +465,10 @@ mod tests {
 
     #[test]
     fn performance_flags() {
-        assert_eq!(parse(&[]).unwrap().performance(), Performance::default());
+        assert_eq!(
+            parse(&[]).unwrap().options().unwrap().performance,
+            Performance::default()
+        );
         let p = parse(&[
             "--tuning",
             "off",
@@ -486,7 +478,9 @@ mod tests {
             "30s",
         ])
         .unwrap()
-        .performance();
+        .options()
+        .unwrap()
+        .performance;
         assert_eq!(
             p,
             Performance {
@@ -497,7 +491,9 @@ mod tests {
         );
         let p = parse(&["--tuning", "enable_nestloop=off,work_mem=8MB"])
             .unwrap()
-            .performance();
+            .options()
+            .unwrap()
+            .performance;
         assert_eq!(p.tuning.settings().len(), 2);
         assert!(parse(&["--parallelism", "0"]).is_err());
         assert!(parse(&["--tuning", "fast"]).is_err());

@@ -13,6 +13,14 @@ use tokio_util::sync::CancellationToken;
 pub use backfill::BackfillArgs;
 pub use demo::DemoArgs;
 
+/// Parses a `--set NAME=VALUE` flag (the backfill's and the controller's).
+pub fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err("expected NAME=VALUE".to_owned()),
+    }
+}
+
 /// Exit codes a Helm hook Job or a script can rely on.
 pub mod exit {
     /// Backfilled, skipped (nothing to do) or planned (dry run).

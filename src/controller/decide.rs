@@ -22,6 +22,7 @@
 //! | lock 4246 not acquired within lockTimeout | `LockTimeout` | retryable |
 //! | a slice failed or hit sliceTimeout, other database errors | `SliceFailed`, `SliceTimeout`, `DatabaseError` | retryable, resuming from the cursor |
 //! | rollup schema missing, function missing, privileges missing | `RollupStateMissing`, `SchemaMissing`, `PermissionDenied` | terminal (a migration or a GRANT is needed) |
+//! | a session setting the server refuses (spec.tuning.settings, `--set`) | `InvalidSessionSetting` | terminal until the spec changes |
 //! | watermark NULL / state row missing | `ManualInterventionRequired` | terminal |
 //! | monthsBack would skip history without forcePartial | `PartialRangeRefused` | terminal |
 //! | future-dated events (writer clock skew) | `FutureDatedEvents` | terminal: every retry would walk everything and still fail the guard |

@@ -9,8 +9,8 @@ use kube::{Api, Client};
 use super::decide::{SecretLookup, SecretProblem};
 use super::errors::{Error, Result};
 use super::status::Redactor;
-use crate::api::{ModeSettings, TlsMode, UsageBackfillSpec, ValidSpec};
-use crate::engine::{self, Database, Options, Resume};
+use crate::api::{ModeSettings, TlsMode, TuningPreset, UsageBackfillSpec, ValidSpec};
+use crate::engine::{self, Database, Options, Performance, Resume, Tuning};
 
 /// The Secrets, resolved.
 #[derive(Debug, Clone)]
@@ -186,7 +186,8 @@ fn tls_mode(mode: TlsMode) -> engine::TlsMode {
     }
 }
 
-/// The engine options of a run of `valid`.
+/// The engine options of a run of `valid`. `session_settings` are the
+/// controller's (`--set`); spec.tuning.settings win over them.
 pub fn options(
     valid: &ValidSpec,
     session_settings: &[(String, String)],
@@ -207,8 +208,16 @@ pub fn options(
         sleep_between_slices: valid.sleep_between_slices,
         lock_timeout: valid.lock_timeout,
         slice_timeout: valid.slice_timeout,
-        session_settings: session_settings.to_vec(),
+        session_settings: engine::tuning::effective(session_settings, &valid.tuning_settings),
         resume,
+        performance: Performance {
+            tuning: match valid.tuning {
+                TuningPreset::Tuned => Tuning::Default,
+                TuningPreset::ServerDefaults => Tuning::Off,
+            },
+            parallelism: valid.parallelism,
+            max_slice_duration: valid.max_slice_duration,
+        },
     }
 }
 
@@ -357,5 +366,48 @@ mod tests {
         assert!(o.dry_run);
         assert_eq!(o.lock_timeout, Some(Duration::from_secs(30)));
         assert_eq!(o.session_settings.len(), 1);
+        assert_eq!(o.performance, Performance::default());
+    }
+
+    #[test]
+    fn performance_follows_the_spec_and_its_settings_win() {
+        let kv = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let mut s = spec();
+        s.tuning = Some(crate::api::TuningSpec {
+            preset: TuningPreset::ServerDefaults,
+            settings: [kv("work_mem", "64MB")].into(),
+        });
+        s.parallelism = 1;
+        s.max_slice_duration = Some("90s".into());
+        let o = options(
+            &s.validate().unwrap(),
+            &[kv("WORK_MEM", "8MB"), kv("jit", "off")],
+            None,
+        );
+        assert_eq!(
+            o.performance,
+            Performance {
+                tuning: Tuning::Off,
+                parallelism: 1,
+                max_slice_duration: Some(Duration::from_secs(90)),
+            }
+        );
+        // The controller's --set first, the spec's winning (names compare
+        // case-insensitively, as PostgreSQL's do).
+        assert_eq!(
+            o.session_settings,
+            [kv("jit", "off"), kv("work_mem", "64MB")]
+        );
+        assert_eq!(o.effective_settings(), o.session_settings);
+        // The default preset's settings come first and lose to both.
+        s.tuning = Some(crate::api::TuningSpec {
+            preset: TuningPreset::Tuned,
+            settings: [kv("enable_nestloop", "on")].into(),
+        });
+        let o = options(&s.validate().unwrap(), &[], None);
+        assert_eq!(
+            o.effective_settings(),
+            [kv("work_mem", "4MB"), kv("enable_nestloop", "on")]
+        );
     }
 }

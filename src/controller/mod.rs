@@ -86,10 +86,9 @@ pub struct ControllerArgs {
     #[arg(long, visible_alias = "http-addr", default_value = "0.0.0.0:8080")]
     pub health_addr: SocketAddr,
     /// Session setting of every backfill session, NAME=VALUE; repeatable.
-    /// Replaces the default, which turns nested loops off for the window
-    /// calls (about 40x faster on agents with many tasks, same results).
-    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting,
-          default_value = "enable_nestloop=off")]
+    /// Applied after the spec's tuning preset, before spec.tuning.settings
+    /// (which win). Default: none; the preset has the measured settings.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = crate::cli::parse_setting)]
     pub session_settings: Vec<(String, String)>,
     /// Backoff before the first retry of a failed attempt; doubles per
     /// failure.
@@ -149,13 +148,6 @@ impl ControllerArgs {
     }
 }
 
-fn parse_setting(s: &str) -> std::result::Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err("expected NAME=VALUE".to_owned()),
-    }
-}
-
 /// Tunables of the controller (tests shorten them).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -174,7 +166,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             runner: RunnerSettings::default(),
-            session_settings: vec![("enable_nestloop".into(), "off".into())],
+            session_settings: Vec::new(),
             observe_interval: Duration::from_secs(300),
             secret_recheck_interval: Duration::from_secs(300),
             cancel_recheck_interval: Duration::from_secs(2),
@@ -597,10 +589,7 @@ mod tests {
         assert!(w.args.namespaces.is_empty());
         assert_eq!(w.args.concurrency, 4);
         assert_eq!(w.args.health_addr.to_string(), "0.0.0.0:8080");
-        assert_eq!(
-            w.args.session_settings,
-            [("enable_nestloop".to_owned(), "off".to_owned())]
-        );
+        assert!(w.args.session_settings.is_empty());
         let s = Settings::from_args(&w.args);
         assert_eq!(s.runner.backoff.base, Duration::from_secs(10));
         assert_eq!(s.runner.backoff.max, Duration::from_secs(300));

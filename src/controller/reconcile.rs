@@ -254,13 +254,13 @@ impl Act<'_> {
                 name: self.key.name.clone(),
                 source,
             })?;
-        let settings = &self.ctx.settings.session_settings;
+        let options = inputs::options(&valid, &self.ctx.settings.session_settings, start.resume);
         let new = status::starting(
             self.status,
             self.identity,
             &start,
             versions,
-            settings,
+            &options.effective_settings(),
             self.now,
         );
         self.write_status(&new).await?;
@@ -280,7 +280,7 @@ impl Act<'_> {
             identity: self.identity.clone(),
             regarding,
             database,
-            options: inputs::options(&valid, settings, start.resume),
+            options,
             status: new,
             max_attempts: start.max_attempts,
             redactor: inputs.redactor,

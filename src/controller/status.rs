@@ -25,8 +25,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::decide::{self, Identity, SecretProblem, Start, StartKind};
 use crate::api::{
-    BackfillResult, ConditionType, FutureEvents, LockHolder, Phase, Reason, SkipReason, SpecError,
-    UsageBackfillStatus as Status,
+    BackfillResult, ConditionType, FutureEvents, LockHolder, PerformanceStatus, Phase, Reason,
+    SkipReason, SpecError, UsageBackfillStatus as Status,
 };
 use crate::engine::{self, Event, Outcome};
 
@@ -458,6 +458,7 @@ pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
     s.lag_seconds = outcome.lag_seconds;
     s.future_events = outcome.future_events.as_ref().map(future_events);
     s.settings = outcome.settings.iter().cloned().collect();
+    s.performance = performance(outcome);
     s.warnings = outcome.warnings.clone();
     s.lock_holder = None;
     s.last_error = None;
@@ -466,6 +467,22 @@ pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
     let (reason, message) = success_message(outcome, &s);
     succeeded_conditions(&mut s, reason, &message, now);
     s
+}
+
+/// Present when the run walked slices (not for a skip or a dry run).
+fn performance(outcome: &Outcome) -> Option<PerformanceStatus> {
+    let stats = outcome.slice_stats?;
+    let millis = |ms: u64| Some(i64::try_from(ms).unwrap_or(i64::MAX));
+    Some(PerformanceStatus {
+        sessions: Some(outcome.sessions),
+        plan_cache_mode: outcome
+            .tuning
+            .as_ref()
+            .and_then(|t| t.plan_cache_mode.clone()),
+        slice_retries: Some(i64::try_from(outcome.slice_retries).unwrap_or(i64::MAX)),
+        slice_median_millis: millis(stats.median_ms),
+        slice_max_millis: millis(stats.max_ms),
+    })
 }
 
 fn skip_reason(r: engine::SkipReason) -> SkipReason {
@@ -798,11 +815,48 @@ mod tests {
         assert_eq!(done.watermark_stamped, Some(true));
         assert_eq!(done.finished_at, Some(time(ts(T1))));
         assert_eq!(done.last_error, None);
+        assert_eq!(done.performance, None, "no slice times, no performance");
         let msg = &done.condition(ConditionType::Ready).unwrap().message;
         assert!(
             msg.starts_with("backfilled 3 slices from 2026-01-01T00:00:00Z"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_walk_reports_its_sessions_plan_mode_and_slice_times() {
+        let o = Outcome {
+            sessions: 2,
+            slice_retries: 1,
+            slice_stats: engine::sizing::stats(&[40, 10, 25]),
+            tuning: Some(engine::TuningReport {
+                preset: "default".into(),
+                plan_cache_mode: Some("force_generic_plan".into()),
+                probes: Vec::new(),
+            }),
+            ..outcome()
+        };
+        let done = succeeded(&started(), &o, ts(T1));
+        assert_eq!(
+            done.performance,
+            Some(PerformanceStatus {
+                sessions: Some(2),
+                plan_cache_mode: Some("force_generic_plan".into()),
+                slice_retries: Some(1),
+                slice_median_millis: Some(25),
+                slice_max_millis: Some(40),
+            })
+        );
+        // A later run of a new spec starts without it.
+        let again = starting(
+            &done,
+            &Identity::new(5, "again"),
+            &new_start(),
+            "7",
+            &settings(),
+            ts(T1),
+        );
+        assert_eq!(again.performance, None);
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub use dsn::{Database, TlsMode};
 pub use plan::Slice;
 pub use sizing::SliceStats;
 pub use tuning::{PlanProbe, Tuning, TuningReport};
-pub use walk::{run, run_with};
+pub use walk::run;
 
 /// The advisory lock every writer of `task_usage_hourly` takes.
 pub const ADVISORY_LOCK_KEY: i64 = 4246;
@@ -85,11 +85,25 @@ pub struct Options {
     /// backfill's own session only, e.g. planner settings (gap 1).
     pub session_settings: Vec<(String, String)>,
     pub resume: Option<Resume>,
+    /// How fast: tuning, parallel sessions, slice sizing.
+    pub performance: Performance,
+}
+
+impl Options {
+    /// The settings every backfill session gets: the tuning's, then
+    /// `session_settings` (which win).
+    pub fn effective_settings(&self) -> Vec<(String, String)> {
+        tuning::effective(&self.performance.tuning.settings(), &self.session_settings)
+    }
 }
 
 /// Sessions running window calls at once unless told otherwise: measured
 /// best on 2 cores (`docs/performance.md`).
 pub const DEFAULT_PARALLELISM: u32 = 2;
+
+/// Upper bound of `Performance::parallelism` (connections are a shared,
+/// limited resource of the database).
+pub const MAX_PARALLELISM: u32 = 16;
 
 /// How fast a run goes; none of it changes what a run writes.
 #[derive(Debug, Clone, PartialEq)]

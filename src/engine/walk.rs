@@ -12,23 +12,9 @@ use super::session::Session;
 use super::sizing::{self, Piece};
 use super::tuning::{self, TuningReport};
 use super::{
-    Database, Error, Event, Mode, Options, Outcome, Performance, PlannedSlice, Result, SkipReason,
+    Database, Error, Event, MAX_PARALLELISM, Mode, Options, Outcome, Performance, PlannedSlice,
+    Result, SkipReason,
 };
-
-/// Upper bound of `Performance::parallelism` (connections are a shared,
-/// limited resource of the database).
-pub const MAX_PARALLELISM: u32 = 16;
-
-/// Runs one backfill attempt against `db` with the default
-/// [`Performance`] (tuned, parallel): see [`run_with`].
-pub async fn run(
-    db: &Database,
-    opts: &Options,
-    cancel: &CancellationToken,
-    on_event: &mut (dyn FnMut(&Event) + Send),
-) -> Result<Outcome> {
-    run_with(db, opts, &Performance::default(), cancel, on_event).await
-}
 
 /// Runs one backfill attempt against `db`.
 ///
@@ -36,20 +22,19 @@ pub async fn run(
 /// the run between slices, during a slice (the slice rolls back) and while
 /// waiting for the lock; the lock is released before this returns, and
 /// nothing is stamped. With `opts.resume`, slices before the cursor are not
-/// walked again and counts continue from the resumed ones. `perf` changes
-/// how fast, never what is written.
-pub async fn run_with(
+/// walked again and counts continue from the resumed ones.
+/// `opts.performance` changes how fast, never what is written.
+pub async fn run(
     db: &Database,
     opts: &Options,
-    perf: &Performance,
     cancel: &CancellationToken,
     on_event: &mut (dyn FnMut(&Event) + Send),
 ) -> Result<Outcome> {
-    let tuning_settings = perf.tuning.settings();
-    for (name, _) in opts.session_settings.iter().chain(&tuning_settings) {
+    let perf = &opts.performance;
+    let settings = opts.effective_settings();
+    for (name, _) in &settings {
         validate_setting_name(name)?;
     }
-    let settings = tuning::effective(&tuning_settings, &opts.session_settings);
     let started = Instant::now();
     let session = Session::connect(db).await?;
     on_event(&Event::Connected {
@@ -416,16 +401,8 @@ impl Run<'_> {
     }
 }
 
-/// Setting names are PostgreSQL identifiers, optionally dotted
-/// (`enable_nestloop`, `work_mem`, `pg_hint_plan.enable_hint`).
 fn validate_setting_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-        && !name.starts_with('.');
-    if ok {
+    if tuning::is_setting_name(name) {
         Ok(())
     } else {
         Err(Error::InvalidSetting {
@@ -444,26 +421,4 @@ fn millis(d: Duration) -> u64 {
 fn assert_run_is_send(db: &Database, opts: &Options, cancel: &CancellationToken) {
     fn is_send<T: Send>(_: T) {}
     is_send(run(db, opts, cancel, &mut |_| {}));
-    is_send(run_with(
-        db,
-        opts,
-        &Performance::default(),
-        cancel,
-        &mut |_| {},
-    ));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn setting_names() {
-        for ok in ["enable_nestloop", "work_mem", "pg_hint_plan.enable_hint"] {
-            assert!(validate_setting_name(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "work mem", "x;drop", ".a", &"a".repeat(64)] {
-            assert!(validate_setting_name(bad).is_err(), "{bad}");
-        }
-    }
 }
