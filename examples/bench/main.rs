@@ -24,6 +24,11 @@
 //! operator's must match an independent recompute; any difference fails the
 //! run (exit code 1). Wall times and ratios are printed, never asserted.
 //! The operator's peak RSS is this process's VmHWM, reset before its run.
+//! The controller's idle RSS is measured on the `usage-backfill controller`
+//! binary against a stub API server ([`idle`]), with 0 and 1000 finished
+//! UsageBackfills.
+
+mod idle;
 
 use std::time::{Duration, Instant};
 
@@ -350,9 +355,34 @@ async fn bench(args: &Args) -> Result<bool, BoxError> {
             println!("  {h}: {:.1} MiB", *kib as f64 / 1024.0);
         }
     }
+    // The controller, idle: its own process against a stub API server.
+    let settle = Duration::from_secs(if args.scale == "tiny" { 2 } else { 10 });
+    let mut idle_rss = Vec::new();
+    for objects in [0, 1000] {
+        let idle = idle::controller_idle(objects, settle).await?;
+        if idle.writes > 0 {
+            println!(
+                "FAILED: the idle controller made {} write(s) with {objects} finished objects",
+                idle.writes
+            );
+            ok = false;
+        }
+        idle_rss.push(idle);
+    }
     println!(
-        "\ncontroller idle RSS: not measured here (the controller needs a Kubernetes API server)."
+        "\ncontroller idle RSS (usage-backfill controller, caches synced, {} s settled):",
+        settle.as_secs()
     );
+    let base = idle_rss[0].rss_kib as f64;
+    for i in &idle_rss {
+        println!(
+            "  {:>4} finished UsageBackfills: RSS {:.1} MiB (peak {:.1} MiB), {:.2}x the empty cluster's",
+            i.objects,
+            i.rss_kib as f64 / 1024.0,
+            i.peak_kib as f64 / 1024.0,
+            i.rss_kib as f64 / base
+        );
+    }
     println!(
         "{}",
         if ok {
