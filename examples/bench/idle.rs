@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::BoxError;
+use super::{BoxError, proc_status_kib};
 
 /// What one idle measurement saw.
 pub struct Idle {
@@ -79,8 +79,8 @@ pub async fn controller_idle(objects: usize, settle: Duration) -> Result<Idle, B
         return Err("the controller did not become ready within 60 s".into());
     }
     tokio::time::sleep(settle).await;
-    let rss_kib = proc_kib(pid, "VmRSS").ok_or("no VmRSS")?;
-    let peak_kib = proc_kib(pid, "VmHWM").ok_or("no VmHWM")?;
+    let rss_kib = proc_status_kib(&pid.to_string(), "VmRSS").ok_or("no VmRSS")?;
+    let peak_kib = proc_status_kib(&pid.to_string(), "VmHWM").ok_or("no VmHWM")?;
     // SIGTERM: the controller's graceful path; SIGKILL after 10 s.
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -141,18 +141,6 @@ async fn get_status(port: u16, path: &str) -> Option<String> {
     s.read_to_end(&mut buf).await.ok()?;
     let text = String::from_utf8_lossy(&buf);
     text.split_whitespace().nth(1).map(str::to_owned)
-}
-
-/// A `Vm…:` line of /proc/<pid>/status, in KiB.
-fn proc_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// What the stub serves: lists, and single objects by name.

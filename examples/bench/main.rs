@@ -488,9 +488,14 @@ fn db_name(history: &str, variant: &str) -> String {
         .replace(['-', '.'], "_")
 }
 
-/// A `Vm…:` line of /proc/self/status, in KiB.
+/// A `Vm…:` line of this process's status, in KiB.
 fn vm_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    proc_status_kib("self", field)
+}
+
+/// A `Vm…:` line of /proc/<pid>/status, in KiB.
+fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
