@@ -315,6 +315,7 @@ async fn the_minimal_role_is_enough_and_less_fails_clearly() {
         .batch_execute("REVOKE EXECUTE ON FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz) FROM PUBLIC")
         .await
         .unwrap();
+    let hourly_before = fixture::hourly_checksum(&client).await.unwrap();
     let without_stamp = db
         .create_role(
             "nostamp",
@@ -332,12 +333,17 @@ async fn the_minimal_role_is_enough_and_less_fails_clearly() {
     assert_eq!(err.reason(), "PermissionDenied", "{err}");
     assert!(
         err.to_string()
-            .contains("UPDATE on task_usage_hourly_rollup_state"),
+            .contains("lacks UPDATE on table task_usage_hourly_rollup_state; nothing was written"),
         "{err}"
     );
     assert_eq!(
         fixture::watermark(&client).await.unwrap(),
         Some(Timestamp::UNIX_EPOCH)
+    );
+    assert_eq!(
+        fixture::hourly_checksum(&client).await.unwrap(),
+        hourly_before,
+        "checked before the walk: no hourly row written"
     );
     let no_exec = db
         .create_role(
@@ -348,6 +354,11 @@ async fn the_minimal_role_is_enough_and_less_fails_clearly() {
         .await;
     let err = run(&no_exec.url, &Options::default()).await.0.unwrap_err();
     assert_eq!(err.reason(), "PermissionDenied", "{err}");
+    assert!(
+        err.to_string()
+            .contains("lacks EXECUTE on function rollup_task_usage_hourly_window"),
+        "{err}"
+    );
     assert_eq!(
         fixture::watermark(&client).await.unwrap(),
         Some(Timestamp::UNIX_EPOCH)

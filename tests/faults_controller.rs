@@ -1388,8 +1388,11 @@ async fn database_state_problems_are_stalled_with_a_specific_reason_and_no_write
         ]
     );
     let msg = message(&s, ConditionType::Stalled);
-    assert!(msg.starts_with("months-back 1 starts at "), "{msg}");
-    assert!(msg.contains("force-partial"), "{msg}");
+    assert!(msg.starts_with("starting 1 month(s) back, at "), "{msg}");
+    assert!(
+        msg.contains("spec.forcePartial: true"),
+        "the resource's own field is named: {msg}"
+    );
     assert_eq!(events.last().map(|e| e.0.as_str()), Some("Failed"));
 
     // A NULL watermark needs a person.

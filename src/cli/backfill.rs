@@ -31,7 +31,9 @@ pub struct BackfillArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// always only: start N months before the current month (0 = all history).
-    #[arg(long, default_value_t = 0)]
+    // Negative numbers are values here, so that `--months-back -1` gets the
+    // range message naming the flag, not "unexpected argument '-1'".
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub months_back: u32,
     /// always only: accept that --months-back abandons older buckets.
     #[arg(long)]
@@ -61,7 +63,7 @@ pub struct BackfillArgs {
     #[arg(long, default_value = "default", value_parser = |s: &str| s.parse::<Tuning>())]
     pub tuning: Tuning,
     /// Sessions running historical slices at once (1 = serial).
-    #[arg(long, default_value_t = engine::DEFAULT_PARALLELISM,
+    #[arg(long, default_value_t = engine::DEFAULT_PARALLELISM, allow_negative_numbers = true,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(engine::MAX_PARALLELISM)))]
     pub parallelism: u32,
     /// Target duration of one window call (transaction): slices predicted
@@ -503,8 +505,15 @@ mod tests {
     fn bad_flags_are_rejected_with_the_reason() {
         let e = parse(&["--lag-threshold", "1x"]).err().unwrap().to_string();
         assert!(e.contains("unknown unit"), "{e}");
-        let e = parse(&["--months-back", "-1"]).err().unwrap().to_string();
-        assert!(e.contains("-1"), "{e}");
+        for spelling in [&["--months-back", "-1"][..], &["--months-back=-1"]] {
+            let e = parse(spelling).err().unwrap().to_string();
+            assert!(
+                e.contains("invalid value '-1' for '--months-back <MONTHS_BACK>'"),
+                "{e}"
+            );
+        }
+        let e = parse(&["--parallelism", "-2"]).err().unwrap().to_string();
+        assert!(e.contains("'--parallelism <PARALLELISM>'"), "{e}");
         let e = parse(&["--set", "novalue"]).err().unwrap().to_string();
         assert!(e.contains("NAME=VALUE"), "{e}");
         let e = parse(&["--months-back", "2"])

@@ -309,7 +309,7 @@ pub enum Error {
     )]
     WatermarkMissing,
     #[error(
-        "months-back {months_back} starts at {start}, after the earliest event ({earliest}): the stamped watermark would abandon the older buckets for good; set force-partial to accept that"
+        "starting {months_back} month(s) back, at {start}, skips history: the earliest event is at {earliest}, and the stamped watermark would abandon the older buckets for good; force a partial walk to accept that (spec.forcePartial: true, or --force-partial)"
     )]
     MonthsBackSkipsHistory {
         months_back: u32,

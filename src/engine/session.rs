@@ -152,6 +152,36 @@ impl Session {
         Ok((row.get(0), row.get(1)))
     }
 
+    /// The privileges the engine itself uses that the role lacks: EXECUTE
+    /// on the window function and SELECT and UPDATE on the state table (the
+    /// stamp). Checked before the lock, so that a role that could walk but
+    /// not stamp fails before writing anything. What the function needs
+    /// beyond that depends on how it is defined (SECURITY INVOKER or
+    /// DEFINER) and shows when it runs.
+    pub async fn missing_privileges(&self) -> Result<Vec<&'static str>> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_user::text,
+                        has_function_privilege('public.rollup_task_usage_hourly_window(timestamptz, timestamptz)', 'EXECUTE'),
+                        has_any_column_privilege('public.task_usage_hourly_rollup_state', 'SELECT'),
+                        has_any_column_privilege('public.task_usage_hourly_rollup_state', 'UPDATE')",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db_error("checking the role's privileges", &e))?;
+        let needed = [
+            (1, "EXECUTE on function rollup_task_usage_hourly_window"),
+            (2, "SELECT on table task_usage_hourly_rollup_state"),
+            (3, "UPDATE on table task_usage_hourly_rollup_state"),
+        ];
+        Ok(needed
+            .into_iter()
+            .filter(|(i, _)| !row.get::<_, bool>(*i))
+            .map(|(_, what)| what)
+            .collect())
+    }
+
     /// Reads the range of history and the watermark in one round trip. The
     /// maximum is computed per index (updated_at, and created_at of legacy
     /// rows) instead of MAX(COALESCE(..)), which would scan the table.

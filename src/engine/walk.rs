@@ -95,6 +95,7 @@ impl Run<'_> {
         if self.opts.dry_run {
             return self.dry_run(from, &snap).await;
         }
+        self.require_privileges().await?;
         self.acquire().await?;
         let result = self.if_lagging_locked(threshold).await;
         self.session.unlock().await;
@@ -128,6 +129,7 @@ impl Run<'_> {
                 Decision::Walk { from } => self.dry_run(from, &snap).await,
             };
         }
+        self.require_privileges().await?;
         self.acquire().await?;
         let result = self.always_locked().await;
         self.session.unlock().await;
@@ -203,6 +205,16 @@ impl Run<'_> {
                 what: "function rollup_task_usage_hourly_window(timestamptz, timestamptz)".into(),
             }),
         }
+    }
+
+    async fn require_privileges(&mut self) -> Result<()> {
+        let missing = self.session.missing_privileges().await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied {
+            message: format!("the role lacks {}; nothing was written", missing.join(", ")),
+        })
     }
 
     async fn refuse_future_events(&mut self, snap: &Snapshot, threshold: Duration) -> Result<()> {
