@@ -109,6 +109,60 @@ pub fn server() -> Option<&'static TempPostgres> {
     harness().server.as_ref()
 }
 
+/// A new connection to `url` (any server, e.g. a [`TempPostgres`] a fault
+/// test started itself); its connection task runs on the current runtime.
+/// Panics when it cannot connect.
+pub async fn client(url: &str) -> Client {
+    connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url:?}: {}", chain(&e)))
+}
+
+/// Database `name` with the fixture installed, on a server the test
+/// started itself (a [`TempPostgres`] it may restart or stop): its admin
+/// URL and an admin connection to it.
+pub async fn fixture_database(server: &TempPostgres, name: &str) -> (String, Client) {
+    let admin = client(&server.admin_url("postgres")).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("testkit: CREATE DATABASE {name}: {}", chain(&e)));
+    let url = server.admin_url(name);
+    let db = client(&url).await;
+    fixture::install(&db)
+        .await
+        .unwrap_or_else(|e| panic!("testkit: installing the fixture into {name}: {}", chain(&e)));
+    (url, db)
+}
+
+/// Sessions of the current database holding (`true`) or waiting for
+/// (`false`) advisory lock 4246 ([`fixture::ROLLUP_LOCK_KEY`], taken by the
+/// backfill and the rollup tick): `(pid, granted, application_name)`.
+pub async fn lock_4246(client: &Client) -> Vec<(i32, bool, String)> {
+    client
+        .query(
+            "SELECT l.pid, l.granted, coalesce(a.application_name, '')
+               FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = 4246
+                AND l.objsubid = 1
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("testkit: reading pg_locks: {}", chain(&e)))
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Whether some session holds advisory lock 4246 in the current database.
+pub async fn lock_4246_held(client: &Client) -> bool {
+    lock_4246(client)
+        .await
+        .iter()
+        .any(|(_, granted, _)| *granted)
+}
+
 impl TestDatabase {
     pub fn name(&self) -> &str {
         &self.name
@@ -494,6 +548,78 @@ mod tests {
         }
         assert_eq!(count(&ca).await, 1);
         assert_eq!(count(&cb).await, 0);
+    }
+
+    #[tokio::test]
+    async fn lock_4246_shows_the_holder_and_the_waiters_of_this_database() {
+        /// A session of `db` named `app`, and its pid.
+        async fn session(db: &TestDatabase, app: &str) -> (Client, i32) {
+            let client = db.client().await;
+            client
+                .batch_execute(&format!("SET application_name = '{app}'"))
+                .await
+                .unwrap();
+            let pid = client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (client, pid)
+        }
+        /// Waits until `lock_4246` shows `expected` (in any order).
+        async fn shows(observer: &Client, expected: &[(i32, bool, &str)]) {
+            let mut expected: Vec<_> = expected
+                .iter()
+                .map(|&(pid, granted, app)| (pid, granted, app.to_owned()))
+                .collect();
+            expected.sort();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let mut seen = lock_4246(observer).await;
+                seen.sort();
+                if seen == expected {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "lock 4246: {seen:?}, expected {expected:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let db = fresh_database().await;
+        let other = fresh_database().await;
+        let observer = db.client().await;
+        let (holder, holder_pid) = session(&db, "holder").await;
+        let (waiter, waiter_pid) = session(&db, "waiter").await;
+        let (elsewhere, _) = session(&other, "elsewhere").await;
+        shows(&observer, &[]).await;
+        assert!(!lock_4246_held(&observer).await);
+
+        let take = "SELECT pg_advisory_lock(4246)";
+        holder.batch_execute(take).await.unwrap();
+        elsewhere.batch_execute(take).await.unwrap();
+        shows(&observer, &[(holder_pid, true, "holder")]).await;
+        assert!(lock_4246_held(&observer).await);
+        let waiting = tokio::spawn(async move {
+            waiter.batch_execute(take).await.unwrap();
+            waiter
+        });
+        shows(
+            &observer,
+            &[(holder_pid, true, "holder"), (waiter_pid, false, "waiter")],
+        )
+        .await;
+
+        holder
+            .batch_execute("SELECT pg_advisory_unlock(4246)")
+            .await
+            .unwrap();
+        let waiter = waiting.await.unwrap();
+        shows(&observer, &[(waiter_pid, true, "waiter")]).await;
+        drop(waiter);
+        shows(&observer, &[]).await;
+        assert!(!lock_4246_held(&observer).await);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio_postgres::Client;
 use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::testkit::{self, TestDatabase};
+use usage_backfill::testkit::{self, TestDatabase, lock_4246_held};
 
 const BIN: &str = env!("CARGO_BIN_EXE_usage-backfill");
 
@@ -104,21 +104,6 @@ async fn state(client: &Client) -> State {
         checksum: fixture::hourly_checksum(client).await.unwrap(),
         watermark: fixture::watermark(client).await.unwrap(),
     }
-}
-
-async fn lock_4246_held(client: &Client) -> bool {
-    client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks
-                             WHERE locktype = 'advisory' AND granted
-                               AND database = (SELECT oid FROM pg_database
-                                                WHERE datname = current_database())
-                               AND classid = 0 AND objid = 4246 AND objsubid = 1)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 fn json(ran: &Ran) -> Value {

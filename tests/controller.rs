@@ -12,45 +12,25 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_postgres::Client as PgClient;
 use usage_backfill::api::{
     BackfillResult, ConditionType, Mode, Phase, SkipReason, TuningPreset, TuningSpec,
     UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
 };
-use usage_backfill::controller::decide::Backoff;
 use usage_backfill::controller::{
     self, Context, Election, Error as ControllerError, LeaseSettings, Metrics, ObjectKey, Replica,
-    RunnerSettings, Settings, health, leader::LEASE_NAME, writes::FIELD_MANAGER, writes::FINALIZER,
+    Settings, health, leader::LEASE_NAME, writes::FIELD_MANAGER, writes::FINALIZER,
 };
 use usage_backfill::fixture::{self, HistorySpec};
 use usage_backfill::testkit::{self, TestDatabase};
 
-use support::{FakeApiServer, Outage};
+use support::engine::assert_correct;
+use support::status::{cond, conds, is, message, secs};
+use support::{FakeApiServer, Outage, settings};
 
 const NS: &str = "tenant-a";
 const SECRET: &str = "app-db";
 const WAIT: Duration = Duration::from_secs(30);
-
-fn settings() -> Settings {
-    Settings {
-        runner: RunnerSettings {
-            // Every slice is written, so short runs show their progress.
-            progress_interval: Duration::ZERO,
-            heartbeat_interval: Duration::from_secs(15),
-            backoff: Backoff {
-                base: Duration::from_millis(100),
-                max: Duration::from_millis(400),
-            },
-            concurrency: 4,
-            settle_pause: Duration::from_millis(20),
-        },
-        session_settings: Vec::new(),
-        observe_interval: Duration::from_secs(60),
-        secret_recheck_interval: Duration::from_secs(60),
-        cancel_recheck_interval: Duration::from_millis(100),
-    }
-}
 
 fn small() -> HistorySpec {
     HistorySpec {
@@ -184,61 +164,16 @@ impl Harness {
 
     /// Sessions holding (true) or waiting for (false) lock 4246.
     async fn lock_4246(&self) -> Vec<(i32, bool, String)> {
-        self.pg
-            .query(
-                "SELECT l.pid, l.granted, coalesce(a.application_name, '')
-                   FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-                  WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = 4246
-                    AND l.objsubid = 1
-                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect()
+        testkit::lock_4246(&self.pg).await
     }
 
     async fn assert_rollup_correct(&self) {
-        assert_eq!(
-            fixture::recompute_mismatches(&self.pg).await.unwrap(),
-            0,
-            "task_usage_hourly differs from an independent recompute"
-        );
-        assert_eq!(
-            fixture::guard(&self.pg).await.unwrap(),
-            Ok(()),
-            "the migration guard refuses"
-        );
+        assert_correct(&self.pg).await;
     }
 }
 
 fn writes_has_finalizer(obj: &UsageBackfill) -> bool {
     controller::writes::has_finalizer(obj)
-}
-
-fn cond(s: &UsageBackfillStatus, t: ConditionType) -> Option<(String, String)> {
-    s.condition(t).map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-fn is(status: &str, reason: &str) -> Option<(String, String)> {
-    Some((status.into(), reason.into()))
-}
-
-fn conds(s: &UsageBackfillStatus) -> [Option<(String, String)>; 3] {
-    ConditionType::ALL.map(|t| cond(s, t))
-}
-
-fn message(s: &UsageBackfillStatus, t: ConditionType) -> String {
-    s.condition(t)
-        .map(|c| c.message.clone())
-        .unwrap_or_default()
-}
-
-/// A database time as the status carries it (RFC 3339, whole seconds).
-fn secs(ts: Timestamp) -> Time {
-    Time(Timestamp::from_second(ts.as_second()).unwrap())
 }
 
 /// What `kubectl get ubf` prints for it (the CRD's printer columns).

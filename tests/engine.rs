@@ -2,6 +2,8 @@
 //! correctness (an independent recompute), locking, cancellation, resume,
 //! and one scenario per closed reference gap.
 
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +13,9 @@ use usage_backfill::engine::{
     self, CancellationToken, Database, Error, Event, Mode, Options, Outcome, Resume, SkipReason,
 };
 use usage_backfill::fixture::{self, HistorySpec, Scenario, UsageRow};
-use usage_backfill::testkit::{self, TestDatabase};
+use usage_backfill::testkit::{self, TestDatabase, lock_4246};
+
+use support::engine::{always, assert_correct};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -21,24 +25,11 @@ async fn run_engine(
     opts: &Options,
     cancel: &CancellationToken,
 ) -> (Result<Outcome, Error>, Vec<Event>) {
-    let database = Database::parse(db.url()).unwrap();
-    let mut events = Vec::new();
-    let result = engine::run(&database, opts, cancel, &mut |e| events.push(e.clone())).await;
-    (result, events)
+    support::engine::run(&Database::parse(db.url()).unwrap(), opts, cancel).await
 }
 
 async fn run(db: &TestDatabase, opts: Options) -> (Result<Outcome, Error>, Vec<Event>) {
     run_engine(db, &opts, &CancellationToken::new()).await
-}
-
-fn always() -> Options {
-    Options {
-        mode: Mode::Always {
-            months_back: 0,
-            force_partial: false,
-        },
-        ..Options::default()
-    }
 }
 
 /// Checksum of the hourly table and the watermark: "nothing was written".
@@ -51,35 +42,6 @@ async fn state(client: &Client) -> (String, Option<Timestamp>) {
 
 async fn db_now(client: &Client) -> Timestamp {
     client.query_one("SELECT now()", &[]).await.unwrap().get(0)
-}
-
-/// Sessions of this database holding or waiting for advisory lock 4246.
-async fn lock_4246(client: &Client) -> Vec<(i32, bool)> {
-    client
-        .query(
-            "SELECT pid, granted FROM pg_locks
-              WHERE locktype = 'advisory' AND classid = 0 AND objid = 4246 AND objsubid = 1
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
-
-async fn assert_correct(client: &Client) {
-    assert_eq!(
-        fixture::recompute_mismatches(client).await.unwrap(),
-        0,
-        "hourly table differs from an independent recompute"
-    );
-    assert_eq!(
-        fixture::guard(client).await.unwrap(),
-        Ok(()),
-        "the migration guard refuses"
-    );
 }
 
 fn ts(s: &str) -> Timestamp {
@@ -434,7 +396,8 @@ async fn a_second_run_waits_for_lock_4246_then_skips() {
     // Run 2 is queued in pg_locks, not granted, while run 1 works.
     let locks = lock_4246(&client).await;
     assert!(
-        locks.contains(&(holder_pid[0].0, true)) && locks.iter().any(|(_, g)| !g),
+        locks.iter().any(|&(pid, g, _)| pid == holder_pid[0].0 && g)
+            && locks.iter().any(|(_, g, _)| !g),
         "{locks:?}"
     );
     let holder = log.lock().unwrap().iter().find_map(|(_, e)| match e {

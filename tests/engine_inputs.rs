@@ -6,23 +6,24 @@
 //! for TLS, against throwaway servers started with certificates from a test
 //! CA generated here.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use proptest::prelude::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use usage_backfill::duration;
 use usage_backfill::engine::{
-    self, CancellationToken, ConnectFailure, Database, Error, Event, Mode, Options, Outcome,
-    SkipReason, TlsMode,
+    CancellationToken, ConnectFailure, Database, Error, Event, Mode, Options, Outcome, SkipReason,
+    TlsMode,
 };
 use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::pgtemp::{ServerTls, TempPostgres, TempPostgresOptions};
-use usage_backfill::testkit::{self, TestDatabase, TestRole};
+use usage_backfill::pgtemp::{ServerTls, TempPostgres};
+use usage_backfill::testkit::{self, TestDatabase, TestRole, lock_4246_held};
+
+use support::engine::always;
+use support::tls::{self, TestCa};
 
 /// The distinctive password of the backfill role in these tests.
 const PASSWORD: &str = "Pw-7f3c-SECRET";
@@ -37,14 +38,6 @@ const FULL_GRANTS: &str = "GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {url:?}: {e}"));
-    tokio::spawn(connection);
-    client
-}
 
 /// A fresh test database with a little history (three months ending where
 /// the current month begins; the fixture's watermark is 1970, so it lags),
@@ -96,22 +89,7 @@ async fn state(client: &Client) -> State {
 
 /// One engine run, with every event it reported.
 async fn run(db: &Database, opts: &Options) -> (Result<Outcome, Error>, Vec<Event>) {
-    let mut events = Vec::new();
-    let result = engine::run(db, opts, &CancellationToken::new(), &mut |e: &Event| {
-        events.push(e.clone())
-    })
-    .await;
-    (result, events)
-}
-
-fn always() -> Options {
-    Options {
-        mode: Mode::Always {
-            months_back: 0,
-            force_partial: false,
-        },
-        ..Options::default()
-    }
+    support::engine::run(db, opts, &CancellationToken::new()).await
 }
 
 /// `secret` is in no error text and no event.
@@ -182,22 +160,6 @@ fn with_dbname(url: &str, dbname: &str) -> String {
 fn with_param(url: &str, param: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}{param}")
-}
-
-/// Whether some session holds advisory lock 4246 in the current database.
-async fn lock_4246_held(client: &Client) -> bool {
-    client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks
-                             WHERE locktype = 'advisory' AND granted
-                               AND database = (SELECT oid FROM pg_database
-                                                WHERE datname = current_database())
-                               AND classid = 0 AND objid = 4246 AND objsubid = 1)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -480,7 +442,7 @@ async fn database_that_does_not_exist() {
 #[tokio::test]
 async fn database_without_the_rollup_tables() {
     let db = testkit::fresh_database().await;
-    let admin = connect(db.admin_url()).await;
+    let admin = testkit::client(db.admin_url()).await;
     let empty = format!("{}_empty", db.name());
     admin
         .batch_execute(&format!("CREATE DATABASE {empty}"))
@@ -492,7 +454,7 @@ async fn database_without_the_rollup_tables() {
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned());
     let secret = secret.expect("testkit URLs carry a password");
-    let empty_client = connect(&url).await;
+    let empty_client = testkit::client(&url).await;
     let tables = async |c: &Client| -> i64 {
         c.query_one(
             "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -761,67 +723,11 @@ async fn months_back_that_skips_history_is_refused() {
 // TLS against real servers
 // ---------------------------------------------------------------------------
 
-/// A test certificate authority.
-struct TestCa {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A server certificate for `names` (DNS names or IP addresses).
-    fn server_cert(&self, names: &[&str]) -> ServerTls {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone()).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names[0].clone());
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        ServerTls {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
-    }
-}
-
 /// A TLS server with the fixture and lagging history in database `usage`.
 async fn tls_server(tls: ServerTls) -> TempPostgres {
-    let server = TempPostgres::start(TempPostgresOptions {
-        tls: Some(tls),
-        ..TempPostgresOptions::default()
-    })
-    .await
-    .expect("starting a TLS PostgreSQL");
+    let server = tls::postgres(tls).await;
     assert!(server.tls());
-    let admin = connect(&server.admin_url("postgres")).await;
-    admin.batch_execute("CREATE DATABASE usage").await.unwrap();
-    let client = connect(&server.admin_url("usage")).await;
-    fixture::install(&client).await.unwrap();
+    let (_, client) = testkit::fixture_database(&server, "usage").await;
     fixture::generate(
         &client,
         &HistorySpec {
@@ -842,7 +748,7 @@ async fn walk_over_tls(
     server: &TempPostgres,
     target: &Database,
 ) -> (Result<Outcome, Error>, Vec<Event>) {
-    let client = connect(&server.admin_url("usage")).await;
+    let client = testkit::client(&server.admin_url("usage")).await;
     fixture::set_watermark(&client, Some("2000-01-01T00:00:00Z".parse().unwrap()))
         .await
         .unwrap();

@@ -4,17 +4,20 @@
 //! out-of-order interruption, conflicts are retried, tuning reaches our
 //! sessions only, and slice sizing follows measured times.
 
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio_postgres::Client;
 use usage_backfill::engine::{
-    self, CancellationToken, Database, Error, Event, Options, Outcome, Performance, Resume, Slice,
-    Tuning,
+    self, CancellationToken, Database, Error, Event, Options, Outcome, Performance, Slice, Tuning,
 };
 use usage_backfill::fixture::{self, HistorySpec};
 use usage_backfill::testkit::{self, TestDatabase};
+
+use support::engine::{assert_correct, last_resume};
 
 async fn run_perf(
     db: &TestDatabase,
@@ -27,9 +30,7 @@ async fn run_perf(
         performance: perf.clone(),
         ..opts.clone()
     };
-    let mut events = Vec::new();
-    let result = engine::run(&database, &opts, cancel, &mut |e| events.push(e.clone())).await;
-    (result, events)
+    support::engine::run(&database, &opts, cancel).await
 }
 
 fn parallel(n: u32) -> Performance {
@@ -66,27 +67,12 @@ fn overlapping() -> HistorySpec {
     }
 }
 
-async fn assert_correct(client: &Client) {
-    assert_eq!(
-        fixture::recompute_mismatches(client).await.unwrap(),
-        0,
-        "hourly table differs from an independent recompute"
-    );
-    assert_eq!(fixture::guard(client).await.unwrap(), Ok(()));
-}
-
+/// Sessions of this database holding or waiting for lock 4246.
 async fn lock_holders(client: &Client) -> Vec<i32> {
-    client
-        .query(
-            "SELECT pid FROM pg_locks
-              WHERE locktype = 'advisory' AND classid = 0 AND objid = 4246 AND objsubid = 1
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[],
-        )
+    testkit::lock_4246(client)
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
+        .map(|(pid, ..)| pid)
         .collect()
 }
 
@@ -205,22 +191,6 @@ fn done_slices(events: &[Event]) -> Vec<(Slice, u64, Timestamp)> {
             _ => None,
         })
         .collect()
-}
-
-fn last_resume(events: &[Event]) -> Option<Resume> {
-    events.iter().rev().find_map(|e| match e {
-        Event::SliceDone {
-            cursor,
-            slices_processed,
-            rows_touched,
-            ..
-        } => Some(Resume {
-            cursor: *cursor,
-            slices_processed: *slices_processed,
-            rows_touched: *rows_touched,
-        }),
-        _ => None,
-    })
 }
 
 fn overlap(a: &Call, b: &Call) -> bool {

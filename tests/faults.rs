@@ -3,62 +3,34 @@
 //! released and the watermark stamped exactly once (by the run that
 //! finished).
 
+mod support;
+
 use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio_postgres::Client;
-use usage_backfill::engine::{
-    self, CancellationToken, Database, Error, Event, Options, Outcome, Resume,
-};
+use usage_backfill::engine::{CancellationToken, Database, Error, Event, Options, Outcome};
 use usage_backfill::fixture::{self, HistorySpec};
 use usage_backfill::pgtemp::{TempPostgres, TempPostgresOptions};
 use usage_backfill::testkit::{self, TestDatabase};
 
+use support::engine::{assert_correct, last_resume};
+
 const PASSWORD: &str = "Fault-9d2e-SECRET";
 
-async fn lock_holders(client: &Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FROM pg_locks
-              WHERE locktype = 'advisory' AND classid = 0 AND objid = 4246 AND objsubid = 1
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+/// Sessions of this database holding or waiting for lock 4246.
+async fn lock_holders(client: &Client) -> usize {
+    testkit::lock_4246(client).await.len()
 }
 
 async fn assert_recovered(client: &Client) {
-    assert_eq!(fixture::recompute_mismatches(client).await.unwrap(), 0);
-    assert_eq!(fixture::guard(client).await.unwrap(), Ok(()));
+    assert_correct(client).await;
     assert_eq!(lock_holders(client).await, 0, "lock 4246 released");
-}
-
-fn last_resume(events: &[Event]) -> Option<Resume> {
-    events.iter().rev().find_map(|e| match e {
-        Event::SliceDone {
-            cursor,
-            slices_processed,
-            rows_touched,
-            ..
-        } => Some(Resume {
-            cursor: *cursor,
-            slices_processed: *slices_processed,
-            rows_touched: *rows_touched,
-        }),
-        _ => None,
-    })
 }
 
 async fn run(url: &str, opts: &Options) -> (Result<Outcome, Error>, Vec<Event>) {
     let db = Database::parse(url).unwrap();
-    let mut events = Vec::new();
-    let result = engine::run(&db, opts, &CancellationToken::new(), &mut |e| {
-        events.push(e.clone())
-    })
-    .await;
-    (result, events)
+    support::engine::run(&db, opts, &CancellationToken::new()).await
 }
 
 /// A test database with history and a login role (password [`PASSWORD`])
@@ -211,14 +183,7 @@ async fn postgres_restarted_mid_run_then_the_retry_completes() {
     let pg = TempPostgres::start(TempPostgresOptions::default())
         .await
         .unwrap();
-    let admin = connect(&pg.admin_url("postgres")).await;
-    admin
-        .batch_execute("CREATE DATABASE restart_test")
-        .await
-        .unwrap();
-    let url = pg.admin_url("restart_test");
-    let client = connect(&url).await;
-    fixture::install(&client).await.unwrap();
+    let (url, client) = testkit::fixture_database(&pg, "restart_test").await;
     fixture::generate(
         &client,
         &HistorySpec {
@@ -230,12 +195,12 @@ async fn postgres_restarted_mid_run_then_the_retry_completes() {
     .await
     .unwrap();
     slow_window(&client, 0.5).await;
-    drop((admin, client));
+    drop(client);
     let attempt = tokio::spawn({
         let url = url.clone();
         async move { run(&url, &Options::default()).await }
     });
-    backend_in_window(&connect(&url).await).await;
+    backend_in_window(&testkit::client(&url).await).await;
     let pg = tokio::task::spawn_blocking(move || {
         pg.restart().unwrap();
         pg
@@ -245,7 +210,7 @@ async fn postgres_restarted_mid_run_then_the_retry_completes() {
     let (result, events) = attempt.await.unwrap();
     let err = result.unwrap_err();
     assert!(err.is_retryable(), "{err}");
-    let client = connect(&url).await;
+    let client = testkit::client(&url).await;
     assert_eq!(
         fixture::watermark(&client).await.unwrap(),
         Some(Timestamp::UNIX_EPOCH),
@@ -367,12 +332,4 @@ async fn the_minimal_role_is_enough_and_less_fails_clearly() {
     let outcome = run(&minimal.url, &Options::default()).await.0.unwrap();
     assert!(outcome.watermark_stamped);
     assert_recovered(&client).await;
-}
-
-async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
 }

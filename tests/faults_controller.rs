@@ -23,23 +23,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use serde_json::json;
 use tokio_postgres::Client as PgClient;
 use usage_backfill::api::{
     BackfillResult, CaSecretRef, ConditionType, Mode, Phase, SkipReason, TlsMode, TlsSpec,
     UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
 };
-use usage_backfill::controller::decide::Backoff;
-use usage_backfill::controller::{self, Context, ObjectKey, RunnerSettings, Settings};
+use usage_backfill::controller::{self, Context, ObjectKey, Settings};
 use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::pgtemp::{ServerTls, TempPostgres, TempPostgresOptions};
-use usage_backfill::testkit::{self, TestDatabase};
+use usage_backfill::pgtemp::{TempPostgres, TempPostgresOptions};
+use usage_backfill::testkit::{self, TestDatabase, lock_4246};
 
 use support::FakeApiServer;
+use support::engine::assert_correct;
+use support::status::{cond, conds, is, message, secs};
+use support::tls::{self, TestCa};
 
 const NS: &str = "tenant-a";
 const SECRET: &str = "app-db";
@@ -182,38 +180,11 @@ async fn backfill_stamps(pg: &PgClient) -> Vec<(String, Timestamp)> {
     .collect()
 }
 
-/// Sessions holding (true) or waiting for (false) lock 4246, with their
-/// application_name.
-async fn lock_4246(pg: &PgClient) -> Vec<(i32, bool, String)> {
-    pg.query(
-        "SELECT l.pid, l.granted, coalesce(a.application_name, '')
-           FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-          WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = 4246
-            AND l.objsubid = 1
-            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2)))
-    .collect()
-}
-
 /// How a fault case must end: the rollup equals an independent recompute,
 /// the migration guard passes, lock 4246 is free, and the backfill stamped
 /// the watermark exactly `stamps` times (once per finished run).
 async fn assert_recovered(pg: &PgClient, stamps: usize) {
-    assert_eq!(
-        fixture::recompute_mismatches(pg).await.unwrap(),
-        0,
-        "task_usage_hourly differs from an independent recompute"
-    );
-    assert_eq!(
-        fixture::guard(pg).await.unwrap(),
-        Ok(()),
-        "the guard passes"
-    );
+    assert_correct(pg).await;
     assert!(lock_4246(pg).await.is_empty(), "lock 4246 released");
     let stamped = backfill_stamps(pg).await;
     assert_eq!(stamped.len(), stamps, "watermark stamps: {stamped:?}");
@@ -261,14 +232,6 @@ async fn watermark_text(pg: &PgClient) -> String {
     row.map_or_else(|| "no row".into(), |r| r.get(0))
 }
 
-async fn connect(url: &str) -> PgClient {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {url:?}: {e}"));
-    tokio::spawn(conn);
-    client
-}
-
 fn password_of(url: &str) -> String {
     let config: tokio_postgres::Config = url.parse().unwrap();
     String::from_utf8(config.get_password().unwrap_or_default().to_vec()).unwrap()
@@ -278,24 +241,15 @@ fn password_of(url: &str) -> String {
 // The controller, driven reconcile by reconcile
 // ---------------------------------------------------------------------------
 
+/// [`support::settings`] (every slice is written, so that a fault can be
+/// timed on it), with frequent heartbeats and a session setting.
 fn settings() -> Settings {
-    Settings {
-        runner: RunnerSettings {
-            // Every slice is written, so that a fault can be timed on it.
-            progress_interval: Duration::ZERO,
-            heartbeat_interval: Duration::from_millis(500),
-            backoff: Backoff {
-                base: Duration::from_millis(100),
-                max: Duration::from_millis(400),
-            },
-            concurrency: 4,
-            settle_pause: Duration::from_millis(20),
-        },
+    let mut settings = Settings {
         session_settings: vec![("enable_nestloop".into(), "off".into())],
-        observe_interval: Duration::from_secs(60),
-        secret_recheck_interval: Duration::from_secs(60),
-        cancel_recheck_interval: Duration::from_millis(100),
-    }
+        ..support::settings()
+    };
+    settings.runner.heartbeat_interval = Duration::from_millis(500);
+    settings
 }
 
 fn history() -> HistorySpec {
@@ -341,7 +295,7 @@ impl Harness {
             fake,
             ctx: Context::new(client, settings()),
             url: url.to_owned(),
-            pg: connect(url).await,
+            pg: testkit::client(url).await,
             _db: None,
         }
     }
@@ -451,29 +405,6 @@ impl Harness {
             self.fake.unexpected()
         );
     }
-}
-
-fn cond(s: &UsageBackfillStatus, t: ConditionType) -> Option<(String, String)> {
-    s.condition(t).map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-fn is(status: &str, reason: &str) -> Option<(String, String)> {
-    Some((status.into(), reason.into()))
-}
-
-fn conds(s: &UsageBackfillStatus) -> [Option<(String, String)>; 3] {
-    ConditionType::ALL.map(|t| cond(s, t))
-}
-
-fn message(s: &UsageBackfillStatus, t: ConditionType) -> String {
-    s.condition(t)
-        .map(|c| c.message.clone())
-        .unwrap_or_default()
-}
-
-/// A database time as the status carries it (RFC 3339, whole seconds).
-fn secs(ts: Timestamp) -> Timestamp {
-    Timestamp::from_second(ts.as_second()).unwrap()
 }
 
 // ---------------------------------------------------------------------------
@@ -889,7 +820,7 @@ async fn a_cron_tick_during_the_controllers_backfill_gets_nothing_and_the_next_o
     assert_eq!(done.result, Some(BackfillResult::Backfilled));
     assert_recovered(&h.pg, 1).await;
     let stamped = fixture::watermark(&h.pg).await.unwrap().unwrap();
-    assert_eq!(done.watermark_after.map(|t| t.0), Some(secs(stamped)));
+    assert_eq!(done.watermark_after, Some(secs(stamped)));
 
     // A late correction just after the watermark: the next tick picks it up.
     h.pg.batch_execute(
@@ -1163,18 +1094,11 @@ async fn postgres_restarted_under_the_controller_then_the_retry_completes() {
     let server = TempPostgres::start(TempPostgresOptions::default())
         .await
         .unwrap();
-    let admin = connect(&server.admin_url("postgres")).await;
-    admin
-        .batch_execute("CREATE DATABASE restart")
-        .await
-        .unwrap();
-    let url = server.admin_url("restart");
-    let pg = connect(&url).await;
-    fixture::install(&pg).await.unwrap();
+    let (url, pg) = testkit::fixture_database(&server, "restart").await;
     fixture::generate(&pg, &history()).await.unwrap();
     instrument(&pg).await;
     slow_window(&pg, 0.4).await;
-    drop((admin, pg));
+    drop(pg);
     let h = Harness::on(&url).await;
     h.put_secret();
     h.create("restarted", |_| {});
@@ -1202,7 +1126,7 @@ async fn postgres_restarted_under_the_controller_then_the_retry_completes() {
     assert_eq!(cond(&failed, ConditionType::Stalled), None);
     let cursor = failed.cursor.clone().expect("a cursor").0;
 
-    let pg = connect(&url).await;
+    let pg = testkit::client(&url).await;
     assert!(backfill_stamps(&pg).await.is_empty(), "not stamped");
     slow_window(&pg, 0.0).await;
     let retry_from = db_now(&pg).await;
@@ -1456,69 +1380,13 @@ async fn database_state_problems_are_stalled_with_a_specific_reason_and_no_write
     assert_eq!(events.last().map(|e| e.0.as_str()), Some("Failed"));
 }
 
-/// A test certificate authority (as in tests/engine_inputs.rs).
-struct TestCa {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    fn server_cert(&self, names: &[&str]) -> ServerTls {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone()).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names[0].clone());
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        ServerTls {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_verify_full_refuses_a_foreign_ca_and_a_wrong_name_then_connects() {
     let ca = TestCa::new("usage-backfill");
     // The certificate names localhost only, not 127.0.0.1.
-    let server = TempPostgres::start(TempPostgresOptions {
-        tls: Some(ca.server_cert(&["localhost"])),
-        ..TempPostgresOptions::default()
-    })
-    .await
-    .expect("starting a TLS PostgreSQL");
-    let admin = connect(&server.admin_url("postgres")).await;
-    admin.batch_execute("CREATE DATABASE usage").await.unwrap();
-    let by_ip = server.admin_url("usage");
+    let server = tls::postgres(ca.server_cert(&["localhost"])).await;
+    let (by_ip, pg) = testkit::fixture_database(&server, "usage").await;
     let by_name = by_ip.replace("@127.0.0.1:", "@localhost:");
-    let pg = connect(&by_ip).await;
-    fixture::install(&pg).await.unwrap();
     fixture::generate(&pg, &history()).await.unwrap();
     instrument(&pg).await;
     drop(pg);

@@ -17,10 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use usage_backfill::api::{Phase, UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
-use usage_backfill::controller::decide::Backoff;
-use usage_backfill::controller::{
-    Metrics, Replica, RunnerSettings, Settings, health, metrics::watermark_lag,
-};
+use usage_backfill::controller::{Metrics, Replica, Settings, health, metrics::watermark_lag};
 use usage_backfill::fixture::{self, HistorySpec};
 use usage_backfill::testkit;
 
@@ -31,20 +28,8 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn settings() -> Settings {
     Settings {
-        runner: RunnerSettings {
-            progress_interval: Duration::ZERO,
-            heartbeat_interval: Duration::from_secs(15),
-            backoff: Backoff {
-                base: Duration::from_millis(100),
-                max: Duration::from_millis(400),
-            },
-            concurrency: 4,
-            settle_pause: Duration::from_millis(20),
-        },
         session_settings: vec![("enable_nestloop".into(), "off".into())],
-        observe_interval: Duration::from_secs(60),
-        secret_recheck_interval: Duration::from_secs(60),
-        cancel_recheck_interval: Duration::from_millis(100),
+        ..support::settings()
     }
 }
 

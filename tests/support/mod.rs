@@ -31,6 +31,10 @@
 #[path = "http.rs"]
 pub mod over_http;
 
+pub mod engine;
+pub mod status;
+pub mod tls;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::future::Future;
@@ -45,6 +49,29 @@ use http_body::Frame;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use usage_backfill::api::{UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
+use usage_backfill::controller::decide::Backoff;
+use usage_backfill::controller::{RunnerSettings, Settings};
+
+/// Controller settings for tests: every slice's progress is written (so
+/// short runs show it), retries come quickly, no session settings.
+pub fn settings() -> Settings {
+    Settings {
+        runner: RunnerSettings {
+            progress_interval: Duration::ZERO,
+            heartbeat_interval: Duration::from_secs(15),
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                max: Duration::from_millis(400),
+            },
+            concurrency: 4,
+            settle_pause: Duration::from_millis(20),
+        },
+        session_settings: Vec::new(),
+        observe_interval: Duration::from_secs(60),
+        secret_recheck_interval: Duration::from_secs(60),
+        cancel_recheck_interval: Duration::from_millis(100),
+    }
+}
 
 /// A response body: all at once, or a stream of watch events.
 pub enum FakeBody {

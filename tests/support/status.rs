@@ -1,0 +1,34 @@
+//! Reading a UsageBackfill status in assertions: its conditions as
+//! `(status, reason)` pairs, their messages, and times as the status
+//! carries them.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use usage_backfill::api::{ConditionType, UsageBackfillStatus};
+
+/// Condition `t` as `(status, reason)`, if set.
+pub fn cond(s: &UsageBackfillStatus, t: ConditionType) -> Option<(String, String)> {
+    s.condition(t).map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// The expected value of a condition: `cond(s, t) == is("True", "Running")`.
+pub fn is(status: &str, reason: &str) -> Option<(String, String)> {
+    Some((status.into(), reason.into()))
+}
+
+/// Every condition, in [`ConditionType::ALL`] order.
+pub fn conds(s: &UsageBackfillStatus) -> [Option<(String, String)>; 3] {
+    ConditionType::ALL.map(|t| cond(s, t))
+}
+
+/// The message of condition `t` (empty when it is not set).
+pub fn message(s: &UsageBackfillStatus, t: ConditionType) -> String {
+    s.condition(t)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+/// A database time as the status carries it (RFC 3339, whole seconds).
+pub fn secs(ts: Timestamp) -> Time {
+    Time(Timestamp::from_second(ts.as_second()).unwrap())
+}
