@@ -766,6 +766,46 @@ async fn dirty_queue_is_drained_up_to_now() {
     assert_correct(&client).await;
 }
 
+/// Gap 4, during the run: a key queued after the run read the clock (a
+/// delete committed while earlier slices were walked) is drained too, as
+/// the reference's last slice, which ends at a month's end, would.
+#[tokio::test]
+async fn a_key_queued_while_the_run_goes_on_is_drained() {
+    let db = testkit::fresh_database().await;
+    let client = db.client().await;
+    let s = Scenario::create(&client).await.unwrap();
+    let now = db_now(&client).await;
+    let old = engine::plan::add_months(engine::plan::month_floor(now), -3) + 48.hours();
+    s.usage(&client, UsageRow::new(old)).await.unwrap();
+    let gone = s
+        .usage(&client, UsageRow::new(old + 1.hour()))
+        .await
+        .unwrap();
+    fixture::rollup_window(&client, old - 24.hours(), now)
+        .await
+        .unwrap();
+    client
+        .execute("DELETE FROM task_usage WHERE id = $1::text::uuid", &[&gone])
+        .await
+        .unwrap();
+    // As if the delete commits 30 s into the run, after its snapshot.
+    client
+        .execute(
+            "UPDATE task_usage_hourly_dirty SET enqueued_at = now() + interval '30 seconds'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let outcome = run(&db, Options::default()).await.0.unwrap();
+    assert_eq!(fixture::dirty_queue_len(&client).await.unwrap(), 0);
+    assert_correct(&client).await;
+    assert_eq!(
+        outcome.to,
+        Some(engine::plan::add_months(engine::plan::month_floor(now), 1)),
+        "the tail ends with the current month"
+    );
+}
+
 /// Gap 2: future-dated rows are reported precisely and nothing is walked
 /// (a walk could never satisfy the guard, so retries would loop).
 #[tokio::test]

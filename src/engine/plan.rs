@@ -138,8 +138,12 @@ pub fn decide(snap: &Snapshot, mode: &Mode) -> Result<Decision, Error> {
 }
 
 /// The slices of a walk: UTC calendar months from `from` through the month
-/// of the newest event, then one tail window up to the database's now, so
-/// the dirty queue is drained even when history ends months ago (gap 4).
+/// of the newest event, then, when history ends before the current month,
+/// one tail window to the end of the current month, so the dirty queue is
+/// drained even when history ends months ago (gap 4). The tail ends at the
+/// month's end, not at `now`, for the reason the reference's last slice
+/// does: what is written or queued while the run goes on, before the
+/// stamp, is inside the window when the tail runs.
 pub fn slices(from: Timestamp, max_event: Timestamp, now: Timestamp) -> Vec<Slice> {
     let walk_end = add_months(month_floor(max_event), 1);
     let mut out = Vec::new();
@@ -152,10 +156,11 @@ pub fn slices(from: Timestamp, max_event: Timestamp, now: Timestamp) -> Vec<Slic
         });
         cursor = next;
     }
-    if now > walk_end {
+    let month_end = add_months(month_floor(now), 1);
+    if month_end > walk_end {
         out.push(Slice {
             from: walk_end,
-            to: now,
+            to: month_end,
         });
     }
     out
@@ -317,7 +322,7 @@ mod tests {
     }
 
     #[test]
-    fn slices_are_utc_months_plus_a_tail_to_now() {
+    fn slices_are_utc_months_plus_a_tail_to_the_end_of_this_month() {
         let got = slices(
             ts("2026-01-01T00:00:00Z"),
             ts("2026-03-02T00:00:00Z"),
@@ -327,7 +332,7 @@ mod tests {
             ("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
             ("2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"),
             ("2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z"),
-            ("2026-04-01T00:00:00Z", "2026-06-10T12:00:00Z"),
+            ("2026-04-01T00:00:00Z", "2026-07-01T00:00:00Z"),
         ]
         .iter()
         .map(|(a, b)| Slice {
