@@ -4,11 +4,12 @@
 //! controller and the CLI both call [`run`].
 //!
 //! Shape of a run: connect one dedicated session → apply session settings →
-//! read a [`plan::Snapshot`] → decide ([`plan`], pure) → take advisory lock
-//! 4246 → walk the slices, one window call (one transaction) each → stamp the
-//! watermark with the database clock → unlock. Progress is reported through
-//! an [`Event`] callback, cancellation through a [`CancellationToken`], and a
-//! run can resume from a cursor ([`Resume`]).
+//! read a [`plan::Snapshot`] → decide ([`plan`], pure) → check the role's
+//! privileges → take advisory lock 4246 → walk the slices, one window call
+//! (one transaction) each → stamp the watermark with the database clock →
+//! unlock. Progress is reported through an [`Event`] callback, cancellation
+//! through a [`CancellationToken`], and a run can resume from a cursor
+//! ([`Resume`]).
 //!
 //! How fast it goes is [`Performance`]: planner settings for our sessions
 //! ([`tuning`]), historical slices on several sessions at once while the
