@@ -730,35 +730,40 @@ async fn walk_starts_at_the_earliest_of_created_and_updated() {
     assert_correct(&client).await;
 }
 
-/// Gap 4: the newest event is months old, but keys queued now (deletes,
-/// re-attributions) must be drained by the backfill.
-#[tokio::test]
-async fn dirty_queue_is_drained_up_to_now() {
-    let db = testkit::fresh_database().await;
-    let client = db.client().await;
-    let s = Scenario::create(&client).await.unwrap();
-    let now = db_now(&client).await;
+/// History three months old, all rolled up, then one row deleted: its
+/// bucket is stale and queued now. Returns the database's now.
+async fn stale_bucket_queued_now(client: &tokio_postgres::Client) -> Timestamp {
+    let s = Scenario::create(client).await.unwrap();
+    let now = db_now(client).await;
     let old = engine::plan::add_months(engine::plan::month_floor(now), -3) + 48.hours();
-    let keep = s.usage(&client, UsageRow::new(old)).await.unwrap();
+    s.usage(client, UsageRow::new(old)).await.unwrap();
     let gone = s
-        .usage(&client, UsageRow::new(old + 1.hour()))
+        .usage(client, UsageRow::new(old + 1.hour()))
         .await
         .unwrap();
-    // Roll everything up, then delete a row: its bucket is queued now.
-    fixture::rollup_window(&client, old - 24.hours(), now)
+    fixture::rollup_window(client, old - 24.hours(), now)
         .await
         .unwrap();
     client
         .execute("DELETE FROM task_usage WHERE id = $1::text::uuid", &[&gone])
         .await
         .unwrap();
-    assert_eq!(fixture::dirty_queue_len(&client).await.unwrap(), 1);
+    assert_eq!(fixture::dirty_queue_len(client).await.unwrap(), 1);
     assert_ne!(
-        fixture::recompute_mismatches(&client).await.unwrap(),
+        fixture::recompute_mismatches(client).await.unwrap(),
         0,
         "stale bucket"
     );
-    let _ = keep;
+    now
+}
+
+/// Gap 4: the newest event is months old, but keys queued now (deletes,
+/// re-attributions) must be drained by the backfill.
+#[tokio::test]
+async fn dirty_queue_is_drained_up_to_now() {
+    let db = testkit::fresh_database().await;
+    let client = db.client().await;
+    let now = stale_bucket_queued_now(&client).await;
     let outcome = run(&db, Options::default()).await.0.unwrap();
     assert_eq!(outcome.skipped, None);
     assert!(outcome.to.unwrap() >= now, "the walk reaches the present");
@@ -773,21 +778,7 @@ async fn dirty_queue_is_drained_up_to_now() {
 async fn a_key_queued_while_the_run_goes_on_is_drained() {
     let db = testkit::fresh_database().await;
     let client = db.client().await;
-    let s = Scenario::create(&client).await.unwrap();
-    let now = db_now(&client).await;
-    let old = engine::plan::add_months(engine::plan::month_floor(now), -3) + 48.hours();
-    s.usage(&client, UsageRow::new(old)).await.unwrap();
-    let gone = s
-        .usage(&client, UsageRow::new(old + 1.hour()))
-        .await
-        .unwrap();
-    fixture::rollup_window(&client, old - 24.hours(), now)
-        .await
-        .unwrap();
-    client
-        .execute("DELETE FROM task_usage WHERE id = $1::text::uuid", &[&gone])
-        .await
-        .unwrap();
+    let now = stale_bucket_queued_now(&client).await;
     // As if the delete commits 30 s into the run, after its snapshot.
     client
         .execute(
