@@ -1,21 +1,10 @@
-//! usage-backfill: the engine, the controller and the command line of the
-//! usage-rollup backfill operator.
+//! The `usage-backfill` binary's command line: flags, exit codes, logging
+//! and one module per subcommand. The work lives in the workspace crates:
 //!
-//! - [`engine`] speaks PostgreSQL only: it runs the backfill walk.
-//! - [`api`] holds the `UsageBackfill` custom resource types.
-//! - [`controller`] reconciles `UsageBackfill` resources by driving the engine.
-//! - [`cli`] is the `usage-backfill` command line.
-//! - [`duration`] parses and prints Go-style durations shared by CLI and CRD.
-//! - [`pgtemp`] starts throwaway PostgreSQL servers (demo, tests, benchmarks).
-//! - [`fixture`] installs a stand-in of the application's rollup pipeline
-//!   and generates synthetic history (demo, tests, benchmarks).
-//! - [`testkit`] gives each test its own database.
+//! - `usage_backfill_engine` (`crates/engine`): the backfill over PostgreSQL;
+//! - `usage_backfill_api` (`crates/api`): the `UsageBackfill` resource;
+//! - `usage_backfill_controller` (`crates/controller`): the controller;
+//! - `usage_backfill_standin` (`crates/standin`): throwaway PostgreSQL and the
+//!   application's pipeline, for `demo` only.
 
-pub mod api;
 pub mod cli;
-pub mod controller;
-pub mod duration;
-pub mod engine;
-pub mod fixture;
-pub mod pgtemp;
-pub mod testkit;

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use usage_backfill::api;
+use usage_backfill_api as api;
 
 const CRD_FILE: &str = "usagebackfills.usage.multica.ai.yaml";
 const SYNC: &str = "cp crds/*.yaml charts/usage-backfill-operator/crds/ \

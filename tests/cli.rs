@@ -10,8 +10,8 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio_postgres::Client;
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::testkit::{self, TestDatabase, lock_4246_held};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_testkit::{self as testkit, TestDatabase, lock_4246_held};
 
 const BIN: &str = env!("CARGO_BIN_EXE_usage-backfill");
 

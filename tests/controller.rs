@@ -1,11 +1,11 @@
-//! The controller against a fake API server (HTTP level, `tests/support`)
-//! and a real PostgreSQL (`usage_backfill::testkit`): the status a user
+//! The controller against a fake API server (HTTP level, `crates/testkit`)
+//! and a real PostgreSQL (`usage_backfill_testkit`): the status a user
 //! sees through every phase, retries, Secrets, suspend, deletion during a
 //! run, restart safety, shutdown and leader election. Assertions read the meaning of the
 //! recorded requests (resource, subresource, field manager, status JSON),
 //! never exact query strings; every wait has a timeout.
 
-mod support;
+use usage_backfill_testkit as support;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -13,16 +13,17 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use tokio_postgres::Client as PgClient;
-use usage_backfill::api::{
+use usage_backfill_api::{
     BackfillResult, ConditionType, Mode, Phase, SkipReason, TuningPreset, TuningSpec,
     UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
 };
-use usage_backfill::controller::{
-    self, Context, Election, Error as ControllerError, LeaseSettings, Metrics, ObjectKey, Replica,
-    Settings, health, leader::LEASE_NAME, writes::FIELD_MANAGER, writes::FINALIZER,
+use usage_backfill_controller::{
+    self as controller, Context, Election, Error as ControllerError, LeaseSettings, Metrics,
+    ObjectKey, Replica, Settings, health, leader::LEASE_NAME, writes::FIELD_MANAGER,
+    writes::FINALIZER,
 };
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::testkit::{self, TestDatabase};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_testkit::{self as testkit, TestDatabase};
 
 use support::engine::assert_correct;
 use support::status::{cond, conds, is, message, secs};
@@ -1102,10 +1103,10 @@ async fn a_restarted_controller_resumes_from_the_cursor() {
     let reference = testkit::fresh_database().await;
     let rc = reference.client().await;
     fixture::generate(&rc, &slow_history()).await.unwrap();
-    let full = usage_backfill::engine::run(
-        &usage_backfill::engine::Database::parse(reference.url()).unwrap(),
-        &usage_backfill::engine::Options::default(),
-        &usage_backfill::engine::CancellationToken::new(),
+    let full = usage_backfill_engine::run(
+        &usage_backfill_engine::Database::parse(reference.url()).unwrap(),
+        &usage_backfill_engine::Options::default(),
+        &usage_backfill_engine::CancellationToken::new(),
         &mut |_| {},
     )
     .await

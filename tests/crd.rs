@@ -1,4 +1,4 @@
-//! The CRD generated from `src/api.rs`: committed copy in sync, schema the
+//! The CRD generated from `crates/api`: committed copy in sync, schema the
 //! apiserver will accept (structural, defaults valid), and manifests users
 //! write deserialize with the documented defaults.
 //!
@@ -8,13 +8,11 @@ use std::{path::Path, process::Command, time::Duration};
 
 use kube::core::CustomResourceExt;
 use serde_json::{Value, json};
-use usage_backfill::{
-    api::{
-        self, BackfillResult, DatabaseSecretRef, Mode, ModeSettings, Phase, SkipReason, TlsMode,
-        UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
-    },
-    duration,
+use usage_backfill_api::{
+    self as api, BackfillResult, DatabaseSecretRef, Mode, ModeSettings, Phase, SkipReason, TlsMode,
+    UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
 };
+use usage_backfill_engine::duration;
 
 const CRD_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -38,7 +36,7 @@ fn committed_crd_matches_the_rust_types() {
             .position(|(a, b)| a != b)
             .unwrap_or_else(|| committed.lines().count().min(generated.lines().count()));
         panic!(
-            "{CRD_PATH} is out of date with src/api.rs (first difference at line {}); \
+            "{CRD_PATH} is out of date with crates/api (first difference at line {}); \
              regenerate it with: {REGENERATE}",
             line + 1
         );

@@ -30,10 +30,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use usage_backfill::api::{self, ConditionType, Phase, UsageBackfill, UsageBackfillSpec};
-use usage_backfill::controller::{self, Context, Settings, writes};
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::testkit;
+use usage_backfill_api::{self as api, ConditionType, Phase, UsageBackfill, UsageBackfillSpec};
+use usage_backfill_controller::{self as controller, Context, Settings, writes};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_testkit as testkit;
 
 const ENABLE: &str = "USAGE_BACKFILL_E2E";
 const DATABASE_URL: &str = "USAGE_BACKFILL_E2E_DATABASE_URL";

@@ -2,18 +2,19 @@
 //! correctness (an independent recompute), locking, cancellation, resume,
 //! and one scenario per closed reference gap.
 
-mod support;
+use usage_backfill_testkit as support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp, ToSpan};
 use tokio_postgres::Client;
-use usage_backfill::engine::{
-    self, CancellationToken, Database, Error, Event, Mode, Options, Outcome, Resume, SkipReason,
+use usage_backfill_engine::{
+    self as engine, CancellationToken, Database, Error, Event, Mode, Options, Outcome, Resume,
+    SkipReason,
 };
-use usage_backfill::fixture::{self, HistorySpec, Scenario, UsageRow};
-use usage_backfill::testkit::{self, TestDatabase, lock_4246};
+use usage_backfill_standin::fixture::{self, HistorySpec, Scenario, UsageRow};
+use usage_backfill_testkit::{self as testkit, TestDatabase, lock_4246};
 
 use support::engine::{always, assert_correct};
 

@@ -6,21 +6,21 @@
 //! for TLS, against throwaway servers started with certificates from a test
 //! CA generated here.
 
-mod support;
+use usage_backfill_testkit as support;
 
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use proptest::prelude::*;
 use tokio_postgres::Client;
-use usage_backfill::duration;
-use usage_backfill::engine::{
+use usage_backfill_engine::duration;
+use usage_backfill_engine::{
     CancellationToken, ConnectFailure, Database, Error, Event, Mode, Options, Outcome, SkipReason,
     TlsMode,
 };
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::pgtemp::{ServerTls, TempPostgres};
-use usage_backfill::testkit::{self, TestDatabase, TestRole, lock_4246_held};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_standin::pgtemp::{ServerTls, TempPostgres};
+use usage_backfill_testkit::{self as testkit, TestDatabase, TestRole, lock_4246_held};
 
 use support::engine::always;
 use support::tls::{self, TestCa};

@@ -4,18 +4,19 @@
 //! out-of-order interruption, conflicts are retried, tuning reaches our
 //! sessions only, and slice sizing follows measured times.
 
-mod support;
+use usage_backfill_testkit as support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio_postgres::Client;
-use usage_backfill::engine::{
-    self, CancellationToken, Database, Error, Event, Options, Outcome, Performance, Slice, Tuning,
+use usage_backfill_engine::{
+    self as engine, CancellationToken, Database, Error, Event, Options, Outcome, Performance,
+    Slice, Tuning,
 };
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::testkit::{self, TestDatabase};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_testkit::{self as testkit, TestDatabase};
 
 use support::engine::{assert_correct, last_resume};
 

@@ -3,16 +3,16 @@
 //! released and the watermark stamped exactly once (by the run that
 //! finished).
 
-mod support;
+use usage_backfill_testkit as support;
 
 use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio_postgres::Client;
-use usage_backfill::engine::{CancellationToken, Database, Error, Event, Options, Outcome};
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::pgtemp::{TempPostgres, TempPostgresOptions};
-use usage_backfill::testkit::{self, TestDatabase};
+use usage_backfill_engine::{CancellationToken, Database, Error, Event, Options, Outcome};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
+use usage_backfill_testkit::{self as testkit, TestDatabase};
 
 use support::engine::{assert_correct, last_resume};
 

@@ -13,7 +13,7 @@
 //! released and the watermark stamped exactly once per finished run. Every
 //! wait has a timeout; sleeps only pace polling.
 
-mod support;
+use usage_backfill_testkit as support;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -25,14 +25,14 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde_json::json;
 use tokio_postgres::Client as PgClient;
-use usage_backfill::api::{
+use usage_backfill_api::{
     BackfillResult, CaSecretRef, ConditionType, Mode, Phase, SkipReason, TlsMode, TlsSpec,
     UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
 };
-use usage_backfill::controller::{self, Context, ObjectKey, Settings};
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::pgtemp::{TempPostgres, TempPostgresOptions};
-use usage_backfill::testkit::{self, TestDatabase, lock_4246};
+use usage_backfill_controller::{self as controller, Context, ObjectKey, Settings};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
+use usage_backfill_testkit::{self as testkit, TestDatabase, lock_4246};
 
 use support::FakeApiServer;
 use support::engine::assert_correct;
@@ -418,7 +418,11 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(server: &support::over_http::HttpServer, dir: &Path, tag: &str) -> Operator {
+    fn start(
+        server: &support::apiserver::over_http::HttpServer,
+        dir: &Path,
+        tag: &str,
+    ) -> Operator {
         let kubeconfig = server.write_kubeconfig(dir);
         let log = dir.join(format!("operator-{tag}.log"));
         let stderr = std::fs::File::create(&log).unwrap();

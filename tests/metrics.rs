@@ -1,12 +1,12 @@
 //! Observability end to end: a replica (no leader election) runs the
-//! controllers against the fake API server (`tests/support`) and a real
+//! controllers against the fake API server (`crates/testkit`) and a real
 //! PostgreSQL, serving `/healthz`, `/readyz` and `/metrics` on a loopback
 //! port; the scrape after a backfill and a failed run must show every
 //! series with its labels and values matching the statuses. JSON logs carry
 //! the `reconcile{namespace,usagebackfill}` span and the engine's `slice`
 //! spans inside `run{namespace,usagebackfill}`.
 
-mod support;
+use usage_backfill_testkit as support;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,10 +16,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use usage_backfill::api::{Phase, UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
-use usage_backfill::controller::{Metrics, Replica, Settings, health, metrics::watermark_lag};
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::testkit;
+use usage_backfill_api::{Phase, UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
+use usage_backfill_controller::{Metrics, Replica, Settings, health, metrics::watermark_lag};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_testkit as testkit;
 
 use support::FakeApiServer;
 

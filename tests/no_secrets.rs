@@ -6,9 +6,9 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use usage_backfill::engine::{self, CancellationToken, Database, Options};
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::testkit;
+use usage_backfill_engine::{self as engine, CancellationToken, Database, Options};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_testkit as testkit;
 
 const PASSWORD: &str = "NoLeak-5b1f-SECRET";
 const WRONG: &str = "Wrong-PW-SECRET";

@@ -1,8 +1,8 @@
-//! `usage-backfill wait` against the fake API server (`tests/support`): the
+//! `usage-backfill wait` against the fake API server (`crates/testkit`): the
 //! statuses a controller writes are set directly, and the outcome, the exit
 //! code and the progress lines are checked. Every wait is bounded.
 
-mod support;
+use usage_backfill_testkit as support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_util::sync::CancellationToken;
-use usage_backfill::api::{
+use usage_backfill::cli::wait::{self, Outcome, WaitArgs};
+use usage_backfill_api::{
     ConditionType, LockHolder, Phase, Reason, UsageBackfillSpec, UsageBackfillStatus,
 };
-use usage_backfill::cli::wait::{self, Outcome, WaitArgs};
 
 use support::{FakeApiServer, Outage};
 

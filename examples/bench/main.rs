@@ -33,11 +33,11 @@ mod idle;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
-use usage_backfill::engine::{
-    self, CancellationToken, Database, Options, Outcome, Performance, Tuning,
+use usage_backfill_engine::{
+    self as engine, CancellationToken, Database, Options, Outcome, Performance, Tuning,
 };
-use usage_backfill::fixture::{self, HistorySpec};
-use usage_backfill::pgtemp::{TempPostgres, TempPostgresOptions};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
 
 const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--only NAME] [--variants LIST] [--repeat N] [--sweep]
   tiny      even 3k + few-agents 1.5k (default spec, with a dirty queue): correctness smoke

@@ -10,9 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use super::exit;
-use crate::duration;
-use crate::engine::{
-    self, Database, Error, Event, Mode, Options, Outcome, Performance, TlsMode, Tuning,
+use usage_backfill_engine::duration;
+use usage_backfill_engine::{
+    self as engine, Database, Error, Event, Mode, Options, Outcome, Performance, TlsMode, Tuning,
 };
 
 #[derive(Debug, Clone, Args)]

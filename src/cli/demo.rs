@@ -8,9 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::backfill::{Progress, render_text, report_error};
 use super::exit;
-use crate::engine::{self, Database, Options};
-use crate::fixture::{self, HistorySpec};
-use crate::pgtemp::{TempPostgres, TempPostgresOptions};
+use usage_backfill_engine::{self as engine, Database, Options};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {

@@ -2,6 +2,7 @@
 //! signals, and hands over to one subcommand module each.
 
 mod backfill;
+pub mod controller;
 mod demo;
 pub mod wait;
 
@@ -19,6 +20,17 @@ pub fn parse_setting(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err("expected NAME=VALUE".to_owned()),
     }
+}
+
+/// An error and its sources on one line, `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text += &format!(": {s}");
+        source = s.source();
+    }
+    text
 }
 
 /// Exit codes a Helm hook Job or a script can rely on.
@@ -81,7 +93,7 @@ pub enum Command {
     /// Print the UsageBackfill CustomResourceDefinition (YAML).
     Crd,
     /// Run the Kubernetes controller of UsageBackfill resources.
-    Controller(crate::controller::ControllerArgs),
+    Controller(controller::ControllerArgs),
     /// Wait until a UsageBackfill is Ready for its current generation
     /// (for a Helm hook Job); print progress, fail on Stalled/Failed.
     #[command(after_help = wait::EXIT_CODES_HELP)]
@@ -108,10 +120,10 @@ pub fn main() -> ExitCode {
             Command::Backfill(args) => backfill::run(args, cancel).await,
             Command::Demo(args) => demo::run(args, cancel).await,
             Command::Crd => {
-                print!("{}", crate::api::crd_yaml());
+                print!("{}", usage_backfill_api::crd_yaml());
                 exit::OK
             }
-            Command::Controller(args) => crate::controller::run(args, cancel).await,
+            Command::Controller(args) => controller::run(args, cancel).await,
             Command::Wait(args) => wait::run(args, cancel).await,
         };
         ExitCode::from(code)

@@ -19,8 +19,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::exit;
-use crate::api::{ConditionType, Phase, UsageBackfill, UsageBackfillStatus};
-use crate::duration;
+use usage_backfill_api::{ConditionType, Phase, UsageBackfill, UsageBackfillStatus};
+use usage_backfill_engine::duration;
 
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -319,8 +319,8 @@ pub async fn run(args: WaitArgs, cancel: CancellationToken) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{LockHolder, Reason, UsageBackfillSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use usage_backfill_api::{LockHolder, Reason, UsageBackfillSpec};
 
     fn obj(generation: i64, edit: impl FnOnce(&mut UsageBackfillStatus)) -> UsageBackfill {
         let mut o = UsageBackfill::new("b", UsageBackfillSpec::new("db"));

@@ -4,7 +4,7 @@
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use usage_backfill::api::{ConditionType, UsageBackfillStatus};
+use usage_backfill_api::{ConditionType, UsageBackfillStatus};
 
 /// Condition `t` as `(status, reason)`, if set.
 pub fn cond(s: &UsageBackfillStatus, t: ConditionType) -> Option<(String, String)> {

@@ -6,7 +6,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{UsageBackfill, UsageBackfillStatus};
+use usage_backfill_api::{UsageBackfill, UsageBackfillStatus};
 
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = "usage-backfill-operator";

@@ -45,7 +45,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Args;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PartialObjectMeta};
@@ -62,91 +61,7 @@ pub use metrics::Metrics;
 pub use reconcile::{error_policy, reconcile};
 pub use runner::{ObjectKey, Runner, RunnerSettings};
 
-use crate::api::UsageBackfill;
-use crate::cli::exit;
-use crate::duration;
-
-/// Flags of `usage-backfill controller`.
-#[derive(Debug, Clone, Args)]
-pub struct ControllerArgs {
-    /// Namespace to watch; repeat (or separate with commas) for several.
-    /// Default: all namespaces.
-    #[arg(
-        long = "namespace",
-        short = 'n',
-        env = "WATCH_NAMESPACE",
-        value_delimiter = ','
-    )]
-    pub namespaces: Vec<String>,
-    /// Backfill runs (and reconciles) in progress at once; more runs wait
-    /// in phase Pending for a slot.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
-    pub concurrency: u16,
-    /// Address of the /healthz, /readyz and /metrics endpoints.
-    #[arg(long, visible_alias = "http-addr", default_value = "0.0.0.0:8080")]
-    pub health_addr: SocketAddr,
-    /// Session setting of every backfill session, NAME=VALUE; repeatable.
-    /// Applied after the spec's tuning preset, before spec.tuning.settings
-    /// (which win). Default: none; the preset has the measured settings.
-    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = crate::cli::parse_setting)]
-    pub session_settings: Vec<(String, String)>,
-    /// Backoff before the first retry of a failed attempt; doubles per
-    /// failure.
-    #[arg(long, value_parser = duration::clap_parse, default_value = "10s")]
-    pub retry_backoff: Duration,
-    /// Longest backoff between attempts.
-    #[arg(long, value_parser = duration::clap_parse, default_value = "5m")]
-    pub retry_backoff_max: Duration,
-    /// How long a shutdown (or the loss of leadership) waits for runs to
-    /// save their cursor.
-    #[arg(long, value_parser = duration::clap_parse, default_value = "25s")]
-    pub shutdown_timeout: Duration,
-    /// Elect a leader among the replicas with the Lease
-    /// `usage-backfill-operator`; only the leader reconciles and runs
-    /// backfills, the others stand by (healthy and ready). Set
-    /// `--leader-election=false` to run a single replica without a Lease
-    /// (local development).
-    #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", action = clap::ArgAction::Set)]
-    pub leader_election: bool,
-    /// Namespace of the leader Lease: the operator's own.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub lease_namespace: String,
-    /// Identity of this replica in the Lease. Default: $POD_NAME, else the
-    /// host name.
-    #[arg(long, env = "POD_NAME")]
-    pub lease_identity: Option<String>,
-    /// How long the Lease stays valid after the leader's last renewal:
-    /// how long the replicas go without a leader when it dies. Whole
-    /// seconds.
-    #[arg(long, value_parser = duration::clap_parse, default_value = "15s")]
-    pub lease_duration: Duration,
-    /// The leader renews the Lease this long before it expires, and steps
-    /// down half of it before the expiry when it cannot; also the clock
-    /// skew tolerated between nodes. Whole seconds, less than
-    /// --lease-duration.
-    #[arg(long, value_parser = duration::clap_parse, default_value = "5s")]
-    pub lease_grace: Duration,
-}
-
-impl ControllerArgs {
-    /// The leader election settings of these flags.
-    pub fn lease_settings(&self) -> std::result::Result<LeaseSettings, String> {
-        let settings = LeaseSettings {
-            name: leader::LEASE_NAME.to_owned(),
-            namespace: self.lease_namespace.clone(),
-            identity: self
-                .lease_identity
-                .clone()
-                .filter(|i| !i.is_empty())
-                .unwrap_or_else(leader::default_identity),
-            duration: self.lease_duration,
-            grace: self.lease_grace,
-        };
-        settings.validate()?;
-        Ok(settings)
-    }
-}
+use usage_backfill_api::UsageBackfill;
 
 /// Tunables of the controller (tests shorten them).
 #[derive(Debug, Clone)]
@@ -171,19 +86,6 @@ impl Default for Settings {
             secret_recheck_interval: Duration::from_secs(300),
             cancel_recheck_interval: Duration::from_secs(2),
         }
-    }
-}
-
-impl Settings {
-    pub fn from_args(args: &ControllerArgs) -> Self {
-        let mut s = Settings::default();
-        s.runner.concurrency = usize::from(args.concurrency);
-        s.runner.backoff = decide::Backoff {
-            base: args.retry_backoff,
-            max: args.retry_backoff_max.max(args.retry_backoff),
-        };
-        s.session_settings = args.session_settings.clone();
-        s
     }
 }
 
@@ -262,40 +164,41 @@ pub fn referencing(
         .collect()
 }
 
-/// `usage-backfill controller`: runs until `cancel`, then shuts down.
-pub async fn run(args: ControllerArgs, cancel: CancellationToken) -> u8 {
-    match serve(&args, cancel).await {
-        Ok(()) => exit::OK,
-        Err(e) => {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                text += &format!(": {s}");
-                source = s.source();
-            }
-            eprintln!("error: {text}");
-            match e {
-                Error::LeaseSettings(_) => exit::USAGE,
-                _ => exit::RETRYABLE,
-            }
-        }
-    }
+/// What the controller runs with; the binary builds it from its flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Namespaces to watch; empty for all.
+    pub namespaces: Vec<String>,
+    /// Backfill runs (and reconciles) in progress at once.
+    pub concurrency: u16,
+    /// Address of the /healthz, /readyz and /metrics endpoints.
+    pub health_addr: SocketAddr,
+    pub settings: Settings,
+    /// How long a shutdown (or the loss of leadership) waits for runs to
+    /// save their cursor.
+    pub shutdown_timeout: Duration,
+    /// Leader election on a Lease; `None` runs a single replica.
+    pub lease: Option<LeaseSettings>,
 }
 
-async fn serve(args: &ControllerArgs, cancel: CancellationToken) -> Result<()> {
-    let lease = args
-        .leader_election
-        .then(|| args.lease_settings())
-        .transpose()
-        .map_err(Error::LeaseSettings)?;
+/// Runs the controller until `cancel`, then shuts down.
+pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
+    let Config {
+        namespaces,
+        concurrency,
+        health_addr,
+        settings,
+        shutdown_timeout,
+        lease,
+    } = config;
     let config = kube::Config::infer()
         .await
         .map_err(|e| Error::Client(kube::Error::InferConfig(e)))?;
     let client = Client::try_from(config.clone()).map_err(Error::Client)?;
-    let listener = tokio::net::TcpListener::bind(args.health_addr)
+    let listener = tokio::net::TcpListener::bind(health_addr)
         .await
         .map_err(|source| Error::Health {
-            addr: args.health_addr,
+            addr: health_addr,
             source,
         })?;
     let metrics = Metrics::new();
@@ -304,14 +207,14 @@ async fn serve(args: &ControllerArgs, cancel: CancellationToken) -> Result<()> {
     let server = tokio::spawn(health::serve(listener, state.clone(), stop_serving.clone()));
     let replica = Replica {
         client: client.clone(),
-        settings: Settings::from_args(args),
-        namespaces: args.namespaces.clone(),
-        concurrency: args.concurrency,
-        shutdown_timeout: args.shutdown_timeout,
+        settings,
+        namespaces: namespaces.clone(),
+        concurrency,
+        shutdown_timeout,
         state: state.clone(),
     };
-    tracing::info!(namespaces = ?args.namespaces, concurrency = args.concurrency,
-        http = %args.health_addr, leader_election = lease.is_some(), "controller starting");
+    tracing::info!(?namespaces, concurrency,
+        http = %health_addr, leader_election = lease.is_some(), "controller starting");
     let result = match lease {
         None => {
             replica.lead(cancel).await;
@@ -541,8 +444,7 @@ pub async fn run_controllers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{CaSecretRef, TlsSpec, UsageBackfillSpec};
-    use clap::Parser;
+    use usage_backfill_api::{CaSecretRef, TlsSpec, UsageBackfillSpec};
 
     fn ubf(ns: &str, name: &str, secret: &str, ca: Option<&str>) -> Arc<UsageBackfill> {
         let mut spec = UsageBackfillSpec::new(secret);
@@ -575,95 +477,5 @@ mod tests {
         assert_eq!(names("a", "db"), ["a/one", "a/two"]);
         assert_eq!(names("b", "db"), ["b/four"]);
         assert!(names("c", "db").is_empty());
-    }
-
-    #[derive(Parser)]
-    struct Wrap {
-        #[command(flatten)]
-        args: ControllerArgs,
-    }
-
-    #[test]
-    fn flags_and_defaults() {
-        let w = Wrap::try_parse_from(["x"]).unwrap();
-        assert!(w.args.namespaces.is_empty());
-        assert_eq!(w.args.concurrency, 4);
-        assert_eq!(w.args.health_addr.to_string(), "0.0.0.0:8080");
-        assert!(w.args.session_settings.is_empty());
-        let s = Settings::from_args(&w.args);
-        assert_eq!(s.runner.backoff.base, Duration::from_secs(10));
-        assert_eq!(s.runner.backoff.max, Duration::from_secs(300));
-
-        let w = Wrap::try_parse_from([
-            "x",
-            "-n",
-            "a,b",
-            "--namespace",
-            "c",
-            "--concurrency",
-            "2",
-            "--set",
-            "work_mem=64MB",
-        ])
-        .unwrap();
-        assert_eq!(w.args.namespaces, ["a", "b", "c"]);
-        assert_eq!(
-            w.args.session_settings,
-            [("work_mem".to_owned(), "64MB".to_owned())]
-        );
-        assert!(Wrap::try_parse_from(["x", "--concurrency", "0"]).is_err());
-    }
-
-    #[test]
-    fn leader_election_flags() {
-        let w = Wrap::try_parse_from(["x"]).unwrap();
-        assert!(w.args.leader_election, "on by default");
-        assert_eq!(w.args.lease_duration, Duration::from_secs(15));
-        assert_eq!(w.args.lease_grace, Duration::from_secs(5));
-        assert!(
-            Wrap::try_parse_from(["x", "--leader-election"])
-                .unwrap()
-                .args
-                .leader_election
-        );
-        let w = Wrap::try_parse_from([
-            "x",
-            "--leader-election=false",
-            "--lease-namespace",
-            "ops",
-            "--lease-identity",
-            "pod-1",
-            "--lease-duration",
-            "4s",
-            "--lease-grace",
-            "1s",
-            "--http-addr",
-            "127.0.0.1:9090",
-        ])
-        .unwrap();
-        assert!(!w.args.leader_election);
-        assert_eq!(w.args.health_addr.to_string(), "127.0.0.1:9090");
-        assert_eq!(
-            w.args.lease_settings().unwrap(),
-            LeaseSettings {
-                name: "usage-backfill-operator".into(),
-                namespace: "ops".into(),
-                identity: "pod-1".into(),
-                duration: Duration::from_secs(4),
-                grace: Duration::from_secs(1),
-            }
-        );
-        let w = Wrap::try_parse_from(["x", "--lease-grace", "1500ms"]).unwrap();
-        assert!(
-            w.args
-                .lease_settings()
-                .unwrap_err()
-                .contains("whole seconds")
-        );
-        let w = Wrap::try_parse_from(["x", "--lease-identity", ""]).unwrap();
-        assert!(
-            !w.args.lease_settings().unwrap().identity.is_empty(),
-            "an empty identity falls back to the host name"
-        );
     }
 }

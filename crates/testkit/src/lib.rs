@@ -1,4 +1,11 @@
-//! A PostgreSQL database per test.
+//! The test kit: what the integration tests share, never linked into the
+//! operator.
+//!
+//! - this module: a PostgreSQL database per test ([`fresh_database`]);
+//! - [`apiserver`]: a fake Kubernetes API server at the HTTP level;
+//! - [`engine`]: engine runs and the independent correctness check;
+//! - [`status`]: reading conditions of a UsageBackfill status;
+//! - [`tls`]: a test CA and a TLS PostgreSQL.
 //!
 //! This module owns the test harness's server and databases. With
 //! `DATABASE_URL` set, tests use that server (its user needs CREATEDB, and
@@ -11,14 +18,21 @@
 //! Tests never skip: when no server can be had, [`fresh_database`] panics
 //! with what was tried and how to fix it.
 
+pub mod apiserver;
+pub mod engine;
+pub mod status;
+pub mod tls;
+
+pub use apiserver::{FakeApiServer, Outage, settings};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::fixture;
-use crate::pgtemp::{TempPostgres, TempPostgresOptions, percent_encode};
+use usage_backfill_standin::fixture;
+use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions, percent_encode};
 
 /// Set to keep every test database after its test.
 pub const KEEP_DATABASES_ENV: &str = "TESTKIT_KEEP_DATABASES";

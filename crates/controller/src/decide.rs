@@ -40,8 +40,8 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::api::{ConditionType, Phase, Reason, SpecError, UsageBackfillStatus, ValidSpec};
-use crate::engine::{self, Resume};
+use usage_backfill_api::{ConditionType, Phase, Reason, SpecError, UsageBackfillStatus, ValidSpec};
+use usage_backfill_engine::{self as engine, Resume};
 
 /// What a status describes: one run per generation and runId.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -414,8 +414,8 @@ fn stalled_reason(status: &UsageBackfillStatus) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::UsageBackfillSpec;
-    use crate::controller::status;
+    use crate::status;
+    use usage_backfill_api::UsageBackfillSpec;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()

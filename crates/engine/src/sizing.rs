@@ -327,7 +327,7 @@ pub fn events_from_months(slice: &Slice, months: &[(Timestamp, i64)]) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::plan::add_months;
+    use crate::plan::add_months;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()

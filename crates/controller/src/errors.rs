@@ -39,8 +39,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid leader election settings: {0}")]
-    LeaseSettings(String),
     #[error(
         "lost the leader Lease and {runs} run(s) did not stop within the shutdown timeout; exiting so that no run outlives leadership"
     )]
@@ -63,7 +61,6 @@ impl Error {
             Error::MissingMetadata(_) => "missing_metadata",
             Error::Client(_) => "client",
             Error::Health { .. } => "health",
-            Error::LeaseSettings(_) => "lease_settings",
             Error::RunsOutlivedLeadership { .. } => "runs_outlived_leadership",
             Error::ElectionEnded => "election_ended",
         }

@@ -34,8 +34,8 @@ use super::events::{EventReason, Publisher};
 use super::metrics::{Metrics, RunOutcome};
 use super::status::{self, Change, Redactor};
 use super::writes;
-use crate::api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
-use crate::engine::{self, Database, Event, Options};
+use usage_backfill_api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
+use usage_backfill_engine::{self as engine, Database, Event, Options};
 
 /// Which object: its namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

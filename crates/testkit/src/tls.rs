@@ -5,7 +5,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use usage_backfill::pgtemp::{ServerTls, TempPostgres, TempPostgresOptions};
+use usage_backfill_standin::pgtemp::{ServerTls, TempPostgres, TempPostgresOptions};
 
 /// A test certificate authority.
 pub struct TestCa {

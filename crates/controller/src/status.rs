@@ -24,11 +24,11 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::decide::{self, Identity, SecretProblem, Start, StartKind};
-use crate::api::{
+use usage_backfill_api::{
     BackfillResult, ConditionType, FutureEvents, LockHolder, PerformanceStatus, Phase, Reason,
     SkipReason, SpecError, UsageBackfillStatus as Status,
 };
-use crate::engine::{self, Event, Outcome};
+use usage_backfill_engine::{self as engine, Event, Outcome};
 
 /// Longest condition message or lastError kept (the apiserver allows 32 KiB).
 const MAX_MESSAGE: usize = 2048;
@@ -317,7 +317,7 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             let message = if *waited_ms > 0 {
                 format!(
                     "advisory lock 4246 acquired after {}",
-                    crate::duration::format(Duration::from_millis(*waited_ms))
+                    usage_backfill_engine::duration::format(Duration::from_millis(*waited_ms))
                 )
             } else {
                 "advisory lock 4246 acquired".to_owned()
@@ -560,7 +560,7 @@ pub fn retry_scheduled(
     s.heartbeat_time = Some(time(now));
     let message = redactor.message(&format!(
         "attempt {attempt} failed, retrying in {}: {error}",
-        crate::duration::format(delay)
+        usage_backfill_engine::duration::format(delay)
     ));
     in_progress(
         s,
@@ -618,7 +618,7 @@ pub fn interrupted(s: &mut Status, now: Timestamp) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::decide::Backoff;
+    use crate::decide::Backoff;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()

@@ -20,7 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::errors::Error;
-use crate::api::UsageBackfill;
+use usage_backfill_api::UsageBackfill;
 
 /// Content-Type of [`Metrics::encode`]: the Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -308,7 +308,7 @@ impl Collector for WatermarkLag {
 /// back after the run (status.lagSeconds is measured before the run, so
 /// after a backfill it says how far behind the rollup *was*), and 0 when
 /// the watermark is ahead of the newest event: nothing is behind.
-pub fn watermark_lag(s: &crate::api::UsageBackfillStatus) -> Option<i64> {
+pub fn watermark_lag(s: &usage_backfill_api::UsageBackfillStatus) -> Option<i64> {
     let lag = match (&s.max_event, &s.watermark_after) {
         (Some(max), Some(after)) => Some(max.0.as_second() - after.0.as_second()),
         _ => s.lag_seconds,
@@ -369,8 +369,8 @@ mod tests {
 
     #[test]
     fn lag_prefers_the_watermark_read_back() {
-        use crate::api::UsageBackfillStatus;
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use usage_backfill_api::UsageBackfillStatus;
         let t = |s: &str| Some(Time(s.parse().unwrap()));
         let mut s = UsageBackfillStatus {
             lag_seconds: Some(1_000_000),

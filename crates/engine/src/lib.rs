@@ -17,6 +17,7 @@
 //! and measured times ([`sizing`]). `docs/performance.md` has the figures.
 
 pub mod dsn;
+pub mod duration;
 mod parallel;
 pub mod plan;
 mod session;

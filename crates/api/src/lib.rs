@@ -19,7 +19,7 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::duration;
+use usage_backfill_engine::duration;
 
 /// A Secret's name: a DNS-1123 subdomain.
 const SECRET_NAME_PATTERN: &str =
@@ -46,9 +46,9 @@ const MAX_APPLICATION_NAME_LEN: usize = 63;
 /// Longest Secret name or key Kubernetes accepts.
 const MAX_SECRET_NAME_LEN: usize = 253;
 /// Default of spec.parallelism (the engine's measured default).
-pub const DEFAULT_PARALLELISM: u32 = crate::engine::DEFAULT_PARALLELISM;
+pub const DEFAULT_PARALLELISM: u32 = usage_backfill_engine::DEFAULT_PARALLELISM;
 /// Largest spec.parallelism (the engine's bound).
-const MAX_PARALLELISM: u32 = crate::engine::MAX_PARALLELISM;
+const MAX_PARALLELISM: u32 = usage_backfill_engine::MAX_PARALLELISM;
 /// Shortest spec.maxSliceDuration: shorter targets split every slice.
 const MIN_MAX_SLICE_DURATION: Duration = Duration::from_secs(1);
 
@@ -1083,7 +1083,7 @@ impl UsageBackfillSpec {
         if let Some(name) = tuning
             .settings
             .keys()
-            .find(|name| !crate::engine::tuning::is_setting_name(name))
+            .find(|name| !usage_backfill_engine::tuning::is_setting_name(name))
         {
             return Err(invalid(
                 "tuning.settings",

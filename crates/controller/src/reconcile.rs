@@ -19,7 +19,7 @@ use super::inputs::{self, Inputs};
 use super::runner::{CancelReason, ObjectKey, RunSpec};
 use super::status;
 use super::writes;
-use crate::api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
+use usage_backfill_api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
 
 /// Reconciles one UsageBackfill; the entry point of the controller.
 pub async fn reconcile(obj: Arc<UsageBackfill>, ctx: Arc<Context>) -> Result<Requeue> {
@@ -124,7 +124,7 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
         Action::ReportSecretProblem(p) => {
             let new = status::secret_problem(&status, &identity, &p, now);
             let reason = match p.reason() {
-                crate::api::Reason::SecretNotFound => EventReason::SecretNotFound,
+                usage_backfill_api::Reason::SecretNotFound => EventReason::SecretNotFound,
                 _ => EventReason::SecretKeyMissing,
             };
             act.report(new, reason).await?;

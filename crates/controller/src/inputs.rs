@@ -9,8 +9,8 @@ use kube::{Api, Client};
 use super::decide::{SecretLookup, SecretProblem};
 use super::errors::{Error, Result};
 use super::status::Redactor;
-use crate::api::{ModeSettings, TlsMode, TuningPreset, UsageBackfillSpec, ValidSpec};
-use crate::engine::{self, Database, Options, Performance, Resume, Tuning};
+use usage_backfill_api::{ModeSettings, TlsMode, TuningPreset, UsageBackfillSpec, ValidSpec};
+use usage_backfill_engine::{self as engine, Database, Options, Performance, Resume, Tuning};
 
 /// The Secrets, resolved.
 #[derive(Debug, Clone)]
@@ -158,7 +158,7 @@ fn database(
 ) -> engine::Result<Database> {
     let mut db = Database::parse(dsn)?;
     // A path in the controller's filesystem is not the user's to choose.
-    if db.ca_file.is_some() {
+    if db.names_ca_file() {
         return Err(engine::Error::InvalidConnectionString(
             "sslrootcert is not supported by the controller; use spec.database.tls.caSecretRef"
                 .into(),
@@ -231,7 +231,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::api::{CaSecretRef, TlsSpec};
+    use usage_backfill_api::{CaSecretRef, TlsSpec};
 
     fn secret(rv: &str, data: &[(&str, &[u8])]) -> Secret {
         Secret {
@@ -347,7 +347,7 @@ mod tests {
     #[test]
     fn options_follow_the_spec() {
         let mut s = spec();
-        s.mode = crate::api::Mode::Always;
+        s.mode = usage_backfill_api::Mode::Always;
         s.months_back = 2;
         s.dry_run = true;
         s.lock_timeout = Some("30s".into());
@@ -373,7 +373,7 @@ mod tests {
     fn performance_follows_the_spec_and_its_settings_win() {
         let kv = |k: &str, v: &str| (k.to_owned(), v.to_owned());
         let mut s = spec();
-        s.tuning = Some(crate::api::TuningSpec {
+        s.tuning = Some(usage_backfill_api::TuningSpec {
             preset: TuningPreset::ServerDefaults,
             settings: [kv("work_mem", "64MB")].into(),
         });
@@ -400,7 +400,7 @@ mod tests {
         );
         assert_eq!(o.effective_settings(), o.session_settings);
         // The default preset's settings come first and lose to both.
-        s.tuning = Some(crate::api::TuningSpec {
+        s.tuning = Some(usage_backfill_api::TuningSpec {
             preset: TuningPreset::Tuned,
             settings: [kv("enable_nestloop", "on")].into(),
         });

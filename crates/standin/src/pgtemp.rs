@@ -712,7 +712,7 @@ fn quote_conf(value: &str) -> String {
 }
 
 /// Percent-encode everything but RFC 3986 unreserved characters.
-pub(crate) fn percent_encode(s: &str) -> String {
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

@@ -26,14 +26,7 @@
 //! subresource, query, content type, JSON body, response code) so tests
 //! assert what requests mean, not how kube spells them.
 
-#![allow(dead_code)] // each test binary uses a different part
-
-#[path = "http.rs"]
 pub mod over_http;
-
-pub mod engine;
-pub mod status;
-pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -48,9 +41,9 @@ use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use usage_backfill::api::{UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
-use usage_backfill::controller::decide::Backoff;
-use usage_backfill::controller::{RunnerSettings, Settings};
+use usage_backfill_api::{UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
+use usage_backfill_controller::decide::Backoff;
+use usage_backfill_controller::{RunnerSettings, Settings};
 
 /// Controller settings for tests: every slice's progress is written (so
 /// short runs show it), retries come quickly, no session settings.

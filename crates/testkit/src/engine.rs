@@ -2,10 +2,10 @@
 //! what the events and the database show afterwards.
 
 use tokio_postgres::Client;
-use usage_backfill::engine::{
-    self, CancellationToken, Database, Error, Event, Mode, Options, Outcome, Resume,
+use usage_backfill_engine::{
+    self as engine, CancellationToken, Database, Error, Event, Mode, Options, Outcome, Resume,
 };
-use usage_backfill::fixture;
+use usage_backfill_standin::fixture;
 
 /// One engine run, with every event it reported.
 pub async fn run(

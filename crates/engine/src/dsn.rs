@@ -175,6 +175,12 @@ impl Database {
         self
     }
 
+    /// Whether the DSN names a CA file (`sslrootcert`): a path on this
+    /// machine, which the controller refuses.
+    pub fn names_ca_file(&self) -> bool {
+        self.ca_file.is_some()
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }
