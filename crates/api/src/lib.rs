@@ -862,10 +862,14 @@ pub enum Reason {
     ManualInterventionRequired,
     /// Stalled: backoffLimit retries failed.
     BackoffLimitExceeded,
+    /// Stalled: the database connection goes through a transaction- or
+    /// statement-pooling connection pooler, where advisory lock 4246
+    /// guards nothing; connect directly or through session pooling.
+    TransactionPooling,
 }
 
 impl Reason {
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::Pending,
         Self::Suspended,
         Self::WaitingForLock,
@@ -880,6 +884,7 @@ impl Reason {
         Self::PartialRangeRefused,
         Self::ManualInterventionRequired,
         Self::BackoffLimitExceeded,
+        Self::TransactionPooling,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -898,6 +903,7 @@ impl Reason {
             Self::PartialRangeRefused => "PartialRangeRefused",
             Self::ManualInterventionRequired => "ManualInterventionRequired",
             Self::BackoffLimitExceeded => "BackoffLimitExceeded",
+            Self::TransactionPooling => "TransactionPooling",
         }
     }
 }

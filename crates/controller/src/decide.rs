@@ -26,6 +26,7 @@
 //! | watermark NULL / state row missing | `ManualInterventionRequired` | terminal |
 //! | monthsBack would skip history without forcePartial | `PartialRangeRefused` | terminal |
 //! | future-dated events (writer clock skew) | `FutureDatedEvents` | terminal: every retry would walk everything and still fail the guard |
+//! | a transaction- or statement-pooling pooler between us and PostgreSQL | `TransactionPooling` | terminal: lock 4246 guards nothing through it; refused before the lock, or by a slice's check |
 //! | retryable failures, backoffLimit + 1 attempts made | `BackoffLimitExceeded` | terminal |
 //!
 //! Backoff before retry *n* (after *n* failed attempts) is
@@ -358,6 +359,7 @@ pub fn failure_reason(error: &engine::Error) -> &'static str {
     match error {
         engine::Error::MonthsBackSkipsHistory { .. } => Reason::PartialRangeRefused.as_str(),
         engine::Error::WatermarkMissing => Reason::ManualInterventionRequired.as_str(),
+        engine::Error::TransactionPooling { .. } => Reason::TransactionPooling.as_str(),
         e => e.reason(),
     }
 }
@@ -743,6 +745,13 @@ mod tests {
             (
                 engine::Error::WatermarkMissing,
                 "ManualInterventionRequired",
+            ),
+            (
+                engine::Error::TransactionPooling {
+                    evidence: "a second connection ran on server backend pid 7".into(),
+                    consequence: "nothing was written",
+                },
+                "TransactionPooling",
             ),
             (
                 engine::Error::MonthsBackSkipsHistory {

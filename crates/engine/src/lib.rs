@@ -338,6 +338,17 @@ pub enum Error {
     SliceTimeout { slice: Slice, timeout: Duration },
     #[error("slice [{}, {}) failed: {message}", slice.from, slice.to)]
     Slice { slice: Slice, message: String },
+    /// The connection does not keep one server session across
+    /// transactions (a transaction- or statement-pooling pooler), so lock
+    /// 4246 would not keep the backfill exclusive. `consequence` says what
+    /// was left: nothing, or the slices committed before it was noticed.
+    #[error(
+        "{evidence}: the backfill's connection does not keep one PostgreSQL server session to itself, as behind a transaction- or statement-pooling connection pooler (e.g. PgBouncer with pool_mode = transaction), so session-level advisory lock 4246 cannot keep the backfill exclusive; {consequence}. Connect to PostgreSQL directly, or through a pooler in session mode (PgBouncer: pool_mode = session)"
+    )]
+    TransactionPooling {
+        evidence: String,
+        consequence: &'static str,
+    },
     #[error("{context}: {message}")]
     Database {
         context: &'static str,
@@ -371,6 +382,7 @@ impl Error {
             Error::Cancelled => "Cancelled",
             Error::LockLost { .. } => "LockLost",
             Error::SliceTimeout { .. } => "SliceTimeout",
+            Error::TransactionPooling { .. } => "TransactionPooling",
             Error::Slice { .. } => "SliceFailed",
             Error::Database { .. } => "DatabaseError",
         }
@@ -396,7 +408,26 @@ impl Error {
             | Error::WatermarkMissing
             | Error::MonthsBackSkipsHistory { .. }
             | Error::FutureDatedEvents(_)
+            | Error::TransactionPooling { .. }
             | Error::Cancelled => false,
+        }
+    }
+}
+
+impl Error {
+    /// Pooling noticed before the lock: nothing was written.
+    pub(crate) fn pooling_before_lock(evidence: String) -> Error {
+        Error::TransactionPooling {
+            evidence,
+            consequence: "nothing was written and lock 4246 is not held",
+        }
+    }
+
+    /// Pooling noticed by a slice's check: that slice did not run.
+    pub(crate) fn pooling_in_walk(evidence: String) -> Error {
+        Error::TransactionPooling {
+            evidence,
+            consequence: "the run stopped before that slice; the slices committed before it are kept (each recomputes whole buckets) and the watermark was not stamped",
         }
     }
 }

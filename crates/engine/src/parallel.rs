@@ -3,10 +3,13 @@
 //! alone, on the lock session, after every other slice has committed.
 //!
 //! - The lock session (holding lock 4246 for the whole run) is worker 0;
-//!   the other workers call the window function only inside a statement
-//!   that checks the lock session still holds the lock, and a watchdog
-//!   stops them (cancelling their statements) as soon as the lock
-//!   session's connection is gone.
+//!   every window call runs inside a statement that first checks the lock:
+//!   on the lock session, that its server backend is the one that took
+//!   lock 4246 and still holds it; on the other workers, that they run on
+//!   another backend while that one holds it. A watchdog stops the workers
+//!   (cancelling their statements) as soon as the lock session's
+//!   connection is gone. A failed check on the backend (a pooler moving or
+//!   sharing sessions) is terminal and stops the walk like a lost lock.
 //! - Slices are disjoint in `updated_at` but their keys can overlap (a row
 //!   updated in a later month than created); every window call recomputes
 //!   whole buckets from all raw rows, so any order gives the same table.
@@ -29,7 +32,7 @@ use jiff::Timestamp;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::session::{Session, SliceError};
+use super::session::{Guard, Session, SliceError};
 use super::sizing::{self, Model, Piece};
 use super::tuning::{self, PROBE_MIN_EVENTS, PROBE_MODES, PlanProbe};
 use super::{Error, Event, Result, Slice};
@@ -47,8 +50,9 @@ pub(crate) struct Walk<'a> {
     pub lock: &'a Session,
     /// Further sessions with the same settings.
     pub workers: &'a [Session],
-    /// Backend pid of the lock session (the workers' guard).
-    pub lock_pid: Option<i32>,
+    /// Backend pid of the lock session, which took lock 4246 (every
+    /// window call's guard).
+    pub lock_pid: i32,
     /// Slices before the last, in order, contiguous.
     pub historical: Vec<Piece>,
     /// The slice reaching the present (drains the dirty queue).
@@ -338,8 +342,11 @@ impl Walk<'_> {
         let stop_all = cancel.child_token();
 
         let (tx, rx) = mpsc::unbounded_channel();
-        let sessions = std::iter::once((self.lock, None))
-            .chain(self.workers.iter().map(|w| (w, self.lock_pid)));
+        let sessions = std::iter::once((self.lock, Guard::Holder(self.lock_pid))).chain(
+            self.workers
+                .iter()
+                .map(|w| (w, Guard::Worker(self.lock_pid))),
+        );
         let workers =
             join_all(sessions.map(|(session, guard)| {
                 self.worker(session, guard, &shared, tx.clone(), &stop_all)
@@ -373,7 +380,13 @@ impl Walk<'_> {
             emit(&Event::SliceStarted { slice: last.slice });
             let started = Instant::now();
             let rows = self
-                .attempt(self.lock, &last.slice, None, &shared, cancel)
+                .attempt(
+                    self.lock,
+                    &last.slice,
+                    Guard::Holder(self.lock_pid),
+                    &shared,
+                    cancel,
+                )
                 .await?;
             let elapsed = started.elapsed();
             shared.lock().unwrap().durations_ms.push(millis(elapsed));
@@ -406,7 +419,7 @@ impl Walk<'_> {
     async fn worker(
         &self,
         session: &Session,
-        guard: Option<i32>,
+        guard: Guard,
         shared: &Mutex<Shared>,
         tx: mpsc::UnboundedSender<Msg>,
         stop_all: &CancellationToken,
@@ -490,7 +503,7 @@ impl Walk<'_> {
         &self,
         session: &Session,
         slice: &Slice,
-        guard: Option<i32>,
+        guard: Guard,
         shared: &Mutex<Shared>,
         cancel: &CancellationToken,
     ) -> Result<i64> {
@@ -559,7 +572,12 @@ impl Walk<'_> {
                     }
                     Some(Msg::Failed { slice, error }) => {
                         tracing::warn!(from = %slice.from, to = %slice.to, error = %error, "slice failed");
-                        if matches!(error, Error::LockLost { .. }) && lock_lost.is_none() {
+                        // Both end the walk at once, before any other failure.
+                        let fatal = matches!(
+                            error,
+                            Error::LockLost { .. } | Error::TransactionPooling { .. }
+                        );
+                        if fatal && lock_lost.is_none() {
                             stop_all.cancel();
                             lock_lost = Some(error);
                         } else if !matches!(error, Error::Cancelled) {

@@ -37,6 +37,8 @@ pub async fn run(
     }
     let started = Instant::now();
     let session = Session::connect(db).await?;
+    // First, before any other statement: whether lock 4246 can work at all.
+    let (pinned_pid, pin_warning) = session.check_pinned(db).await?;
     on_event(&Event::Connected {
         server_version: session.server_version().await?,
     });
@@ -49,9 +51,11 @@ pub async fn run(
         settings: &settings,
         cancel,
         on_event,
+        pinned_pid,
         outcome: Outcome {
             dry_run: opts.dry_run,
             settings: settings.clone(),
+            warnings: pin_warning.into_iter().collect(),
             ..Outcome::default()
         },
     };
@@ -70,6 +74,8 @@ struct Run<'a> {
     settings: &'a [(String, String)],
     cancel: &'a CancellationToken,
     on_event: &'a mut (dyn FnMut(&Event) + Send),
+    /// Backend pid of the session, as checked by `check_pinned`.
+    pinned_pid: i32,
     outcome: Outcome,
 }
 
@@ -151,9 +157,10 @@ impl Run<'_> {
         }
     }
 
-    /// Takes lock 4246 and arms the slice timeout. On success the caller
-    /// holds the lock and must call `unlock` whatever happens next; on
-    /// failure the lock is not held.
+    /// Takes lock 4246, checks it went to the backend checked before, and
+    /// arms the slice timeout. On success the caller holds the lock and
+    /// must call `unlock` whatever happens next; on failure the lock is not
+    /// held.
     async fn acquire(&mut self) -> Result<()> {
         let on_event = &mut *self.on_event;
         let waited = self
@@ -162,6 +169,15 @@ impl Run<'_> {
                 on_event(&Event::WaitingForLock { holder })
             })
             .await?;
+        let taken_on = self.session.lock_pid();
+        if taken_on != Some(self.pinned_pid) {
+            self.session.unlock().await;
+            return Err(Error::pooling_before_lock(format!(
+                "advisory lock 4246 was taken on server backend pid {}, not on the backend the session was checked on (pid {})",
+                taken_on.map_or_else(|| "?".to_string(), |p| p.to_string()),
+                self.pinned_pid
+            )));
+        }
         self.outcome.lock_waited_ms = millis(waited);
         (self.on_event)(&Event::LockAcquired {
             waited_ms: millis(waited),
@@ -320,11 +336,6 @@ impl Run<'_> {
         let wanted = self.perf.parallelism.clamp(1, MAX_PARALLELISM) as usize;
         let extra = wanted.min(historical.len()).saturating_sub(1);
         let workers = self.connect_workers(extra).await?;
-        let lock_pid = if workers.is_empty() {
-            None
-        } else {
-            Some(self.session.backend_pid().await?)
-        };
         let probe = self
             .perf
             .tuning
@@ -333,7 +344,7 @@ impl Run<'_> {
         let walked = Walk {
             lock: self.session,
             workers: &workers,
-            lock_pid,
+            lock_pid: self.pinned_pid,
             historical,
             last,
             slice_timeout: self.opts.slice_timeout,
