@@ -2,8 +2,11 @@
 //! the benchmark (never for the controller):
 //!
 //! - [`pgtemp`] starts throwaway PostgreSQL servers;
+//! - [`pgbouncer`] starts a throwaway PgBouncer in front of one (tests of
+//!   connection poolers);
 //! - [`fixture`] installs the application's rollup pipeline as
 //!   `shared/contract.md` describes it, and generates synthetic history.
 
 pub mod fixture;
+pub mod pgbouncer;
 pub mod pgtemp;

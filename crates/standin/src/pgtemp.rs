@@ -122,10 +122,10 @@ pub struct TempPostgresOptions {
 
 /// The OS account the server runs as when we are root.
 #[derive(Debug, Clone)]
-struct ServerUser {
-    name: String,
-    uid: u32,
-    gid: u32,
+pub(crate) struct ServerUser {
+    pub(crate) name: String,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
 }
 
 /// A running throwaway PostgreSQL server. Stopped and deleted on drop.
@@ -635,7 +635,7 @@ fn server_version(bindir: &Path) -> Result<String> {
 
 /// Effective uid, from the `Uid:` line of /proc/self/status (real, effective,
 /// saved, fs), falling back to the owner of /proc/self.
-fn effective_uid() -> Result<u32> {
+pub(crate) fn effective_uid() -> Result<u32> {
     if let Ok(status) = fs::read_to_string("/proc/self/status") {
         let euid = status
             .lines()
@@ -660,7 +660,7 @@ fn passwd_entries() -> Vec<Vec<String>> {
         .collect()
 }
 
-fn find_server_user() -> Result<ServerUser> {
+pub(crate) fn find_server_user() -> Result<ServerUser> {
     let entries = passwd_entries();
     for wanted in ["postgres", "nobody"] {
         if let Some(fields) = entries.iter().find(|f| f[0] == wanted)
@@ -698,7 +698,7 @@ fn random_password() -> Result<String> {
 
 /// A port that was free a moment ago (the listener is released again; the
 /// caller retries if someone else grabs it first).
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind(("127.0.0.1", 0))
         .map_err(io_err("binding 127.0.0.1:0 to pick a port"))?;
     listener
