@@ -3,11 +3,12 @@
 //! closes the reference's known gaps. It knows nothing of Kubernetes: the
 //! controller and the CLI both call [`run`].
 //!
-//! Shape of a run: connect one dedicated session → apply session settings →
-//! read a [`plan::Snapshot`] → decide ([`plan`], pure) → check the role's
-//! privileges → take advisory lock 4246 → walk the slices, one window call
-//! (one transaction) each → stamp the watermark with the database clock →
-//! unlock. Progress is reported through an [`Event`] callback, cancellation
+//! Shape of a run: connect one dedicated session → check that it keeps one
+//! server session to itself (no transaction-pooling pooler) → apply session
+//! settings → read a [`plan::Snapshot`] → decide ([`plan`], pure) → check
+//! the role's privileges → take advisory lock 4246 → walk the slices, one
+//! window call (one transaction) each, each checking where the lock is →
+//! stamp the watermark with the database clock → unlock. Progress is reported through an [`Event`] callback, cancellation
 //! through a [`CancellationToken`], and a run can resume from a cursor
 //! ([`Resume`]).
 //!
