@@ -131,14 +131,19 @@ impl Session {
     /// and no setting is changed before the verdict.
     ///
     /// This session takes a session-level advisory lock on a random probe
-    /// key; a second connection to `db` tries the same key as a
+    /// key; a second connection (`other`, opened alongside this one, to the
+    /// same database) tries the same key as a
     /// transaction-level lock, which succeeds only on the same backend
     /// (a backend's advisory locks are re-entrant); and this session checks
     /// it still runs on its first backend. The probe lock is released on
     /// every path. Returns this session's backend pid, and a warning when
     /// the second connection could not be used (the checks of every window
     /// call remain).
-    pub async fn check_pinned(&self, db: &Database) -> Result<(i32, Option<String>)> {
+    pub async fn check_pinned(
+        &self,
+        other: Result<Session>,
+        wait: Duration,
+    ) -> Result<(i32, Option<String>)> {
         const CONTEXT: &str = "checking for a transaction-pooling connection pooler";
         let key = probe_key();
         let row = self
@@ -157,7 +162,7 @@ impl Session {
                 )),
             ));
         }
-        let verdict = self.probe(db, pid, key).await;
+        let verdict = self.probe(other, wait, pid, key).await;
         let unlock = format!("pg_advisory_unlock({PROBE_CLASS}, {key})");
         if !self.release_on(pid, &unlock).await {
             tracing::warn!(
@@ -173,10 +178,15 @@ impl Session {
         }
     }
 
-    async fn probe(&self, db: &Database, pid: i32, key: i32) -> Result<Probe> {
+    async fn probe(
+        &self,
+        other: Result<Session>,
+        wait: Duration,
+        pid: i32,
+        key: i32,
+    ) -> Result<Probe> {
         const CONTEXT: &str = "checking for a transaction-pooling connection pooler";
-        let wait = db.connect_timeout();
-        let other = match Session::connect(db).await {
+        let other = match other {
             Ok(other) => other,
             Err(e) => {
                 return Ok(Probe::Inconclusive(format!(

@@ -36,9 +36,12 @@ pub async fn run(
         validate_setting_name(name)?;
     }
     let started = Instant::now();
-    let session = Session::connect(db).await?;
+    // The pooling check's second connection opens alongside the session,
+    // so that it adds no wait.
+    let (session, other) = tokio::join!(Session::connect(db), Session::connect(db));
+    let session = session?;
     // First, before any other statement: whether lock 4246 can work at all.
-    let (pinned_pid, pin_warning) = session.check_pinned(db).await?;
+    let (pinned_pid, pin_warning) = session.check_pinned(other, db.connect_timeout()).await?;
     on_event(&Event::Connected {
         server_version: session.server_version().await?,
     });
