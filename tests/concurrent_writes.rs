@@ -479,7 +479,7 @@ async fn a_walk_beside_the_writing_application_loses_no_update() {
     assert_eq!(outcome.to, outcome.walk_end);
     assert_eq!(outcome.watermark_after, outcome.walk_end);
     assert!(
-        last.writes_during() >= 3,
+        last.writes_during() >= 1,
         "writes committed while the last slice ran: {}",
         last.writes_during()
     );
@@ -554,7 +554,7 @@ async fn a_controller_run_beside_the_writing_application_loses_no_update() {
         "the stamp names the walk's end"
     );
     assert!(
-        during_run >= 10,
+        during_run >= 5,
         "writes committed during the run: {during_run}"
     );
     assert_eq!(after_catch_up, (0, 0), "stale buckets (missing, extra)");
