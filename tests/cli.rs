@@ -137,6 +137,7 @@ async fn backfill_text_then_json_then_skip() {
         "rows touched:",
         "watermark:",
         "(stamped)",
+        "walk ended at:",
     ] {
         assert!(
             ran.stdout.contains(want),
@@ -174,6 +175,11 @@ async fn backfill_text_then_json_then_skip() {
     assert_eq!(out["watermark_stamped"], Value::Bool(true));
     let after = fixture::watermark(&client).await.unwrap();
     assert_eq!(ts(&out["watermark_after"]), after, "{}", ran.show());
+    assert_eq!(
+        ts(&out["walk_end"]),
+        after,
+        "the stamp names the walk's end"
+    );
     assert_eq!(
         ts(&out["watermark_before"]),
         Some("2000-01-01T00:00:00Z".parse().unwrap())

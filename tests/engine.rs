@@ -758,25 +758,37 @@ async fn stale_bucket_queued_now(client: &tokio_postgres::Client) -> Timestamp {
     now
 }
 
-/// Gap 4: the newest event is months old, but keys queued now (deletes,
-/// re-attributions) must be drained by the backfill.
+/// Gap 4: the newest event is months old, but keys queued since (deletes,
+/// re-attributions; here ten minutes ago) must be drained by the backfill.
 #[tokio::test]
 async fn dirty_queue_is_drained_up_to_now() {
     let db = testkit::fresh_database().await;
     let client = db.client().await;
     let now = stale_bucket_queued_now(&client).await;
+    client
+        .execute(
+            "UPDATE task_usage_hourly_dirty SET enqueued_at = now() - interval '10 minutes'",
+            &[],
+        )
+        .await
+        .unwrap();
     let outcome = run(&db, Options::default()).await.0.unwrap();
     assert_eq!(outcome.skipped, None);
-    assert!(outcome.to.unwrap() >= now, "the walk reaches the present");
+    assert!(
+        outcome.to.unwrap() >= now - 5.minutes(),
+        "the walk reaches five minutes before the present"
+    );
     assert_eq!(fixture::dirty_queue_len(&client).await.unwrap(), 0);
     assert_correct(&client).await;
 }
 
-/// Gap 4, during the run: a key queued after the run read the clock (a
-/// delete committed while earlier slices were walked) is drained too, as
-/// the reference's last slice, which ends at a month's end, would.
+/// Gaps 4 and 5, during the run: a key queued after the run read the clock
+/// (a delete committed while the walk goes on) is not drained by the walk,
+/// whose last window ends five minutes before that reading, as the tick's
+/// does; it stays queued, after the stamped watermark, and the
+/// application's next tick drains it.
 #[tokio::test]
-async fn a_key_queued_while_the_run_goes_on_is_drained() {
+async fn a_key_queued_while_the_run_goes_on_is_left_for_the_tick() {
     let db = testkit::fresh_database().await;
     let client = db.client().await;
     let now = stale_bucket_queued_now(&client).await;
@@ -789,13 +801,21 @@ async fn a_key_queued_while_the_run_goes_on_is_drained() {
         .await
         .unwrap();
     let outcome = run(&db, Options::default()).await.0.unwrap();
+    let end = outcome.walk_end.expect("a walk");
+    assert!(
+        end >= now - 5.minutes() && end < now - 4.minutes(),
+        "the walk ends five minutes before its clock reading: {end} (now {now})"
+    );
+    assert_eq!(outcome.to, Some(end), "the last window ends there");
+    assert_eq!(outcome.watermark_after, Some(end), "and the stamp names it");
+    assert_eq!(fixture::dirty_queue_len(&client).await.unwrap(), 1);
+    assert_ne!(fixture::recompute_mismatches(&client).await.unwrap(), 0);
+    // The tick that runs once the clock has passed the entry.
+    fixture::rollup_window(&client, end, now + 1.minutes())
+        .await
+        .unwrap();
     assert_eq!(fixture::dirty_queue_len(&client).await.unwrap(), 0);
     assert_correct(&client).await;
-    assert_eq!(
-        outcome.to,
-        Some(engine::plan::add_months(engine::plan::month_floor(now), 1)),
-        "the tail ends with the current month"
-    );
 }
 
 /// Gap 2: future-dated rows are reported precisely and nothing is walked

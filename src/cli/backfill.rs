@@ -324,6 +324,12 @@ pub(crate) fn render_text(o: &Outcome) -> String {
     );
     line("rows touched:", o.rows_touched.to_string());
     line("range:", format!("{} .. {}", ts(o.from), ts(o.to)));
+    if let Some(end) = o.walk_end {
+        line(
+            "walk ended at:",
+            format!("{end} (later writes are left to the tick)"),
+        );
+    }
     line("max event:", ts(o.max_event));
     line(
         "lag before:",

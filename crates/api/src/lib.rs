@@ -473,6 +473,15 @@ pub struct UsageBackfillStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<Time>,
 
+    /// The instant the finished walk ended at (UTC): the database clock read
+    /// once under advisory lock 4246, minus five minutes (the margin of the
+    /// application's own rollup tick). No window ended later and the
+    /// watermark was stamped with it, so writes committed while the walk ran
+    /// stay in the dirty queue or after the watermark, for the application's
+    /// next tick.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub walk_end: Option<Time>,
+
     /// Start of the first slice not yet completed: where a retried attempt
     /// resumes.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -577,6 +586,7 @@ impl Default for UsageBackfillStatus {
             rows_touched: None,
             from: None,
             to: None,
+            walk_end: None,
             cursor: None,
             watermark_stamped: None,
             watermark_before: None,

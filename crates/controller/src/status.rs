@@ -443,6 +443,7 @@ pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
     }
     s.from = outcome.from.map(time);
     s.to = outcome.to.map(time);
+    s.walk_end = outcome.walk_end.map(time);
     s.watermark_stamped = Some(outcome.watermark_stamped);
     s.watermark_before = outcome.watermark_before.map(time);
     // Unstamped, the watermark is what it was before the run.
@@ -702,6 +703,7 @@ mod tests {
             watermark_stamped: true,
             watermark_before: Some(ts("1970-01-01T00:00:00Z")),
             watermark_after: Some(ts("2026-05-10T11:55:00Z")),
+            walk_end: Some(ts("2026-05-10T11:55:00Z")),
             max_event: Some(ts("2026-04-30T00:00:00Z")),
             lag_seconds: Some(1_777_507_200),
             settings: settings(),
@@ -812,6 +814,7 @@ mod tests {
         assert_eq!(done.progress.as_deref(), Some("3/3"));
         assert_eq!(done.rows_touched, Some(30));
         assert_eq!(done.watermark_after, Some(time(ts("2026-05-10T11:55:00Z"))));
+        assert_eq!(done.walk_end, done.watermark_after);
         assert_eq!(done.watermark_stamped, Some(true));
         assert_eq!(done.finished_at, Some(time(ts(T1))));
         assert_eq!(done.last_error, None);

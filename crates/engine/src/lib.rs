@@ -7,8 +7,10 @@
 //! server session to itself (no transaction-pooling pooler) → apply session
 //! settings → read a [`plan::Snapshot`] → decide ([`plan`], pure) → check
 //! the role's privileges → take advisory lock 4246 → walk the slices, one
-//! window call (one transaction) each, each checking where the lock is →
-//! stamp the watermark with the database clock → unlock. Progress is reported through an [`Event`] callback, cancellation
+//! window call (one transaction) each, each checking where the lock is, the
+//! last ending five minutes before the database clock read under the lock →
+//! stamp the watermark with that same instant → unlock. Progress is
+//! reported through an [`Event`] callback, cancellation
 //! through a [`CancellationToken`], and a run can resume from a cursor
 //! ([`Resume`]).
 //!
@@ -244,6 +246,11 @@ pub struct Outcome {
     pub to: Option<Timestamp>,
     /// Start of the first slice not yet completed; equals `to` when done.
     pub cursor: Option<Timestamp>,
+    /// The instant the walk ended at, and the watermark it stamped: the
+    /// database clock read once under the lock, minus five minutes. Writes
+    /// committed while the walk ran are after it (queued or updated later),
+    /// for the application's next tick (gap 5). None when nothing was walked.
+    pub walk_end: Option<Timestamp>,
     pub watermark_stamped: bool,
     pub watermark_before: Option<Timestamp>,
     pub watermark_after: Option<Timestamp>,

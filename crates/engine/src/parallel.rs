@@ -1,6 +1,8 @@
 //! The walk over the planned slices: historical slices on up to
 //! `parallelism` sessions at once, then the slice that reaches the present
-//! alone, on the lock session, after every other slice has committed.
+//! (up to [`super::plan::walk_end`], five minutes before the clock read
+//! under the lock) alone, on the lock session, after every other slice has
+//! committed.
 //!
 //! - The lock session (holding lock 4246 for the whole run) is worker 0;
 //!   every window call runs inside a statement that first checks the lock:

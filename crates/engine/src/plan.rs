@@ -10,8 +10,9 @@ use serde::Serialize;
 
 use super::{Error, Mode, Resume, SkipReason};
 
-/// How far behind the database clock a stamp puts the watermark, as the
-/// reference does (`now() - interval '5 minutes'`).
+/// How far behind the database clock a walk ends and its stamp puts the
+/// watermark: the reference's stamp (`now() - interval '5 minutes'`) and
+/// the periodic tick's own margin.
 pub const STAMP_OFFSET: Duration = Duration::from_secs(5 * 60);
 
 /// The migration guard's own tolerance: it refuses while the watermark is
@@ -40,6 +41,18 @@ pub struct Snapshot {
     pub now: Timestamp,
 }
 
+/// The instant a walk decided on `now` (the database clock, read once,
+/// under the lock) ends at, and the watermark its stamp names:
+/// [`STAMP_OFFSET`] before `now`. No window of the walk ends later, so a
+/// write committed while the walk runs (its updated_at and enqueued_at are
+/// the time its transaction began) is either seen by the walk or left,
+/// queued or after the watermark, for the application's next tick; only a
+/// transaction open for five minutes escapes, as it does the tick (gap 5).
+pub fn walk_end(now: Timestamp) -> Timestamp {
+    now.checked_sub(SignedDuration::try_from(STAMP_OFFSET).unwrap())
+        .unwrap_or(now)
+}
+
 impl Snapshot {
     /// max_event - watermark, when both exist.
     pub fn lag(&self) -> Option<SignedDuration> {
@@ -50,9 +63,8 @@ impl Snapshot {
     /// while keeping the lag within `threshold` (gap 2).
     pub fn future_horizon(&self, threshold: Duration) -> Timestamp {
         let threshold = SignedDuration::try_from(threshold).unwrap_or(SignedDuration::MAX);
-        self.now
-            .checked_sub(SignedDuration::try_from(STAMP_OFFSET).unwrap())
-            .and_then(|t| t.checked_add(threshold))
+        walk_end(self.now)
+            .checked_add(threshold)
             .unwrap_or(Timestamp::MAX)
     }
 }
@@ -137,30 +149,33 @@ pub fn decide(snap: &Snapshot, mode: &Mode) -> Result<Decision, Error> {
     }
 }
 
-/// The slices of a walk: UTC calendar months from `from` through the month
-/// of the newest event, then, when history ends before the current month,
-/// one tail window to the end of the current month, so the dirty queue is
-/// drained even when history ends months ago (gap 4). The tail ends at the
-/// month's end, not at `now`, for the reason the reference's last slice
-/// does: what is written or queued while the run goes on, before the
-/// stamp, is inside the window when the tail runs.
-pub fn slices(from: Timestamp, max_event: Timestamp, now: Timestamp) -> Vec<Slice> {
-    let walk_end = add_months(month_floor(max_event), 1);
+/// The slices of a walk ending at `end` ([`walk_end`]): UTC calendar months
+/// from `from` through the month of the newest event, the last one cut at
+/// `end`; when history ends in an earlier month, one tail window from there
+/// to `end`, so the dirty queue is drained up to `end` however old the
+/// newest event is (gap 4). Nothing ends after `end`: the window function
+/// drains the queue in a statement after its recompute, so a window ending
+/// in the future (the reference's last slice ends with the current month)
+/// drains the entries of writes committed while it recomputes without
+/// recomputing them (gap 5). Events after `end` (the last five minutes,
+/// rows dated ahead of the clock) stay after the stamped watermark, for the
+/// application's tick.
+pub fn slices(from: Timestamp, max_event: Timestamp, end: Timestamp) -> Vec<Slice> {
+    let history_end = add_months(month_floor(max_event), 1).min(end);
     let mut out = Vec::new();
     let mut cursor = from;
-    while cursor < walk_end {
-        let next = add_months(month_floor(cursor), 1).min(walk_end);
+    while cursor < history_end {
+        let next = add_months(month_floor(cursor), 1).min(history_end);
         out.push(Slice {
             from: cursor,
             to: next,
         });
         cursor = next;
     }
-    let month_end = add_months(month_floor(now), 1);
-    if month_end > walk_end {
+    if cursor < end {
         out.push(Slice {
-            from: walk_end,
-            to: month_end,
+            from: cursor,
+            to: end,
         });
     }
     out
@@ -322,17 +337,17 @@ mod tests {
     }
 
     #[test]
-    fn slices_are_utc_months_plus_a_tail_to_the_end_of_this_month() {
+    fn slices_are_utc_months_plus_a_tail_to_the_walk_end() {
         let got = slices(
             ts("2026-01-01T00:00:00Z"),
             ts("2026-03-02T00:00:00Z"),
-            ts("2026-06-10T12:00:00Z"),
+            walk_end(ts("2026-06-10T12:00:00Z")),
         );
         let want: Vec<_> = [
             ("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
             ("2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"),
             ("2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z"),
-            ("2026-04-01T00:00:00Z", "2026-07-01T00:00:00Z"),
+            ("2026-04-01T00:00:00Z", "2026-06-10T11:55:00Z"),
         ]
         .iter()
         .map(|(a, b)| Slice {
@@ -344,20 +359,32 @@ mod tests {
     }
 
     #[test]
-    fn no_tail_when_history_reaches_the_current_month_or_the_future() {
-        let got = slices(
-            ts("2026-05-01T00:00:00Z"),
-            ts("2026-06-10T11:00:00Z"),
-            ts("2026-06-10T12:00:00Z"),
-        );
-        assert_eq!(got.len(), 2);
-        assert_eq!(got[1].to, ts("2026-07-01T00:00:00Z"));
-        let got = slices(
-            ts("2026-06-01T00:00:00Z"),
-            ts("2026-08-03T00:00:00Z"),
-            ts("2026-06-10T12:00:00Z"),
-        );
-        assert_eq!(got.len(), 3);
+    fn the_last_slice_ends_at_the_walk_end_even_with_newer_events() {
+        let end = walk_end(ts("2026-06-10T12:00:00Z"));
+        assert_eq!(end, ts("2026-06-10T11:55:00Z"));
+        // Events of the last five minutes, and of the future, are left after
+        // the watermark: no window ends after `end`.
+        for max_event in ["2026-06-10T11:58:00Z", "2026-08-03T00:00:00Z"] {
+            let got = slices(ts("2026-05-01T00:00:00Z"), ts(max_event), end);
+            assert_eq!(
+                got,
+                vec![
+                    Slice {
+                        from: ts("2026-05-01T00:00:00Z"),
+                        to: ts("2026-06-01T00:00:00Z")
+                    },
+                    Slice {
+                        from: ts("2026-06-01T00:00:00Z"),
+                        to: end
+                    },
+                ],
+                "{max_event}"
+            );
+        }
+        // History of the last five minutes of a new month: nothing to walk
+        // before the end; the stamp leaves it all to the tick.
+        let end = walk_end(ts("2026-07-01T00:02:00Z"));
+        assert!(slices(ts("2026-07-01T00:00:00Z"), ts("2026-07-01T00:01:00Z"), end).is_empty());
     }
 
     #[test]
@@ -381,7 +408,7 @@ mod tests {
         let all = slices(
             ts("2026-01-01T00:00:00Z"),
             ts("2026-03-02T00:00:00Z"),
-            ts("2026-03-20T00:00:00Z"),
+            walk_end(ts("2026-03-20T00:00:00Z")),
         );
         let resume = Resume {
             cursor: ts("2026-02-01T00:00:00Z"),

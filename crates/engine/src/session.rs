@@ -726,17 +726,18 @@ impl Session {
         SliceError { error, conflict }
     }
 
-    /// Stamps the watermark with the database clock, returning the new value
-    /// (None when no state row exists).
-    pub async fn stamp(&self) -> Result<Option<Timestamp>> {
+    /// Stamps the watermark with `at`, an instant of the database clock read
+    /// by the run ([`super::plan::walk_end`]), returning the new value (None
+    /// when no state row exists).
+    pub async fn stamp(&self, at: Timestamp) -> Result<Option<Timestamp>> {
         let row = self
             .client
             .query_opt(
                 "UPDATE public.task_usage_hourly_rollup_state
-                    SET watermark_at = now() - interval '5 minutes'
+                    SET watermark_at = $1
                   WHERE id = 1
               RETURNING watermark_at",
-                &[],
+                &[&at],
             )
             .await
             .map_err(|e| self.db_error("stamping the watermark", &e))?;

@@ -96,7 +96,7 @@ impl Run<'_> {
         let snap = self.session.snapshot().await?;
         self.observe(&snap);
         let from = match plan::decide_if_lagging(&snap, threshold)? {
-            Decision::Skip { reason, stamp } => return self.skip(reason, stamp).await,
+            Decision::Skip { reason, stamp } => return self.skip(reason, stamp, &snap).await,
             Decision::Walk { from } => from,
         };
         self.refuse_future_events(&snap, threshold).await?;
@@ -115,7 +115,7 @@ impl Run<'_> {
         let snap = self.session.snapshot().await?;
         self.observe(&snap);
         match plan::decide_if_lagging(&snap, threshold)? {
-            Decision::Skip { reason, stamp } => self.skip(reason, stamp).await,
+            Decision::Skip { reason, stamp } => self.skip(reason, stamp, &snap).await,
             Decision::Walk { from } => self.walk_and_stamp(from, &snap).await,
         }
     }
@@ -155,7 +155,7 @@ impl Run<'_> {
             self.outcome.future_events = self.session.future_events(horizon, snap.now).await?;
         }
         match decision {
-            Decision::Skip { reason, stamp } => self.skip(reason, stamp).await,
+            Decision::Skip { reason, stamp } => self.skip(reason, stamp, &snap).await,
             Decision::Walk { from } => self.walk_and_stamp(from, &snap).await,
         }
     }
@@ -209,10 +209,10 @@ impl Run<'_> {
         self.outcome.lag_seconds = snap.lag().map(|l| l.as_secs());
     }
 
-    async fn skip(&mut self, reason: SkipReason, stamp: bool) -> Result<()> {
+    async fn skip(&mut self, reason: SkipReason, stamp: bool, snap: &Snapshot) -> Result<()> {
         self.outcome.skipped = Some(reason);
         if stamp && !self.opts.dry_run {
-            self.stamp().await?;
+            self.stamp(plan::walk_end(snap.now)).await?;
         }
         Ok(())
     }
@@ -250,11 +250,11 @@ impl Run<'_> {
     /// counts), each with its estimated events.
     async fn dry_run(&mut self, from: Timestamp, snap: &Snapshot) -> Result<()> {
         let max_event = snap.max_event.expect("a walk is only decided on history");
-        let slices = plan::slices(from, max_event, snap.now);
+        let end = plan::walk_end(snap.now);
+        let slices = plan::slices(from, max_event, end);
         let (historical, last) = self.size(&slices).await?;
         let pieces: Vec<Piece> = historical.into_iter().chain(last).collect();
-        let to = slices.last().map_or(from, |s| s.to);
-        self.announce(from, to, pieces.len() as u64);
+        self.announce(from, end, pieces.len() as u64);
         for piece in pieces {
             let planned = PlannedSlice {
                 slice: piece.slice,
@@ -321,9 +321,13 @@ impl Run<'_> {
         });
     }
 
+    /// Walks up to the instant five minutes before the clock read under the
+    /// lock, and stamps that same instant (gap 5, [`plan::walk_end`]).
     async fn walk_and_stamp(&mut self, from: Timestamp, snap: &Snapshot) -> Result<()> {
         let max_event = snap.max_event.expect("a walk is only decided on history");
-        let all = plan::slices(from, max_event, snap.now);
+        let end = plan::walk_end(snap.now);
+        self.outcome.walk_end = Some(end);
+        let all = plan::slices(from, max_event, end);
         let resume = self.opts.resume.as_ref();
         let slices = plan::resume_slices(all, resume);
         let already = resume.map_or(0, |r| r.slices_processed);
@@ -331,9 +335,8 @@ impl Run<'_> {
         self.outcome.slices_processed = already;
         self.outcome.rows_touched = already_rows;
         let (historical, last) = self.size(&slices).await?;
-        let to = slices.last().map_or(from, |s| s.to);
         let total = already + historical.len() as u64 + u64::from(last.is_some());
-        self.announce(from, to, total);
+        self.announce(from, end, total);
         self.outcome.cursor = slices.first().map(|s| s.from);
 
         let wanted = self.perf.parallelism.clamp(1, MAX_PARALLELISM) as usize;
@@ -377,7 +380,7 @@ impl Run<'_> {
         if self.cancel.is_cancelled() {
             return Err(Error::Cancelled);
         }
-        self.stamp().await
+        self.stamp(end).await
     }
 
     /// Up to `n` more sessions with the run's settings. A worker that
@@ -413,8 +416,9 @@ impl Run<'_> {
         Ok(workers)
     }
 
-    async fn stamp(&mut self) -> Result<()> {
-        let after = self.session.stamp().await?;
+    /// Sets the watermark to `at` (an instant of the database clock).
+    async fn stamp(&mut self, at: Timestamp) -> Result<()> {
+        let after = self.session.stamp(at).await?;
         self.outcome.watermark_stamped = after.is_some();
         self.outcome.watermark_after = after;
         if after.is_none() {

@@ -1,0 +1,563 @@
+//! Gap 5: a backfill beside the running application loses no update.
+//!
+//! The application keeps writing while a backfill runs (a pre-upgrade hook
+//! runs while the old version still serves): usage rows are inserted,
+//! updated and deleted, tasks are re-attributed to other issues, and the
+//! periodic entry `rollup_task_usage_hourly()` is called all along. Deletes
+//! and re-attributions reach the rollup only through the dirty queue, which
+//! the window function drains in a statement of its own after the
+//! recompute: a window ending in the future drains the entries of writes
+//! that commit while it recomputes, without recomputing them. Here a writer
+//! and a ticker run throughout a full walk on two sessions; once they stop,
+//! one catch-up window (the application's next tick) must leave the hourly
+//! table equal to an independent recompute.
+//!
+//! The last slice is made long (thousands of keys updated in the current
+//! month) so that writes commit while it recomputes; the test checks that
+//! they did, so it cannot pass without exercising the race.
+
+use usage_backfill_testkit as support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Transaction};
+use tokio_util::sync::CancellationToken;
+use usage_backfill_api::{BackfillResult, Phase, UsageBackfillSpec, UsageBackfillStatus};
+use usage_backfill_controller::{self as controller, Context, ObjectKey};
+use usage_backfill_engine::{self as engine, Database, Event, Outcome, Performance};
+use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_testkit::{self as testkit, FakeApiServer, TestDatabase};
+
+use support::engine::{always, assert_correct};
+
+const NS: &str = "tenant-a";
+const SECRET: &str = "app-db";
+const WAIT: Duration = Duration::from_secs(60);
+/// Pause between two write transactions of the writer.
+const WRITE_PACE: Duration = Duration::from_millis(5);
+/// Pause between two calls of the periodic entry.
+const TICK_PACE: Duration = Duration::from_millis(100);
+/// Writes committed before the backfill starts, so that it starts beside a
+/// busy application.
+const WARM_UP_WRITES: u64 = 20;
+
+/// Three months of history before the current one, and 3000 of its rows
+/// updated in the current month (up to now): the last slice recomputes
+/// thousands of keys, long enough for writes to commit while it runs.
+async fn busy_database() -> (TestDatabase, Client) {
+    let db = testkit::fresh_database().await;
+    let client = db.client().await;
+    fixture::generate(
+        &client,
+        &HistorySpec {
+            rows: 8000,
+            months: 3,
+            dirty_queue_entries: 0,
+            ..HistorySpec::default()
+        },
+    )
+    .await
+    .unwrap();
+    client
+        .batch_execute(
+            "UPDATE task_usage SET updated_at = m.start + random() * (now() - m.start)
+               FROM (SELECT date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS start) m
+              WHERE id IN (SELECT id FROM task_usage WHERE updated_at IS NOT NULL
+                            ORDER BY md5(id::text) LIMIT 3000);
+             ANALYZE task_usage;",
+        )
+        .await
+        .unwrap();
+    (db, client)
+}
+
+/// What the writer committed, per kind of write.
+#[derive(Debug, Default, Clone, Copy)]
+struct Writes {
+    inserts: u64,
+    updates: u64,
+    deletes: u64,
+    reattributions: u64,
+    /// Rolled back (deadlock with a window call, or the like).
+    failed: u64,
+}
+
+/// The application beside the backfill: a writer and a ticker, each on its
+/// own connection, until stopped.
+struct Application {
+    stop: CancellationToken,
+    committed: Arc<AtomicU64>,
+    writer: JoinHandle<Writes>,
+    ticker: JoinHandle<u64>,
+}
+
+impl Application {
+    /// Starts both and returns once the writer has committed a few writes.
+    async fn start(url: &str, seed: u64) -> Application {
+        let stop = CancellationToken::new();
+        let committed = Arc::new(AtomicU64::new(0));
+        let writer = tokio::spawn(write(url.to_owned(), seed, stop.clone(), committed.clone()));
+        let ticker = tokio::spawn(tick(url.to_owned(), stop.clone()));
+        let app = Application {
+            stop,
+            committed,
+            writer,
+            ticker,
+        };
+        tokio::time::timeout(WAIT, async {
+            while app.committed() < WARM_UP_WRITES {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the writer commits");
+        app
+    }
+
+    fn committed(&self) -> u64 {
+        self.committed.load(Ordering::SeqCst)
+    }
+
+    /// Stops both; what was written and how many ticks were called.
+    async fn stop(self) -> (Writes, u64) {
+        self.stop.cancel();
+        (self.writer.await.unwrap(), self.ticker.await.unwrap())
+    }
+}
+
+/// A task the writer may re-attribute.
+struct Task {
+    id: String,
+    workspace: String,
+    issue: Option<String>,
+}
+
+/// One write transaction, chosen before it runs.
+enum Write {
+    /// A new usage row of a task, created `days_ago` (updated now).
+    Insert {
+        task: String,
+        days_ago: f64,
+    },
+    /// A new updated_at (and token count) for a row.
+    Update {
+        row: String,
+    },
+    Delete {
+        row: String,
+    },
+    /// Task number `task` moves to `issue` (of another project).
+    Reattribute {
+        task: usize,
+        issue: String,
+    },
+}
+
+/// The writer's view of the rows it may touch, kept up to date with what it
+/// commits.
+struct Writer {
+    rng: SmallRng,
+    seed: u64,
+    serial: u64,
+    usage: Vec<String>,
+    tasks: Vec<Task>,
+    /// Issues per workspace.
+    issues: HashMap<String, Vec<String>>,
+    project: HashMap<String, Option<String>>,
+    done: Writes,
+}
+
+impl Writer {
+    async fn new(client: &Client, seed: u64) -> Writer {
+        let rows = |sql: &'static str| client.query(sql, &[]);
+        let usage = rows("SELECT id::text FROM task_usage ORDER BY id")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let tasks = rows(
+            "SELECT q.id::text, a.workspace_id::text, q.issue_id::text
+               FROM agent_task_queue q JOIN agent a ON a.id = q.agent_id
+              WHERE q.runtime_id IS NOT NULL ORDER BY q.id",
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| Task {
+            id: r.get(0),
+            workspace: r.get(1),
+            issue: r.get(2),
+        })
+        .collect();
+        let mut issues: HashMap<String, Vec<String>> = HashMap::new();
+        let mut project = HashMap::new();
+        for r in
+            rows("SELECT id::text, workspace_id::text, project_id::text FROM issue ORDER BY id")
+                .await
+                .unwrap()
+        {
+            issues.entry(r.get(1)).or_default().push(r.get(0));
+            project.insert(r.get(0), r.get(2));
+        }
+        Writer {
+            rng: SmallRng::seed_from_u64(seed),
+            seed,
+            serial: 0,
+            usage,
+            tasks,
+            issues,
+            project,
+            done: Writes::default(),
+        }
+    }
+
+    fn project_of(&self, issue: Option<&String>) -> Option<String> {
+        issue.and_then(|i| self.project[i].clone())
+    }
+
+    fn next(&mut self) -> Write {
+        let any_row = |w: &mut Writer| w.usage[w.rng.random_range(0..w.usage.len())].clone();
+        match self.rng.random_range(0..4u8) {
+            0 => Write::Insert {
+                task: self.tasks[self.rng.random_range(0..self.tasks.len())]
+                    .id
+                    .clone(),
+                days_ago: self.rng.random_range(0.0..90.0),
+            },
+            1 => Write::Update { row: any_row(self) },
+            2 => Write::Delete { row: any_row(self) },
+            _ => {
+                let task = self.rng.random_range(0..self.tasks.len());
+                let t = &self.tasks[task];
+                let current = self.project_of(t.issue.as_ref());
+                let others: Vec<&String> = self.issues[&t.workspace]
+                    .iter()
+                    .filter(|i| self.project[*i] != current)
+                    .collect();
+                let issue = others[self.rng.random_range(0..others.len())].clone();
+                Write::Reattribute { task, issue }
+            }
+        }
+    }
+
+    /// Runs `write` in `tx`; for an insert, the new row's id.
+    async fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        write: &Write,
+    ) -> Result<Option<String>, tokio_postgres::Error> {
+        match write {
+            Write::Insert { task, days_ago } => {
+                self.serial += 1;
+                let model = format!("writer-{}-{}", self.seed, self.serial);
+                let row = tx
+                    .query_one(
+                        "INSERT INTO task_usage
+                             (task_id, provider, model, input_tokens, output_tokens, created_at)
+                         VALUES ($1::text::uuid, 'writer', $2, 500, 50,
+                                 now() - $3::float8 * interval '1 day')
+                         RETURNING id::text",
+                        &[task, &model, days_ago],
+                    )
+                    .await?;
+                Ok(Some(row.get(0)))
+            }
+            Write::Update { row } => tx
+                .execute(
+                    "UPDATE task_usage SET input_tokens = input_tokens + 11, updated_at = now()
+                      WHERE id = $1::text::uuid",
+                    &[row],
+                )
+                .await
+                .map(|_| None),
+            Write::Delete { row } => tx
+                .execute("DELETE FROM task_usage WHERE id = $1::text::uuid", &[row])
+                .await
+                .map(|_| None),
+            Write::Reattribute { task, issue } => tx
+                .execute(
+                    "UPDATE agent_task_queue SET issue_id = $2::text::uuid WHERE id = $1::text::uuid",
+                    &[&self.tasks[*task].id, issue],
+                )
+                .await
+                .map(|_| None),
+        }
+    }
+
+    /// Bookkeeping of a committed write.
+    fn committed(&mut self, write: Write, inserted: Option<String>) {
+        match write {
+            Write::Insert { .. } => {
+                self.usage.extend(inserted);
+                self.done.inserts += 1;
+            }
+            Write::Update { .. } => self.done.updates += 1,
+            Write::Delete { row } => {
+                self.usage.retain(|u| *u != row);
+                self.done.deletes += 1;
+            }
+            Write::Reattribute { task, issue } => {
+                self.tasks[task].issue = Some(issue);
+                self.done.reattributions += 1;
+            }
+        }
+    }
+}
+
+/// Small transactions, one after the other, until stopped: inserts (rows
+/// dated in the history, updated now), updates (new updated_at), deletes,
+/// and re-attributions of tasks to an issue of another project.
+async fn write(
+    url: String,
+    seed: u64,
+    stop: CancellationToken,
+    committed: Arc<AtomicU64>,
+) -> Writes {
+    let mut client = testkit::client(&url).await;
+    let mut writer = Writer::new(&client, seed).await;
+    while !stop.is_cancelled() {
+        let write = writer.next();
+        let tx = client.transaction().await.unwrap();
+        let result = match writer.apply(&tx, &write).await {
+            Ok(inserted) => tx.commit().await.map(|_| inserted),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(inserted) => {
+                writer.committed(write, inserted);
+                committed.fetch_add(1, Ordering::SeqCst);
+            }
+            // A deadlock with a window call, say: rolled back, nothing changed.
+            Err(_) => writer.done.failed += 1,
+        }
+        tokio::time::sleep(WRITE_PACE).await;
+    }
+    writer.done
+}
+
+/// Calls the periodic entry until stopped (it gets nothing while a backfill
+/// holds lock 4246); returns how many calls it made.
+async fn tick(url: String, stop: CancellationToken) -> u64 {
+    let client = testkit::client(&url).await;
+    let mut calls = 0;
+    while !stop.is_cancelled() {
+        // An error (a conflict with the writer, say) is the tick's to log;
+        // the next call starts from the same watermark.
+        let _ = client
+            .query_one("SELECT rollup_task_usage_hourly()", &[])
+            .await;
+        calls += 1;
+        tokio::time::sleep(TICK_PACE).await;
+    }
+    calls
+}
+
+/// The application's next tick once the writes have stopped, without its
+/// five-minute margin (the test does not wait five minutes): one window
+/// from the watermark to now().
+async fn catch_up(client: &Client) {
+    client
+        .query_one(
+            "SELECT rollup_task_usage_hourly_window(watermark_at, now())
+               FROM task_usage_hourly_rollup_state WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+/// Buckets of an independent recompute missing from the hourly table (or
+/// different there), and hourly rows that an independent recompute does not
+/// have (or has different): the stale buckets, counted both ways.
+async fn stale_buckets(client: &Client) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "WITH expected AS (
+                 SELECT date_trunc('hour', u.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                        a.workspace_id, q.runtime_id, q.agent_id, i.project_id, u.provider, u.model,
+                        sum(u.input_tokens)::bigint, sum(u.output_tokens)::bigint,
+                        sum(u.cache_read_tokens)::bigint, sum(u.cache_write_tokens)::bigint,
+                        count(DISTINCT u.task_id)::bigint, count(*)::bigint
+                   FROM task_usage u
+                   JOIN agent_task_queue q ON q.id = u.task_id
+                   JOIN agent a ON a.id = q.agent_id
+                   LEFT JOIN issue i ON i.id = q.issue_id
+                  WHERE q.runtime_id IS NOT NULL
+                  GROUP BY 1, 2, 3, 4, 5, 6, 7),
+             actual AS (
+                 SELECT bucket_hour, workspace_id, runtime_id, agent_id, project_id, provider, model,
+                        input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                        task_count::bigint, event_count::bigint
+                   FROM task_usage_hourly)
+             SELECT (SELECT count(*) FROM (SELECT * FROM expected EXCEPT SELECT * FROM actual) m),
+                    (SELECT count(*) FROM (SELECT * FROM actual EXCEPT SELECT * FROM expected) e)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Writes committed while the last slice ran, counted from the events.
+#[derive(Default)]
+struct LastSlice {
+    end: Option<Timestamp>,
+    committed_at_start: Option<u64>,
+    committed_at_end: Option<u64>,
+}
+
+impl LastSlice {
+    fn observe(&mut self, event: &Event, committed: u64) {
+        match event {
+            Event::Planned { to, .. } => self.end = Some(*to),
+            Event::SliceStarted { slice } if Some(slice.to) == self.end => {
+                self.committed_at_start = Some(committed)
+            }
+            Event::SliceDone { slice, .. } if Some(slice.to) == self.end => {
+                self.committed_at_end = Some(committed)
+            }
+            _ => {}
+        }
+    }
+
+    fn writes_during(&self) -> u64 {
+        self.committed_at_end.unwrap() - self.committed_at_start.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_walk_beside_the_writing_application_loses_no_update() {
+    let (db, client) = busy_database().await;
+    let app = Application::start(db.url(), 14).await;
+    let before = app.committed();
+    let mut last = LastSlice::default();
+    let opts = engine::Options {
+        performance: Performance {
+            parallelism: 2,
+            ..Performance::default()
+        },
+        ..always()
+    };
+    let outcome: Outcome = engine::run(
+        &Database::parse(db.url()).unwrap(),
+        &opts,
+        &CancellationToken::new(),
+        &mut |e: &Event| last.observe(e, app.committed.load(Ordering::SeqCst)),
+    )
+    .await
+    .unwrap();
+    let during_walk = app.committed() - before;
+    let (writes, ticks) = app.stop().await;
+    let after_walk = stale_buckets(&client).await;
+    catch_up(&client).await;
+    let after_catch_up = stale_buckets(&client).await;
+    eprintln!(
+        "writes {writes:?}, {during_walk} committed during the walk, {} during the last slice \
+         ({} slices, {} sessions, {} ms); {ticks} ticks; stale buckets (missing/extra): \
+         {}/{} after the walk, {}/{} after the catch-up window",
+        last.writes_during(),
+        outcome.slices_processed,
+        outcome.sessions,
+        outcome.elapsed_ms,
+        after_walk.0,
+        after_walk.1,
+        after_catch_up.0,
+        after_catch_up.1,
+    );
+    assert_eq!(outcome.sessions, 2, "a parallel walk");
+    assert!(outcome.slices_processed >= 4, "{outcome:?}");
+    // The last window ends where the stamp begins.
+    assert!(outcome.walk_end.is_some());
+    assert_eq!(outcome.to, outcome.walk_end);
+    assert_eq!(outcome.watermark_after, outcome.walk_end);
+    assert!(
+        last.writes_during() >= 1,
+        "writes committed while the last slice ran: {}",
+        last.writes_during()
+    );
+    assert_eq!(after_catch_up, (0, 0), "stale buckets (missing, extra)");
+    assert_eq!(fixture::dirty_queue_len(&client).await.unwrap(), 0);
+    assert_correct(&client).await;
+}
+
+/// Reconciles until the run of the current generation is finished and its
+/// task and finalizer are gone.
+async fn run_to_end(fake: &FakeApiServer, ctx: &Arc<Context>, name: &str) -> UsageBackfillStatus {
+    let key = ObjectKey::new(NS, name);
+    let done = tokio::time::timeout(WAIT, async {
+        loop {
+            let obj = fake.get(NS, name).expect("object exists");
+            controller::reconcile(Arc::new(obj), ctx.clone())
+                .await
+                .expect("reconcile succeeds");
+            ctx.runner.wait_idle(&key).await;
+            let obj = fake.get(NS, name).unwrap();
+            let status = obj.status.clone().unwrap_or_default();
+            if status.observed_generation == obj.metadata.generation.unwrap()
+                && status.phase.is_some_and(Phase::is_finished)
+                && !ctx.runner.is_active(&key)
+                && !controller::writes::has_finalizer(&obj)
+            {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    })
+    .await;
+    done.unwrap_or_else(|_| {
+        panic!(
+            "{name} did not finish within {WAIT:?}; requests:\n{}",
+            fake.describe_requests()
+        )
+    })
+}
+
+/// The same at the controller level: a UsageBackfill in the hook's mode
+/// (IfLagging, two sessions) reconciled to the end while the application
+/// writes and ticks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_run_beside_the_writing_application_loses_no_update() {
+    let (db, client) = busy_database().await;
+    let (kube, fake) = FakeApiServer::start();
+    let ctx = Context::new(kube, testkit::settings());
+    fake.put_secret(NS, SECRET, "DATABASE_URL", db.url());
+    let mut spec = UsageBackfillSpec::new(SECRET);
+    spec.parallelism = 2;
+    fake.create(NS, "beside-the-app", spec);
+    let app = Application::start(db.url(), 41).await;
+    let before = app.committed();
+    let done = run_to_end(&fake, &ctx, "beside-the-app").await;
+    let during_run = app.committed() - before;
+    let (writes, ticks) = app.stop().await;
+    let after_run = stale_buckets(&client).await;
+    catch_up(&client).await;
+    let after_catch_up = stale_buckets(&client).await;
+    eprintln!(
+        "writes {writes:?}, {during_run} committed during the run ({:?} slices); {ticks} \
+         ticks; stale buckets (missing/extra): {}/{} after the run, {}/{} after the \
+         catch-up window",
+        done.slices_processed, after_run.0, after_run.1, after_catch_up.0, after_catch_up.1,
+    );
+    assert_eq!(done.result, Some(BackfillResult::Backfilled), "{done:?}");
+    assert_eq!(done.performance.as_ref().and_then(|p| p.sessions), Some(2));
+    assert!(done.walk_end.is_some());
+    assert_eq!(
+        done.walk_end, done.watermark_after,
+        "the stamp names the walk's end"
+    );
+    assert!(
+        during_run >= 5,
+        "writes committed during the run: {during_run}"
+    );
+    assert_eq!(after_catch_up, (0, 0), "stale buckets (missing, extra)");
+    assert_eq!(fixture::dirty_queue_len(&client).await.unwrap(), 0);
+    assert_correct(&client).await;
+}
