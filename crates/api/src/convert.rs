@@ -1,0 +1,122 @@
+//! Every conversion between the API's types and the engine's, in one
+//! place: what a spec asks of the engine, what the engine reports into a
+//! status, and the condition reason of each engine failure.
+
+use usage_backfill_engine as engine;
+
+use crate::Reason;
+
+/// The condition reason of a failure: the engine's fixed name
+/// ([`engine::Error::reason`]), except where the API has words of its own.
+impl From<&engine::Error> for Reason {
+    fn from(e: &engine::Error) -> Self {
+        use engine::{ConnectFailure as C, Error as E};
+        match e {
+            E::InvalidConnectionString(_) => Reason::InvalidConnectionString,
+            E::Tls(_) => Reason::InvalidTlsConfig,
+            E::Connect { kind, .. } => match kind {
+                C::Authentication => Reason::AuthenticationFailed,
+                C::DatabaseNotFound => Reason::DatabaseNotFound,
+                C::Unreachable => Reason::DatabaseUnreachable,
+                C::Timeout => Reason::ConnectTimeout,
+                C::Tls => Reason::TlsHandshakeFailed,
+                C::Other => Reason::ConnectFailed,
+            },
+            E::InvalidSetting { .. } => Reason::InvalidSessionSetting,
+            E::RollupStateMissing => Reason::RollupStateMissing,
+            E::SchemaMissing { .. } => Reason::SchemaMissing,
+            E::PermissionDenied { .. } => Reason::PermissionDenied,
+            E::WatermarkMissing => Reason::ManualInterventionRequired,
+            E::MonthsBackSkipsHistory { .. } => Reason::PartialRangeRefused,
+            E::FutureDatedEvents(_) => Reason::FutureDatedEvents,
+            E::LockTimeout { .. } => Reason::LockTimeout,
+            E::Cancelled => Reason::Cancelled,
+            E::LockLost { .. } => Reason::LockLost,
+            E::SliceTimeout { .. } => Reason::SliceTimeout,
+            E::Slice { .. } => Reason::SliceFailed,
+            E::Database { .. } => Reason::DatabaseError,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn failure_reasons_are_the_engines_names_but_two() {
+        let at = ts("2026-01-01T00:00:00Z");
+        let slice = engine::Slice { from: at, to: at };
+        let connect = |kind| engine::Error::Connect {
+            kind,
+            target: "t".into(),
+            message: "m".into(),
+        };
+        let errors = [
+            engine::Error::InvalidConnectionString("x".into()),
+            engine::Error::Tls("x".into()),
+            connect(engine::ConnectFailure::Authentication),
+            connect(engine::ConnectFailure::DatabaseNotFound),
+            connect(engine::ConnectFailure::Unreachable),
+            connect(engine::ConnectFailure::Timeout),
+            connect(engine::ConnectFailure::Tls),
+            connect(engine::ConnectFailure::Other),
+            engine::Error::InvalidSetting {
+                name: "n".into(),
+                message: "m".into(),
+            },
+            engine::Error::RollupStateMissing,
+            engine::Error::SchemaMissing { what: "w".into() },
+            engine::Error::PermissionDenied {
+                message: "m".into(),
+            },
+            engine::Error::FutureDatedEvents(engine::FutureEvents {
+                rows: 1,
+                latest: at,
+                ahead_seconds: 1,
+            }),
+            engine::Error::LockTimeout {
+                waited: Duration::ZERO,
+            },
+            engine::Error::Cancelled,
+            engine::Error::LockLost {
+                message: "m".into(),
+            },
+            engine::Error::SliceTimeout {
+                slice,
+                timeout: Duration::ZERO,
+            },
+            engine::Error::Slice {
+                slice,
+                message: "m".into(),
+            },
+            engine::Error::Database {
+                context: "c",
+                message: "m".into(),
+            },
+        ];
+        for e in &errors {
+            assert_eq!(Reason::from(e).as_str(), e.reason(), "{e:?}");
+        }
+        assert_eq!(
+            Reason::from(&engine::Error::WatermarkMissing),
+            Reason::ManualInterventionRequired
+        );
+        assert_eq!(
+            Reason::from(&engine::Error::MonthsBackSkipsHistory {
+                months_back: 1,
+                start: at,
+                earliest: at,
+            }),
+            Reason::PartialRangeRefused
+        );
+    }
+}
