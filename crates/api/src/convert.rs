@@ -2,9 +2,89 @@
 //! place: what a spec asks of the engine, what the engine reports into a
 //! status, and the condition reason of each engine failure.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use usage_backfill_engine as engine;
 
-use crate::Reason;
+use crate::{FutureEvents, LockHolder, ModeSettings, Reason, SkipReason, TlsMode, TuningPreset};
+
+impl From<TlsMode> for engine::TlsMode {
+    fn from(m: TlsMode) -> Self {
+        match m {
+            TlsMode::Disable => engine::TlsMode::Disable,
+            TlsMode::Prefer => engine::TlsMode::Prefer,
+            TlsMode::Require => engine::TlsMode::Require,
+            TlsMode::VerifyCa => engine::TlsMode::VerifyCa,
+            TlsMode::VerifyFull => engine::TlsMode::VerifyFull,
+        }
+    }
+}
+
+impl From<engine::TlsMode> for TlsMode {
+    fn from(m: engine::TlsMode) -> Self {
+        match m {
+            engine::TlsMode::Disable => TlsMode::Disable,
+            engine::TlsMode::Prefer => TlsMode::Prefer,
+            engine::TlsMode::Require => TlsMode::Require,
+            engine::TlsMode::VerifyCa => TlsMode::VerifyCa,
+            engine::TlsMode::VerifyFull => TlsMode::VerifyFull,
+        }
+    }
+}
+
+impl From<ModeSettings> for engine::Mode {
+    fn from(m: ModeSettings) -> Self {
+        match m {
+            ModeSettings::IfLagging { lag_threshold } => engine::Mode::IfLagging { lag_threshold },
+            ModeSettings::Always {
+                months_back,
+                force_partial,
+            } => engine::Mode::Always {
+                months_back,
+                force_partial,
+            },
+        }
+    }
+}
+
+impl From<TuningPreset> for engine::Tuning {
+    fn from(p: TuningPreset) -> Self {
+        match p {
+            TuningPreset::Tuned => engine::Tuning::Default,
+            TuningPreset::ServerDefaults => engine::Tuning::Off,
+        }
+    }
+}
+
+impl From<engine::SkipReason> for SkipReason {
+    fn from(r: engine::SkipReason) -> Self {
+        match r {
+            engine::SkipReason::RollupStateMissing => SkipReason::RollupStateMissing,
+            engine::SkipReason::TaskUsageEmpty => SkipReason::TaskUsageEmpty,
+            engine::SkipReason::WatermarkWithinThreshold => SkipReason::WatermarkWithinThreshold,
+        }
+    }
+}
+
+impl From<&engine::LockHolder> for LockHolder {
+    fn from(h: &engine::LockHolder) -> Self {
+        LockHolder {
+            pid: Some(h.pid),
+            application_name: h.application_name.clone(),
+            client_addr: h.client_addr.clone(),
+            since: h.since.map(Time),
+        }
+    }
+}
+
+impl From<&engine::FutureEvents> for FutureEvents {
+    fn from(f: &engine::FutureEvents) -> Self {
+        FutureEvents {
+            rows: f.rows,
+            max_ahead_seconds: f.ahead_seconds,
+            latest: Some(Time(f.latest)),
+        }
+    }
+}
 
 /// The condition reason of a failure: the engine's fixed name
 /// ([`engine::Error::reason`]), except where the API has words of its own.
@@ -118,5 +198,31 @@ mod tests {
             }),
             Reason::PartialRangeRefused
         );
+    }
+
+    #[test]
+    fn tls_modes_convert_both_ways_by_name() {
+        for m in [
+            TlsMode::Disable,
+            TlsMode::Prefer,
+            TlsMode::Require,
+            TlsMode::VerifyCa,
+            TlsMode::VerifyFull,
+        ] {
+            let e = engine::TlsMode::from(m);
+            assert_eq!(e.as_str(), m.as_str());
+            assert_eq!(TlsMode::from(e), m);
+        }
+    }
+
+    #[test]
+    fn skip_reasons_convert_by_name() {
+        for r in [
+            engine::SkipReason::RollupStateMissing,
+            engine::SkipReason::TaskUsageEmpty,
+            engine::SkipReason::WatermarkWithinThreshold,
+        ] {
+            assert_eq!(SkipReason::from(r).as_str(), r.as_str());
+        }
     }
 }

@@ -277,7 +277,18 @@ pub struct TuningSpec {
 
 /// A set of planner settings. (Not "On"/"Off": YAML 1.1 reads those as
 /// booleans.)
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    JsonSchema,
+    strum::IntoStaticStr,
+)]
 pub enum TuningPreset {
     /// Measured settings: see docs/performance.md.
     #[default]
@@ -288,10 +299,7 @@ pub enum TuningPreset {
 
 impl TuningPreset {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tuned => "Tuned",
-            Self::ServerDefaults => "ServerDefaults",
-        }
+        self.into()
     }
 }
 
@@ -365,8 +373,11 @@ fn default_ca_key() -> String {
 }
 
 /// libpq sslmode values the operator supports.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum TlsMode {
     Disable,
     Prefer,
@@ -378,13 +389,7 @@ pub enum TlsMode {
 impl TlsMode {
     /// The value as written in the spec and in a DSN.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Disable => "disable",
-            Self::Prefer => "prefer",
-            Self::Require => "require",
-            Self::VerifyCa => "verify-ca",
-            Self::VerifyFull => "verify-full",
-        }
+        self.into()
     }
 
     /// Reads a DSN's `sslmode`. libpq's `allow` (plaintext first, TLS as a
@@ -402,7 +407,18 @@ impl TlsMode {
 }
 
 /// What a UsageBackfill runs.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    JsonSchema,
+    strum::IntoStaticStr,
+)]
 pub enum Mode {
     /// The migration-time hook: lag check, skip reasons, then the walk.
     #[default]
@@ -413,10 +429,7 @@ pub enum Mode {
 
 impl Mode {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::IfLagging => "IfLagging",
-            Self::Always => "Always",
-        }
+        self.into()
     }
 }
 
@@ -616,7 +629,9 @@ impl UsageBackfillStatus {
 }
 
 /// Where a run is.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+)]
 pub enum Phase {
     /// Accepted, not started (or waiting for a retry).
     Pending,
@@ -632,13 +647,7 @@ pub enum Phase {
 
 impl Phase {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::WaitingForLock => "WaitingForLock",
-            Self::Running => "Running",
-            Self::Succeeded => "Succeeded",
-            Self::Failed => "Failed",
-        }
+        self.into()
     }
 
     /// Whether the run for the observed generation is over.
@@ -648,7 +657,9 @@ impl Phase {
 }
 
 /// Outcome of a Succeeded run.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+)]
 pub enum BackfillResult {
     /// The walk ran and the watermark was stamped.
     Backfilled,
@@ -660,17 +671,16 @@ pub enum BackfillResult {
 
 impl BackfillResult {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Backfilled => "Backfilled",
-            Self::Skipped => "Skipped",
-            Self::DryRun => "DryRun",
-        }
+        self.into()
     }
 }
 
 /// Why an IfLagging run skipped the walk (the reference hook's words).
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum SkipReason {
     /// The rollup state table does not exist yet: nothing to backfill into.
     RollupStateMissing,
@@ -682,11 +692,7 @@ pub enum SkipReason {
 
 impl SkipReason {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RollupStateMissing => "rollup_state_missing",
-            Self::TaskUsageEmpty => "task_usage_empty",
-            Self::WatermarkWithinThreshold => "watermark_within_threshold",
-        }
+        self.into()
     }
 }
 

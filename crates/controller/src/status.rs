@@ -19,8 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::decide::{Identity, SecretProblem, Start, StartKind};
 use usage_backfill_api::{
-    BackfillResult, FutureEvents, LockHolder, PerformanceStatus, Phase, Reason, RunState,
-    SkipReason, SpecError, UsageBackfillStatus as Status,
+    BackfillResult, PerformanceStatus, Phase, Reason, RunState, SpecError,
+    UsageBackfillStatus as Status,
 };
 use usage_backfill_engine::{self as engine, Event, Outcome};
 
@@ -248,7 +248,7 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
     match event {
         Event::Connected { .. } | Event::SliceStarted { .. } => Change::None,
         Event::WaitingForLock { holder } => {
-            s.lock_holder = holder.as_ref().map(lock_holder);
+            s.lock_holder = holder.as_ref().map(Into::into);
             let message = waiting_message(holder.as_ref());
             record(s, RunState::WaitingForLock, &message, now);
             Change::Phase
@@ -328,15 +328,6 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
     }
 }
 
-fn lock_holder(h: &engine::LockHolder) -> LockHolder {
-    LockHolder {
-        pid: Some(h.pid),
-        application_name: h.application_name.clone(),
-        client_addr: h.client_addr.clone(),
-        since: h.since.map(time),
-    }
-}
-
 fn waiting_message(holder: Option<&engine::LockHolder>) -> String {
     let Some(h) = holder else {
         return "waiting for advisory lock 4246, held by a session this role cannot see".into();
@@ -362,7 +353,7 @@ pub fn heartbeat(s: &mut Status, now: Timestamp) {
 /// The status of a successful run.
 pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
     let mut s = prev.clone();
-    let skipped = outcome.skipped.map(skip_reason);
+    let skipped = outcome.skipped.map(Into::into);
     let result = match (skipped, outcome.dry_run) {
         (Some(_), _) => BackfillResult::Skipped,
         (None, true) => BackfillResult::DryRun,
@@ -395,7 +386,7 @@ pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
         .map(time);
     s.max_event = outcome.max_event.map(time);
     s.lag_seconds = outcome.lag_seconds;
-    s.future_events = outcome.future_events.as_ref().map(future_events);
+    s.future_events = outcome.future_events.as_ref().map(Into::into);
     s.settings = outcome.settings.iter().cloned().collect();
     s.performance = performance(outcome);
     s.warnings = outcome.warnings.clone();
@@ -422,22 +413,6 @@ fn performance(outcome: &Outcome) -> Option<PerformanceStatus> {
         slice_median_millis: millis(stats.median_ms),
         slice_max_millis: millis(stats.max_ms),
     })
-}
-
-fn skip_reason(r: engine::SkipReason) -> SkipReason {
-    match r {
-        engine::SkipReason::RollupStateMissing => SkipReason::RollupStateMissing,
-        engine::SkipReason::TaskUsageEmpty => SkipReason::TaskUsageEmpty,
-        engine::SkipReason::WatermarkWithinThreshold => SkipReason::WatermarkWithinThreshold,
-    }
-}
-
-fn future_events(f: &engine::FutureEvents) -> FutureEvents {
-    FutureEvents {
-        rows: f.rows,
-        max_ahead_seconds: f.ahead_seconds,
-        latest: Some(time(f.latest)),
-    }
 }
 
 fn success_message(outcome: &Outcome, s: &Status) -> String {
