@@ -3,6 +3,7 @@
 //!
 //! - this module: a PostgreSQL database per test ([`fresh_database`]);
 //! - [`apiserver`]: a fake Kubernetes API server at the HTTP level;
+//! - [`harness`]: the controller test harness and builder fixtures;
 //! - [`engine`]: engine runs and the independent correctness check;
 //! - [`status`]: reading conditions of a UsageBackfill status;
 //! - [`tls`]: a test CA and a TLS PostgreSQL.
@@ -20,6 +21,7 @@
 
 pub mod apiserver;
 pub mod engine;
+pub mod harness;
 pub mod status;
 pub mod tls;
 

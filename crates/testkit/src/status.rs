@@ -17,6 +17,29 @@ pub fn is(status: &str, reason: &str) -> Option<(String, String)> {
     Some((status.into(), reason.into()))
 }
 
+/// What [`conds`] reads in progress: Ready False, Reconciling True, both
+/// for `reason`.
+pub fn in_progress(reason: &str) -> [Option<(String, String)>; 3] {
+    [is("False", reason), is("True", reason), None]
+}
+
+/// What [`conds`] reads while a failed attempt waits for its retry: Ready
+/// False RetryScheduled, Reconciling True for the `failure`.
+pub fn retry_scheduled(failure: &str) -> [Option<(String, String)>; 3] {
+    [is("False", "RetryScheduled"), is("True", failure), None]
+}
+
+/// What [`conds`] reads after a success: Ready True for `reason` alone.
+pub fn ready(reason: &str) -> [Option<(String, String)>; 3] {
+    [is("True", reason), None, None]
+}
+
+/// What [`conds`] reads after a terminal failure: Ready False and Stalled
+/// True for `reason`.
+pub fn stalled(reason: &str) -> [Option<(String, String)>; 3] {
+    [is("False", reason), None, is("True", reason)]
+}
+
 /// Every condition: Ready, Reconciling, Stalled.
 pub fn conds(s: &UsageBackfillStatus) -> [Option<(String, String)>; 3] {
     std::array::from_fn(|i| cond(s, ConditionType::VARIANTS[i]))
