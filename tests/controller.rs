@@ -890,9 +890,7 @@ async fn a_restarted_controller_resumes_from_the_cursor() {
     assert_eq!(done.attempts, Some(1));
 
     // The counts equal an uninterrupted run on an identical database.
-    let reference = testkit::fresh_database().await;
-    let rc = reference.client().await;
-    fixture::generate(&rc, &slow_history()).await.unwrap();
+    let (reference, rc) = testkit::database_with(&slow_history()).await;
     let full = usage_backfill_engine::run(
         &usage_backfill_engine::Database::parse(reference.url()).unwrap(),
         &usage_backfill_engine::Options::default(),

@@ -323,18 +323,12 @@ impl Operator {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_sigkilled_mid_run_resumes_from_the_cursor_when_restarted() {
-    let db = testkit::fresh_database().await;
-    let pg = db.client().await;
-    fixture::generate(
-        &pg,
-        &HistorySpec {
-            rows: 300,
-            months: 6,
-            ..HistorySpec::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (db, pg) = testkit::database_with(&HistorySpec {
+        rows: 300,
+        months: 6,
+        ..HistorySpec::default()
+    })
+    .await;
     instrument(&pg).await;
     slow_window(&pg, 0.4).await;
     let password = password_of(db.url());

@@ -202,13 +202,7 @@ mod tests {
 
     #[test]
     fn tls_modes_convert_both_ways_by_name() {
-        for m in [
-            TlsMode::Disable,
-            TlsMode::Prefer,
-            TlsMode::Require,
-            TlsMode::VerifyCa,
-            TlsMode::VerifyFull,
-        ] {
+        for &m in <TlsMode as strum::VariantArray>::VARIANTS {
             let e = engine::TlsMode::from(m);
             assert_eq!(e.as_str(), m.as_str());
             assert_eq!(TlsMode::from(e), m);

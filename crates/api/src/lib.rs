@@ -21,6 +21,18 @@ use serde::{Deserialize, Serialize};
 
 use usage_backfill_engine::duration;
 
+/// `as_str()` of enums whose names strum derives (spelled as serde spells
+/// them, which the tests check).
+macro_rules! as_str {
+    ($($t:ty),+) => {$(
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                self.into()
+            }
+        }
+    )+};
+}
+
 mod convert;
 pub mod run_state;
 
@@ -297,12 +309,6 @@ pub enum TuningPreset {
     ServerDefaults,
 }
 
-impl TuningPreset {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
-
 /// Where the database is and how to reach it.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -374,7 +380,16 @@ fn default_ca_key() -> String {
 
 /// libpq sslmode values the operator supports.
 #[derive(
-    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    JsonSchema,
+    strum::IntoStaticStr,
+    strum::VariantArray,
 )]
 #[serde(rename_all = "kebab-case")]
 #[strum(serialize_all = "kebab-case")]
@@ -387,11 +402,6 @@ pub enum TlsMode {
 }
 
 impl TlsMode {
-    /// The value as written in the spec and in a DSN.
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-
     /// Reads a DSN's `sslmode`. libpq's `allow` (plaintext first, TLS as a
     /// fallback) is read as `prefer`, the closest mode supported.
     pub fn from_sslmode(sslmode: &str) -> Option<Self> {
@@ -427,11 +437,14 @@ pub enum Mode {
     Always,
 }
 
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
+as_str!(
+    TuningPreset,
+    TlsMode,
+    Mode,
+    Phase,
+    BackfillResult,
+    SkipReason
+);
 
 /// Observed state of a UsageBackfill, written by the operator only.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -646,10 +659,6 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-
     /// Whether the run for the observed generation is over.
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed)
@@ -669,12 +678,6 @@ pub enum BackfillResult {
     DryRun,
 }
 
-impl BackfillResult {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
-
 /// Why an IfLagging run skipped the walk (the reference hook's words).
 #[derive(
     Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
@@ -688,12 +691,6 @@ pub enum SkipReason {
     TaskUsageEmpty,
     /// The watermark lags by no more than lagThreshold: it was stamped.
     WatermarkWithinThreshold,
-}
-
-impl SkipReason {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
 }
 
 /// The session holding advisory lock 4246, from pg_locks / pg_stat_activity.
@@ -1230,13 +1227,7 @@ mod tests {
 
     #[test]
     fn sslmode_parsing() {
-        for m in [
-            TlsMode::Disable,
-            TlsMode::Prefer,
-            TlsMode::Require,
-            TlsMode::VerifyCa,
-            TlsMode::VerifyFull,
-        ] {
+        for &m in <TlsMode as strum::VariantArray>::VARIANTS {
             assert_eq!(TlsMode::from_sslmode(m.as_str()), Some(m));
             assert_eq!(
                 serde_json::to_value(m).unwrap(),

@@ -17,22 +17,13 @@
 //! | [`Suspended`](RunState::Suspended) | Pending | False Suspended | False Suspended | absent |
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use strum::VariantArray;
+use strum::{Display, EnumString, IntoStaticStr, VariantArray};
 
 use crate::{BackfillResult, Phase, UsageBackfillStatus};
 
 /// Condition types, following kstatus, in the order a status lists them.
 #[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    strum::Display,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Display, IntoStaticStr, EnumString, VariantArray,
 )]
 pub enum ConditionType {
     Ready,
@@ -40,16 +31,8 @@ pub enum ConditionType {
     Stalled,
 }
 
-impl ConditionType {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-}
-
 /// The status of a condition.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, strum::Display, strum::IntoStaticStr, strum::EnumString,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Display, IntoStaticStr, EnumString)]
 pub enum ConditionStatus {
     True,
     False,
@@ -66,26 +49,15 @@ impl ConditionStatus {
     pub fn is_true(c: &Condition) -> bool {
         Self::of(c) == Self::True
     }
-
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
 }
+
+as_str!(ConditionType, ConditionStatus, Reason);
 
 /// Condition reasons: a fixed set, also used as metric labels. The
 /// failures of an attempt are named after the engine's errors (see
 /// `From<&engine::Error>` in [`crate::convert`]).
 #[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    strum::Display,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Display, IntoStaticStr, EnumString, VariantArray,
 )]
 pub enum Reason {
     /// Reconciling: the spec was accepted and a run will start.
@@ -157,12 +129,6 @@ pub enum Reason {
     SliceFailed,
     /// A failed attempt: another database error.
     DatabaseError,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
 }
 
 impl From<BackfillResult> for Reason {

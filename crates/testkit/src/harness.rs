@@ -140,11 +140,14 @@ impl Harness {
 
     /// A fresh test database with `history`, and `settings`.
     pub async fn with_settings(history: Option<HistorySpec>, settings: Settings) -> Harness {
-        let db = crate::fresh_database().await;
-        let pg = db.client().await;
-        if let Some(spec) = history {
-            fixture::generate(&pg, &spec).await.unwrap();
-        }
+        let (db, pg) = match history {
+            Some(spec) => crate::database_with(&spec).await,
+            None => {
+                let db = crate::fresh_database().await;
+                let pg = db.client().await;
+                (db, pg)
+            }
+        };
         let mut h = Self::connect(db.url(), pg, settings);
         assert!(
             h.password.len() >= 8,

@@ -116,6 +116,15 @@ pub async fn fresh_database() -> TestDatabase {
     }
 }
 
+/// A [`fresh_database`] holding `history` (the stand-in's generator), and
+/// a session on it.
+pub async fn database_with(history: &fixture::HistorySpec) -> (TestDatabase, Client) {
+    let db = fresh_database().await;
+    let client = db.client().await;
+    fixture::generate(&client, history).await.unwrap();
+    (db, client)
+}
+
 /// The harness's own server, when it started one (not with `DATABASE_URL`).
 ///
 /// It is shared by every test of the process, which run in parallel:
