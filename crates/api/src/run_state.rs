@@ -55,7 +55,7 @@ as_str!(ConditionType, ConditionStatus, Reason);
 
 /// Condition reasons: a fixed set, also used as metric labels. The
 /// failures of an attempt are named after the engine's errors (see
-/// `From<&engine::Error>` in [`crate::convert`]).
+/// `From<&engine::Error>` in `convert.rs`).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, Display, IntoStaticStr, EnumString, VariantArray,
 )]
