@@ -12,164 +12,28 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use tokio_postgres::Client as PgClient;
 use usage_backfill_api::{
     BackfillResult, ConditionType, Mode, Phase, SkipReason, TuningPreset, TuningSpec,
-    UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
+    UsageBackfill, UsageBackfillStatus,
 };
 use usage_backfill_controller::{
-    self as controller, Context, Election, Error as ControllerError, LeaseSettings, Metrics,
-    ObjectKey, Replica, Settings, health, leader::LEASE_NAME, writes::FIELD_MANAGER,
-    writes::FINALIZER,
+    self as controller, Election, Error as ControllerError, LeaseSettings, Metrics, Replica,
+    health, leader::LEASE_NAME, writes::FIELD_MANAGER, writes::FINALIZER,
 };
 use usage_backfill_standin::fixture::{self, HistorySpec};
-use usage_backfill_testkit::{self as testkit, TestDatabase};
+use usage_backfill_testkit as testkit;
 
-use support::engine::assert_correct;
-use support::status::{cond, conds, is, message, secs};
+use support::harness::{Harness, NS, SECRET, UsageBackfillBuilder, WAIT};
+use support::status::{
+    cond, conds, in_progress, is, message, ready, retry_scheduled, secs, stalled,
+};
 use support::{FakeApiServer, Outage, settings};
-
-const NS: &str = "tenant-a";
-const SECRET: &str = "app-db";
-const WAIT: Duration = Duration::from_secs(30);
 
 fn small() -> HistorySpec {
     HistorySpec {
         rows: 400,
         months: 4,
         ..HistorySpec::default()
-    }
-}
-
-struct Harness {
-    fake: FakeApiServer,
-    ctx: Arc<Context>,
-    db: TestDatabase,
-    pg: PgClient,
-    /// The database password, which must never reach the API server.
-    password: String,
-}
-
-impl Harness {
-    async fn new(history: Option<HistorySpec>) -> Harness {
-        Self::with_settings(history, settings()).await
-    }
-
-    async fn with_settings(history: Option<HistorySpec>, settings: Settings) -> Harness {
-        let (client, fake) = FakeApiServer::start();
-        let ctx = Context::new(client, settings);
-        let db = testkit::fresh_database().await;
-        let pg = db.client().await;
-        if let Some(spec) = history {
-            fixture::generate(&pg, &spec).await.unwrap();
-        }
-        let config: tokio_postgres::Config = db.url().parse().unwrap();
-        let password =
-            String::from_utf8(config.get_password().unwrap_or_default().to_vec()).unwrap();
-        assert!(
-            password.len() >= 8,
-            "the harness password is distinctive enough to search for"
-        );
-        Harness {
-            fake,
-            ctx,
-            db,
-            pg,
-            password,
-        }
-    }
-
-    fn put_secret(&self) {
-        self.fake
-            .put_secret(NS, SECRET, "DATABASE_URL", self.db.url());
-    }
-
-    fn create(&self, name: &str, edit: impl FnOnce(&mut UsageBackfillSpec)) -> UsageBackfill {
-        let mut spec = UsageBackfillSpec::new(SECRET);
-        edit(&mut spec);
-        self.fake.create(NS, name, spec)
-    }
-
-    fn key(name: &str) -> ObjectKey {
-        ObjectKey::new(NS, name)
-    }
-
-    fn status(&self, name: &str) -> UsageBackfillStatus {
-        self.fake
-            .get(NS, name)
-            .and_then(|o| o.status)
-            .unwrap_or_default()
-    }
-
-    /// One reconcile, as the controller would run it.
-    async fn reconcile(&self, name: &str) -> kube::runtime::controller::Action {
-        let obj = self.fake.get(NS, name).expect("object exists");
-        tokio::time::timeout(WAIT, controller::reconcile(Arc::new(obj), self.ctx.clone()))
-            .await
-            .expect("reconcile returns quickly")
-            .expect("reconcile succeeds")
-    }
-
-    /// Reconciles until the run for the current generation is finished
-    /// and its task and finalizer are gone.
-    async fn run_to_end(&self, name: &str) -> UsageBackfillStatus {
-        let key = Self::key(name);
-        let done = tokio::time::timeout(WAIT, async {
-            loop {
-                self.reconcile(name).await;
-                self.ctx.runner.wait_idle(&key).await;
-                let obj = self.fake.get(NS, name).unwrap();
-                let status = obj.status.clone().unwrap_or_default();
-                let current = status.observed_generation == obj.metadata.generation.unwrap();
-                let finished = status.phase.is_some_and(Phase::is_finished);
-                if current
-                    && finished
-                    && !self.ctx.runner.is_active(&key)
-                    && !writes_has_finalizer(&obj)
-                {
-                    return status;
-                }
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
-        })
-        .await;
-        done.unwrap_or_else(|_| {
-            panic!(
-                "{name} did not finish within {WAIT:?}; requests:\n{}",
-                self.fake.describe_requests()
-            )
-        })
-    }
-
-    /// No request body the API server saw holds the database password.
-    fn assert_password_never_sent(&self) {
-        for r in self.fake.requests() {
-            assert!(
-                !r.raw_body.contains(&self.password),
-                "{} {} {:?} sent the database password",
-                r.method,
-                r.resource,
-                r.name
-            );
-        }
-        assert!(
-            self.fake.unexpected().is_empty(),
-            "{:?}",
-            self.fake.unexpected()
-        );
-    }
-
-    async fn watermark(&self) -> Option<Timestamp> {
-        fixture::watermark(&self.pg).await.unwrap()
-    }
-
-    /// Sessions holding (true) or waiting for (false) lock 4246.
-    async fn lock_4246(&self) -> Vec<(i32, bool, String)> {
-        testkit::lock_4246(&self.pg).await
-    }
-
-    async fn assert_rollup_correct(&self) {
-        assert_correct(&self.pg).await;
     }
 }
 
@@ -202,7 +66,7 @@ fn kubectl_row(name: &str, s: &UsageBackfillStatus) -> String {
 async fn create_goes_pending_running_succeeded_with_the_engines_counts() {
     let h = Harness::new(Some(small())).await;
     h.put_secret();
-    h.create("backfill", |s| s.sleep_between_slices = "20ms".into());
+    h.apply(UsageBackfillBuilder::new("backfill").sleep_between_slices("20ms"));
 
     // The first reconcile: finalizer, Pending, Started; it returns at once.
     h.reconcile("backfill").await;
@@ -223,10 +87,7 @@ async fn create_goes_pending_running_succeeded_with_the_engines_counts() {
     assert_eq!(pending.phase, Some(Phase::Pending));
     assert_eq!(pending.observed_generation, 1);
     assert_eq!(pending.attempts, Some(1));
-    assert_eq!(
-        conds(pending),
-        [is("False", "Pending"), is("True", "Pending"), None]
-    );
+    assert_eq!(conds(pending), in_progress("Pending"));
     let finalizer_at = first
         .iter()
         .position(|r| std::ptr::eq(r, finalizer_patch))
@@ -261,16 +122,13 @@ async fn create_goes_pending_running_succeeded_with_the_engines_counts() {
         "{progress:?}"
     );
     for s in statuses.iter().filter(|s| s.phase == Some(Phase::Running)) {
-        assert_eq!(
-            conds(s),
-            [is("False", "Running"), is("True", "Running"), None]
-        );
+        assert_eq!(conds(s), in_progress("Running"));
         assert!(s.heartbeat_time.is_some());
     }
 
     // The final status: the engine's counts, the database's watermark.
     assert_eq!(done.result, Some(BackfillResult::Backfilled));
-    assert_eq!(conds(&done), [is("True", "Backfilled"), None, None]);
+    assert_eq!(conds(&done), ready("Backfilled"));
     assert_eq!(done.observed_generation, 1);
     assert_eq!(done.run_id.as_deref(), Some(""));
     assert_eq!(done.slices_processed, Some(total));
@@ -377,12 +235,12 @@ async fn assert_skipped(
 ) -> UsageBackfillStatus {
     let checksum = fixture::hourly_checksum(&h.pg).await.unwrap();
     h.put_secret();
-    h.create(name, |_| {});
+    h.apply(UsageBackfillBuilder::new(name));
     let done = h.run_to_end(name).await;
     assert_eq!(done.phase, Some(Phase::Succeeded));
     assert_eq!(done.result, Some(BackfillResult::Skipped));
     assert_eq!(done.skipped, Some(reason));
-    assert_eq!(conds(&done), [is("True", "Skipped"), None, None]);
+    assert_eq!(conds(&done), ready("Skipped"));
     assert!(
         message(&done, ConditionType::Ready).starts_with(&format!("skipped ({})", reason.as_str())),
         "{}",
@@ -432,10 +290,10 @@ async fn a_dry_run_plans_and_writes_nothing() {
         h.watermark().await,
     );
     h.put_secret();
-    h.create("plan", |s| s.dry_run = true);
+    h.apply(UsageBackfillBuilder::new("plan").dry_run());
     let done = h.run_to_end("plan").await;
     assert_eq!(done.result, Some(BackfillResult::DryRun));
-    assert_eq!(conds(&done), [is("True", "DryRun"), None, None]);
+    assert_eq!(conds(&done), ready("DryRun"));
     assert_eq!(done.watermark_stamped, Some(false));
     assert_eq!(
         done.watermark_after,
@@ -471,10 +329,10 @@ async fn concurrency_bounds_the_runs_in_progress() {
     settings.runner.concurrency = 1;
     let h = Harness::with_settings(Some(slow_history()), settings).await;
     h.put_secret();
-    h.create("first", |s| s.sleep_between_slices = "200ms".into());
-    h.create("second", |s| s.sleep_between_slices = "200ms".into());
+    h.apply(UsageBackfillBuilder::new("first").sleep_between_slices("200ms"));
+    h.apply(UsageBackfillBuilder::new("second").sleep_between_slices("200ms"));
     h.reconcile("first").await;
-    wait_running(&h, "first", 1).await;
+    h.wait_running("first", 1).await;
     h.reconcile("second").await;
     assert!(
         h.ctx.runner.is_active(&Harness::key("second")),
@@ -506,18 +364,11 @@ async fn concurrency_bounds_the_runs_in_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_secret_waits_then_runs_once_it_appears() {
     let h = Harness::new(Some(small())).await;
-    h.create("waits", |_| {});
+    h.apply(UsageBackfillBuilder::new("waits"));
     h.reconcile("waits").await;
     let s = h.status("waits");
     assert_eq!(s.phase, Some(Phase::Pending));
-    assert_eq!(
-        conds(&s),
-        [
-            is("False", "SecretNotFound"),
-            is("True", "SecretNotFound"),
-            None
-        ]
-    );
+    assert_eq!(conds(&s), in_progress("SecretNotFound"));
     assert!(
         message(&s, ConditionType::Reconciling)
             .starts_with("Secret \"app-db\" does not exist in this namespace"),
@@ -575,18 +426,11 @@ async fn bad_dsn_is_stalled_with_a_specific_message_until_the_secret_is_fixed() 
         "DATABASE_URL",
         "postgres://app:Zq9-secret-Zq9@db.example/app?sslmode=verify-everything",
     );
-    h.create("bad-dsn", |_| {});
+    h.apply(UsageBackfillBuilder::new("bad-dsn"));
     h.reconcile("bad-dsn").await;
     let s = h.status("bad-dsn");
     assert_eq!(s.phase, Some(Phase::Failed));
-    assert_eq!(
-        conds(&s),
-        [
-            is("False", "InvalidConnectionString"),
-            None,
-            is("True", "InvalidConnectionString")
-        ]
-    );
+    assert_eq!(conds(&s), stalled("InvalidConnectionString"));
     let msg = message(&s, ConditionType::Stalled);
     assert!(
         msg.starts_with("invalid database connection string: "),
@@ -624,14 +468,11 @@ async fn bad_dsn_is_stalled_with_a_specific_message_until_the_secret_is_fixed() 
 async fn invalid_spec_is_stalled_and_a_fixed_spec_runs() {
     let h = Harness::new(Some(small())).await;
     h.put_secret();
-    h.create("invalid", |s| s.months_back = 3);
+    h.apply(UsageBackfillBuilder::new("invalid").months_back(3));
     h.reconcile("invalid").await;
     let s = h.status("invalid");
     assert_eq!(s.phase, Some(Phase::Failed));
-    assert_eq!(
-        conds(&s),
-        [is("False", "InvalidSpec"), None, is("True", "InvalidSpec")]
-    );
+    assert_eq!(conds(&s), stalled("InvalidSpec"));
     assert_eq!(
         message(&s, ConditionType::Stalled),
         "spec.monthsBack: applies to mode Always only; remove it or set spec.mode: Always"
@@ -640,22 +481,23 @@ async fn invalid_spec_is_stalled_and_a_fixed_spec_runs() {
     h.fake.edit_spec(NS, "invalid", |s| s.months_back = 0);
     let done = h.run_to_end("invalid").await;
     assert_eq!(done.observed_generation, 2);
-    assert_eq!(conds(&done), [is("True", "Backfilled"), None, None]);
+    assert_eq!(conds(&done), ready("Backfilled"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spec_tuning_and_parallelism_reach_the_run_and_a_refused_setting_stalls_it() {
     let h = Harness::new(Some(small())).await;
     h.put_secret();
-    h.create("tuned", |s| {
-        s.tuning = Some(TuningSpec {
-            preset: TuningPreset::ServerDefaults,
-            settings: [("work_mem".to_owned(), "8MB".to_owned())].into(),
-        });
-        s.parallelism = 1;
-    });
+    h.apply(
+        UsageBackfillBuilder::new("tuned")
+            .tuning(TuningSpec {
+                preset: TuningPreset::ServerDefaults,
+                settings: [("work_mem".to_owned(), "8MB".to_owned())].into(),
+            })
+            .edit(|s| s.parallelism = 1),
+    );
     let done = h.run_to_end("tuned").await;
-    assert_eq!(conds(&done), [is("True", "Backfilled"), None, None]);
+    assert_eq!(conds(&done), ready("Backfilled"));
     assert_eq!(
         done.settings,
         [("work_mem".to_owned(), "8MB".to_owned())].into(),
@@ -677,14 +519,7 @@ async fn spec_tuning_and_parallelism_reach_the_run_and_a_refused_setting_stalls_
     });
     let failed = h.run_to_end("tuned").await;
     assert_eq!(failed.phase, Some(Phase::Failed));
-    assert_eq!(
-        conds(&failed),
-        [
-            is("False", "InvalidSessionSetting"),
-            None,
-            is("True", "InvalidSessionSetting")
-        ]
-    );
+    assert_eq!(conds(&failed), stalled("InvalidSessionSetting"));
     let msg = message(&failed, ConditionType::Stalled);
     assert!(
         msg.contains("\"work_mem\"") && msg.contains("lots"),
@@ -720,19 +555,12 @@ async fn retryable_failures_retry_with_backoff_then_fail_after_the_backoff_limit
         "DATABASE_URL",
         &format!("postgres://app:Kx7-unreachable@127.0.0.1:{port}/app?connect_timeout=3"),
     );
-    h.create("flaky", |s| s.backoff_limit = 2);
+    h.apply(UsageBackfillBuilder::new("flaky").backoff_limit(2));
     let done = h.run_to_end("flaky").await;
 
     assert_eq!(done.phase, Some(Phase::Failed));
     assert_eq!(done.attempts, Some(3), "backoffLimit 2: three attempts");
-    assert_eq!(
-        conds(&done),
-        [
-            is("False", "BackoffLimitExceeded"),
-            None,
-            is("True", "BackoffLimitExceeded")
-        ]
-    );
+    assert_eq!(conds(&done), stalled("BackoffLimitExceeded"));
     let msg = message(&done, ConditionType::Stalled);
     assert!(
         msg.starts_with("3 attempts failed (backoffLimit 2); last error (DatabaseUnreachable): cannot connect to app@127.0.0.1"),
@@ -760,14 +588,7 @@ async fn retryable_failures_retry_with_backoff_then_fail_after_the_backoff_limit
         [1, 2]
     );
     for s in &retries {
-        assert_eq!(
-            conds(s),
-            [
-                is("False", "RetryScheduled"),
-                is("True", "DatabaseUnreachable"),
-                None
-            ]
-        );
+        assert_eq!(conds(s), retry_scheduled("DatabaseUnreachable"));
         assert!(message(s, ConditionType::Reconciling).contains("retrying in"));
         assert!(s.finished_at.is_some());
     }
@@ -793,9 +614,9 @@ async fn retryable_failures_retry_with_backoff_then_fail_after_the_backoff_limit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_fails_without_ever_showing_it() {
     let h = Harness::new(Some(small())).await;
-    let url = h.db.url().replace(&h.password, "Wr0ng-Pa55-word");
+    let url = h.db().url().replace(&h.password, "Wr0ng-Pa55-word");
     h.fake.put_secret(NS, SECRET, "DATABASE_URL", &url);
-    h.create("auth", |s| s.backoff_limit = 0);
+    h.apply(UsageBackfillBuilder::new("auth").backoff_limit(0));
     let done = h.run_to_end("auth").await;
     assert_eq!(done.phase, Some(Phase::Failed));
     assert_eq!(
@@ -830,7 +651,7 @@ async fn a_wrong_password_fails_without_ever_showing_it() {
 async fn a_new_run_id_runs_again() {
     let h = Harness::new(Some(small())).await;
     h.put_secret();
-    h.create("rerun", |s| s.run_id = "first".into());
+    h.apply(UsageBackfillBuilder::new("rerun").run_id("first"));
     let first = h.run_to_end("rerun").await;
     assert_eq!(first.run_id.as_deref(), Some("first"));
     let first_watermark = first.watermark_after.clone().unwrap();
@@ -869,7 +690,7 @@ async fn a_new_run_id_runs_again() {
 async fn suspend_prevents_a_run() {
     let h = Harness::new(Some(small())).await;
     h.put_secret();
-    h.create("paused", |s| s.suspend = true);
+    h.apply(UsageBackfillBuilder::new("paused").suspend());
     h.reconcile("paused").await;
     let s = h.status("paused");
     assert_eq!(s.phase, Some(Phase::Pending));
@@ -908,26 +729,13 @@ fn slow_history() -> HistorySpec {
     }
 }
 
-async fn wait_running(h: &Harness, name: &str, slices: u32) -> UsageBackfillStatus {
-    h.fake
-        .wait_for(
-            &format!("{name} Running with {slices} slices done"),
-            WAIT,
-            |f| {
-                let s = f.get(NS, name)?.status?;
-                (s.phase == Some(Phase::Running) && s.slices_processed? >= slices).then_some(s)
-            },
-        )
-        .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_the_lock_shows_the_holder_and_keeps_a_heartbeat() {
     let mut settings = settings();
     settings.runner.heartbeat_interval = Duration::from_millis(300);
     let h = Harness::with_settings(Some(small()), settings).await;
     // Someone else (the cron tick, another backfill) holds lock 4246.
-    let holder = h.db.client().await;
+    let holder = h.db().client().await;
     holder
         .batch_execute("SET application_name = 'pg_cron rollup'; SELECT pg_advisory_lock(4246)")
         .await
@@ -938,7 +746,7 @@ async fn waiting_for_the_lock_shows_the_holder_and_keeps_a_heartbeat() {
         .unwrap()
         .get(0);
     h.put_secret();
-    h.create("queued", |_| {});
+    h.apply(UsageBackfillBuilder::new("queued"));
     h.reconcile("queued").await;
 
     let waiting = h
@@ -954,14 +762,7 @@ async fn waiting_for_the_lock_shows_the_holder_and_keeps_a_heartbeat() {
         lock_holder.application_name.as_deref(),
         Some("pg_cron rollup")
     );
-    assert_eq!(
-        conds(&waiting),
-        [
-            is("False", "WaitingForLock"),
-            is("True", "WaitingForLock"),
-            None
-        ]
-    );
+    assert_eq!(conds(&waiting), in_progress("WaitingForLock"));
     assert!(
         message(&waiting, ConditionType::Reconciling)
             .contains(&format!("pid {holder_pid} (pg_cron rollup)"))
@@ -997,9 +798,9 @@ async fn deletion_during_a_run_releases_the_lock_and_the_finalizer_and_stamps_no
     let h = Harness::new(Some(slow_history())).await;
     let watermark = h.watermark().await;
     h.put_secret();
-    h.create("doomed", |s| s.sleep_between_slices = "400ms".into());
+    h.apply(UsageBackfillBuilder::new("doomed").sleep_between_slices("400ms"));
     h.reconcile("doomed").await;
-    wait_running(&h, "doomed", 1).await;
+    h.wait_running("doomed", 1).await;
     let locks = h.lock_4246().await;
     assert_eq!(locks.len(), 1, "{locks:?}");
     assert!(
@@ -1010,15 +811,7 @@ async fn deletion_during_a_run_releases_the_lock_and_the_finalizer_and_stamps_no
 
     h.fake.delete(NS, "doomed");
     let writes_before = h.fake.status_writes("doomed").len();
-    h.reconcile("doomed").await;
-    tokio::time::timeout(WAIT, h.ctx.runner.wait_idle(&Harness::key("doomed")))
-        .await
-        .expect("the run stops");
-    h.fake
-        .wait_for("the object to go", WAIT, |f| {
-            f.get(NS, "doomed").is_none().then_some(())
-        })
-        .await;
+    h.reconcile_deletion("doomed").await;
     assert!(h.lock_4246().await.is_empty(), "lock 4246 released");
     assert_eq!(h.watermark().await, watermark, "nothing stamped");
     assert_eq!(
@@ -1038,9 +831,9 @@ async fn deletion_during_a_run_releases_the_lock_and_the_finalizer_and_stamps_no
 async fn a_restarted_controller_resumes_from_the_cursor() {
     let h = Harness::new(Some(slow_history())).await;
     h.put_secret();
-    h.create("resumable", |s| s.sleep_between_slices = "300ms".into());
+    h.apply(UsageBackfillBuilder::new("resumable").sleep_between_slices("300ms"));
     h.reconcile("resumable").await;
-    wait_running(&h, "resumable", 2).await;
+    h.wait_running("resumable", 2).await;
 
     // The first controller stops (SIGTERM): the run is cancelled, saves its
     // status with the cursor, releases the lock and drops the finalizer.
@@ -1070,10 +863,7 @@ async fn a_restarted_controller_resumes_from_the_cursor() {
 
     // A new controller (fresh context, nothing in memory) finds it Running.
     let writes_before = h.fake.status_writes("resumable").len();
-    let h2 = Harness {
-        ctx: Context::new(h.ctx.client.clone(), settings()),
-        ..h
-    };
+    let h2 = h.restarted(settings());
     let done = h2.run_to_end("resumable").await;
     let after: Vec<UsageBackfillStatus> = h2.fake.statuses("resumable")[writes_before..].to_vec();
     let starting = &after[0];
@@ -1100,9 +890,7 @@ async fn a_restarted_controller_resumes_from_the_cursor() {
     assert_eq!(done.attempts, Some(1));
 
     // The counts equal an uninterrupted run on an identical database.
-    let reference = testkit::fresh_database().await;
-    let rc = reference.client().await;
-    fixture::generate(&rc, &slow_history()).await.unwrap();
+    let (reference, rc) = testkit::database_with(&slow_history()).await;
     let full = usage_backfill_engine::run(
         &usage_backfill_engine::Database::parse(reference.url()).unwrap(),
         &usage_backfill_engine::Options::default(),
@@ -1132,7 +920,7 @@ async fn a_restarted_controller_resumes_from_the_cursor() {
 async fn a_failed_final_write_is_settled_by_the_next_reconcile() {
     let h = Harness::new(None).await;
     h.put_secret();
-    h.create("unsettled", |_| {});
+    h.apply(UsageBackfillBuilder::new("unsettled"));
     h.reconcile("unsettled").await;
     // Every try of the task's final status write fails (5 tries).
     h.fake.fail_status_writes("Succeeded", 5);
@@ -1176,7 +964,7 @@ async fn the_controller_reacts_to_secrets_and_shuts_down_gracefully() {
         .await;
 
     // No Secret yet: waiting, reported.
-    h.create("watched", |_| {});
+    h.apply(UsageBackfillBuilder::new("watched"));
     h.fake
         .wait_for("SecretNotFound", WAIT, |f| {
             let s = f.get(NS, "watched")?.status?;
@@ -1205,8 +993,8 @@ async fn the_controller_reacts_to_secrets_and_shuts_down_gracefully() {
     fixture::set_watermark(&h.pg, Some("1970-01-01T00:00:00Z".parse().unwrap()))
         .await
         .unwrap();
-    h.create("interrupted", |s| s.sleep_between_slices = "300ms".into());
-    wait_running(&h, "interrupted", 1).await;
+    h.apply(UsageBackfillBuilder::new("interrupted").sleep_between_slices("300ms"));
+    h.wait_running("interrupted", 1).await;
     cancel.cancel();
     tokio::time::timeout(WAIT, controller)
         .await
@@ -1438,8 +1226,8 @@ async fn only_the_leader_runs_backfills_and_a_new_leader_resumes_the_run() {
     };
     let (ta, tb) = (spawn(&ra, &ea), spawn(&rb, &eb));
 
-    h.create("handover", |s| s.sleep_between_slices = "700ms".into());
-    wait_running(&h, "handover", 1).await;
+    h.apply(UsageBackfillBuilder::new("handover").sleep_between_slices("700ms"));
+    h.wait_running("handover", 1).await;
     assert!(
         h.fake
             .requests()
@@ -1528,8 +1316,8 @@ async fn a_run_that_outlives_its_leadership_makes_the_replica_exit() {
         let (ra, leading, cancel) = (ra.clone(), ea.subscribe(), cancel.clone());
         async move { ra.lead_while_elected(leading, cancel).await }
     });
-    h.create("stuck", |s| s.sleep_between_slices = "700ms".into());
-    wait_running(&h, "stuck", 1).await;
+    h.apply(UsageBackfillBuilder::new("stuck").sleep_between_slices("700ms"));
+    h.wait_running("stuck", 1).await;
     let watermark = h.watermark().await;
 
     // A partition: the run is cancelled, but its final status write hangs

@@ -30,7 +30,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use usage_backfill_api::{self as api, ConditionType, Phase, UsageBackfill, UsageBackfillSpec};
+use usage_backfill_api::{
+    self as api, ConditionStatus, ConditionType, Phase, UsageBackfill, UsageBackfillSpec,
+};
 use usage_backfill_controller::{self as controller, Context, Settings, writes};
 use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_testkit as testkit;
@@ -173,9 +175,7 @@ async fn a_usage_backfill_becomes_ready_in_a_real_cluster() {
         async move {
             let o = objects.get("backfill").await.ok()?;
             let s = o.status.as_ref()?;
-            let ready = s
-                .condition(ConditionType::Ready)
-                .is_some_and(|c| c.status == "True");
+            let ready = s.condition_status(ConditionType::Ready) == Some(ConditionStatus::True);
             (ready && Some(s.observed_generation) == o.metadata.generation).then_some(o)
         }
     })

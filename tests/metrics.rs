@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use usage_backfill_api::{Phase, UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
 use usage_backfill_controller::{Metrics, Replica, Settings, health, metrics::watermark_lag};
-use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_standin::fixture::HistorySpec;
 use usage_backfill_testkit as testkit;
 
 use support::FakeApiServer;
@@ -110,18 +110,12 @@ async fn a_scrape_after_runs_shows_every_series_and_logs_carry_the_spans() {
         .with_writer(move || writer.clone())
         .init();
 
-    let db = testkit::fresh_database().await;
-    let pg = db.client().await;
-    fixture::generate(
-        &pg,
-        &HistorySpec {
-            rows: 300,
-            months: 4,
-            ..HistorySpec::default()
-        },
-    )
-    .await
-    .unwrap();
+    let (db, _pg) = testkit::database_with(&HistorySpec {
+        rows: 300,
+        months: 4,
+        ..HistorySpec::default()
+    })
+    .await;
     let (client, fake) = FakeApiServer::start();
     fake.put_secret(NS, "app-db", "DATABASE_URL", db.url());
     // Nothing listens on port 1: every attempt fails as DatabaseUnreachable.

@@ -12,7 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_util::sync::CancellationToken;
 use usage_backfill::cli::wait::{self, Outcome, WaitArgs};
 use usage_backfill_api::{
-    ConditionType, LockHolder, Phase, Reason, UsageBackfillSpec, UsageBackfillStatus,
+    ConditionStatus, ConditionType, LockHolder, Phase, Reason, UsageBackfillSpec,
+    UsageBackfillStatus,
 };
 
 use support::{FakeApiServer, Outage};
@@ -43,10 +44,16 @@ fn status(generation: i64, phase: Phase) -> UsageBackfillStatus {
     let t = now();
     match phase {
         Phase::Pending => {
-            s.set_condition(ConditionType::Ready, false, Reason::Pending, "queued", &t);
+            s.set_condition(
+                ConditionType::Ready,
+                ConditionStatus::False,
+                Reason::Pending,
+                "queued",
+                &t,
+            );
             s.set_condition(
                 ConditionType::Reconciling,
-                true,
+                ConditionStatus::True,
                 Reason::Pending,
                 "starting attempt 1 of 7",
                 &t,
@@ -61,7 +68,7 @@ fn status(generation: i64, phase: Phase) -> UsageBackfillStatus {
             });
             s.set_condition(
                 ConditionType::Reconciling,
-                true,
+                ConditionStatus::True,
                 Reason::WaitingForLock,
                 "waiting for advisory lock 4246",
                 &t,
@@ -70,7 +77,7 @@ fn status(generation: i64, phase: Phase) -> UsageBackfillStatus {
         Phase::Running => {
             s.set_condition(
                 ConditionType::Reconciling,
-                true,
+                ConditionStatus::True,
                 Reason::Running,
                 "walking slices",
                 &t,
@@ -79,7 +86,7 @@ fn status(generation: i64, phase: Phase) -> UsageBackfillStatus {
         Phase::Succeeded => {
             s.set_condition(
                 ConditionType::Ready,
-                true,
+                ConditionStatus::True,
                 Reason::Backfilled,
                 "backfilled 5 slices, 120 rows touched",
                 &t,
@@ -89,14 +96,14 @@ fn status(generation: i64, phase: Phase) -> UsageBackfillStatus {
             s.last_error = Some("permission denied for function rollup".into());
             s.set_condition(
                 ConditionType::Ready,
-                false,
+                ConditionStatus::False,
                 Reason::BackoffLimitExceeded,
                 "gave up",
                 &t,
             );
             s.set_condition(
                 ConditionType::Stalled,
-                true,
+                ConditionStatus::True,
                 Reason::BackoffLimitExceeded,
                 "attempt 7 of 7 failed (PermissionDenied): permission denied",
                 &t,

@@ -19,7 +19,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::exit;
-use usage_backfill_api::{ConditionType, Phase, UsageBackfill, UsageBackfillStatus};
+use usage_backfill_api::{
+    ConditionStatus, ConditionType, Phase, UsageBackfill, UsageBackfillStatus,
+};
 use usage_backfill_engine::duration;
 
 pub const EXIT_CODES_HELP: &str = "\
@@ -121,7 +123,7 @@ pub fn assess(obj: &UsageBackfill) -> Assessment {
             .condition(t)
             .filter(|c| c.observed_generation.is_none_or(|g| g == generation))
     };
-    if let Some(c) = current(ConditionType::Stalled).filter(|c| c.status == "True") {
+    if let Some(c) = current(ConditionType::Stalled).filter(|c| ConditionStatus::is_true(c)) {
         return Assessment::Failed {
             reason: c.reason.clone(),
             message: c.message.clone(),
@@ -138,7 +140,7 @@ pub fn assess(obj: &UsageBackfill) -> Assessment {
                 .unwrap_or_default(),
         };
     }
-    if let Some(c) = current(ConditionType::Ready).filter(|c| c.status == "True") {
+    if let Some(c) = current(ConditionType::Ready).filter(|c| ConditionStatus::is_true(c)) {
         return Assessment::Ready {
             reason: c.reason.clone(),
             message: c.message.clone(),
@@ -178,7 +180,7 @@ fn progress(s: &UsageBackfillStatus) -> String {
     // pending, else Ready (e.g. Suspended).
     let why = s
         .condition(ConditionType::Reconciling)
-        .filter(|c| c.status == "True")
+        .filter(|c| ConditionStatus::is_true(c))
         .or_else(|| s.condition(ConditionType::Ready));
     if let Some(c) = why {
         line.push_str(&format!(" [{}]", c.reason));
@@ -345,7 +347,7 @@ mod tests {
             s.observed_generation = 1;
             s.set_condition(
                 ConditionType::Ready,
-                true,
+                ConditionStatus::True,
                 Reason::Backfilled,
                 "done",
                 &now(),
@@ -362,7 +364,7 @@ mod tests {
             s.phase = Some(Phase::Succeeded);
             s.set_condition(
                 ConditionType::Ready,
-                true,
+                ConditionStatus::True,
                 Reason::Skipped,
                 "skipped",
                 &now(),
@@ -384,14 +386,14 @@ mod tests {
             s.phase = Some(Phase::Failed);
             s.set_condition(
                 ConditionType::Ready,
-                false,
+                ConditionStatus::False,
                 Reason::InvalidSpec,
                 "bad",
                 &now(),
             );
             s.set_condition(
                 ConditionType::Stalled,
-                true,
+                ConditionStatus::True,
                 Reason::InvalidSpec,
                 "spec.lagThreshold: invalid duration",
                 &now(),
@@ -427,7 +429,7 @@ mod tests {
             s.rows_touched = Some(1234);
             s.set_condition(
                 ConditionType::Reconciling,
-                true,
+                ConditionStatus::True,
                 Reason::Running,
                 "walking",
                 &now(),

@@ -9,7 +9,7 @@
 //! acting; it catches what the schema cannot (cross-field rules, values the
 //! apiserver saw before a schema change) with messages naming the field.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -20,6 +20,23 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use usage_backfill_engine::duration;
+
+/// `as_str()` of enums whose names strum derives (spelled as serde spells
+/// them, which the tests check).
+macro_rules! as_str {
+    ($($t:ty),+) => {$(
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                self.into()
+            }
+        }
+    )+};
+}
+
+mod convert;
+pub mod run_state;
+
+pub use run_state::{ConditionStatus, ConditionType, Reason, RunState};
 
 /// A Secret's name: a DNS-1123 subdomain.
 const SECRET_NAME_PATTERN: &str =
@@ -272,22 +289,24 @@ pub struct TuningSpec {
 
 /// A set of planner settings. (Not "On"/"Off": YAML 1.1 reads those as
 /// booleans.)
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    JsonSchema,
+    strum::IntoStaticStr,
+)]
 pub enum TuningPreset {
     /// Measured settings: see docs/performance.md.
     #[default]
     Tuned,
     /// The server's settings, as the reference runs.
     ServerDefaults,
-}
-
-impl TuningPreset {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tuned => "Tuned",
-            Self::ServerDefaults => "ServerDefaults",
-        }
-    }
 }
 
 /// Where the database is and how to reach it.
@@ -360,8 +379,20 @@ fn default_ca_key() -> String {
 }
 
 /// libpq sslmode values the operator supports.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    JsonSchema,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum TlsMode {
     Disable,
     Prefer,
@@ -371,17 +402,6 @@ pub enum TlsMode {
 }
 
 impl TlsMode {
-    /// The value as written in the spec and in a DSN.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Disable => "disable",
-            Self::Prefer => "prefer",
-            Self::Require => "require",
-            Self::VerifyCa => "verify-ca",
-            Self::VerifyFull => "verify-full",
-        }
-    }
-
     /// Reads a DSN's `sslmode`. libpq's `allow` (plaintext first, TLS as a
     /// fallback) is read as `prefer`, the closest mode supported.
     pub fn from_sslmode(sslmode: &str) -> Option<Self> {
@@ -397,7 +417,18 @@ impl TlsMode {
 }
 
 /// What a UsageBackfill runs.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    JsonSchema,
+    strum::IntoStaticStr,
+)]
 pub enum Mode {
     /// The migration-time hook: lag check, skip reasons, then the walk.
     #[default]
@@ -406,14 +437,14 @@ pub enum Mode {
     Always,
 }
 
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::IfLagging => "IfLagging",
-            Self::Always => "Always",
-        }
-    }
-}
+as_str!(
+    TuningPreset,
+    TlsMode,
+    Mode,
+    Phase,
+    BackfillResult,
+    SkipReason
+);
 
 /// Observed state of a UsageBackfill, written by the operator only.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -618,63 +649,12 @@ impl UsageBackfillStatus {
         self.slices_total = Some(total);
         self.progress = Some(format!("{processed}/{total}"));
     }
-
-    /// The condition of the given type, if present.
-    pub fn condition(&self, type_: ConditionType) -> Option<&Condition> {
-        self.conditions.iter().find(|c| c.type_ == type_.as_str())
-    }
-
-    /// Adds or replaces a condition, stamped with `observed_generation` (set
-    /// that first). `lastTransitionTime` moves only when the status flips.
-    pub fn set_condition(
-        &mut self,
-        type_: ConditionType,
-        status: bool,
-        reason: Reason,
-        message: impl Into<String>,
-        now: &Time,
-    ) {
-        self.set_condition_with_reason(type_, status, reason.as_str(), message, now);
-    }
-
-    /// As [`set_condition`](Self::set_condition), with a reason from
-    /// another fixed set (a failure's name, `engine::Error::reason`).
-    pub fn set_condition_with_reason(
-        &mut self,
-        type_: ConditionType,
-        status: bool,
-        reason: &str,
-        message: impl Into<String>,
-        now: &Time,
-    ) {
-        let status = if status { "True" } else { "False" }.to_owned();
-        let last_transition_time = match self.condition(type_) {
-            Some(old) if old.status == status => old.last_transition_time.clone(),
-            _ => now.clone(),
-        };
-        let new = Condition {
-            type_: type_.as_str().to_owned(),
-            status,
-            reason: reason.to_owned(),
-            message: message.into(),
-            observed_generation: Some(self.observed_generation),
-            last_transition_time,
-        };
-        match self.conditions.iter_mut().find(|c| c.type_ == new.type_) {
-            Some(old) => *old = new,
-            None => self.conditions.push(new),
-        }
-    }
-
-    /// Removes a condition (kstatus prefers an absent Reconciling/Stalled to
-    /// a False one).
-    pub fn remove_condition(&mut self, type_: ConditionType) {
-        self.conditions.retain(|c| c.type_ != type_.as_str());
-    }
 }
 
 /// Where a run is.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+)]
 pub enum Phase {
     /// Accepted, not started (or waiting for a retry).
     Pending,
@@ -689,16 +669,6 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::WaitingForLock => "WaitingForLock",
-            Self::Running => "Running",
-            Self::Succeeded => "Succeeded",
-            Self::Failed => "Failed",
-        }
-    }
-
     /// Whether the run for the observed generation is over.
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed)
@@ -706,7 +676,9 @@ impl Phase {
 }
 
 /// Outcome of a Succeeded run.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+)]
 pub enum BackfillResult {
     /// The walk ran and the watermark was stamped.
     Backfilled,
@@ -716,19 +688,12 @@ pub enum BackfillResult {
     DryRun,
 }
 
-impl BackfillResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Backfilled => "Backfilled",
-            Self::Skipped => "Skipped",
-            Self::DryRun => "DryRun",
-        }
-    }
-}
-
 /// Why an IfLagging run skipped the walk (the reference hook's words).
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum SkipReason {
     /// The rollup state table does not exist yet: nothing to backfill into.
     RollupStateMissing,
@@ -736,16 +701,6 @@ pub enum SkipReason {
     TaskUsageEmpty,
     /// The watermark lags by no more than lagThreshold: it was stamped.
     WatermarkWithinThreshold,
-}
-
-impl SkipReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RollupStateMissing => "rollup_state_missing",
-            Self::TaskUsageEmpty => "task_usage_empty",
-            Self::WatermarkWithinThreshold => "watermark_within_threshold",
-        }
-    }
 }
 
 /// The session holding advisory lock 4246, from pg_locks / pg_stat_activity.
@@ -810,118 +765,6 @@ pub struct FutureEvents {
     /// The latest of them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latest: Option<Time>,
-}
-
-/// Condition types, following kstatus.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ConditionType {
-    Ready,
-    Reconciling,
-    Stalled,
-}
-
-impl ConditionType {
-    pub const ALL: [Self; 3] = [Self::Ready, Self::Reconciling, Self::Stalled];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ready => "Ready",
-            Self::Reconciling => "Reconciling",
-            Self::Stalled => "Stalled",
-        }
-    }
-}
-
-impl fmt::Display for ConditionType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Condition reasons: a fixed set, also used as metric labels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reason {
-    /// Reconciling: the spec was accepted and a run will start.
-    Pending,
-    /// Ready=False: spec.suspend is true and no run is in progress.
-    Suspended,
-    /// Reconciling: waiting for advisory lock 4246.
-    WaitingForLock,
-    /// Reconciling: walking slices.
-    Running,
-    /// Reconciling: an attempt failed and the next one waits for its backoff.
-    RetryScheduled,
-    /// Ready: the walk ran and the watermark was stamped.
-    Backfilled,
-    /// Ready: nothing to walk (see status.skipped).
-    Skipped,
-    /// Ready: a dry run planned the walk.
-    DryRun,
-    /// Stalled: the spec fails validation (the message names the field).
-    InvalidSpec,
-    /// Reconciling: the database or CA Secret does not exist. No attempt is
-    /// made (so backoffLimit is not used up); the Secret is watched and the
-    /// run starts as soon as it appears.
-    SecretNotFound,
-    /// Reconciling: the Secret exists but lacks the key, or its value is
-    /// empty or not UTF-8. Watched like SecretNotFound.
-    SecretKeyMissing,
-    /// Stalled: monthsBack would skip existing history and forcePartial is false.
-    PartialRangeRefused,
-    /// Stalled: the watermark row is missing; a human must look.
-    ManualInterventionRequired,
-    /// Stalled: backoffLimit retries failed.
-    BackoffLimitExceeded,
-    /// Stalled: the database connection goes through a transaction- or
-    /// statement-pooling connection pooler, where advisory lock 4246
-    /// guards nothing; connect directly or through session pooling.
-    TransactionPooling,
-}
-
-impl Reason {
-    pub const ALL: [Self; 15] = [
-        Self::Pending,
-        Self::Suspended,
-        Self::WaitingForLock,
-        Self::Running,
-        Self::RetryScheduled,
-        Self::Backfilled,
-        Self::Skipped,
-        Self::DryRun,
-        Self::InvalidSpec,
-        Self::SecretNotFound,
-        Self::SecretKeyMissing,
-        Self::PartialRangeRefused,
-        Self::ManualInterventionRequired,
-        Self::BackoffLimitExceeded,
-        Self::TransactionPooling,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Suspended => "Suspended",
-            Self::WaitingForLock => "WaitingForLock",
-            Self::Running => "Running",
-            Self::RetryScheduled => "RetryScheduled",
-            Self::Backfilled => "Backfilled",
-            Self::Skipped => "Skipped",
-            Self::DryRun => "DryRun",
-            Self::InvalidSpec => "InvalidSpec",
-            Self::SecretNotFound => "SecretNotFound",
-            Self::SecretKeyMissing => "SecretKeyMissing",
-            Self::PartialRangeRefused => "PartialRangeRefused",
-            Self::ManualInterventionRequired => "ManualInterventionRequired",
-            Self::BackoffLimitExceeded => "BackoffLimitExceeded",
-            Self::TransactionPooling => "TransactionPooling",
-        }
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// A spec the controller cannot run. The Display text names the field by
@@ -1327,10 +1170,6 @@ mod tests {
         spec.validate().unwrap_err().to_string()
     }
 
-    fn time(s: &str) -> Time {
-        Time(s.parse().unwrap())
-    }
-
     #[test]
     fn status_default_is_never_current() {
         let status = UsageBackfillStatus::default();
@@ -1398,13 +1237,7 @@ mod tests {
 
     #[test]
     fn sslmode_parsing() {
-        for m in [
-            TlsMode::Disable,
-            TlsMode::Prefer,
-            TlsMode::Require,
-            TlsMode::VerifyCa,
-            TlsMode::VerifyFull,
-        ] {
+        for &m in <TlsMode as strum::VariantArray>::VARIANTS {
             assert_eq!(TlsMode::from_sslmode(m.as_str()), Some(m));
             assert_eq!(
                 serde_json::to_value(m).unwrap(),
@@ -1650,77 +1483,6 @@ mod tests {
             (status.slices_processed, status.slices_total),
             (Some(3), Some(12))
         );
-    }
-
-    #[test]
-    fn set_condition_moves_transition_time_only_on_flips() {
-        let mut status = UsageBackfillStatus {
-            observed_generation: 2,
-            ..Default::default()
-        };
-        let t1 = time("2025-01-01T00:00:00Z");
-        let t2 = time("2025-01-01T00:05:00Z");
-        status.set_condition(
-            ConditionType::Reconciling,
-            true,
-            Reason::Pending,
-            "queued",
-            &t1,
-        );
-        status.set_condition(
-            ConditionType::Reconciling,
-            true,
-            Reason::Running,
-            "slice 1/3",
-            &t2,
-        );
-        let c = status.condition(ConditionType::Reconciling).unwrap();
-        assert_eq!(
-            (c.reason.as_str(), c.message.as_str()),
-            ("Running", "slice 1/3")
-        );
-        assert_eq!(c.last_transition_time, t1);
-        assert_eq!(c.observed_generation, Some(2));
-
-        status.set_condition(
-            ConditionType::Reconciling,
-            false,
-            Reason::Backfilled,
-            "",
-            &t2,
-        );
-        assert_eq!(
-            status
-                .condition(ConditionType::Reconciling)
-                .unwrap()
-                .last_transition_time,
-            t2
-        );
-        status.set_condition(ConditionType::Ready, true, Reason::Backfilled, "done", &t2);
-        assert_eq!(status.conditions.len(), 2);
-
-        status.remove_condition(ConditionType::Reconciling);
-        assert!(status.condition(ConditionType::Reconciling).is_none());
-        assert!(status.condition(ConditionType::Ready).is_some());
-    }
-
-    #[test]
-    fn labels_are_unique_identifiers() {
-        let reasons: std::collections::BTreeSet<_> =
-            Reason::ALL.iter().map(|r| r.as_str()).collect();
-        assert_eq!(reasons.len(), Reason::ALL.len());
-        // Condition reasons must match the apiserver's pattern for Condition.reason.
-        for r in reasons {
-            assert!(r.chars().next().unwrap().is_ascii_alphabetic(), "{r}");
-            assert!(r.chars().all(|c| c.is_ascii_alphanumeric()), "{r}");
-        }
-        for (t, s) in ConditionType::ALL
-            .iter()
-            .zip(["Ready", "Reconciling", "Stalled"])
-        {
-            assert_eq!(t.as_str(), s);
-            assert_eq!(t.to_string(), s);
-        }
     }
 
     #[test]

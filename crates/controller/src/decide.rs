@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use usage_backfill_api::{ConditionType, Phase, Reason, SpecError, UsageBackfillStatus, ValidSpec};
+use usage_backfill_api::{Phase, Reason, RunState, SpecError, UsageBackfillStatus, ValidSpec};
 use usage_backfill_engine::{self as engine, Resume};
 
 /// What a status describes: one run per generation and runId.
@@ -243,18 +243,19 @@ pub fn decide(o: &Observed<'_>) -> Action {
         Err(e) => return Action::ReportInvalid(e.clone()),
     };
     let max_attempts = spec.backoff_limit.saturating_add(1);
-    let state = RunState::of(o.status, &o.identity);
+    let state = Seen::of(o.status, &o.identity);
     let secret_changed = o.secret.versions().is_some_and(|v| {
         o.status
             .secret_resource_versions
             .as_deref()
             .is_some_and(|old| old != v)
     });
-    if let RunState::Finished(phase) = state {
+    if let Seen::Finished(phase) = state {
         // Failed stays failed unless the Secret changed since, or the spec
         // now passes the validation it failed (a newer controller).
         let revisit = phase == Phase::Failed
-            && (secret_changed || stalled_reason(o.status) == Some("InvalidSpec"));
+            && (secret_changed
+                || RunState::of(o.status) == Some(RunState::Failed(Reason::InvalidSpec)));
         if !revisit {
             return Action::NothingToDo;
         }
@@ -284,14 +285,14 @@ pub fn decide(o: &Observed<'_>) -> Action {
         })
     };
     match state {
-        RunState::Other => start(StartKind::New, 1),
-        RunState::Finished(_) if secret_changed => start(StartKind::SecretChanged, 1),
-        RunState::Finished(_) => start(StartKind::New, 1),
-        RunState::InFlight => start(StartKind::Restart, attempts.max(1)),
-        RunState::WaitingForSecret if attempts == 0 => start(StartKind::New, 1),
-        RunState::WaitingForSecret => start(StartKind::Retry, attempts + 1),
-        RunState::RetryPending if secret_changed => start(StartKind::SecretChanged, 1),
-        RunState::RetryPending => {
+        Seen::Other => start(StartKind::New, 1),
+        Seen::Finished(_) if secret_changed => start(StartKind::SecretChanged, 1),
+        Seen::Finished(_) => start(StartKind::New, 1),
+        Seen::InFlight => start(StartKind::Restart, attempts.max(1)),
+        Seen::WaitingForSecret if attempts == 0 => start(StartKind::New, 1),
+        Seen::WaitingForSecret => start(StartKind::Retry, attempts + 1),
+        Seen::RetryPending if secret_changed => start(StartKind::SecretChanged, 1),
+        Seen::RetryPending => {
             let due = retry_due(o.status, o.backoff);
             match due.map(|due| due.duration_since(o.now)) {
                 Some(wait) if wait > SignedDuration::ZERO => {
@@ -327,7 +328,7 @@ pub enum AfterFailure {
     },
     /// Give up; the Stalled reason.
     Terminal {
-        reason: &'static str,
+        reason: Reason,
     },
 }
 
@@ -340,12 +341,12 @@ pub fn after_failure(
 ) -> AfterFailure {
     if !error.is_retryable() {
         return AfterFailure::Terminal {
-            reason: failure_reason(error),
+            reason: Reason::from(error),
         };
     }
     if attempt >= max_attempts {
         return AfterFailure::Terminal {
-            reason: Reason::BackoffLimitExceeded.as_str(),
+            reason: Reason::BackoffLimitExceeded,
         };
     }
     AfterFailure::Retry {
@@ -353,20 +354,10 @@ pub fn after_failure(
     }
 }
 
-/// The condition reason of a failure: the API's own word where it has one,
-/// else the engine's fixed name.
-pub fn failure_reason(error: &engine::Error) -> &'static str {
-    match error {
-        engine::Error::MonthsBackSkipsHistory { .. } => Reason::PartialRangeRefused.as_str(),
-        engine::Error::WatermarkMissing => Reason::ManualInterventionRequired.as_str(),
-        engine::Error::TransactionPooling { .. } => Reason::TransactionPooling.as_str(),
-        e => e.reason(),
-    }
-}
-
-/// The status's own account of where the run for `identity` is.
+/// What the status says about the run for `identity`, as far as deciding
+/// goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RunState {
+enum Seen {
     /// Describes another generation/runId, or nothing yet.
     Other,
     Finished(Phase),
@@ -376,41 +367,23 @@ enum RunState {
     WaitingForSecret,
 }
 
-impl RunState {
+impl Seen {
     fn of(status: &UsageBackfillStatus, identity: &Identity) -> Self {
         if !identity.is_described_by(status) {
-            return RunState::Other;
+            return Seen::Other;
         }
-        match status.phase {
-            Some(p) if p.is_finished() => RunState::Finished(p),
-            Some(Phase::Running | Phase::WaitingForLock) => RunState::InFlight,
-            _ => match ready_reason(status) {
-                Some(r) if r == Reason::RetryScheduled.as_str() => RunState::RetryPending,
-                Some(r)
-                    if r == Reason::SecretNotFound.as_str()
-                        || r == Reason::SecretKeyMissing.as_str() =>
-                {
-                    RunState::WaitingForSecret
-                }
-                Some(r) if r == Reason::Suspended.as_str() => RunState::Other,
-                _ if status.attempts.unwrap_or(0) > 0 => RunState::InFlight,
-                _ => RunState::Other,
-            },
+        if let Some(p) = status.phase.filter(|p| p.is_finished()) {
+            return Seen::Finished(p);
+        }
+        match RunState::of(status) {
+            Some(RunState::WaitingForLock | RunState::Running) => Seen::InFlight,
+            Some(RunState::RetryScheduled(_)) => Seen::RetryPending,
+            Some(RunState::WaitingForSecret(_)) => Seen::WaitingForSecret,
+            Some(RunState::Suspended) => Seen::Other,
+            _ if status.attempts.unwrap_or(0) > 0 => Seen::InFlight,
+            _ => Seen::Other,
         }
     }
-}
-
-fn ready_reason(status: &UsageBackfillStatus) -> Option<&str> {
-    status
-        .condition(ConditionType::Ready)
-        .map(|c| c.reason.as_str())
-}
-
-fn stalled_reason(status: &UsageBackfillStatus) -> Option<&str> {
-    status
-        .condition(ConditionType::Stalled)
-        .filter(|c| c.status == "True")
-        .map(|c| c.reason.as_str())
 }
 
 #[cfg(test)]
@@ -727,14 +700,14 @@ mod tests {
         assert_eq!(
             after_failure(&unreachable, 7, 7, b),
             AfterFailure::Terminal {
-                reason: "BackoffLimitExceeded"
+                reason: Reason::BackoffLimitExceeded
             }
         );
         // backoffLimit 0: the first failure is final.
         assert_eq!(
             after_failure(&unreachable, 1, 1, b),
             AfterFailure::Terminal {
-                reason: "BackoffLimitExceeded"
+                reason: Reason::BackoffLimitExceeded
             }
         );
         let terminal = [
@@ -774,7 +747,9 @@ mod tests {
         for (e, reason) in terminal {
             assert_eq!(
                 after_failure(&e, 1, 7, b),
-                AfterFailure::Terminal { reason },
+                AfterFailure::Terminal {
+                    reason: reason.parse().unwrap()
+                },
                 "{e}"
             );
         }

@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 
 /// Everything that can fail a reconcile or the controller itself.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum Error {
     #[error("cannot read {kind} {namespace}/{name}")]
     Read {
@@ -52,18 +53,10 @@ impl Error {
     pub const RECONCILE_LABELS: [&'static str; 4] =
         ["read", "write_status", "finalizer", "missing_metadata"];
 
-    /// A fixed name per variant, for logs and metric labels.
+    /// A fixed name per variant (its name in snake_case), for logs and
+    /// metric labels.
     pub fn label(&self) -> &'static str {
-        match self {
-            Error::Read { .. } => "read",
-            Error::WriteStatus { .. } => "write_status",
-            Error::Finalizer { .. } => "finalizer",
-            Error::MissingMetadata(_) => "missing_metadata",
-            Error::Client(_) => "client",
-            Error::Health { .. } => "health",
-            Error::RunsOutlivedLeadership { .. } => "runs_outlived_leadership",
-            Error::ElectionEnded => "election_ended",
-        }
+        self.into()
     }
 }
 

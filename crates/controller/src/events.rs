@@ -10,7 +10,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 pub const REPORTER: &str = "usage-backfill-operator";
 
 /// Why an Event was published.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
 pub enum EventReason {
     /// A run (attempt) started.
     Started,
@@ -31,32 +31,8 @@ pub enum EventReason {
 }
 
 impl EventReason {
-    pub const ALL: [Self; 10] = [
-        Self::Started,
-        Self::Skipped,
-        Self::Succeeded,
-        Self::Failed,
-        Self::RetryScheduled,
-        Self::WaitingForLock,
-        Self::InvalidSpec,
-        Self::SecretNotFound,
-        Self::SecretKeyMissing,
-        Self::Suspended,
-    ];
-
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Started => "Started",
-            Self::Skipped => "Skipped",
-            Self::Succeeded => "Succeeded",
-            Self::Failed => "Failed",
-            Self::RetryScheduled => "RetryScheduled",
-            Self::WaitingForLock => "WaitingForLock",
-            Self::InvalidSpec => "InvalidSpec",
-            Self::SecretNotFound => "SecretNotFound",
-            Self::SecretKeyMissing => "SecretKeyMissing",
-            Self::Suspended => "Suspended",
-        }
+        self.into()
     }
 
     pub fn event_type(self) -> EventType {

@@ -9,8 +9,8 @@ use kube::{Api, Client};
 use super::decide::{SecretLookup, SecretProblem};
 use super::errors::{Error, Result};
 use super::status::Redactor;
-use usage_backfill_api::{ModeSettings, TlsMode, TuningPreset, UsageBackfillSpec, ValidSpec};
-use usage_backfill_engine::{self as engine, Database, Options, Performance, Resume, Tuning};
+use usage_backfill_api::{UsageBackfillSpec, ValidSpec};
+use usage_backfill_engine::{self as engine, Database, Options, Performance, Resume};
 
 /// The Secrets, resolved.
 #[derive(Debug, Clone)]
@@ -165,7 +165,7 @@ fn database(
         ));
     }
     if let Some(mode) = valid.tls_mode {
-        db = db.with_tls_mode(tls_mode(mode));
+        db = db.with_tls_mode(mode.into());
     }
     if let Some(pem) = ca_pem {
         db = db.with_ca_pem(pem);
@@ -176,16 +176,6 @@ fn database(
     Ok(db)
 }
 
-fn tls_mode(mode: TlsMode) -> engine::TlsMode {
-    match mode {
-        TlsMode::Disable => engine::TlsMode::Disable,
-        TlsMode::Prefer => engine::TlsMode::Prefer,
-        TlsMode::Require => engine::TlsMode::Require,
-        TlsMode::VerifyCa => engine::TlsMode::VerifyCa,
-        TlsMode::VerifyFull => engine::TlsMode::VerifyFull,
-    }
-}
-
 /// The engine options of a run of `valid`. `session_settings` are the
 /// controller's (`--set`); spec.tuning.settings win over them.
 pub fn options(
@@ -194,16 +184,7 @@ pub fn options(
     resume: Option<Resume>,
 ) -> Options {
     Options {
-        mode: match valid.mode {
-            ModeSettings::IfLagging { lag_threshold } => engine::Mode::IfLagging { lag_threshold },
-            ModeSettings::Always {
-                months_back,
-                force_partial,
-            } => engine::Mode::Always {
-                months_back,
-                force_partial,
-            },
-        },
+        mode: valid.mode.into(),
         dry_run: valid.dry_run,
         sleep_between_slices: valid.sleep_between_slices,
         lock_timeout: valid.lock_timeout,
@@ -211,10 +192,7 @@ pub fn options(
         session_settings: engine::tuning::effective(session_settings, &valid.tuning_settings),
         resume,
         performance: Performance {
-            tuning: match valid.tuning {
-                TuningPreset::Tuned => Tuning::Default,
-                TuningPreset::ServerDefaults => Tuning::Off,
-            },
+            tuning: valid.tuning.into(),
             parallelism: valid.parallelism,
             max_slice_duration: valid.max_slice_duration,
         },
@@ -231,7 +209,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use usage_backfill_api::{CaSecretRef, TlsSpec};
+    use usage_backfill_api::{CaSecretRef, TlsMode, TlsSpec, TuningPreset};
+    use usage_backfill_engine::Tuning;
 
     fn secret(rv: &str, data: &[(&str, &[u8])]) -> Secret {
         Secret {

@@ -18,6 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use strum::VariantArray;
 
 use super::errors::Error;
 use usage_backfill_api::UsageBackfill;
@@ -27,7 +28,8 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 
 /// How a run (one attempt) ended: the `outcome` label of
 /// `usage_backfill_runs_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum RunOutcome {
     /// The walk ran and the watermark was stamped.
     Backfilled,
@@ -44,24 +46,8 @@ pub enum RunOutcome {
 }
 
 impl RunOutcome {
-    pub const ALL: [Self; 6] = [
-        Self::Backfilled,
-        Self::Skipped,
-        Self::DryRun,
-        Self::Failed,
-        Self::Retry,
-        Self::Cancelled,
-    ];
-
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Backfilled => "backfilled",
-            Self::Skipped => "skipped",
-            Self::DryRun => "dry_run",
-            Self::Failed => "failed",
-            Self::Retry => "retry",
-            Self::Cancelled => "cancelled",
-        }
+        self.into()
     }
 }
 
@@ -182,7 +168,7 @@ impl Metrics {
         for reason in Error::RECONCILE_LABELS {
             let _ = reconcile_failures.get_or_create(&ReasonLabel { reason });
         }
-        for outcome in RunOutcome::ALL {
+        for &outcome in RunOutcome::VARIANTS {
             let _ = runs.get_or_create(&OutcomeLabel {
                 outcome: outcome.as_str(),
             });

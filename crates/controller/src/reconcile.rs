@@ -19,7 +19,9 @@ use super::inputs::{self, Inputs};
 use super::runner::{CancelReason, ObjectKey, RunSpec};
 use super::status;
 use super::writes;
-use usage_backfill_api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
+use usage_backfill_api::{
+    ConditionStatus, ConditionType, UsageBackfill, UsageBackfillStatus as Status,
+};
 
 /// Reconciles one UsageBackfill; the entry point of the controller.
 pub async fn reconcile(obj: Arc<UsageBackfill>, ctx: Arc<Context>) -> Result<Requeue> {
@@ -216,7 +218,7 @@ impl Act<'_> {
         .into_iter()
         .find_map(|t| {
             new.condition(t)
-                .filter(|c| c.status == "True" || t == ConditionType::Ready)
+                .filter(|c| ConditionStatus::is_true(c) || t == ConditionType::Ready)
         })
         .map(|c| c.message.clone())
         .unwrap_or_default();
@@ -264,10 +266,7 @@ impl Act<'_> {
             self.now,
         );
         self.write_status(&new).await?;
-        let note = new
-            .condition(ConditionType::Reconciling)
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
+        let note = new.message(ConditionType::Reconciling);
         let regarding = self.obj.object_ref(&());
         self.ctx
             .events

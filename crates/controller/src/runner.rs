@@ -418,7 +418,7 @@ async fn run(
             };
             tracing::info!(object = %spec.key, slices = outcome.slices_processed,
                 rows = outcome.rows_touched, skipped = ?outcome.skipped, "run succeeded");
-            let note = message(&s, ConditionType::Ready);
+            let note = s.message(ConditionType::Ready);
             (Some(s), Some((reason, note)))
         }
         Err(e) => {
@@ -431,7 +431,7 @@ async fn run(
                     tracing::warn!(object = %spec.key, reason = e.reason(), attempt,
                         retry_in = ?delay, error = %spec.redactor.redact(&e.to_string()), "attempt failed");
                     status::retry_scheduled(&mut desired, &e, delay, &spec.redactor, now);
-                    let note = message(&desired, ConditionType::Reconciling);
+                    let note = desired.message(ConditionType::Reconciling);
                     (Some(desired), Some((EventReason::RetryScheduled, note)))
                 }
                 AfterFailure::Terminal { reason } => {
@@ -440,7 +440,7 @@ async fn run(
                         Some(e.reason()),
                         started.elapsed(),
                     );
-                    tracing::warn!(object = %spec.key, reason, attempt,
+                    tracing::warn!(object = %spec.key, reason = reason.as_str(), attempt,
                         error = %spec.redactor.redact(&e.to_string()), "run failed");
                     status::failed(
                         &mut desired,
@@ -450,7 +450,7 @@ async fn run(
                         &spec.redactor,
                         now,
                     );
-                    let note = message(&desired, ConditionType::Stalled);
+                    let note = desired.message(ConditionType::Stalled);
                     (Some(desired), Some((EventReason::Failed, note)))
                 }
             }
@@ -482,12 +482,6 @@ async fn run(
     } else {
         Some(final_status.map(Box::new))
     }
-}
-
-fn message(s: &Status, t: ConditionType) -> String {
-    s.condition(t)
-        .map(|c| c.message.clone())
-        .unwrap_or_default()
 }
 
 /// Writes the final status (when there is one) and removes the finalizer.
@@ -540,7 +534,7 @@ async fn report_progress(
                 }
                 let change = status::apply_event(desired, &event, Timestamp::now());
                 if let Event::WaitingForLock { .. } = event {
-                    let note = message(desired, ConditionType::Reconciling);
+                    let note = desired.message(ConditionType::Reconciling);
                     inner.events.publish(&spec.regarding, EventReason::WaitingForLock, note).await;
                 }
                 throttle.on_change(change, Instant::now())

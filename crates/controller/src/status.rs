@@ -1,13 +1,7 @@
-//! Pure builders of the UsageBackfill status, following the kstatus rules:
-//!
-//! | state | phase | Ready | Reconciling | Stalled |
-//! |---|---|---|---|---|
-//! | accepted, starting, waiting for a retry or a Secret | Pending | False | True | absent |
-//! | waiting for lock 4246 | WaitingForLock | False | True | absent |
-//! | walking slices | Running | False | True | absent |
-//! | backfilled, skipped, dry run | Succeeded | True | absent | absent |
-//! | terminal failure | Failed | False | absent | True |
-//! | suspended | Pending | False | False | absent |
+//! Pure builders of the UsageBackfill status. The phase and the kstatus
+//! conditions of each state are [`RunState::record`]'s (the table is in
+//! `usage_backfill_api::run_state`); the builders add the counts, times and
+//! messages of the state from the engine's events and outcome.
 //!
 //! Every builder sets `observedGeneration` and `runId` to the run the
 //! status describes. The controller always sends the complete status
@@ -23,10 +17,10 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::decide::{self, Identity, SecretProblem, Start, StartKind};
+use super::decide::{Identity, SecretProblem, Start, StartKind};
 use usage_backfill_api::{
-    BackfillResult, ConditionType, FutureEvents, LockHolder, PerformanceStatus, Phase, Reason,
-    SkipReason, SpecError, UsageBackfillStatus as Status,
+    BackfillResult, PerformanceStatus, Phase, Reason, RunState, SpecError,
+    UsageBackfillStatus as Status,
 };
 use usage_backfill_engine::{self as engine, Event, Outcome};
 
@@ -118,39 +112,15 @@ fn continuing(prev: &Status, id: &Identity) -> Status {
     }
 }
 
-fn in_progress(s: &mut Status, reason: &str, ready: Reason, message: &str, now: Timestamp) {
-    let now = time(now);
-    s.set_condition_with_reason(ConditionType::Reconciling, true, reason, message, &now);
-    s.set_condition(ConditionType::Ready, false, ready, message, &now);
-    s.remove_condition(ConditionType::Stalled);
-    sort_conditions(s);
+/// Records `state` with `message` as the status of every condition.
+fn record(s: &mut Status, state: RunState, message: &str, now: Timestamp) {
+    state.record(s, message, &time(now));
 }
 
-fn terminal(s: &mut Status, reason: &str, message: &str, now: Timestamp) {
-    s.phase = Some(Phase::Failed);
+/// A terminal failure: no lock holder to show any more.
+fn terminal(s: &mut Status, reason: Reason, message: &str, now: Timestamp) {
     s.lock_holder = None;
-    let now = time(now);
-    s.set_condition_with_reason(ConditionType::Stalled, true, reason, message, &now);
-    s.set_condition_with_reason(ConditionType::Ready, false, reason, message, &now);
-    s.remove_condition(ConditionType::Reconciling);
-    sort_conditions(s);
-}
-
-fn succeeded_conditions(s: &mut Status, reason: Reason, message: &str, now: Timestamp) {
-    s.set_condition(ConditionType::Ready, true, reason, message, &time(now));
-    s.remove_condition(ConditionType::Reconciling);
-    s.remove_condition(ConditionType::Stalled);
-    sort_conditions(s);
-}
-
-/// Ready, Reconciling, Stalled: a stable order keeps equal statuses equal.
-fn sort_conditions(s: &mut Status) {
-    s.conditions.sort_by_key(|c| {
-        ConditionType::ALL
-            .iter()
-            .position(|t| t.as_str() == c.type_)
-            .unwrap_or(usize::MAX)
-    });
+    record(s, RunState::Failed(reason), message, now);
 }
 
 /// The spec failed validation: terminal until the spec changes.
@@ -158,7 +128,7 @@ pub fn invalid_spec(prev: &Status, id: &Identity, error: &SpecError, now: Timest
     let mut s = fresh(prev, id);
     terminal(
         &mut s,
-        Reason::InvalidSpec.as_str(),
+        Reason::InvalidSpec,
         &truncate(error.to_string()),
         now,
     );
@@ -173,11 +143,14 @@ pub fn secret_problem(
     now: Timestamp,
 ) -> Status {
     let mut s = continuing(prev, id);
-    s.phase = Some(Phase::Pending);
     s.lock_holder = None;
     let message = format!("{problem}; the Secret is watched: the run starts once it is there");
-    let reason = problem.reason();
-    in_progress(&mut s, reason.as_str(), reason, &message, now);
+    record(
+        &mut s,
+        RunState::WaitingForSecret(problem.reason()),
+        &message,
+        now,
+    );
     s
 }
 
@@ -198,32 +171,15 @@ pub fn unusable_secret(
     s.last_error = Some(redactor.message(&error.to_string()));
     s.secret_resource_versions = Some(versions.to_owned());
     s.finished_at = Some(time(now));
-    terminal(&mut s, decide::failure_reason(error), &message, now);
+    terminal(&mut s, Reason::from(error), &message, now);
     s
 }
 
 /// spec.suspend: no run starts.
 pub fn suspended(prev: &Status, id: &Identity, now: Timestamp) -> Status {
     let mut s = fresh(prev, id);
-    s.phase = Some(Phase::Pending);
     let message = "spec.suspend is true: no run starts until it is false";
-    let now = time(now);
-    s.set_condition(
-        ConditionType::Ready,
-        false,
-        Reason::Suspended,
-        message,
-        &now,
-    );
-    s.set_condition(
-        ConditionType::Reconciling,
-        false,
-        Reason::Suspended,
-        message,
-        &now,
-    );
-    s.remove_condition(ConditionType::Stalled);
-    sort_conditions(&mut s);
+    record(&mut s, RunState::Suspended, message, now);
     s
 }
 
@@ -240,7 +196,6 @@ pub fn starting(
         StartKind::New => fresh(prev, id),
         _ => continuing(prev, id),
     };
-    s.phase = Some(Phase::Pending);
     s.attempts = Some(start.attempt);
     s.secret_resource_versions = Some(versions.to_owned());
     s.settings = settings.iter().cloned().collect::<BTreeMap<_, _>>();
@@ -274,13 +229,7 @@ pub fn starting(
             at(&start.resume)
         ),
     };
-    in_progress(
-        &mut s,
-        Reason::Pending.as_str(),
-        Reason::Pending,
-        &message,
-        now,
-    );
+    record(&mut s, RunState::Starting, &message, now);
     s
 }
 
@@ -299,20 +248,12 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
     match event {
         Event::Connected { .. } | Event::SliceStarted { .. } => Change::None,
         Event::WaitingForLock { holder } => {
-            s.phase = Some(Phase::WaitingForLock);
-            s.lock_holder = holder.as_ref().map(lock_holder);
+            s.lock_holder = holder.as_ref().map(Into::into);
             let message = waiting_message(holder.as_ref());
-            in_progress(
-                s,
-                Reason::WaitingForLock.as_str(),
-                Reason::WaitingForLock,
-                &message,
-                now,
-            );
+            record(s, RunState::WaitingForLock, &message, now);
             Change::Phase
         }
         Event::LockAcquired { waited_ms } => {
-            s.phase = Some(Phase::Running);
             s.lock_holder = None;
             let message = if *waited_ms > 0 {
                 format!(
@@ -322,7 +263,7 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             } else {
                 "advisory lock 4246 acquired".to_owned()
             };
-            in_progress(s, Reason::Running.as_str(), Reason::Running, &message, now);
+            record(s, RunState::Running, &message, now);
             Change::Phase
         }
         Event::Planned {
@@ -330,7 +271,6 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             to,
             slices_total,
         } => {
-            s.phase = Some(Phase::Running);
             s.lock_holder = None;
             s.from = Some(time(*from));
             s.to = Some(time(*to));
@@ -346,7 +286,7 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
                 show(*to),
                 done
             );
-            in_progress(s, Reason::Running.as_str(), Reason::Running, &message, now);
+            record(s, RunState::Running, &message, now);
             Change::Phase
         }
         Event::SlicePlanned(planned) => {
@@ -365,7 +305,6 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             cursor,
             ..
         } => {
-            s.phase = Some(Phase::Running);
             s.set_slices(count(*slices_processed), count(*slices_total));
             s.rows_touched = Some(*rows_touched);
             s.cursor = Some(time(*cursor));
@@ -378,7 +317,7 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
                 rows,
                 rows_touched
             );
-            in_progress(s, Reason::Running.as_str(), Reason::Running, &message, now);
+            record(s, RunState::Running, &message, now);
             Change::Progress
         }
         Event::Stamped { watermark } => {
@@ -386,15 +325,6 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             s.watermark_after = watermark.map(time);
             Change::Progress
         }
-    }
-}
-
-fn lock_holder(h: &engine::LockHolder) -> LockHolder {
-    LockHolder {
-        pid: Some(h.pid),
-        application_name: h.application_name.clone(),
-        client_addr: h.client_addr.clone(),
-        since: h.since.map(time),
     }
 }
 
@@ -423,13 +353,13 @@ pub fn heartbeat(s: &mut Status, now: Timestamp) {
 /// The status of a successful run.
 pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
     let mut s = prev.clone();
-    s.phase = Some(Phase::Succeeded);
-    let skipped = outcome.skipped.map(skip_reason);
-    s.result = Some(match (skipped, outcome.dry_run) {
+    let skipped = outcome.skipped.map(Into::into);
+    let result = match (skipped, outcome.dry_run) {
         (Some(_), _) => BackfillResult::Skipped,
         (None, true) => BackfillResult::DryRun,
         (None, false) => BackfillResult::Backfilled,
-    });
+    };
+    s.result = Some(result);
     s.skipped = skipped;
     if outcome.dry_run && skipped.is_none() {
         let planned = count(outcome.planned.len() as u64);
@@ -457,7 +387,7 @@ pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
         .map(time);
     s.max_event = outcome.max_event.map(time);
     s.lag_seconds = outcome.lag_seconds;
-    s.future_events = outcome.future_events.as_ref().map(future_events);
+    s.future_events = outcome.future_events.as_ref().map(Into::into);
     s.settings = outcome.settings.iter().cloned().collect();
     s.performance = performance(outcome);
     s.warnings = outcome.warnings.clone();
@@ -465,8 +395,8 @@ pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
     s.last_error = None;
     s.finished_at = Some(time(now));
     s.heartbeat_time = Some(time(now));
-    let (reason, message) = success_message(outcome, &s);
-    succeeded_conditions(&mut s, reason, &message, now);
+    let message = success_message(outcome, &s);
+    record(&mut s, RunState::Succeeded(result), &message, now);
     s
 }
 
@@ -486,23 +416,7 @@ fn performance(outcome: &Outcome) -> Option<PerformanceStatus> {
     })
 }
 
-fn skip_reason(r: engine::SkipReason) -> SkipReason {
-    match r {
-        engine::SkipReason::RollupStateMissing => SkipReason::RollupStateMissing,
-        engine::SkipReason::TaskUsageEmpty => SkipReason::TaskUsageEmpty,
-        engine::SkipReason::WatermarkWithinThreshold => SkipReason::WatermarkWithinThreshold,
-    }
-}
-
-fn future_events(f: &engine::FutureEvents) -> FutureEvents {
-    FutureEvents {
-        rows: f.rows,
-        max_ahead_seconds: f.ahead_seconds,
-        latest: Some(time(f.latest)),
-    }
-}
-
-fn success_message(outcome: &Outcome, s: &Status) -> (Reason, String) {
+fn success_message(outcome: &Outcome, s: &Status) -> String {
     let stamped = match outcome.watermark_after {
         Some(w) if outcome.watermark_stamped => format!("watermark stamped at {}", show(w)),
         _ => "watermark not stamped".to_owned(),
@@ -512,35 +426,24 @@ fn success_message(outcome: &Outcome, s: &Status) -> (Reason, String) {
         _ => String::new(),
     };
     match outcome.skipped {
-        Some(engine::SkipReason::RollupStateMissing) => (
-            Reason::Skipped,
-            "skipped (rollup_state_missing): table task_usage_hourly_rollup_state does not exist; nothing done".into(),
+        Some(engine::SkipReason::RollupStateMissing) => {
+            "skipped (rollup_state_missing): table task_usage_hourly_rollup_state does not exist; nothing done".into()
+        }
+        Some(engine::SkipReason::TaskUsageEmpty) => {
+            format!("skipped (task_usage_empty): task_usage is empty; {stamped}")
+        }
+        Some(engine::SkipReason::WatermarkWithinThreshold) => format!(
+            "skipped (watermark_within_threshold): the watermark lags the newest event by {}s, within the threshold; {stamped}",
+            outcome.lag_seconds.unwrap_or(0)
         ),
-        Some(engine::SkipReason::TaskUsageEmpty) => (
-            Reason::Skipped,
-            format!("skipped (task_usage_empty): task_usage is empty; {stamped}"),
+        None if outcome.dry_run => format!(
+            "dry run: would walk {} slices{range} (about {} task_usage rows); nothing written",
+            s.slices_total.unwrap_or(0),
+            s.rows_touched.unwrap_or(0)
         ),
-        Some(engine::SkipReason::WatermarkWithinThreshold) => (
-            Reason::Skipped,
-            format!(
-                "skipped (watermark_within_threshold): the watermark lags the newest event by {}s, within the threshold; {stamped}",
-                outcome.lag_seconds.unwrap_or(0)
-            ),
-        ),
-        None if outcome.dry_run => (
-            Reason::DryRun,
-            format!(
-                "dry run: would walk {} slices{range} (about {} task_usage rows); nothing written",
-                s.slices_total.unwrap_or(0),
-                s.rows_touched.unwrap_or(0)
-            ),
-        ),
-        None => (
-            Reason::Backfilled,
-            format!(
-                "backfilled {} slices{range}, {} rows touched; {stamped}",
-                outcome.slices_processed, outcome.rows_touched
-            ),
+        None => format!(
+            "backfilled {} slices{range}, {} rows touched; {stamped}",
+            outcome.slices_processed, outcome.rows_touched
         ),
     }
 }
@@ -554,7 +457,6 @@ pub fn retry_scheduled(
     now: Timestamp,
 ) {
     let attempt = s.attempts.unwrap_or(1);
-    s.phase = Some(Phase::Pending);
     s.lock_holder = None;
     s.last_error = Some(redactor.message(&error.to_string()));
     s.finished_at = Some(time(now));
@@ -563,20 +465,19 @@ pub fn retry_scheduled(
         "attempt {attempt} failed, retrying in {}: {error}",
         usage_backfill_engine::duration::format(delay)
     ));
-    in_progress(
+    record(
         s,
-        decide::failure_reason(error),
-        Reason::RetryScheduled,
+        RunState::RetryScheduled(Reason::from(error)),
         &message,
         now,
     );
 }
 
-/// A failed attempt that is final: `reason` from [`decide::after_failure`].
+/// A failed attempt that is final: `reason` from [`crate::decide::after_failure`].
 pub fn failed(
     s: &mut Status,
     error: &engine::Error,
-    reason: &str,
+    reason: Reason,
     max_attempts: u32,
     redactor: &Redactor,
     now: Timestamp,
@@ -584,11 +485,11 @@ pub fn failed(
     s.last_error = Some(redactor.message(&error.to_string()));
     s.finished_at = Some(time(now));
     s.heartbeat_time = Some(time(now));
-    let message = if reason == Reason::BackoffLimitExceeded.as_str() {
+    let message = if reason == Reason::BackoffLimitExceeded {
         format!(
             "{max_attempts} attempts failed (backoffLimit {}); last error ({}): {error}",
             max_attempts.saturating_sub(1),
-            decide::failure_reason(error)
+            Reason::from(error)
         )
     } else {
         error.to_string()
@@ -608,18 +509,21 @@ pub fn interrupted(s: &mut Status, now: Timestamp) {
     let message = format!(
         "the controller stopped during the run (lock released, nothing stamped); it {at} when the controller is back"
     );
-    let reason = match s.phase {
-        Some(Phase::WaitingForLock) => Reason::WaitingForLock,
-        Some(Phase::Running) => Reason::Running,
-        _ => Reason::Pending,
+    let state = match s.phase {
+        Some(Phase::WaitingForLock) => RunState::WaitingForLock,
+        Some(Phase::Running) => RunState::Running,
+        _ => RunState::Starting,
     };
-    in_progress(s, reason.as_str(), reason, &message, now);
+    record(s, state, &message, now);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::Backoff;
+    use strum::VariantArray;
+    use usage_backfill_api::ConditionType;
+
+    use crate::decide::{self, Backoff};
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -637,7 +541,7 @@ mod tests {
     }
 
     fn conds(s: &Status) -> [Option<(String, String)>; 3] {
-        ConditionType::ALL.map(|t| cond(s, t))
+        std::array::from_fn(|i| cond(s, ConditionType::VARIANTS[i]))
     }
 
     fn is(status: &str, reason: &str) -> Option<(String, String)> {
@@ -1004,7 +908,7 @@ mod tests {
         failed(
             &mut s,
             &engine::Error::WatermarkMissing,
-            "ManualInterventionRequired",
+            Reason::ManualInterventionRequired,
             3,
             &Redactor::default(),
             ts(T1),
@@ -1168,7 +1072,7 @@ mod tests {
         let text = serde_json::to_string(&s).unwrap();
         assert!(!text.contains("Tr0ub4dor"), "{text}");
         let mut s = started();
-        failed(&mut s, &e, "DatabaseError", 1, &r, ts(T1));
+        failed(&mut s, &e, Reason::DatabaseError, 1, &r, ts(T1));
         assert!(!serde_json::to_string(&s).unwrap().contains("Tr0ub4dor"));
         let s = unusable_secret(
             &Status::default(),

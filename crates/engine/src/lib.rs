@@ -149,8 +149,9 @@ impl Performance {
 }
 
 /// Why a run did nothing; the words are the reference's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, strum::IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum SkipReason {
     RollupStateMissing,
     TaskUsageEmpty,
@@ -159,11 +160,7 @@ pub enum SkipReason {
 
 impl SkipReason {
     pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::RollupStateMissing => "rollup_state_missing",
-            SkipReason::TaskUsageEmpty => "task_usage_empty",
-            SkipReason::WatermarkWithinThreshold => "watermark_within_threshold",
-        }
+        self.into()
     }
 }
 

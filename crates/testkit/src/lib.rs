@@ -3,6 +3,7 @@
 //!
 //! - this module: a PostgreSQL database per test ([`fresh_database`]);
 //! - [`apiserver`]: a fake Kubernetes API server at the HTTP level;
+//! - [`harness`]: the controller test harness and builder fixtures;
 //! - [`engine`]: engine runs and the independent correctness check;
 //! - [`status`]: reading conditions of a UsageBackfill status;
 //! - [`tls`]: a test CA and a TLS PostgreSQL.
@@ -20,6 +21,7 @@
 
 pub mod apiserver;
 pub mod engine;
+pub mod harness;
 pub mod status;
 pub mod tls;
 
@@ -112,6 +114,15 @@ pub async fn fresh_database() -> TestDatabase {
         name,
         roles: Mutex::new(Vec::new()),
     }
+}
+
+/// A [`fresh_database`] holding `history` (the stand-in's generator), and
+/// a session on it.
+pub async fn database_with(history: &fixture::HistorySpec) -> (TestDatabase, Client) {
+    let db = fresh_database().await;
+    let client = db.client().await;
+    fixture::generate(&client, history).await.unwrap();
+    (db, client)
 }
 
 /// The harness's own server, when it started one (not with `DATABASE_URL`).

@@ -1,0 +1,227 @@
+//! Every conversion between the API's types and the engine's, in one
+//! place: what a spec asks of the engine, what the engine reports into a
+//! status, and the condition reason of each engine failure.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use usage_backfill_engine as engine;
+
+use crate::{FutureEvents, LockHolder, ModeSettings, Reason, SkipReason, TlsMode, TuningPreset};
+
+impl From<TlsMode> for engine::TlsMode {
+    fn from(m: TlsMode) -> Self {
+        match m {
+            TlsMode::Disable => engine::TlsMode::Disable,
+            TlsMode::Prefer => engine::TlsMode::Prefer,
+            TlsMode::Require => engine::TlsMode::Require,
+            TlsMode::VerifyCa => engine::TlsMode::VerifyCa,
+            TlsMode::VerifyFull => engine::TlsMode::VerifyFull,
+        }
+    }
+}
+
+impl From<engine::TlsMode> for TlsMode {
+    fn from(m: engine::TlsMode) -> Self {
+        match m {
+            engine::TlsMode::Disable => TlsMode::Disable,
+            engine::TlsMode::Prefer => TlsMode::Prefer,
+            engine::TlsMode::Require => TlsMode::Require,
+            engine::TlsMode::VerifyCa => TlsMode::VerifyCa,
+            engine::TlsMode::VerifyFull => TlsMode::VerifyFull,
+        }
+    }
+}
+
+impl From<ModeSettings> for engine::Mode {
+    fn from(m: ModeSettings) -> Self {
+        match m {
+            ModeSettings::IfLagging { lag_threshold } => engine::Mode::IfLagging { lag_threshold },
+            ModeSettings::Always {
+                months_back,
+                force_partial,
+            } => engine::Mode::Always {
+                months_back,
+                force_partial,
+            },
+        }
+    }
+}
+
+impl From<TuningPreset> for engine::Tuning {
+    fn from(p: TuningPreset) -> Self {
+        match p {
+            TuningPreset::Tuned => engine::Tuning::Default,
+            TuningPreset::ServerDefaults => engine::Tuning::Off,
+        }
+    }
+}
+
+impl From<engine::SkipReason> for SkipReason {
+    fn from(r: engine::SkipReason) -> Self {
+        match r {
+            engine::SkipReason::RollupStateMissing => SkipReason::RollupStateMissing,
+            engine::SkipReason::TaskUsageEmpty => SkipReason::TaskUsageEmpty,
+            engine::SkipReason::WatermarkWithinThreshold => SkipReason::WatermarkWithinThreshold,
+        }
+    }
+}
+
+impl From<&engine::LockHolder> for LockHolder {
+    fn from(h: &engine::LockHolder) -> Self {
+        LockHolder {
+            pid: Some(h.pid),
+            application_name: h.application_name.clone(),
+            client_addr: h.client_addr.clone(),
+            since: h.since.map(Time),
+        }
+    }
+}
+
+impl From<&engine::FutureEvents> for FutureEvents {
+    fn from(f: &engine::FutureEvents) -> Self {
+        FutureEvents {
+            rows: f.rows,
+            max_ahead_seconds: f.ahead_seconds,
+            latest: Some(Time(f.latest)),
+        }
+    }
+}
+
+/// The condition reason of a failure: the engine's fixed name
+/// ([`engine::Error::reason`]), except where the API has words of its own.
+impl From<&engine::Error> for Reason {
+    fn from(e: &engine::Error) -> Self {
+        use engine::{ConnectFailure as C, Error as E};
+        match e {
+            E::InvalidConnectionString(_) => Reason::InvalidConnectionString,
+            E::Tls(_) => Reason::InvalidTlsConfig,
+            E::Connect { kind, .. } => match kind {
+                C::Authentication => Reason::AuthenticationFailed,
+                C::DatabaseNotFound => Reason::DatabaseNotFound,
+                C::Unreachable => Reason::DatabaseUnreachable,
+                C::Timeout => Reason::ConnectTimeout,
+                C::Tls => Reason::TlsHandshakeFailed,
+                C::Other => Reason::ConnectFailed,
+            },
+            E::InvalidSetting { .. } => Reason::InvalidSessionSetting,
+            E::RollupStateMissing => Reason::RollupStateMissing,
+            E::SchemaMissing { .. } => Reason::SchemaMissing,
+            E::PermissionDenied { .. } => Reason::PermissionDenied,
+            E::WatermarkMissing => Reason::ManualInterventionRequired,
+            E::MonthsBackSkipsHistory { .. } => Reason::PartialRangeRefused,
+            E::FutureDatedEvents(_) => Reason::FutureDatedEvents,
+            E::LockTimeout { .. } => Reason::LockTimeout,
+            E::Cancelled => Reason::Cancelled,
+            E::LockLost { .. } => Reason::LockLost,
+            E::SliceTimeout { .. } => Reason::SliceTimeout,
+            E::Slice { .. } => Reason::SliceFailed,
+            E::TransactionPooling { .. } => Reason::TransactionPooling,
+            E::Database { .. } => Reason::DatabaseError,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn failure_reasons_are_the_engines_names_but_two() {
+        let at = ts("2026-01-01T00:00:00Z");
+        let slice = engine::Slice { from: at, to: at };
+        let connect = |kind| engine::Error::Connect {
+            kind,
+            target: "t".into(),
+            message: "m".into(),
+        };
+        let errors = [
+            engine::Error::InvalidConnectionString("x".into()),
+            engine::Error::Tls("x".into()),
+            connect(engine::ConnectFailure::Authentication),
+            connect(engine::ConnectFailure::DatabaseNotFound),
+            connect(engine::ConnectFailure::Unreachable),
+            connect(engine::ConnectFailure::Timeout),
+            connect(engine::ConnectFailure::Tls),
+            connect(engine::ConnectFailure::Other),
+            engine::Error::InvalidSetting {
+                name: "n".into(),
+                message: "m".into(),
+            },
+            engine::Error::RollupStateMissing,
+            engine::Error::SchemaMissing { what: "w".into() },
+            engine::Error::PermissionDenied {
+                message: "m".into(),
+            },
+            engine::Error::FutureDatedEvents(engine::FutureEvents {
+                rows: 1,
+                latest: at,
+                ahead_seconds: 1,
+            }),
+            engine::Error::LockTimeout {
+                waited: Duration::ZERO,
+            },
+            engine::Error::Cancelled,
+            engine::Error::LockLost {
+                message: "m".into(),
+            },
+            engine::Error::SliceTimeout {
+                slice,
+                timeout: Duration::ZERO,
+            },
+            engine::Error::TransactionPooling {
+                evidence: "e".into(),
+                consequence: "c",
+            },
+            engine::Error::Slice {
+                slice,
+                message: "m".into(),
+            },
+            engine::Error::Database {
+                context: "c",
+                message: "m".into(),
+            },
+        ];
+        for e in &errors {
+            assert_eq!(Reason::from(e).as_str(), e.reason(), "{e:?}");
+        }
+        assert_eq!(
+            Reason::from(&engine::Error::WatermarkMissing),
+            Reason::ManualInterventionRequired
+        );
+        assert_eq!(
+            Reason::from(&engine::Error::MonthsBackSkipsHistory {
+                months_back: 1,
+                start: at,
+                earliest: at,
+            }),
+            Reason::PartialRangeRefused
+        );
+    }
+
+    #[test]
+    fn tls_modes_convert_both_ways_by_name() {
+        for &m in <TlsMode as strum::VariantArray>::VARIANTS {
+            let e = engine::TlsMode::from(m);
+            assert_eq!(e.as_str(), m.as_str());
+            assert_eq!(TlsMode::from(e), m);
+        }
+    }
+
+    #[test]
+    fn skip_reasons_convert_by_name() {
+        for r in [
+            engine::SkipReason::RollupStateMissing,
+            engine::SkipReason::TaskUsageEmpty,
+            engine::SkipReason::WatermarkWithinThreshold,
+        ] {
+            assert_eq!(SkipReason::from(r).as_str(), r.as_str());
+        }
+    }
+}
