@@ -585,6 +585,34 @@ async fn a_dsn_and_parts_together_or_half_the_parts_exit_2() {
     ran.expect_code(2);
 }
 
+#[tokio::test]
+async fn logs_written_to_a_file_carry_no_colour_codes() {
+    let (db, _client) = database_with_history().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stderr.log");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut cmd = command();
+    // Nothing asks for plain text but the file itself.
+    cmd.env_remove("NO_COLOR")
+        .env_remove("TERM")
+        .args(["backfill", "--database-url", db.url(), "--dry-run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(file));
+    // Not output(): tokio's would pipe stderr instead of the file.
+    let status = tokio::time::timeout(Duration::from_secs(300), cmd.spawn().unwrap().wait())
+        .await
+        .expect("the binary finished within 5 minutes")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert!(log.contains("starting backfill"), "{log}");
+    assert!(log.contains("INFO"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "ANSI escape codes in a file:\n{log:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Side commands
 // ---------------------------------------------------------------------------
