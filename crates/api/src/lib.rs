@@ -47,6 +47,8 @@ pub const DEFAULT_APPLICATION_NAME: &str = "usage-backfill";
 const MAX_APPLICATION_NAME_LEN: usize = 63;
 /// Longest Secret name or key Kubernetes accepts.
 const MAX_SECRET_NAME_LEN: usize = 253;
+/// Longest duration string of a field a CEL rule reads (bounds the rule's cost).
+const MAX_DURATION_LEN: usize = 64;
 /// Longest DNS name.
 const MAX_HOST_LEN: usize = 253;
 /// PostgreSQL keeps at most NAMEDATALEN - 1 bytes of a role or database name.
@@ -125,6 +127,7 @@ const MIN_MAX_SLICE_DURATION: Duration = Duration::from_secs(1);
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::spec_schema)]
 pub struct UsageBackfillSpec {
     /// The database to backfill: a connection string in a Secret of this
     /// namespace (secretRef), or the connection in parts (host, port,
@@ -186,7 +189,7 @@ pub struct UsageBackfillSpec {
     /// retried from the first unfinished slice. Go-style duration, at least
     /// 1ms. Default: unset, no timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = duration::PATTERN))]
+    #[schemars(length(max = MAX_DURATION_LEN), regex(pattern = duration::PATTERN))]
     pub slice_timeout: Option<String>,
 
     /// PostgreSQL application_name of the backfill's session, as shown in
@@ -236,7 +239,7 @@ pub struct UsageBackfillSpec {
     /// not a limit (sliceTimeout is the limit). Go-style duration, at least
     /// 1s. Default: unset, slices sized for speed alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = duration::PATTERN))]
+    #[schemars(length(max = MAX_DURATION_LEN), regex(pattern = duration::PATTERN))]
     pub max_slice_duration: Option<String>,
 }
 
@@ -303,6 +306,7 @@ impl TuningPreset {
 /// never both. Every Secret lives in this UsageBackfill's namespace.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::database_schema)]
 pub struct DatabaseSpec {
     /// The Secret holding the whole connection string, e.g. the
     /// application chart's external-database mode: {name: multica-secrets,
@@ -465,6 +469,7 @@ impl DatabaseSpec {
 /// TLS settings of the database connection.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::tls_schema)]
 pub struct TlsSpec {
     /// libpq sslmode: disable, prefer, require, verify-ca or verify-full.
     /// Overrides the DSN's sslmode. Default: the DSN's sslmode (allow is read

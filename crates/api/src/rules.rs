@@ -10,6 +10,9 @@
 //! `reason` or `fieldPath`, which came later), and walk no lists or maps, so
 //! their estimated cost stays far below the API server's limits.
 
+use schemars::Schema;
+use serde_json::json;
+
 /// One CEL rule and what it says when it refuses an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rule {
@@ -123,3 +126,23 @@ pub const CA_NOT_WITH_DISABLE: Rule = Rule {
 
 /// Rules on `spec.database.tls`.
 pub const TLS_RULES: &[Rule] = &[CA_NOT_WITH_DISABLE];
+
+fn extend(schema: &mut Schema, rules: &[Rule]) {
+    let list: Vec<_> = rules
+        .iter()
+        .map(|r| json!({ "rule": r.rule, "message": r.message() }))
+        .collect();
+    schema.insert("x-kubernetes-validations".into(), list.into());
+}
+
+pub(crate) fn spec_schema(schema: &mut Schema) {
+    extend(schema, SPEC_RULES);
+}
+
+pub(crate) fn database_schema(schema: &mut Schema) {
+    extend(schema, DATABASE_RULES);
+}
+
+pub(crate) fn tls_schema(schema: &mut Schema) {
+    extend(schema, TLS_RULES);
+}
