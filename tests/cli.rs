@@ -483,6 +483,142 @@ async fn database_url_from_the_environment() {
     assert!(!help.stdout.contains(db.url()), "{}", help.show());
 }
 
+/// Host, port and database name of a test database's URL.
+fn coordinates(db: &TestDatabase) -> (String, String, String) {
+    let config = db.config();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("testkit databases are reached over TCP, not {other:?}"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    (host, port.to_string(), db.name().to_owned())
+}
+
+#[tokio::test]
+async fn the_connection_in_parts_with_pgpassword_or_a_password_file() {
+    let (db, client) = database_with_history().await;
+    let role = db.create_role("parts", PASSWORD, FULL_GRANTS).await;
+    let (host, port, dbname) = coordinates(&db);
+    let parts = [
+        "--host", &host, "--port", &port, "--dbname", &dbname, "--user", &role.name,
+    ];
+    let backfill = |extra: &[&str]| {
+        let mut cmd = command();
+        cmd.arg("backfill").args(parts).args(extra);
+        cmd
+    };
+
+    // The password from PGPASSWORD.
+    let ran =
+        run_with(backfill(&["--mode", "always", "--output", "json"]).env("PGPASSWORD", PASSWORD))
+            .await;
+    ran.expect_code(0);
+    let out = json(&ran);
+    assert_eq!(
+        out["watermark_stamped"],
+        Value::Bool(true),
+        "{}",
+        ran.show()
+    );
+    assert_eq!(fixture::recompute_mismatches(&client).await.unwrap(), 0);
+    assert!(
+        ran.stderr
+            .contains(&format!("{}@{host}:{port}/{dbname}", role.name)),
+        "the target is named: {}",
+        ran.show()
+    );
+
+    // From a file with a trailing newline; PGPASSWORD, wrong, is ignored.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let ran = run_with(
+        backfill(&[
+            "--password-file",
+            file.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .env("PGPASSWORD", "Pw-1111-WRONG"),
+    )
+    .await;
+    ran.expect_code(0);
+    assert_eq!(
+        json(&ran)["skipped"],
+        "watermark_within_threshold",
+        "{}",
+        ran.show()
+    );
+
+    // A wrong password: retryable, and neither password is shown.
+    let before = state(&client).await;
+    let ran = run_with(backfill(&[]).env("PGPASSWORD", "Pw-2222-WRONG")).await;
+    ran.expect_code(1);
+    assert!(
+        ran.stderr.contains("password authentication failed"),
+        "{}",
+        ran.show()
+    );
+    for secret in ["Pw-2222-WRONG", PASSWORD] {
+        assert!(!ran.stdout.contains(secret), "{}", ran.show());
+        assert!(!ran.stderr.contains(secret), "{}", ran.show());
+    }
+    assert_eq!(state(&client).await, before);
+}
+
+#[tokio::test]
+async fn a_dsn_and_parts_together_or_half_the_parts_exit_2() {
+    let url = "postgres://u@127.0.0.1:1/d";
+    let ran = run_cli(&["backfill", "--database-url", url, "--host", "127.0.0.1"]).await;
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("not both"), "{}", ran.show());
+    // DATABASE_URL in the environment counts as a DSN too.
+    let ran = run_with(command().env("DATABASE_URL", url).args([
+        "backfill",
+        "--host",
+        "127.0.0.1",
+        "--user",
+        "u",
+    ]))
+    .await;
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("DATABASE_URL"), "{}", ran.show());
+    let ran = run_cli(&["backfill", "--host", "127.0.0.1"]).await;
+    ran.expect_code(2);
+    assert!(ran.stderr.contains("needs --user"), "{}", ran.show());
+    // There is no password flag.
+    let ran = run_cli(&["backfill", "--host", "h", "--user", "u", "--password", "x"]).await;
+    ran.expect_code(2);
+}
+
+#[tokio::test]
+async fn logs_written_to_a_file_carry_no_colour_codes() {
+    let (db, _client) = database_with_history().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stderr.log");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut cmd = command();
+    // Nothing asks for plain text but the file itself.
+    cmd.env_remove("NO_COLOR")
+        .env_remove("TERM")
+        .args(["backfill", "--database-url", db.url(), "--dry-run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(file));
+    // Not output(): tokio's would pipe stderr instead of the file.
+    let status = tokio::time::timeout(Duration::from_secs(300), cmd.spawn().unwrap().wait())
+        .await
+        .expect("the binary finished within 5 minutes")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert!(log.contains("starting backfill"), "{log}");
+    assert!(log.contains("INFO"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "ANSI escape codes in a file:\n{log:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Side commands
 // ---------------------------------------------------------------------------

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use usage_backfill_api::{
-    BackfillResult, ConditionType, Mode, Phase, SkipReason, TuningPreset, TuningSpec,
-    UsageBackfill, UsageBackfillStatus,
+    BackfillResult, ConditionType, DatabaseSpec, Mode, Phase, SkipReason, TuningPreset, TuningSpec,
+    UsageBackfill, UsageBackfillStatus, ValueFrom,
 };
 use usage_backfill_controller::{
     self as controller, Election, Error as ControllerError, LeaseSettings, Metrics, Replica,
@@ -640,6 +640,118 @@ async fn a_wrong_password_fails_without_ever_showing_it() {
     h.put_secret();
     let done = h.run_to_end("auth").await;
     assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    h.assert_password_never_sent();
+}
+
+/// The application chart's default install keeps only POSTGRES_PASSWORD in
+/// Secret multica-secrets; here the user comes from a second Secret. The
+/// run waits for the missing Secret and key (naming them, never a value),
+/// runs, fails after a password rotation in the database, and runs again
+/// once the Secret holds the new password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_in_parts_from_two_secrets_and_a_rotated_password() {
+    const FIRST: &str = "Pw-5e0a-FIRST";
+    const SECOND: &str = "Pw-77b2-SECOND";
+    const JWT: &str = "Jw-0c4d-not-a-password";
+    let h = Harness::new(Some(small())).await;
+    let role = h
+        .db()
+        .create_role(
+            "parts",
+            FIRST,
+            "GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
+             GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role};",
+        )
+        .await;
+    let config = h.db().config();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        other => panic!("{other:?}"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    h.fake.put_secret(NS, "db-user", "USER", &role.name);
+    h.create("parts", |s| {
+        s.backoff_limit = 0;
+        s.database = DatabaseSpec {
+            host: Some(host.clone()),
+            port: Some(port.into()),
+            database: Some(h.db().name().to_owned()),
+            user_from: Some(ValueFrom::secret("db-user", "USER")),
+            password_from: Some(ValueFrom::secret("multica-secrets", "POSTGRES_PASSWORD")),
+            ..DatabaseSpec::default()
+        };
+    });
+
+    h.reconcile("parts").await;
+    let s = h.status("parts");
+    assert_eq!(
+        cond(&s, ConditionType::Reconciling),
+        is("True", "SecretNotFound")
+    );
+    assert!(
+        message(&s, ConditionType::Reconciling)
+            .starts_with(r#"Secret "multica-secrets" does not exist"#),
+        "{}",
+        message(&s, ConditionType::Reconciling)
+    );
+    h.fake.put_secret(NS, "multica-secrets", "JWT_SECRET", JWT);
+    h.reconcile("parts").await;
+    let s = h.status("parts");
+    assert_eq!(
+        cond(&s, ConditionType::Reconciling),
+        is("True", "SecretKeyMissing")
+    );
+    assert!(
+        message(&s, ConditionType::Reconciling)
+            .starts_with(r#"Secret "multica-secrets" has no key "POSTGRES_PASSWORD""#),
+        "{}",
+        message(&s, ConditionType::Reconciling)
+    );
+
+    h.fake
+        .put_secret(NS, "multica-secrets", "POSTGRES_PASSWORD", FIRST);
+    let done = h.run_to_end("parts").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled), "{done:?}");
+    assert_eq!(
+        done.secret_resource_versions
+            .as_deref()
+            .map(|v| v.split(',').count()),
+        Some(2),
+        "both Secrets are tracked"
+    );
+    h.assert_rollup_correct().await;
+
+    // The database's password is rotated; the Secret still has the old one.
+    h.pg.batch_execute(&format!("ALTER ROLE \"{}\" PASSWORD '{SECOND}'", role.name))
+        .await
+        .unwrap();
+    h.fake
+        .edit_spec(NS, "parts", |s| s.run_id = "after-rotation".into());
+    let failed = h.run_to_end("parts").await;
+    assert_eq!(failed.phase, Some(Phase::Failed));
+    assert!(
+        message(&failed, ConditionType::Stalled).contains("AuthenticationFailed"),
+        "{}",
+        message(&failed, ConditionType::Stalled)
+    );
+    // The Secret catches up: the failed run starts afresh at once.
+    h.fake
+        .put_secret(NS, "multica-secrets", "POSTGRES_PASSWORD", SECOND);
+    let done = h.run_to_end("parts").await;
+    assert_eq!(done.phase, Some(Phase::Succeeded), "{done:?}");
+    assert_eq!(done.attempts, Some(1));
+
+    for r in h.fake.requests() {
+        for secret in [FIRST, SECOND, JWT] {
+            assert!(
+                !r.raw_body.contains(secret),
+                "{} {} sent {secret}",
+                r.method,
+                r.resource
+            );
+        }
+    }
     h.assert_password_never_sent();
 }
 

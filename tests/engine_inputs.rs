@@ -15,8 +15,8 @@ use proptest::prelude::*;
 use tokio_postgres::Client;
 use usage_backfill_engine::duration;
 use usage_backfill_engine::{
-    CancellationToken, ConnectFailure, Database, Error, Event, Mode, Options, Outcome, SkipReason,
-    TlsMode,
+    CancellationToken, ConnectFailure, ConnectionParts, Database, Error, Event, Mode, Options,
+    Outcome, Password, SkipReason, TlsMode,
 };
 use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_standin::pgtemp::{ServerTls, TempPostgres};
@@ -332,6 +332,54 @@ async fn wrong_password_is_an_authentication_failure() {
     assert!(outcome.dry_run);
     assert_secret_free(PASSWORD, None, &events);
     assert_eq!(state(&client).await, before, "a dry run writes nothing");
+}
+
+/// The connection in parts, as the controller builds it from the
+/// application chart's Secret: a wrong password fails like one in a DSN,
+/// without showing it; the right one walks and stamps.
+#[tokio::test]
+async fn the_connection_in_parts_connects_and_never_shows_its_password() {
+    let (db, role, client) = database_with_history().await;
+    let config = db.config();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("testkit databases are reached over TCP, not {other:?}"),
+    };
+    let parts = |password: &str| ConnectionParts {
+        host: host.clone(),
+        port: config.get_ports().first().copied(),
+        dbname: Some(db.name().to_owned()),
+        user: role.name.clone(),
+        password: Some(Password::new(password)),
+    };
+    let before = state(&client).await;
+    let wrong = "Pw-41c0-WRONG";
+    let target = Database::from_parts(parts(wrong)).unwrap();
+    assert!(!format!("{target:?}").contains(wrong));
+    let (result, events) = run(&target, &Options::default()).await;
+    let err = expect_failure(
+        "wrong password in parts",
+        result,
+        &events,
+        "AuthenticationFailed",
+        "password authentication failed",
+        wrong,
+    );
+    assert!(
+        err.to_string().contains(&role.name),
+        "names the user: {err}"
+    );
+    assert_eq!(state(&client).await, before);
+
+    let target = Database::from_parts(parts(PASSWORD)).unwrap();
+    let (result, events) = run(&target, &always()).await;
+    let outcome = result.expect("the right password walks");
+    assert!(
+        outcome.watermark_stamped && outcome.slices_processed > 0,
+        "{outcome:?}"
+    );
+    assert_secret_free(PASSWORD, None, &events);
+    assert_eq!(fixture::recompute_mismatches(&client).await.unwrap(), 0);
 }
 
 #[tokio::test]

@@ -84,6 +84,37 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// Every metric the chart's alerts (templates/prometheusrule.yaml) and
+/// Grafana dashboard (dashboards/*.json) name is in `scraped`, a scrape of
+/// a controller that has run a backfill and failed another.
+fn chart_names_are_exported(scraped: &BTreeMap<String, f64>) {
+    let chart =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/usage-backfill-operator");
+    let mut sources = vec![chart.join("templates/prometheusrule.yaml")];
+    for entry in std::fs::read_dir(chart.join("dashboards")).unwrap() {
+        sources.push(entry.unwrap().path());
+    }
+    let exported: std::collections::BTreeSet<&str> = scraped
+        .keys()
+        .map(|series| series.split('{').next().unwrap())
+        .collect();
+    let name = regex::Regex::new(r"\busage_backfill_[a-z_]+").unwrap();
+    let mut used = 0;
+    for path in &sources {
+        let text = std::fs::read_to_string(path).unwrap();
+        for m in name.find_iter(&text) {
+            used += 1;
+            assert!(
+                exported.contains(m.as_str()),
+                "{} names {}, which the controller does not export (it exports {exported:?})",
+                path.display(),
+                m.as_str()
+            );
+        }
+    }
+    assert!(used >= 10, "only {used} metric names found in {sources:?}");
+}
+
 async fn wait_for_status(
     fake: &FakeApiServer,
     name: &str,
@@ -188,6 +219,8 @@ async fn a_scrape_after_runs_shows_every_series_and_logs_carry_the_spans() {
         ("usage_backfill_rows_touched_total", "counter"),
         ("usage_backfill_lock_wait_seconds", "histogram"),
         ("usage_backfill_watermark_lag_seconds", "gauge"),
+        ("usage_backfill_object_phase", "gauge"),
+        ("usage_backfill_object_slices_processed", "gauge"),
         ("usage_backfill_runs_active", "gauge"),
         ("usage_backfill_leader", "gauge"),
     ] {
@@ -251,9 +284,24 @@ async fn a_scrape_after_runs_shows_every_series_and_logs_carry_the_spans() {
         "the backfill caught the watermark up: {lag}"
     );
     assert!(
-        !text.contains("name=\"unreachable\""),
+        !text.contains(
+            "usage_backfill_watermark_lag_seconds{namespace=\"tenant-a\",name=\"unreachable\"}"
+        ),
         "no watermark read, no lag series"
     );
+    let phase = |name: &str, phase: &str| {
+        value(&format!(
+            "usage_backfill_object_phase{{namespace=\"tenant-a\",name=\"{name}\",phase=\"{phase}\"}}"
+        ))
+    };
+    assert_eq!(phase("observed", "Succeeded"), 1.0);
+    assert_eq!(phase("observed", "Running"), 0.0);
+    assert_eq!(phase("unreachable", "Failed"), 1.0);
+    assert_eq!(
+        value("usage_backfill_object_slices_processed{namespace=\"tenant-a\",name=\"observed\"}"),
+        f64::from(done.slices_processed.unwrap())
+    );
+    chart_names_are_exported(&m);
     assert_eq!(value("usage_backfill_runs_active"), 0.0);
     assert_eq!(value("usage_backfill_leader"), 1.0);
 

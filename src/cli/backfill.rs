@@ -12,14 +12,35 @@ use tokio_util::sync::CancellationToken;
 use super::exit;
 use usage_backfill_engine::duration;
 use usage_backfill_engine::{
-    self as engine, Database, Error, Event, Mode, Options, Outcome, Performance, TlsMode, Tuning,
+    self as engine, ConnectionParts, Database, Error, Event, Mode, Options, Outcome, Password,
+    Performance, TlsMode, Tuning,
 };
 
 #[derive(Debug, Clone, Args)]
 pub struct BackfillArgs {
     /// Database to backfill: a libpq URL (postgres://…) or key=value DSN.
+    /// Or give the connection in parts (--host, --user, …) instead.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: Option<String>,
+    /// Connection in parts: the server's host name or address.
+    #[arg(long, help_heading = "Connection in parts (instead of --database-url)")]
+    pub host: Option<String>,
+    /// Connection in parts: the server's port [default: 5432].
+    #[arg(long, help_heading = "Connection in parts (instead of --database-url)",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// Connection in parts: the database [default: the user name].
+    #[arg(long, help_heading = "Connection in parts (instead of --database-url)")]
+    pub dbname: Option<String>,
+    /// Connection in parts: the role to log in as.
+    #[arg(long, help_heading = "Connection in parts (instead of --database-url)")]
+    pub user: Option<String>,
+    /// Connection in parts: a file holding the password (one trailing
+    /// newline is ignored). Without it, the PGPASSWORD environment variable.
+    /// There is no password flag: command lines are visible to every user
+    /// of the machine.
+    #[arg(long, help_heading = "Connection in parts (instead of --database-url)")]
+    pub password_file: Option<PathBuf>,
     /// if-lagging: the migration-time hook (skips when the watermark is
     /// within --lag-threshold); always: the full walk, unconditionally.
     #[arg(long, value_enum, default_value_t = CliMode::IfLagging)]
@@ -143,8 +164,49 @@ impl BackfillArgs {
         })
     }
 
-    pub fn database(&self) -> Result<Database, Error> {
-        let mut db = Database::parse(&self.database_url)?;
+    /// Exactly one way to the database: the DSN or the parts, with the
+    /// parts' required host and user. A usage error otherwise.
+    pub fn check_connection(&self) -> Result<(), String> {
+        let parts = self.host.is_some()
+            || self.port.is_some()
+            || self.dbname.is_some()
+            || self.user.is_some()
+            || self.password_file.is_some();
+        match (&self.database_url, parts) {
+            (Some(_), true) => Err(
+                "give either --database-url (or DATABASE_URL in the environment) or the connection \
+                 in parts (--host, --port, --dbname, --user, --password-file), not both"
+                    .into(),
+            ),
+            (None, false) => Err(
+                "no database given: use --database-url (or DATABASE_URL in the environment), \
+                 or --host and --user (password from --password-file or PGPASSWORD)"
+                    .into(),
+            ),
+            (None, true) if self.host.is_none() => {
+                Err("the connection in parts needs --host".into())
+            }
+            (None, true) if self.user.is_none() => {
+                Err("the connection in parts needs --user".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The database of the flags (after [`check_connection`](Self::check_connection));
+    /// `pgpassword` is the PGPASSWORD environment variable, used by the
+    /// connection in parts when there is no --password-file.
+    pub fn database(&self, pgpassword: Option<std::ffi::OsString>) -> Result<Database, Error> {
+        let mut db = match &self.database_url {
+            Some(dsn) => Database::parse(dsn)?,
+            None => Database::from_parts(ConnectionParts {
+                host: self.host.clone().unwrap_or_default(),
+                port: self.port,
+                dbname: self.dbname.clone(),
+                user: self.user.clone().unwrap_or_default(),
+                password: self.password(pgpassword)?,
+            })?,
+        };
         if let Some(mode) = self.tls_mode {
             db = db.with_tls_mode(mode.into());
         }
@@ -156,6 +218,27 @@ impl BackfillArgs {
         }
         Ok(db)
     }
+
+    fn password(&self, pgpassword: Option<std::ffi::OsString>) -> Result<Option<Password>, Error> {
+        use std::os::unix::ffi::OsStringExt;
+        let Some(path) = &self.password_file else {
+            return Ok(pgpassword.map(|p| Password::new(p.into_vec())));
+        };
+        let mut bytes = std::fs::read(path).map_err(|e| {
+            Error::InvalidConnectionString(format!(
+                "cannot read --password-file {}: {e}",
+                path.display()
+            ))
+        })?;
+        // Files end with a newline; passwords do not.
+        if bytes.ends_with(b"\n") {
+            bytes.pop();
+            if bytes.ends_with(b"\r") {
+                bytes.pop();
+            }
+        }
+        Ok(Some(Password::new(bytes)))
+    }
 }
 
 pub async fn run(args: BackfillArgs, cancel: CancellationToken) -> u8 {
@@ -166,7 +249,11 @@ pub async fn run(args: BackfillArgs, cancel: CancellationToken) -> u8 {
             return exit::USAGE;
         }
     };
-    let db = match args.database() {
+    if let Err(msg) = args.check_connection() {
+        eprintln!("error: {msg}");
+        return exit::USAGE;
+    }
+    let db = match args.database(std::env::var_os("PGPASSWORD")) {
         Ok(db) => db,
         Err(e) => return report_error(&e),
     };
@@ -527,6 +614,91 @@ mod tests {
             .options()
             .unwrap_err();
         assert!(e.contains("--mode always"), "{e}");
+    }
+
+    fn parse_parts(args: &[&str]) -> Result<BackfillArgs, clap::Error> {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: BackfillArgs,
+        }
+        let mut full = vec!["x"];
+        full.extend_from_slice(args);
+        // Whatever DATABASE_URL the test's environment holds.
+        Wrap::try_parse_from(full).map(|w| BackfillArgs {
+            database_url: None,
+            ..w.args
+        })
+    }
+
+    #[test]
+    fn exactly_one_way_to_the_database() {
+        let both = parse(&["--host", "h", "--user", "u"]).unwrap();
+        let e = both.check_connection().unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let none = parse_parts(&[]).unwrap();
+        assert!(
+            none.check_connection()
+                .unwrap_err()
+                .starts_with("no database given")
+        );
+        let e = parse_parts(&["--user", "u"])
+            .unwrap()
+            .check_connection()
+            .unwrap_err();
+        assert_eq!(e, "the connection in parts needs --host");
+        let e = parse_parts(&["--host", "h"])
+            .unwrap()
+            .check_connection()
+            .unwrap_err();
+        assert_eq!(e, "the connection in parts needs --user");
+        assert!(parse_parts(&["--port", "0", "--host", "h", "--user", "u"]).is_err());
+        let a = parse_parts(&[
+            "--host", "db", "--port", "6432", "--dbname", "usage", "--user", "app",
+        ])
+        .unwrap();
+        a.check_connection().unwrap();
+        let db = a.database(Some("from-env".into())).unwrap();
+        assert_eq!(db.describe(), "app@db:6432/usage");
+        assert!(!format!("{db:?}").contains("from-env"));
+    }
+
+    #[test]
+    fn the_password_file_loses_its_trailing_newline_and_wins_over_pgpassword() {
+        let dir = std::env::temp_dir().join(format!("ubf-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "s3cret\r\n").unwrap();
+        let a = parse_parts(&[
+            "--host",
+            "h",
+            "--user",
+            "u",
+            "--password-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let pw = a.password(Some("env-pw".into())).unwrap();
+        assert_eq!(pw, Some(Password::new("s3cret")));
+        let a = parse_parts(&["--host", "h", "--user", "u"]).unwrap();
+        assert_eq!(
+            a.password(Some("env-pw".into())).unwrap(),
+            Some(Password::new("env-pw"))
+        );
+        assert_eq!(a.password(None).unwrap(), None);
+        let missing = dir.join("missing");
+        let a = parse_parts(&[
+            "--host",
+            "h",
+            "--user",
+            "u",
+            "--password-file",
+            missing.to_str().unwrap(),
+        ])
+        .unwrap();
+        let e = a.database(None).unwrap_err().to_string();
+        assert!(e.contains("cannot read --password-file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -37,6 +37,7 @@ mod convert;
 pub mod run_state;
 
 pub use run_state::{ConditionStatus, ConditionType, Reason, RunState};
+pub mod rules;
 
 /// A Secret's name: a DNS-1123 subdomain.
 const SECRET_NAME_PATTERN: &str =
@@ -62,6 +63,12 @@ pub const DEFAULT_APPLICATION_NAME: &str = "usage-backfill";
 const MAX_APPLICATION_NAME_LEN: usize = 63;
 /// Longest Secret name or key Kubernetes accepts.
 const MAX_SECRET_NAME_LEN: usize = 253;
+/// Longest duration string of a field a CEL rule reads (bounds the rule's cost).
+const MAX_DURATION_LEN: usize = 64;
+/// Longest DNS name.
+const MAX_HOST_LEN: usize = 253;
+/// PostgreSQL keeps at most NAMEDATALEN - 1 bytes of a role or database name.
+const MAX_IDENTIFIER_LEN: usize = 63;
 /// Default of spec.parallelism (the engine's measured default).
 pub const DEFAULT_PARALLELISM: u32 = usage_backfill_engine::DEFAULT_PARALLELISM;
 /// Largest spec.parallelism (the engine's bound).
@@ -136,9 +143,11 @@ const MIN_MAX_SLICE_DURATION: Duration = Duration::from_secs(1);
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::spec_schema)]
 pub struct UsageBackfillSpec {
-    /// The database to backfill: a DSN in a Secret of this namespace, and how
-    /// to secure the connection.
+    /// The database to backfill: a connection string in a Secret of this
+    /// namespace (secretRef), or the connection in parts (host, port,
+    /// database, user, passwordFrom), and how to secure the connection.
     pub database: DatabaseSpec,
 
     /// What to run. `IfLagging` (default) is the migration-time hook: skip
@@ -196,7 +205,7 @@ pub struct UsageBackfillSpec {
     /// retried from the first unfinished slice. Go-style duration, at least
     /// 1ms. Default: unset, no timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = duration::PATTERN))]
+    #[schemars(length(max = MAX_DURATION_LEN), regex(pattern = duration::PATTERN))]
     pub slice_timeout: Option<String>,
 
     /// PostgreSQL application_name of the backfill's session, as shown in
@@ -246,7 +255,7 @@ pub struct UsageBackfillSpec {
     /// not a limit (sliceTimeout is the limit). Go-style duration, at least
     /// 1s. Default: unset, slices sized for speed alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = duration::PATTERN))]
+    #[schemars(length(max = MAX_DURATION_LEN), regex(pattern = duration::PATTERN))]
     pub max_slice_duration: Option<String>,
 }
 
@@ -309,14 +318,69 @@ pub enum TuningPreset {
     ServerDefaults,
 }
 
-/// Where the database is and how to reach it.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+/// Where the database is and how to reach it: either secretRef (a whole
+/// connection string in a Secret) or the connection in parts (host, port,
+/// database and user, each literal or from a Secret key, and passwordFrom),
+/// never both. Every Secret lives in this UsageBackfill's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::database_schema)]
 pub struct DatabaseSpec {
-    /// The Secret holding the connection string. It must live in the same
-    /// namespace as this UsageBackfill; there is deliberately no namespace
-    /// field.
-    pub secret_ref: DatabaseSecretRef,
+    /// The Secret holding the whole connection string, e.g. the
+    /// application chart's external-database mode: {name: multica-secrets,
+    /// key: DATABASE_URL}. It must live in the same namespace as this
+    /// UsageBackfill; there is deliberately no namespace field. Not with
+    /// the connection in parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<DatabaseSecretRef>,
+
+    /// Connection in parts: host name or address of the server, e.g. the
+    /// application chart's built-in database, Service <release>-postgres.
+    /// Or hostFrom.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_HOST_LEN))]
+    pub host: Option<String>,
+
+    /// Connection in parts: the host from a Secret key. Or host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_from: Option<ValueFrom>,
+
+    /// Connection in parts: the server's port. Default 5432. Or portFrom.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i64>,
+
+    /// Connection in parts: the port from a Secret key. Or port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_from: Option<ValueFrom>,
+
+    /// Connection in parts: the database name. Default: the user name.
+    /// Or databaseFrom.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_IDENTIFIER_LEN))]
+    pub database: Option<String>,
+
+    /// Connection in parts: the database name from a Secret key. Or database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_from: Option<ValueFrom>,
+
+    /// Connection in parts: the role to log in as, e.g. multica. Required
+    /// with the connection in parts, or userFrom.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_IDENTIFIER_LEN))]
+    pub user: Option<String>,
+
+    /// Connection in parts: the user from a Secret key. Or user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_from: Option<ValueFrom>,
+
+    /// Connection in parts: the password, from a Secret key only (e.g.
+    /// {secretKeyRef: {name: multica-secrets, key: POSTGRES_PASSWORD}}),
+    /// used as it is, byte for byte. A rotated password is picked up like a
+    /// rotated connection string. Default: none (the server's
+    /// authentication settings decide).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_from: Option<ValueFrom>,
 
     /// TLS of the database connection. Default: the DSN's sslmode, else prefer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -342,9 +406,88 @@ fn default_secret_key() -> String {
     DEFAULT_SECRET_KEY.into()
 }
 
+/// A value of the connection in parts read from a Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ValueFrom {
+    /// The key of a Secret in this namespace holding the value. Required.
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in this namespace.
+#[derive(
+    Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret, in the same namespace as this UsageBackfill. Required.
+    #[schemars(length(min = 1, max = MAX_SECRET_NAME_LEN), regex(pattern = SECRET_NAME_PATTERN))]
+    pub name: String,
+
+    /// Key of the Secret's data. Required.
+    #[schemars(length(min = 1, max = MAX_SECRET_NAME_LEN), regex(pattern = SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+impl SecretKeyRef {
+    pub fn new(name: impl Into<String>, key: impl Into<String>) -> Self {
+        SecretKeyRef {
+            name: name.into(),
+            key: key.into(),
+        }
+    }
+}
+
+impl ValueFrom {
+    pub fn secret(name: impl Into<String>, key: impl Into<String>) -> Self {
+        ValueFrom {
+            secret_key_ref: SecretKeyRef::new(name, key),
+        }
+    }
+}
+
+impl DatabaseSpec {
+    /// The names of every Secret this spec reads (connection string, parts,
+    /// CA bundle), each once, in spec order: a change to any of them is
+    /// picked up like a change to the connection string.
+    pub fn secret_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        let parts = [
+            &self.host_from,
+            &self.port_from,
+            &self.database_from,
+            &self.user_from,
+            &self.password_from,
+        ];
+        let all = self
+            .secret_ref
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(
+                parts
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v.secret_key_ref.name.as_str()),
+            )
+            .chain(
+                self.tls
+                    .iter()
+                    .flat_map(|t| &t.ca_secret_ref)
+                    .map(|c| c.name.as_str()),
+            );
+        for name in all {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+}
+
 /// TLS settings of the database connection.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::tls_schema)]
 pub struct TlsSpec {
     /// libpq sslmode: disable, prefer, require, verify-ca or verify-full.
     /// Overrides the DSN's sslmode. Default: the DSN's sslmode (allow is read
@@ -796,7 +939,7 @@ impl SpecError {
 /// and defaults resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidSpec {
-    pub secret: DatabaseSecretRef,
+    pub connection: Connection,
     /// The explicit spec.database.tls.mode; see [`ValidSpec::tls_mode`].
     pub tls_mode: Option<TlsMode>,
     pub ca: Option<CaSecretRef>,
@@ -816,6 +959,34 @@ pub struct ValidSpec {
     pub tuning_settings: Vec<(String, String)>,
     pub parallelism: u32,
     pub max_slice_duration: Option<Duration>,
+}
+
+/// How to connect, as the spec says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connection {
+    /// spec.database.secretRef: a whole connection string.
+    Dsn(DatabaseSecretRef),
+    /// The connection in parts.
+    Parts(PartsSpec),
+}
+
+/// The connection in parts, checked; the Secrets are not read yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartsSpec {
+    pub host: Part,
+    /// None: 5432.
+    pub port: Option<Part>,
+    /// None: the user's name.
+    pub database: Option<Part>,
+    pub user: Part,
+    pub password: Option<SecretKeyRef>,
+}
+
+/// One value of the connection in parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Literal(String),
+    FromSecret(SecretKeyRef),
 }
 
 /// The mode with the settings that apply to it only.
@@ -842,11 +1013,11 @@ impl UsageBackfillSpec {
     pub fn new(secret_name: impl Into<String>) -> Self {
         Self {
             database: DatabaseSpec {
-                secret_ref: DatabaseSecretRef {
+                secret_ref: Some(DatabaseSecretRef {
                     name: secret_name.into(),
                     key: default_secret_key(),
-                },
-                tls: None,
+                }),
+                ..DatabaseSpec::default()
             },
             mode: Mode::default(),
             lag_threshold: default_lag_threshold(),
@@ -879,36 +1050,37 @@ impl UsageBackfillSpec {
     /// roots are used.
     pub fn validate(&self) -> Result<ValidSpec, SpecError> {
         let db = &self.database;
-        check_secret_name("database.secretRef.name", &db.secret_ref.name)?;
-        check_secret_key("database.secretRef.key", &db.secret_ref.key)?;
+        let connection = connection(db)?;
         let tls = db.tls.clone().unwrap_or_default();
         if let Some(ca) = &tls.ca_secret_ref {
             check_secret_name("database.tls.caSecretRef.name", &ca.name)?;
             check_secret_key("database.tls.caSecretRef.key", &ca.key)?;
             if tls.mode == Some(TlsMode::Disable) {
-                return Err(invalid(
-                    "database.tls.caSecretRef",
-                    "has no effect with tls.mode disable; remove it or choose a TLS mode",
-                ));
+                return Err(broken(rules::CA_NOT_WITH_DISABLE));
             }
         }
 
         let mode = match self.mode {
             Mode::IfLagging => {
                 if self.months_back != 0 {
-                    return Err(invalid("monthsBack", ONLY_ALWAYS));
+                    return Err(broken(rules::MONTHS_BACK_ONLY_ALWAYS));
                 }
                 if self.force_partial {
-                    return Err(invalid("forcePartial", ONLY_ALWAYS));
+                    return Err(broken(rules::FORCE_PARTIAL_ONLY_ALWAYS));
                 }
                 ModeSettings::IfLagging {
                     lag_threshold: parse_duration("lagThreshold", &self.lag_threshold)?,
                 }
             }
-            Mode::Always => ModeSettings::Always {
-                months_back: count("monthsBack", self.months_back)?,
-                force_partial: self.force_partial,
-            },
+            Mode::Always => {
+                if self.force_partial && self.months_back == 0 {
+                    return Err(broken(rules::FORCE_PARTIAL_NEEDS_MONTHS_BACK));
+                }
+                ModeSettings::Always {
+                    months_back: count("monthsBack", self.months_back)?,
+                    force_partial: self.force_partial,
+                }
+            }
         };
 
         let sleep_between_slices =
@@ -924,10 +1096,7 @@ impl UsageBackfillSpec {
             .map(|s| parse_duration("sliceTimeout", s))
             .transpose()?;
         if slice_timeout.is_some_and(|d| d < Duration::from_millis(1)) {
-            return Err(invalid(
-                "sliceTimeout",
-                "must be at least 1ms (omit the field for no timeout)",
-            ));
+            return Err(broken(rules::SLICE_TIMEOUT_MIN));
         }
 
         let application_name = match &self.application_name {
@@ -970,14 +1139,11 @@ impl UsageBackfillSpec {
             .map(|s| parse_duration("maxSliceDuration", s))
             .transpose()?;
         if max_slice_duration.is_some_and(|d| d < MIN_MAX_SLICE_DURATION) {
-            return Err(invalid(
-                "maxSliceDuration",
-                "must be at least 1s (omit the field for no target)",
-            ));
+            return Err(broken(rules::MAX_SLICE_DURATION_MIN));
         }
 
         Ok(ValidSpec {
-            secret: db.secret_ref.clone(),
+            connection,
             tls_mode: tls.mode,
             ca: tls.ca_secret_ref,
             mode,
@@ -997,7 +1163,141 @@ impl UsageBackfillSpec {
     }
 }
 
-const ONLY_ALWAYS: &str = "applies to mode Always only; remove it or set spec.mode: Always";
+/// The error of a broken cross-field rule: the words the API server uses.
+fn broken(rule: rules::Rule) -> SpecError {
+    invalid(rule.field, rule.problem)
+}
+
+/// Field paths and limits of one value of the connection in parts.
+struct PartFields {
+    literal: &'static str,
+    name: &'static str,
+    key: &'static str,
+    once: rules::Rule,
+    max_len: usize,
+}
+
+const HOST: PartFields = PartFields {
+    literal: "database.host",
+    name: "database.hostFrom.secretKeyRef.name",
+    key: "database.hostFrom.secretKeyRef.key",
+    once: rules::HOST_ONCE,
+    max_len: MAX_HOST_LEN,
+};
+const PORT: PartFields = PartFields {
+    literal: "database.port",
+    name: "database.portFrom.secretKeyRef.name",
+    key: "database.portFrom.secretKeyRef.key",
+    once: rules::PORT_ONCE,
+    max_len: 5,
+};
+const DATABASE: PartFields = PartFields {
+    literal: "database.database",
+    name: "database.databaseFrom.secretKeyRef.name",
+    key: "database.databaseFrom.secretKeyRef.key",
+    once: rules::DATABASE_ONCE,
+    max_len: MAX_IDENTIFIER_LEN,
+};
+const USER: PartFields = PartFields {
+    literal: "database.user",
+    name: "database.userFrom.secretKeyRef.name",
+    key: "database.userFrom.secretKeyRef.key",
+    once: rules::USER_ONCE,
+    max_len: MAX_IDENTIFIER_LEN,
+};
+
+/// Exactly one form: the connection string in a Secret, or the parts.
+fn connection(db: &DatabaseSpec) -> Result<Connection, SpecError> {
+    let parts_given = db.host.is_some()
+        || db.host_from.is_some()
+        || db.port.is_some()
+        || db.port_from.is_some()
+        || db.database.is_some()
+        || db.database_from.is_some()
+        || db.user.is_some()
+        || db.user_from.is_some()
+        || db.password_from.is_some();
+    if let Some(secret) = &db.secret_ref {
+        if parts_given {
+            return Err(broken(rules::ONE_FORM));
+        }
+        check_secret_name("database.secretRef.name", &secret.name)?;
+        check_secret_key("database.secretRef.key", &secret.key)?;
+        return Ok(Connection::Dsn(secret.clone()));
+    }
+    let port_literal = db.port.map(|p| {
+        if (1..=65535).contains(&p) {
+            Ok(p.to_string())
+        } else {
+            Err(invalid(
+                PORT.literal,
+                format!("must be a port number from 1 to 65535, not {p}"),
+            ))
+        }
+    });
+    let host = part(&HOST, db.host.clone().map(Ok), db.host_from.as_ref())?;
+    let user = part(&USER, db.user.clone().map(Ok), db.user_from.as_ref())?;
+    let (Some(host), Some(user)) = (host, user) else {
+        return Err(broken(if db.host.is_none() && db.host_from.is_none() {
+            rules::SOME_FORM
+        } else {
+            rules::PARTS_NEED_USER
+        }));
+    };
+    let port = part(&PORT, port_literal, db.port_from.as_ref())?;
+    let database = part(
+        &DATABASE,
+        db.database.clone().map(Ok),
+        db.database_from.as_ref(),
+    )?;
+    let password = match &db.password_from {
+        Some(from) => {
+            let r = &from.secret_key_ref;
+            check_secret_name("database.passwordFrom.secretKeyRef.name", &r.name)?;
+            check_secret_key("database.passwordFrom.secretKeyRef.key", &r.key)?;
+            Some(r.clone())
+        }
+        None => None,
+    };
+    Ok(Connection::Parts(PartsSpec {
+        host,
+        port,
+        database,
+        user,
+        password,
+    }))
+}
+
+/// One value of the parts, literal or from a Secret key, not both.
+fn part(
+    fields: &PartFields,
+    literal: Option<Result<String, SpecError>>,
+    from: Option<&ValueFrom>,
+) -> Result<Option<Part>, SpecError> {
+    match (literal, from) {
+        (Some(_), Some(_)) => Err(broken(fields.once)),
+        (Some(value), None) => {
+            let value = value?;
+            if value.trim().is_empty() {
+                return Err(invalid(fields.literal, "must not be empty"));
+            }
+            if value.len() > fields.max_len {
+                return Err(invalid(
+                    fields.literal,
+                    format!("must be at most {} characters", fields.max_len),
+                ));
+            }
+            Ok(Some(Part::Literal(value.trim().to_owned())))
+        }
+        (None, Some(from)) => {
+            let r = &from.secret_key_ref;
+            check_secret_name(fields.name, &r.name)?;
+            check_secret_key(fields.key, &r.key)?;
+            Ok(Some(Part::FromSecret(r.clone())))
+        }
+        (None, None) => Ok(None),
+    }
+}
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> SpecError {
     SpecError::Invalid {
@@ -1197,10 +1497,10 @@ mod tests {
         assert_eq!(
             valid,
             ValidSpec {
-                secret: DatabaseSecretRef {
+                connection: Connection::Dsn(DatabaseSecretRef {
                     name: "app-db".into(),
                     key: "DATABASE_URL".into()
-                },
+                }),
                 tls_mode: None,
                 ca: None,
                 mode: ModeSettings::IfLagging {
@@ -1404,20 +1704,113 @@ mod tests {
     #[test]
     fn secret_references_are_checked() {
         let mut s = spec();
-        s.database.secret_ref.name = String::new();
+        s.database.secret_ref.as_mut().unwrap().name = String::new();
         assert_eq!(err(&s), "spec.database.secretRef.name: must not be empty");
-        s.database.secret_ref.name = "App_DB".into();
+        s.database.secret_ref.as_mut().unwrap().name = "App_DB".into();
         assert!(
             err(&s).starts_with(
                 r#"spec.database.secretRef.name: "App_DB" is not a valid Secret name"#
             )
         );
-        s.database.secret_ref.name = "a".repeat(254);
+        s.database.secret_ref.as_mut().unwrap().name = "a".repeat(254);
         assert!(err(&s).contains("at most 253"));
-        s.database.secret_ref.name = "app-db.prod".into();
-        s.database.secret_ref.key = "DATABASE URL".into();
+        s.database.secret_ref.as_mut().unwrap().name = "app-db.prod".into();
+        s.database.secret_ref.as_mut().unwrap().key = "DATABASE URL".into();
         assert!(err(&s).starts_with("spec.database.secretRef.key: "));
-        s.database.secret_ref.key = "db.url_2-x".into();
+        s.database.secret_ref.as_mut().unwrap().key = "db.url_2-x".into();
+        assert!(s.validate().is_ok());
+    }
+
+    fn parts() -> UsageBackfillSpec {
+        let mut s = spec();
+        s.database = DatabaseSpec {
+            host: Some("shop-postgres".into()),
+            user: Some("multica".into()),
+            password_from: Some(ValueFrom::secret("multica-secrets", "POSTGRES_PASSWORD")),
+            ..DatabaseSpec::default()
+        };
+        s
+    }
+
+    #[test]
+    fn the_connection_in_parts_is_checked_and_resolved() {
+        let v = parts().validate().unwrap();
+        assert_eq!(
+            v.connection,
+            Connection::Parts(PartsSpec {
+                host: Part::Literal("shop-postgres".into()),
+                port: None,
+                database: None,
+                user: Part::Literal("multica".into()),
+                password: Some(SecretKeyRef::new("multica-secrets", "POSTGRES_PASSWORD")),
+            })
+        );
+        let mut s = parts();
+        s.database.host = None;
+        s.database.host_from = Some(ValueFrom::secret("db-coords", "host"));
+        s.database.port = Some(6432);
+        s.database.database_from = Some(ValueFrom::secret("db-coords", "dbname"));
+        let Connection::Parts(p) = s.validate().unwrap().connection else {
+            panic!("parts")
+        };
+        assert_eq!(
+            p.host,
+            Part::FromSecret(SecretKeyRef::new("db-coords", "host"))
+        );
+        assert_eq!(p.port, Some(Part::Literal("6432".into())));
+        assert_eq!(
+            p.database,
+            Some(Part::FromSecret(SecretKeyRef::new("db-coords", "dbname")))
+        );
+        assert_eq!(
+            s.database.secret_names(),
+            ["db-coords", "multica-secrets"],
+            "each Secret once, in spec order"
+        );
+    }
+
+    #[test]
+    fn the_two_connection_forms_exclude_each_other() {
+        let mut s = parts();
+        s.database.secret_ref = Some(DatabaseSecretRef {
+            name: "app-db".into(),
+            key: DEFAULT_SECRET_KEY.into(),
+        });
+        assert_eq!(err(&s), rules::ONE_FORM.message());
+        let mut s = spec();
+        s.database.secret_ref = None;
+        assert_eq!(err(&s), rules::SOME_FORM.message());
+        let mut s = parts();
+        s.database.user = None;
+        assert_eq!(err(&s), rules::PARTS_NEED_USER.message());
+        let mut s = parts();
+        s.database.user_from = Some(ValueFrom::secret("x", "user"));
+        assert_eq!(err(&s), rules::USER_ONCE.message());
+        let mut s = parts();
+        s.database.port = Some(70000);
+        assert_eq!(
+            err(&s),
+            "spec.database.port: must be a port number from 1 to 65535, not 70000"
+        );
+        let mut s = parts();
+        s.database.password_from = Some(ValueFrom::secret("Bad_Name", "k"));
+        assert!(
+            err(&s).starts_with("spec.database.passwordFrom.secretKeyRef.name: "),
+            "{}",
+            err(&s)
+        );
+        let mut s = parts();
+        s.database.host = Some(" ".into());
+        assert_eq!(err(&s), "spec.database.host: must not be empty");
+    }
+
+    #[test]
+    fn force_partial_needs_months_back() {
+        let mut s = spec();
+        s.mode = Mode::Always;
+        s.force_partial = true;
+        assert_eq!(err(&s), rules::FORCE_PARTIAL_NEEDS_MONTHS_BACK.message());
+        s.months_back = 1;
         assert!(s.validate().is_ok());
     }
 

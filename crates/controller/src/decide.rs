@@ -14,7 +14,7 @@
 //!
 //! | failure | reason | handling |
 //! |---|---|---|
-//! | Secret (database or CA) missing | `SecretNotFound` | wait, Reconciling=True; not an attempt, never exhausts backoffLimit; the Secret is watched, the run starts once it exists |
+//! | Secret (connection string, a part of the connection, or CA) missing | `SecretNotFound` | wait, Reconciling=True; not an attempt, never exhausts backoffLimit; the Secret is watched, the run starts once it exists |
 //! | Secret key missing, value empty or not UTF-8 | `SecretKeyMissing` | as above |
 //! | spec invalid (cross-field rules, durations, names) | `InvalidSpec` | terminal: Failed, Stalled=True, until the spec changes |
 //! | connection string unparseable, bad TLS settings | `InvalidConnectionString`, `InvalidTlsConfig` | terminal until the spec or the Secret changes |
@@ -108,7 +108,8 @@ pub enum TaskView {
     },
 }
 
-/// Why the database Secret (or the CA Secret) cannot be used yet.
+/// Why a referenced Secret (connection string, a part of the connection in
+/// parts, CA bundle) cannot be used yet. Names the Secret and key, never a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretProblem {
     #[error("Secret {name:?} does not exist in this namespace")]

@@ -1,7 +1,10 @@
-//! What a run needs besides the spec: the connection string (and the CA
-//! bundle) from Secrets of the object's own namespace, turned into the
-//! engine's [`Database`] and [`Options`]. Reading is one GET per Secret;
-//! everything else here is pure.
+//! What a run needs besides the spec: the connection string, or the
+//! connection in parts, and the CA bundle from Secrets of the object's own
+//! namespace, turned into the engine's [`Database`] and [`Options`]. Reading
+//! is one GET per Secret; everything else here is pure. A password read
+//! from a Secret goes to the engine as bytes, never into a string.
+
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
@@ -9,8 +12,10 @@ use kube::{Api, Client};
 use super::decide::{SecretLookup, SecretProblem};
 use super::errors::{Error, Result};
 use super::status::Redactor;
-use usage_backfill_api::{UsageBackfillSpec, ValidSpec};
-use usage_backfill_engine::{self as engine, Database, Options, Performance, Resume};
+use usage_backfill_api::{Connection, Part, PartsSpec, SecretKeyRef, UsageBackfillSpec, ValidSpec};
+use usage_backfill_engine::{
+    self as engine, ConnectionParts, Database, Options, Password, Performance, Resume,
+};
 
 /// The Secrets, resolved.
 #[derive(Debug, Clone)]
@@ -32,7 +37,8 @@ impl Inputs {
     }
 }
 
-/// Reads the database Secret and, when configured, the CA Secret.
+/// Reads every Secret the spec references (connection string or parts,
+/// CA bundle), one GET each.
 pub async fn read(
     client: &Client,
     namespace: &str,
@@ -40,74 +46,63 @@ pub async fn read(
     valid: &ValidSpec,
 ) -> Result<Inputs> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let get = async |name: &str| {
-        secrets.get_opt(name).await.map_err(|source| Error::Read {
+    let mut found = Secrets::new();
+    for name in spec.database.secret_names() {
+        let secret = secrets.get_opt(name).await.map_err(|source| Error::Read {
             kind: "Secret",
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             source,
-        })
-    };
-    let db_secret = get(&valid.secret.name).await?;
-    let ca_secret = match (&valid.ca, &db_secret) {
-        (Some(ca), Some(_)) => Some(get(&ca.name).await?),
-        _ => None,
-    };
-    Ok(resolve(
-        spec.application_name.is_some(),
-        valid,
-        db_secret.as_ref(),
-        ca_secret.as_ref().map(Option::as_ref),
-    ))
+        })?;
+        if let Some(secret) = secret {
+            found.insert(name.to_owned(), secret);
+        }
+    }
+    Ok(resolve(spec.application_name.is_some(), valid, &found))
 }
 
-/// Turns the Secrets into a [`Database`]. `ca_secret` is `None` when no CA
-/// Secret is configured, `Some(None)` when it is configured but missing.
-pub fn resolve(
-    explicit_application_name: bool,
-    valid: &ValidSpec,
-    db_secret: Option<&Secret>,
-    ca_secret: Option<Option<&Secret>>,
-) -> Inputs {
+/// The referenced Secrets that exist, by name.
+pub type Secrets = BTreeMap<String, Secret>;
+
+/// Turns the Secrets into a [`Database`]: the first missing Secret or key,
+/// in spec order, is the problem reported.
+pub fn resolve(explicit_application_name: bool, valid: &ValidSpec, secrets: &Secrets) -> Inputs {
     let problem = |p| Inputs {
         lookup: SecretLookup::Problem(p),
         ..Inputs::not_read()
     };
-    let Some(db_secret) = db_secret else {
-        return problem(SecretProblem::NotFound {
-            name: valid.secret.name.clone(),
-        });
+    let mut read = Read {
+        secrets,
+        versions: Vec::new(),
     };
-    let dsn = match value(db_secret, &valid.secret.name, &valid.secret.key) {
-        Ok(bytes) => match String::from_utf8(bytes.to_vec()) {
-            Ok(dsn) => dsn,
-            Err(_) => {
-                return problem(SecretProblem::NotUtf8 {
-                    name: valid.secret.name.clone(),
-                    key: valid.secret.key.clone(),
-                });
-            }
-        },
+    let built = match &valid.connection {
+        Connection::Dsn(secret) => read
+            .text(&SecretKeyRef::new(&secret.name, &secret.key))
+            .map(Built::Dsn),
+        Connection::Parts(parts) => read.parts(parts).map(Built::Parts),
+    };
+    let built = match built {
+        Ok(b) => b,
         Err(p) => return problem(p),
     };
-    let mut versions = version(db_secret);
-    let ca_pem = match (&valid.ca, ca_secret) {
-        (Some(ca), Some(Some(secret))) => match value(secret, &ca.name, &ca.key) {
-            Ok(pem) => {
-                versions = format!("{versions},{}", version(secret));
-                Some(pem.to_vec())
-            }
+    let ca_pem = match &valid.ca {
+        Some(ca) => match read.bytes(&SecretKeyRef::new(&ca.name, &ca.key)) {
+            Ok(pem) => Some(pem.to_vec()),
             Err(p) => return problem(p),
         },
-        (Some(ca), _) => {
-            return problem(SecretProblem::NotFound {
-                name: ca.name.clone(),
-            });
-        }
-        (None, _) => None,
+        None => None,
     };
-    let redactor = Redactor::for_dsn(&dsn);
-    match database(&dsn, explicit_application_name, valid, ca_pem) {
+    let versions: Vec<&str> = read.versions.iter().map(|(_, v)| v.as_str()).collect();
+    let versions = versions.join(",");
+    let (redactor, db) = match built {
+        Built::Dsn(dsn) => (Redactor::for_dsn(&dsn), Database::parse(&dsn)),
+        Built::Parts(Ok(parts)) => (
+            Redactor::for_password(parts.password_bytes.as_deref().unwrap_or_default()),
+            Database::from_parts(parts.engine),
+        ),
+        Built::Parts(Err(error)) => (Redactor::default(), Err(error)),
+    };
+    match db.and_then(|db| configure(db, explicit_application_name, valid, ca_pem)) {
         Ok(db) => Inputs {
             lookup: SecretLookup::Found { versions },
             database: Some(db),
@@ -124,6 +119,96 @@ pub fn resolve(
             database: None,
             redactor,
         },
+    }
+}
+
+/// What the Secrets gave for the connection.
+enum Built {
+    Dsn(String),
+    /// Err: a value read is unusable (e.g. a port that is not a number).
+    Parts(engine::Result<ResolvedParts>),
+}
+
+struct ResolvedParts {
+    engine: ConnectionParts,
+    /// A copy for the redactor only.
+    password_bytes: Option<Vec<u8>>,
+}
+
+/// Reads keys of the fetched Secrets, noting the resourceVersion of each
+/// Secret used, once, in the order used.
+struct Read<'a> {
+    secrets: &'a Secrets,
+    versions: Vec<(String, String)>,
+}
+
+impl<'a> Read<'a> {
+    fn bytes(&mut self, r: &SecretKeyRef) -> Result<&'a [u8], SecretProblem> {
+        let Some(secret) = self.secrets.get(&r.name) else {
+            return Err(SecretProblem::NotFound {
+                name: r.name.clone(),
+            });
+        };
+        if !self.versions.iter().any(|(n, _)| *n == r.name) {
+            self.versions.push((r.name.clone(), version(secret)));
+        }
+        value(secret, &r.name, &r.key)
+    }
+
+    fn text(&mut self, r: &SecretKeyRef) -> Result<String, SecretProblem> {
+        let bytes = self.bytes(r)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| SecretProblem::NotUtf8 {
+            name: r.name.clone(),
+            key: r.key.clone(),
+        })
+    }
+
+    fn part(&mut self, part: &Part) -> Result<String, SecretProblem> {
+        match part {
+            Part::Literal(v) => Ok(v.clone()),
+            Part::FromSecret(r) => Ok(self.text(r)?.trim().to_owned()),
+        }
+    }
+
+    fn parts(&mut self, p: &PartsSpec) -> Result<engine::Result<ResolvedParts>, SecretProblem> {
+        let host = self.part(&p.host)?;
+        let port = match &p.port {
+            Some(part) => Some((self.part(part)?, part)),
+            None => None,
+        };
+        let dbname = p.database.as_ref().map(|d| self.part(d)).transpose()?;
+        let user = self.part(&p.user)?;
+        let password = p
+            .password
+            .as_ref()
+            .map(|r| self.bytes(r).map(<[u8]>::to_vec))
+            .transpose()?;
+        let port = match port {
+            None => None,
+            Some((text, part)) => match text.parse::<u16>() {
+                Ok(n) if n > 0 => Some(n),
+                // Never echo the value: the key may hold anything.
+                _ => {
+                    return Ok(Err(engine::Error::InvalidConnectionString(match part {
+                        Part::FromSecret(r) => format!(
+                            "key {:?} of Secret {:?} is not a port number (1 to 65535)",
+                            r.key, r.name
+                        ),
+                        Part::Literal(_) => "the port is not a number from 1 to 65535".into(),
+                    })));
+                }
+            },
+        };
+        Ok(Ok(ResolvedParts {
+            engine: ConnectionParts {
+                host,
+                port,
+                dbname,
+                user,
+                password: password.clone().map(Password::new),
+            },
+            password_bytes: password,
+        }))
     }
 }
 
@@ -150,13 +235,14 @@ fn version(secret: &Secret) -> String {
         .unwrap_or_else(|| "0".into())
 }
 
-fn database(
-    dsn: &str,
+/// The spec's TLS settings, CA bundle and application name on top of what
+/// the Secrets gave.
+fn configure(
+    mut db: Database,
     explicit_application_name: bool,
     valid: &ValidSpec,
     ca_pem: Option<Vec<u8>>,
 ) -> engine::Result<Database> {
-    let mut db = Database::parse(dsn)?;
     // A path in the controller's filesystem is not the user's to choose.
     if db.names_ca_file() {
         return Err(engine::Error::InvalidConnectionString(
@@ -201,16 +287,23 @@ pub fn options(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use k8s_openapi::ByteString;
     use kube::api::ObjectMeta;
 
     use std::time::Duration;
 
     use super::*;
-    use usage_backfill_api::{CaSecretRef, TlsMode, TlsSpec, TuningPreset};
+    use usage_backfill_api::{
+        CaSecretRef, DatabaseSpec, TlsMode, TlsSpec, TuningPreset, ValueFrom,
+    };
     use usage_backfill_engine::Tuning;
+
+    /// The Secrets by name.
+    fn secrets(list: &[(&str, &Secret)]) -> Secrets {
+        list.iter()
+            .map(|(n, s)| (n.to_string(), (*s).clone()))
+            .collect()
+    }
 
     fn secret(rv: &str, data: &[(&str, &[u8])]) -> Secret {
         Secret {
@@ -242,7 +335,7 @@ mod tests {
     #[test]
     fn missing_secret_key_and_empty_values_are_problems() {
         let v = spec().validate().unwrap();
-        let i = resolve(false, &v, None, None);
+        let i = resolve(false, &v, &Secrets::new());
         assert_eq!(
             problem(&i),
             &SecretProblem::NotFound {
@@ -251,17 +344,17 @@ mod tests {
         );
         let s = secret("1", &[("OTHER", b"x")]);
         assert!(matches!(
-            problem(&resolve(false, &v, Some(&s), None)),
+            problem(&resolve(false, &v, &secrets(&[("app-db", &s)]))),
             SecretProblem::KeyMissing { key, .. } if key == "DATABASE_URL"
         ));
         let s = secret("1", &[("DATABASE_URL", b"  \n")]);
         assert!(matches!(
-            problem(&resolve(false, &v, Some(&s), None)),
+            problem(&resolve(false, &v, &secrets(&[("app-db", &s)]))),
             SecretProblem::Empty { .. }
         ));
         let s = secret("1", &[("DATABASE_URL", &[0xff, 0xfe])]);
         assert!(matches!(
-            problem(&resolve(false, &v, Some(&s), None)),
+            problem(&resolve(false, &v, &secrets(&[("app-db", &s)]))),
             SecretProblem::NotUtf8 { .. }
         ));
     }
@@ -286,14 +379,14 @@ mod tests {
             )],
         );
         let ca = secret("7", &[("ca.crt", b"-----BEGIN CERTIFICATE-----")]);
-        let i = resolve(true, &v, Some(&db), Some(Some(&ca)));
+        let i = resolve(true, &v, &secrets(&[("app-db", &db), ("db-ca", &ca)]));
         assert!(matches!(&i.lookup, SecretLookup::Found { versions } if versions == "41,7"));
         let d = i.database.unwrap();
         assert_eq!(d.tls_mode, engine::TlsMode::VerifyFull);
         assert_eq!(d.application_name(), "migrations");
         assert_eq!(i.redactor.redact("pw"), "****");
         // The CA Secret configured but missing.
-        let i = resolve(true, &v, Some(&db), Some(None));
+        let i = resolve(true, &v, &secrets(&[("app-db", &db)]));
         assert_eq!(
             problem(&i),
             &SecretProblem::NotFound {
@@ -311,7 +404,7 @@ mod tests {
             "postgres://u:hunter2@db/app?sslrootcert=/var/run/secrets/token",
         ] {
             let s = secret("3", &[("DATABASE_URL", dsn.as_bytes())]);
-            let i = resolve(false, &v, Some(&s), None);
+            let i = resolve(false, &v, &secrets(&[("app-db", &s)]));
             match &i.lookup {
                 SecretLookup::Unusable { versions, error } => {
                     assert_eq!(versions, "3");
@@ -320,6 +413,96 @@ mod tests {
                 }
                 other => panic!("{dsn}: {other:?}"),
             }
+        }
+    }
+
+    /// The application chart's default install: host, user and database
+    /// literal, the password in multica-secrets; here the user comes from a
+    /// second Secret.
+    fn parts_spec() -> UsageBackfillSpec {
+        let mut s = spec();
+        s.database = DatabaseSpec {
+            host: Some("shop-postgres".into()),
+            port_from: Some(ValueFrom::secret("db-coords", "PORT")),
+            database: Some("multica".into()),
+            user_from: Some(ValueFrom::secret("db-coords", "USER")),
+            password_from: Some(ValueFrom::secret("multica-secrets", "POSTGRES_PASSWORD")),
+            ..DatabaseSpec::default()
+        };
+        s
+    }
+
+    #[test]
+    fn parts_from_two_secrets_give_a_database_and_both_versions() {
+        let v = parts_spec().validate().unwrap();
+        let coords = secret("12", &[("PORT", b"6432\n"), ("USER", b"multica")]);
+        let app = secret("5", &[("POSTGRES_PASSWORD", b"Rt-93a1-pass word")]);
+        let i = resolve(
+            false,
+            &v,
+            &secrets(&[("db-coords", &coords), ("multica-secrets", &app)]),
+        );
+        assert!(
+            matches!(&i.lookup, SecretLookup::Found { versions } if versions == "12,5"),
+            "{:?}",
+            i.lookup
+        );
+        let d = i.database.unwrap();
+        assert_eq!(d.describe(), "multica@shop-postgres:6432/multica");
+        assert_eq!(d.tls_mode, engine::TlsMode::Prefer);
+        assert!(!format!("{d:?}").contains("Rt-93a1"));
+        assert_eq!(i.redactor.redact("x Rt-93a1-pass word y"), "x **** y");
+    }
+
+    #[test]
+    fn parts_problems_name_the_secret_and_key_never_the_values() {
+        let v = parts_spec().validate().unwrap();
+        let coords = secret("12", &[("PORT", b"5432"), ("USER", b"multica")]);
+        // The password's Secret is missing.
+        let i = resolve(false, &v, &secrets(&[("db-coords", &coords)]));
+        assert_eq!(
+            problem(&i),
+            &SecretProblem::NotFound {
+                name: "multica-secrets".into()
+            }
+        );
+        // It exists without the key.
+        let app = secret("5", &[("JWT_SECRET", b"Jw-5511-token")]);
+        let i = resolve(
+            false,
+            &v,
+            &secrets(&[("db-coords", &coords), ("multica-secrets", &app)]),
+        );
+        assert_eq!(
+            problem(&i),
+            &SecretProblem::KeyMissing {
+                name: "multica-secrets".into(),
+                key: "POSTGRES_PASSWORD".into()
+            }
+        );
+        assert_eq!(
+            problem(&i).to_string(),
+            r#"Secret "multica-secrets" has no key "POSTGRES_PASSWORD""#
+        );
+        // A port that is no number: unusable, the value not echoed.
+        let coords = secret("13", &[("PORT", b"Pw-0042-oops"), ("USER", b"multica")]);
+        let app = secret("5", &[("POSTGRES_PASSWORD", b"pw")]);
+        let i = resolve(
+            false,
+            &v,
+            &secrets(&[("db-coords", &coords), ("multica-secrets", &app)]),
+        );
+        match &i.lookup {
+            SecretLookup::Unusable { versions, error } => {
+                assert_eq!(versions, "13,5");
+                let text = error.to_string();
+                assert!(
+                    text.contains(r#"key "PORT" of Secret "db-coords" is not a port number"#),
+                    "{text}"
+                );
+                assert!(!text.contains("Pw-0042"), "{text}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -142,7 +142,7 @@ impl Context {
 }
 
 /// The UsageBackfills of `objects` in `namespace` that read Secret `name`
-/// (as database Secret or CA Secret).
+/// (connection string, any part of the connection in parts, CA bundle).
 pub fn referencing(
     objects: &[Arc<UsageBackfill>],
     namespace: &str,
@@ -151,15 +151,7 @@ pub fn referencing(
     objects
         .iter()
         .filter(|o| o.namespace().as_deref() == Some(namespace))
-        .filter(|o| {
-            let db = &o.spec.database;
-            db.secret_ref.name == name
-                || db
-                    .tls
-                    .as_ref()
-                    .and_then(|t| t.ca_secret_ref.as_ref())
-                    .is_some_and(|ca| ca.name == name)
-        })
+        .filter(|o| o.spec.database.secret_names().contains(&name))
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect()
 }
@@ -444,7 +436,7 @@ pub async fn run_controllers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use usage_backfill_api::{CaSecretRef, TlsSpec, UsageBackfillSpec};
+    use usage_backfill_api::{CaSecretRef, DatabaseSpec, TlsSpec, UsageBackfillSpec, ValueFrom};
 
     fn ubf(ns: &str, name: &str, secret: &str, ca: Option<&str>) -> Arc<UsageBackfill> {
         let mut spec = UsageBackfillSpec::new(secret);
@@ -477,5 +469,23 @@ mod tests {
         assert_eq!(names("a", "db"), ["a/one", "a/two"]);
         assert_eq!(names("b", "db"), ["b/four"]);
         assert!(names("c", "db").is_empty());
+    }
+
+    #[test]
+    fn every_secret_key_ref_of_the_parts_maps_to_its_object() {
+        let mut spec = UsageBackfillSpec::new("unused");
+        spec.database = DatabaseSpec {
+            host: Some("shop-postgres".into()),
+            user_from: Some(ValueFrom::secret("db-user", "USER")),
+            password_from: Some(ValueFrom::secret("multica-secrets", "POSTGRES_PASSWORD")),
+            ..DatabaseSpec::default()
+        };
+        let mut o = UsageBackfill::new("parts", spec);
+        o.metadata.namespace = Some("shop".into());
+        let objects = [Arc::new(o)];
+        for secret in ["db-user", "multica-secrets"] {
+            assert_eq!(referencing(&objects, "shop", secret).len(), 1, "{secret}");
+        }
+        assert!(referencing(&objects, "shop", "unused").is_empty());
     }
 }

@@ -1,10 +1,11 @@
 //! Prometheus metrics of the controller, served as text on `/metrics`.
 //!
 //! Every label value comes from a fixed set (an enum's static name), so
-//! the number of series is bounded; the one per-object gauge,
-//! `usage_backfill_watermark_lag_seconds{namespace,name}`, is read from the
-//! leader's UsageBackfill cache at scrape time, so its series goes with the
-//! object and survives a controller restart.
+//! the number of series is bounded; the per-object gauges (watermark lag,
+//! phase, slices processed; labels namespace and name) are read from the
+//! leader's UsageBackfill cache at scrape time, so their series go with the
+//! object and survive a controller restart. The chart's alerts and
+//! dashboard are built on them (tests/metrics.rs checks every name they use).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use prometheus_client::registry::Registry;
 use strum::VariantArray;
 
 use super::errors::Error;
-use usage_backfill_api::UsageBackfill;
+use usage_backfill_api::{Phase, UsageBackfill};
 
 /// Content-Type of [`Metrics::encode`]: the Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -72,6 +73,13 @@ struct ObjectLabels {
     name: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PhaseLabels {
+    namespace: String,
+    name: String,
+    phase: &'static str,
+}
+
 /// The registry and a handle on every metric. Shared by the health server,
 /// every reconcile and every run task (of every leadership term).
 #[derive(Debug)]
@@ -87,7 +95,7 @@ pub struct Metrics {
     lock_wait: Histogram,
     runs_active: Gauge,
     leader: Gauge,
-    lag: Arc<WatermarkLag>,
+    lag: Arc<ObjectGauges>,
 }
 
 impl Metrics {
@@ -105,7 +113,7 @@ impl Metrics {
         let lock_wait = Histogram::new(exponential_buckets(0.01, 4.0, 10));
         let runs_active = Gauge::default();
         let leader = Gauge::default();
-        let lag = Arc::new(WatermarkLag::default());
+        let lag = Arc::new(ObjectGauges::default());
 
         // Counters get their `_total` suffix from the encoder.
         registry.register(
@@ -251,42 +259,90 @@ impl Metrics {
     }
 }
 
-/// `usage_backfill_watermark_lag_seconds{namespace,name}`, computed from
-/// the cached objects at each scrape.
+/// The per-object gauges, computed from the cached objects at each scrape:
+/// `usage_backfill_watermark_lag_seconds{namespace,name}`,
+/// `usage_backfill_object_phase{namespace,name,phase}` (1 for the object's
+/// phase, 0 for the other four) and
+/// `usage_backfill_object_slices_processed{namespace,name}`.
 #[derive(Debug, Default)]
-struct WatermarkLag {
+struct ObjectGauges {
     stores: Mutex<Vec<Store<UsageBackfill>>>,
 }
 
-impl Collector for WatermarkLag {
+/// Every phase, so that each object has one series per phase.
+const PHASES: [Phase; 5] = [
+    Phase::Pending,
+    Phase::WaitingForLock,
+    Phase::Running,
+    Phase::Succeeded,
+    Phase::Failed,
+];
+
+impl Collector for ObjectGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let family = Family::<ObjectLabels, Gauge>::default();
+        let lags = Family::<ObjectLabels, Gauge>::default();
+        let phases = Family::<PhaseLabels, Gauge>::default();
+        let slices = Family::<ObjectLabels, Gauge>::default();
         let stores = self
             .stores
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut any = false;
+        let (mut any_lag, mut any_object, mut any_slices) = (false, false, false);
         for obj in stores.iter().flat_map(Store::state) {
-            if let Some(lag) = obj.status.as_ref().and_then(watermark_lag) {
-                let labels = ObjectLabels {
-                    namespace: obj.namespace().unwrap_or_default(),
-                    name: obj.name_any(),
-                };
-                family.get_or_create(&labels).set(lag);
-                any = true;
+            let labels = ObjectLabels {
+                namespace: obj.namespace().unwrap_or_default(),
+                name: obj.name_any(),
+            };
+            let status = obj.status.as_ref();
+            if let Some(lag) = status.and_then(watermark_lag) {
+                lags.get_or_create(&labels).set(lag);
+                any_lag = true;
+            }
+            let current = status.and_then(|s| s.phase);
+            for phase in PHASES {
+                phases
+                    .get_or_create(&PhaseLabels {
+                        namespace: labels.namespace.clone(),
+                        name: labels.name.clone(),
+                        phase: phase.as_str(),
+                    })
+                    .set(i64::from(current == Some(phase)));
+            }
+            any_object = true;
+            if let Some(n) = status.and_then(|s| s.slices_processed) {
+                slices.get_or_create(&labels).set(n.into());
+                any_slices = true;
             }
         }
-        if !any {
-            return Ok(());
+        if any_lag {
+            let metric = encoder.encode_descriptor(
+                "watermark_lag_seconds",
+                "How far the rollup watermark is behind the newest task_usage event, in seconds, as the last run of the UsageBackfill left them (status maxEvent - watermarkAfter, else status lagSeconds; 0 when the watermark is ahead)",
+                None,
+                lags.metric_type(),
+            )?;
+            lags.encode(metric)?;
         }
-        let metric = encoder.encode_descriptor(
-            "watermark_lag_seconds",
-            "How far the rollup watermark is behind the newest task_usage event, in seconds, as the last run of the UsageBackfill left them (status maxEvent - watermarkAfter, else status lagSeconds; 0 when the watermark is ahead)",
-            None,
-            family.metric_type(),
-        )?;
-        family.encode(metric)
+        if any_object {
+            let metric = encoder.encode_descriptor(
+                "object_phase",
+                "1 for the phase each UsageBackfill is in (status.phase: Pending, WaitingForLock, Running, Succeeded, Failed), 0 for the others",
+                None,
+                phases.metric_type(),
+            )?;
+            phases.encode(metric)?;
+        }
+        if any_slices {
+            let metric = encoder.encode_descriptor(
+                "object_slices_processed",
+                "Month slices the current or last run of each UsageBackfill has completed (status.slicesProcessed)",
+                None,
+                slices.metric_type(),
+            )?;
+            slices.encode(metric)?;
+        }
+        Ok(())
     }
 }
 
@@ -351,6 +407,38 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn object_gauges_come_from_the_cache() {
+        use kube::runtime::{reflector::store::Writer, watcher::Event};
+        use usage_backfill_api::{UsageBackfillSpec, UsageBackfillStatus};
+        let mut writer = Writer::<UsageBackfill>::default();
+        let mut o = UsageBackfill::new("upgrade", UsageBackfillSpec::new("db"));
+        o.metadata.namespace = Some("shop".into());
+        o.status = Some(UsageBackfillStatus {
+            phase: Some(Phase::Running),
+            slices_processed: Some(3),
+            ..Default::default()
+        });
+        writer.apply_watcher_event(&Event::Apply(o));
+        let mut fresh = UsageBackfill::new("fresh", UsageBackfillSpec::new("db"));
+        fresh.metadata.namespace = Some("shop".into());
+        writer.apply_watcher_event(&Event::Apply(fresh));
+        let m = Metrics::new();
+        m.set_lag_source(vec![writer.as_reader()]);
+        let text = m.encode();
+        for line in [
+            "# TYPE usage_backfill_object_phase gauge\n",
+            "usage_backfill_object_phase{namespace=\"shop\",name=\"upgrade\",phase=\"Running\"} 1\n",
+            "usage_backfill_object_phase{namespace=\"shop\",name=\"upgrade\",phase=\"Failed\"} 0\n",
+            "usage_backfill_object_phase{namespace=\"shop\",name=\"fresh\",phase=\"Pending\"} 0\n",
+            "usage_backfill_object_slices_processed{namespace=\"shop\",name=\"upgrade\"} 3\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from\n{text}");
+        }
+        assert!(!text.contains("slices_processed{namespace=\"shop\",name=\"fresh\"}"));
+        assert!(!text.contains("watermark_lag"), "no lag measured yet");
     }
 
     #[test]

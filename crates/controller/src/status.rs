@@ -51,6 +51,17 @@ impl Redactor {
         Redactor { words }
     }
 
+    /// A password of the connection in parts, as read from its Secret
+    /// (and trimmed, as a server might echo it).
+    pub fn for_password(password: &[u8]) -> Self {
+        let raw = String::from_utf8_lossy(password).into_owned();
+        let mut words = vec![raw.trim().to_owned(), raw];
+        words.retain(|w| !w.is_empty());
+        words.sort_by_key(|w| std::cmp::Reverse(w.len()));
+        words.dedup();
+        Redactor { words }
+    }
+
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_owned();
         for w in &self.words {

@@ -1,4 +1,5 @@
-//! Connection strings: libpq URLs (`postgres://…`) and key=value DSNs.
+//! Connection strings: libpq URLs (`postgres://…`) and key=value DSNs, and
+//! connections given in parts ([`ConnectionParts`]).
 //!
 //! tokio-postgres understands most libpq options but not `sslmode=verify-ca`,
 //! `verify-full` or `sslrootcert`, so those are taken out here and handled by
@@ -149,6 +150,57 @@ impl Database {
         })
     }
 
+    /// A connection given field by field, as when a chart keeps only the
+    /// password in a Secret. The password goes to the driver as bytes and
+    /// is never formatted into a string (no DSN is built). TLS mode prefer,
+    /// as for a DSN without sslmode.
+    pub fn from_parts(parts: ConnectionParts) -> Result<Self, Error> {
+        let host = parts.host.trim();
+        if host.is_empty() {
+            return Err(Error::InvalidConnectionString("no host given".into()));
+        }
+        if host.contains(|c: char| c.is_whitespace() || c == ',') {
+            let shown: String = host.chars().take(60).collect();
+            return Err(Error::InvalidConnectionString(format!(
+                "host {shown:?} is not one host name or address"
+            )));
+        }
+        let user = parts.user.trim();
+        if user.is_empty() {
+            return Err(Error::InvalidConnectionString("no user given".into()));
+        }
+        let port = parts.port.unwrap_or(5432);
+        if port == 0 {
+            return Err(Error::InvalidConnectionString(
+                "port must be from 1 to 65535".into(),
+            ));
+        }
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(host)
+            .port(port)
+            .user(user)
+            .application_name(DEFAULT_APPLICATION_NAME)
+            .connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        // libpq's default database is the user's name.
+        match parts.dbname.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => config.dbname(name),
+            _ => config.dbname(user),
+        };
+        if let Some(password) = &parts.password
+            && !password.0.is_empty()
+        {
+            config.password(password.0.as_slice());
+        }
+        Ok(Database {
+            config,
+            tls_mode: TlsMode::Prefer,
+            ca_pem: None,
+            ca_file: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        })
+    }
+
     /// Overrides the TLS mode (e.g. from `spec.database.tls.mode`).
     pub fn with_tls_mode(mut self, mode: TlsMode) -> Self {
         self.tls_mode = mode;
@@ -213,6 +265,34 @@ impl Database {
         self.config
             .get_password()
             .map(|p| String::from_utf8_lossy(p).into_owned())
+    }
+}
+
+/// A connection in parts: host, port (default 5432), database (default:
+/// the user's name), user, password.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionParts {
+    pub host: String,
+    pub port: Option<u16>,
+    pub dbname: Option<String>,
+    pub user: String,
+    pub password: Option<Password>,
+}
+
+/// A password as the bytes it is. Its `Debug` shows nothing of it and it
+/// has no `Display`: it reaches the driver and nothing else.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(Vec<u8>);
+
+impl Password {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Password(bytes.into())
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(****)")
     }
 }
 
@@ -503,6 +583,89 @@ mod tests {
             let e = Database::parse(dsn).unwrap_err().to_string();
             assert!(e.contains(want), "{dsn:?} gave {e:?}");
             assert!(!e.contains("hunter22"), "{dsn:?} echoed the password: {e}");
+        }
+    }
+
+    #[test]
+    fn parts_build_a_database_without_a_connection_string() {
+        let db = Database::from_parts(ConnectionParts {
+            host: "shop-postgres".into(),
+            port: None,
+            dbname: None,
+            user: "multica".into(),
+            password: Some(Password::new("p@ss word:/?'\\x")),
+        })
+        .unwrap();
+        assert_eq!(db.describe(), "multica@shop-postgres:5432/multica");
+        assert_eq!(db.password().as_deref(), Some("p@ss word:/?'\\x"));
+        assert_eq!(db.tls_mode, TlsMode::Prefer);
+        assert_eq!(db.application_name(), DEFAULT_APPLICATION_NAME);
+        assert_eq!(db.connect_timeout(), DEFAULT_CONNECT_TIMEOUT);
+        let debug = format!("{db:?}");
+        assert!(!debug.contains("p@ss"), "{debug}");
+        let parts = ConnectionParts {
+            host: "db.example".into(),
+            port: Some(6432),
+            dbname: Some("usage".into()),
+            user: "app".into(),
+            password: Some(Password::new("hunter22")),
+        };
+        assert!(!format!("{parts:?}").contains("hunter22"));
+        let db = Database::from_parts(parts).unwrap();
+        assert_eq!(db.describe(), "app@db.example:6432/usage");
+        let db = Database::from_parts(ConnectionParts {
+            password: Some(Password::new("")),
+            ..ConnectionParts {
+                host: "h".into(),
+                user: "u".into(),
+                ..Default::default()
+            }
+        })
+        .unwrap();
+        assert_eq!(db.password(), None, "an empty password is no password");
+    }
+
+    #[test]
+    fn parts_are_checked() {
+        let ok = || ConnectionParts {
+            host: "h".into(),
+            user: "u".into(),
+            password: Some(Password::new("hunter22")),
+            ..Default::default()
+        };
+        for (parts, want) in [
+            (
+                ConnectionParts {
+                    host: " ".into(),
+                    ..ok()
+                },
+                "no host given",
+            ),
+            (
+                ConnectionParts {
+                    host: "a,b".into(),
+                    ..ok()
+                },
+                "not one host",
+            ),
+            (
+                ConnectionParts {
+                    user: "".into(),
+                    ..ok()
+                },
+                "no user given",
+            ),
+            (
+                ConnectionParts {
+                    port: Some(0),
+                    ..ok()
+                },
+                "port must be",
+            ),
+        ] {
+            let e = Database::from_parts(parts).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(!e.contains("hunter22"), "{e}");
         }
     }
 

@@ -35,7 +35,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 pub use tokio_util::sync::CancellationToken;
 
-pub use dsn::{Database, TlsMode};
+pub use dsn::{ConnectionParts, Database, Password, TlsMode};
 pub use plan::Slice;
 pub use sizing::SliceStats;
 pub use tuning::{PlanProbe, Tuning, TuningReport};

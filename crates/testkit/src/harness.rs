@@ -44,7 +44,7 @@ impl UsageBackfillBuilder {
 
     /// The database Secret's name.
     pub fn secret(mut self, name: impl Into<String>) -> Self {
-        self.spec.database.secret_ref.name = name.into();
+        self.spec.database = UsageBackfillSpec::new(name).database;
         self
     }
 

@@ -1,0 +1,394 @@
+//! The admission rules of the CRD (`x-kubernetes-validations`), evaluated
+//! with a CEL interpreter as the API server would: every rule of the
+//! generated schema runs against valid and invalid UsageBackfills (schema
+//! defaults applied first, as the API server does), each invalid object is
+//! refused with exactly the expected message, and the controller's
+//! `validate()` (the second line of defence) refuses it with the same words.
+//!
+//! The interpreter (cel-interpreter) lacks some of Kubernetes' CEL: the
+//! optional syntax (`self.?x`), the Kubernetes string, list, regex and URL
+//! libraries, and `µs` in `duration()`. The rules use none of them, and a
+//! test below keeps it that way for the library functions.
+
+use cel_interpreter::{Context, Program, Value as Cel};
+use serde_json::{Value, json};
+use usage_backfill_api::{self as api, UsageBackfillSpec, rules};
+
+/// One rule found in the schema: where it sits in an object, and what it says.
+#[derive(Debug, Clone)]
+struct Found {
+    /// Property names from the object's root to the node the rule is on.
+    path: Vec<String>,
+    rule: String,
+    message: String,
+    /// Keys of the validation entry (only rule and message on 1.26).
+    keys: Vec<String>,
+}
+
+fn schema() -> Value {
+    serde_json::to_value(api::crd()).unwrap()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        .clone()
+}
+
+fn collect(node: &Value, path: &mut Vec<String>, out: &mut Vec<Found>) {
+    if let Some(list) = node
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+    {
+        for v in list {
+            out.push(Found {
+                path: path.clone(),
+                rule: v["rule"].as_str().unwrap().to_owned(),
+                message: v["message"].as_str().unwrap().to_owned(),
+                keys: v.as_object().unwrap().keys().cloned().collect(),
+            });
+        }
+    }
+    if let Some(props) = node.get("properties").and_then(Value::as_object) {
+        for (name, prop) in props {
+            path.push(name.clone());
+            collect(prop, path, out);
+            path.pop();
+        }
+    }
+    assert!(
+        node.get("items").is_none() && node.get("additionalProperties").is_none()
+            || !has_rules(node),
+        "rules inside lists or maps need cost bounds: {path:?}"
+    );
+}
+
+fn has_rules(node: &Value) -> bool {
+    node.get("x-kubernetes-validations").is_some()
+        || node
+            .get("properties")
+            .and_then(Value::as_object)
+            .is_some_and(|p| p.values().any(has_rules))
+        || node.get("items").is_some_and(has_rules)
+        || node.get("additionalProperties").is_some_and(has_rules)
+}
+
+fn all_rules() -> Vec<Found> {
+    let mut out = Vec::new();
+    collect(&schema(), &mut Vec::new(), &mut out);
+    out
+}
+
+/// Schema defaults filled in where a property is missing, as the API
+/// server does before it runs the rules.
+fn apply_defaults(schema: &Value, value: &mut Value) {
+    let (Some(props), Some(obj)) = (
+        schema.get("properties").and_then(Value::as_object),
+        value.as_object_mut(),
+    ) else {
+        return;
+    };
+    for (name, prop) in props {
+        if !obj.contains_key(name)
+            && let Some(d) = prop.get("default")
+        {
+            obj.insert(name.clone(), d.clone());
+        }
+        if let Some(child) = obj.get_mut(name) {
+            apply_defaults(prop, child);
+        }
+    }
+}
+
+/// The messages of the rules `object` breaks.
+fn refusals(object: &Value) -> Vec<String> {
+    let mut object = object.clone();
+    apply_defaults(&schema(), &mut object);
+    let mut refused = Vec::new();
+    for r in all_rules() {
+        // A rule runs only when its node is present.
+        let node = r
+            .path
+            .iter()
+            .try_fold(&object, |n, p| n.get(p))
+            .filter(|n| !n.is_null());
+        let Some(node) = node else { continue };
+        let program = Program::compile(&r.rule).unwrap_or_else(|e| panic!("{}: {e}", r.rule));
+        let mut ctx = Context::default();
+        ctx.add_variable("self", cel_interpreter::to_value(node.clone()).unwrap())
+            .unwrap();
+        match program.execute(&ctx) {
+            Ok(Cel::Bool(true)) => {}
+            Ok(Cel::Bool(false)) => refused.push(r.message.clone()),
+            other => panic!("rule {} on {node}: {other:?}", r.rule),
+        }
+    }
+    refused
+}
+
+fn object(spec: Value) -> Value {
+    json!({
+        "apiVersion": "usage.multica.ai/v1alpha1",
+        "kind": "UsageBackfill",
+        "metadata": {"name": "upgrade", "namespace": "shop"},
+        "spec": spec,
+    })
+}
+
+/// What the controller says about the same spec.
+fn validate(spec: &Value) -> Result<(), String> {
+    let spec: UsageBackfillSpec = serde_json::from_value(spec.clone()).unwrap();
+    spec.validate().map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The application chart's default install: built-in PostgreSQL, only the
+/// password in Secret multica-secrets.
+fn builtin() -> Value {
+    json!({
+        "host": "shop-postgres",
+        "user": "multica",
+        "database": "multica",
+        "passwordFrom": {"secretKeyRef": {"name": "multica-secrets", "key": "POSTGRES_PASSWORD"}},
+        "tls": {"mode": "disable"},
+    })
+}
+
+fn external() -> Value {
+    json!({"secretRef": {"name": "multica-secrets", "key": "DATABASE_URL"}})
+}
+
+fn valid_specs() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "minimal secretRef",
+            json!({"database": {"secretRef": {"name": "app-db"}}}),
+        ),
+        (
+            "external database (app chart)",
+            json!({"database": external()}),
+        ),
+        (
+            "built-in database (app chart)",
+            json!({"database": builtin()}),
+        ),
+        (
+            "parts from Secrets",
+            json!({"database": {
+                "hostFrom": {"secretKeyRef": {"name": "db", "key": "host"}},
+                "portFrom": {"secretKeyRef": {"name": "db", "key": "port"}},
+                "databaseFrom": {"secretKeyRef": {"name": "db", "key": "dbname"}},
+                "userFrom": {"secretKeyRef": {"name": "db", "key": "user"}},
+                "tls": {"mode": "verify-full", "caSecretRef": {"name": "db-ca"}},
+            }}),
+        ),
+        (
+            "Always with monthsBack and forcePartial",
+            json!({"database": external(), "mode": "Always", "monthsBack": 3, "forcePartial": true}),
+        ),
+        (
+            "Always with monthsBack only",
+            json!({"database": external(), "mode": "Always", "monthsBack": 1}),
+        ),
+        (
+            "explicit zero and false in IfLagging",
+            json!({"database": external(), "mode": "IfLagging", "monthsBack": 0, "forcePartial": false}),
+        ),
+        (
+            "durations at their minimum",
+            json!({"database": external(), "sliceTimeout": "1ms", "maxSliceDuration": "1s", "lockTimeout": "0"}),
+        ),
+        (
+            "longer durations",
+            json!({"database": external(), "sliceTimeout": "2m30s", "maxSliceDuration": "1.5h"}),
+        ),
+        (
+            "a CA without an explicit mode",
+            json!({"database": {"secretRef": {"name": "app-db"}, "tls": {"caSecretRef": {"name": "db-ca"}}}}),
+        ),
+    ]
+}
+
+/// Invalid specs and the one message each must be refused with.
+fn invalid_specs() -> Vec<(&'static str, Value, rules::Rule)> {
+    let with = |extra: Value| {
+        let mut db = builtin();
+        db.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({ "database": db })
+    };
+    vec![
+        (
+            "both forms",
+            with(json!({"secretRef": {"name": "multica-secrets", "key": "DATABASE_URL"}})),
+            rules::ONE_FORM,
+        ),
+        (
+            "secretRef with only a password",
+            json!({"database": {
+                "secretRef": {"name": "app-db"},
+                "passwordFrom": {"secretKeyRef": {"name": "multica-secrets", "key": "POSTGRES_PASSWORD"}},
+            }}),
+            rules::ONE_FORM,
+        ),
+        (
+            "no form at all",
+            json!({"database": {"tls": {"mode": "require"}}}),
+            rules::SOME_FORM,
+        ),
+        (
+            "parts without a host",
+            json!({"database": {"user": "multica", "port": 5432}}),
+            rules::SOME_FORM,
+        ),
+        (
+            "parts without a user",
+            json!({"database": {"host": "shop-postgres"}}),
+            rules::PARTS_NEED_USER,
+        ),
+        (
+            "host twice",
+            with(json!({"hostFrom": {"secretKeyRef": {"name": "db", "key": "host"}}})),
+            rules::HOST_ONCE,
+        ),
+        (
+            "port twice",
+            with(
+                json!({"port": 5432, "portFrom": {"secretKeyRef": {"name": "db", "key": "port"}}}),
+            ),
+            rules::PORT_ONCE,
+        ),
+        (
+            "database twice",
+            with(json!({"databaseFrom": {"secretKeyRef": {"name": "db", "key": "dbname"}}})),
+            rules::DATABASE_ONCE,
+        ),
+        (
+            "user twice",
+            with(json!({"userFrom": {"secretKeyRef": {"name": "db", "key": "user"}}})),
+            rules::USER_ONCE,
+        ),
+        (
+            "a CA with TLS disabled",
+            json!({"database": {"secretRef": {"name": "app-db"}, "tls": {"mode": "disable", "caSecretRef": {"name": "db-ca"}}}}),
+            rules::CA_NOT_WITH_DISABLE,
+        ),
+        (
+            "monthsBack in IfLagging (the default mode)",
+            json!({"database": external(), "monthsBack": 3}),
+            rules::MONTHS_BACK_ONLY_ALWAYS,
+        ),
+        (
+            "forcePartial without monthsBack",
+            json!({"database": external(), "mode": "Always", "forcePartial": true}),
+            rules::FORCE_PARTIAL_NEEDS_MONTHS_BACK,
+        ),
+        (
+            "forcePartial in IfLagging",
+            json!({"database": external(), "mode": "IfLagging", "monthsBack": 0, "forcePartial": true}),
+            rules::FORCE_PARTIAL_ONLY_ALWAYS,
+        ),
+        (
+            "a zero slice timeout",
+            json!({"database": external(), "sliceTimeout": "0s"}),
+            rules::SLICE_TIMEOUT_MIN,
+        ),
+        (
+            "a sub-millisecond slice timeout",
+            json!({"database": external(), "sliceTimeout": "900us"}),
+            rules::SLICE_TIMEOUT_MIN,
+        ),
+        (
+            "a slice duration target under a second",
+            json!({"database": external(), "maxSliceDuration": "500ms"}),
+            rules::MAX_SLICE_DURATION_MIN,
+        ),
+    ]
+}
+
+#[test]
+fn valid_objects_pass_every_rule_and_validate() {
+    for (what, spec) in valid_specs() {
+        assert_eq!(
+            refusals(&object(spec.clone())),
+            Vec::<String>::new(),
+            "{what}"
+        );
+        assert_eq!(validate(&spec), Ok(()), "{what}");
+    }
+}
+
+#[test]
+fn invalid_objects_are_refused_with_the_rules_message_and_validate_agrees() {
+    for (what, spec, rule) in invalid_specs() {
+        let refused = refusals(&object(spec.clone()));
+        // forcePartial in IfLagging also has no monthsBack: two rules speak.
+        let expected: Vec<String> = if rule == rules::FORCE_PARTIAL_ONLY_ALWAYS {
+            vec![
+                rule.message(),
+                rules::FORCE_PARTIAL_NEEDS_MONTHS_BACK.message(),
+            ]
+        } else {
+            vec![rule.message()]
+        };
+        assert_eq!(refused, expected, "{what}");
+        assert_eq!(validate(&spec), Err(rule.message()), "{what}");
+    }
+}
+
+#[test]
+fn every_rule_refuses_something_and_is_valid_for_kubernetes_1_26() {
+    let found = all_rules();
+    let expected: Vec<_> = [rules::SPEC_RULES, rules::DATABASE_RULES, rules::TLS_RULES]
+        .concat()
+        .iter()
+        .map(|r| r.message())
+        .collect();
+    let mut messages: Vec<_> = found.iter().map(|f| f.message.clone()).collect();
+    messages.sort();
+    let mut want = expected.clone();
+    want.sort();
+    assert_eq!(
+        messages, want,
+        "the CRD carries exactly the rules of api::rules"
+    );
+    let where_: Vec<_> = found
+        .iter()
+        .map(|f| f.path.join("."))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(where_, ["spec", "spec.database", "spec.database.tls"]);
+    let refused: std::collections::BTreeSet<String> = invalid_specs()
+        .into_iter()
+        .map(|(_, _, r)| r.message())
+        .collect();
+    for f in &found {
+        assert!(
+            refused.contains(&f.message),
+            "no invalid object breaks: {}",
+            f.rule
+        );
+        // messageExpression, reason and fieldPath need Kubernetes 1.27/1.28.
+        assert_eq!(f.keys, ["message", "rule"], "{}", f.rule);
+        assert!(f.message.len() <= 300, "{}", f.message);
+        // Only functions Kubernetes 1.26 and the interpreter share.
+        for call in [
+            "matches(",
+            ".?",
+            "find(",
+            "split(",
+            "lowerAscii",
+            "isURL",
+            "quantity(",
+        ] {
+            assert!(!f.rule.contains(call), "{call} in {}", f.rule);
+        }
+    }
+}
+
+#[test]
+fn a_duration_rule_reads_strings_of_bounded_length() {
+    let schema = schema();
+    for field in ["sliceTimeout", "maxSliceDuration"] {
+        assert_eq!(
+            schema["properties"]["spec"]["properties"][field]["maxLength"], 64,
+            "{field}"
+        );
+    }
+}
