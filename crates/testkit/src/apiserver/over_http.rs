@@ -103,8 +103,9 @@ impl FakeApiServer {
         }
     }
 
-    /// Creates a UsageBackfill whose spec is `spec` as given, unchecked
-    /// (generation 1, a uid, no status).
+    /// Creates a UsageBackfill whose spec is `spec` as given, through the
+    /// CRD schema (pruned, defaulted; panics when the API server would
+    /// refuse it), generation 1, a uid.
     pub fn create_raw(&self, namespace: &str, name: &str, spec: Value) {
         let mut st = self.state();
         st.uid += 1;
@@ -125,6 +126,8 @@ impl FakeApiServer {
             namespace: namespace.into(),
             name: name.into(),
         };
+        let obj =
+            admitted(obj, None).unwrap_or_else(|e| panic!("the API server refuses {name}: {e:?}"));
         st.store(key, obj, "ADDED");
     }
 
