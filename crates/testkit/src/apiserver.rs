@@ -997,41 +997,37 @@ fn patch_usage_backfill(
                 }
             }
             let manager = ssa::Manager {
-                name: manager_name,
+                name: manager_name.clone(),
                 operation: "Apply".into(),
-                subresource,
+                subresource: subresource.clone(),
             };
             let force = r.query.get("force").map(String::as_str) == Some("true");
-            ssa::apply(old, &applied, &manager, force, schema).map_err(|conflicts| {
-                let list: Vec<String> = conflicts
-                    .iter()
-                    .map(|c| format!("conflict with \"{}\": {}", c.manager, c.field))
-                    .collect();
-                status_error(
-                    409,
-                    "Conflict",
-                    &format!(
-                        "Apply failed with {} conflict(s): {}",
-                        list.len(),
-                        list.join(", ")
-                    ),
-                )
-            })?
+            let applied =
+                ssa::apply(old, &applied, &manager, force, schema).map_err(|conflicts| {
+                    let list: Vec<String> = conflicts
+                        .iter()
+                        .map(|c| format!("conflict with \"{}\": {}", c.manager, c.field))
+                        .collect();
+                    status_error(
+                        409,
+                        "Conflict",
+                        &format!(
+                            "Apply failed with {} conflict(s): {}",
+                            list.len(),
+                            list.join(", ")
+                        ),
+                    )
+                })?;
+            (applied.0, Some(applied.1))
         }
         Some("application/merge-patch+json") => {
             let mut new = old.clone();
             let mut patch = body.clone();
-            if let Some(m) = patch["metadata"].as_object_mut() {
+            if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
                 m.remove("resourceVersion");
             }
             merge(&mut new, &patch);
-            let manager = ssa::Manager {
-                name: manager_name,
-                operation: "Update".into(),
-                subresource,
-            };
-            let owners = ssa::update(old, &new, &manager, schema);
-            (new, owners)
+            (new, None)
         }
         _ => {
             return Err(status_error(
@@ -1095,6 +1091,16 @@ fn patch_usage_backfill(
                 .remove("deletionTimestamp");
         }
     }
+    // An update owns what it changed, once the endpoint has dropped
+    // what it may not change.
+    let owners = owners.unwrap_or_else(|| {
+        let manager = ssa::Manager {
+            name: manager_name,
+            operation: "Update".into(),
+            subresource,
+        };
+        ssa::update(old, &new, &manager, schema)
+    });
     ssa::set_owners(&mut new, &owners, UBF_API);
     admitted(new, Some(old)).map_err(|errors| {
         let causes: Vec<(&str, &str)> = errors
@@ -1435,7 +1441,7 @@ impl State {
                             ));
                         }
                         let mut patch = body.clone();
-                        if let Some(m) = patch["metadata"].as_object_mut() {
+                        if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
                             m.remove("resourceVersion");
                         }
                         merge(&mut v, &patch);

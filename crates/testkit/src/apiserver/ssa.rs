@@ -368,7 +368,7 @@ fn strip_meta(v: &Value) -> Value {
         m.remove("apiVersion");
         m.remove("kind");
     }
-    if let Some(meta) = v["metadata"].as_object_mut() {
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.retain(|k, _| {
             ["labels", "annotations", "finalizers", "ownerReferences"].contains(&k.as_str())
         });
