@@ -679,3 +679,98 @@ async fn what_the_chart_does_not_grant_is_forbidden() {
     .await
     .unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// Finding 3: a run's writes land only on the object the run is for
+// ---------------------------------------------------------------------------
+
+/// Helm or Argo CD recreate a hook object under the same name: a write
+/// meant for the old object must not land on the new one. The guard is
+/// the UID checked on a read plus that read's resourceVersion sent as a
+/// precondition (the apiserver ignores a UID sent to `status`).
+#[tokio::test]
+async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
+    use controller::writes::{self, Guarded};
+    let (client, fake) = FakeApiServer::start();
+    let api = ubfs(&client);
+    let old = fake.create(NS, "hook", spec());
+    let uid = old.metadata.uid.clone().unwrap();
+    let running = usage_backfill_api::UsageBackfillStatus {
+        phase: Some(usage_backfill_api::Phase::Running),
+        ..Default::default()
+    };
+    // Other changes to the same object do not stop the run's writes.
+    fake.edit_spec(NS, "hook", |s| s.run_id = "2".into());
+    assert_eq!(
+        writes::apply_status_of(&api, "hook", &uid, &running)
+            .await
+            .unwrap(),
+        Guarded::Written
+    );
+    assert_eq!(
+        fake.get_raw(NS, "hook").unwrap()["status"]["phase"],
+        "Running"
+    );
+
+    // The precondition the guard relies on: an apply carrying a stale
+    // resourceVersion is refused.
+    let stale = rv(&fake, "hook");
+    fake.edit_spec(NS, "hook", |s| s.run_id = "3".into());
+    let mut body = status_apply(json!({ "phase": "Failed" }));
+    body["metadata"] = json!({ "resourceVersion": stale });
+    let e = refusal(
+        api.patch_status("hook", &apply("a").force(), &Patch::Apply(body))
+            .await,
+    );
+    assert_eq!(e.code, 409);
+
+    // Deleted and created again under the name: the old run writes nothing.
+    api.patch(
+        "hook",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": [writes::FINALIZER] } })),
+    )
+    .await
+    .unwrap();
+    fake.delete(NS, "hook");
+    api.patch(
+        "hook",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+    )
+    .await
+    .unwrap();
+    assert!(fake.get_raw(NS, "hook").is_none());
+    assert_eq!(
+        writes::apply_status_of(&api, "hook", &uid, &running)
+            .await
+            .unwrap(),
+        Guarded::Gone
+    );
+    fake.create(NS, "hook", spec());
+    api.patch(
+        "hook",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": [writes::FINALIZER] } })),
+    )
+    .await
+    .unwrap();
+    let before = fake.get_raw(NS, "hook").unwrap();
+    assert_eq!(
+        writes::apply_status_of(&api, "hook", &uid, &running)
+            .await
+            .unwrap(),
+        Guarded::Recreated
+    );
+    assert!(
+        !writes::remove_finalizer_of(&api, "hook", Some(&uid))
+            .await
+            .unwrap(),
+        "the new object's finalizer is not the old run's to remove"
+    );
+    assert_eq!(
+        fake.get_raw(NS, "hook").unwrap(),
+        before,
+        "the new object is untouched"
+    );
+}

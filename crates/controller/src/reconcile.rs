@@ -161,7 +161,8 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
         }
         Action::SettleFinished => {
             if let TaskView::Unsettled { final_status, .. } = &task {
-                super::runner::settle(&api, &key.name, final_status.as_deref())
+                let uid = ctx.runner.run_uid(key);
+                super::runner::settle(&api, &key.name, uid.as_deref(), final_status.as_deref())
                     .await
                     .map_err(|source| Error::WriteStatus {
                         namespace: key.namespace.clone(),
