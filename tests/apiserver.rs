@@ -774,3 +774,31 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
         "the new object is untouched"
     );
 }
+
+/// Finding 4: an explicit null in an optional enum (`tls.mode`,
+/// `status.phase`) is accepted, as absent.
+#[tokio::test]
+async fn an_explicit_null_in_an_optional_enum_is_accepted() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "database": { "tls": { "mode": null } } } })),
+    )
+    .await
+    .unwrap();
+    api.patch_status(
+        "x",
+        &apply("a"),
+        &Patch::Apply(status_apply(
+            json!({ "phase": null, "result": null, "skipped": null }),
+        )),
+    )
+    .await
+    .unwrap();
+    let v = fake.get_raw(NS, "x").unwrap();
+    assert!(v["status"].get("phase").is_none(), "{v}");
+    assert!(v["status"].get("result").is_none(), "{v}");
+}
