@@ -733,6 +733,13 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
     .await
     .unwrap();
     fake.delete(NS, "hook");
+    // Held by the finalizer, being deleted: no status is written to it.
+    assert_eq!(
+        writes::apply_status_of(&api, "hook", &uid, &running)
+            .await
+            .unwrap(),
+        Guarded::Deleting
+    );
     api.patch(
         "hook",
         &PatchParams::default(),

@@ -529,11 +529,18 @@ pub struct UsageBackfillStatus {
     pub run_id: Option<String>,
 
     /// resourceVersion of the database Secret the last attempt read (then,
-    /// after a comma, of the CA Secret, when one is used). When it changes, a
-    /// Failed run, or one waiting for its retry, starts a fresh attempt at
-    /// once: fixing the Secret is how a connection problem is fixed.
+    /// after a comma, of the CA Secret, when one is used), for reference.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_resource_versions: Option<String>,
+
+    /// Digest of the values the last attempt read from the referenced
+    /// Secret keys (a salted, slow PBKDF2-HMAC-SHA256, truncated; never the
+    /// values). When it changes, a Failed run, or one waiting for its
+    /// retry, starts a fresh attempt at once: fixing the Secret is how a
+    /// connection problem is fixed. A change to the Secret's metadata alone
+    /// (a label, an annotation) changes nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_digest: Option<String>,
 
     /// Session planner settings the run applied (e.g. enable_nestloop: "off"):
     /// the tuning preset's, the operator's, then spec.tuning.settings.
@@ -591,6 +598,7 @@ impl Default for UsageBackfillStatus {
             lock_holder: None,
             run_id: None,
             secret_resource_versions: None,
+            secret_digest: None,
             settings: BTreeMap::new(),
             performance: None,
             future_events: None,

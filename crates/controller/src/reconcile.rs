@@ -132,12 +132,15 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
             Requeue::requeue(ctx.settings.secret_recheck_interval)
         }
         Action::ReportUnusableSecret(e) => {
-            let versions = match &inputs.lookup {
-                SecretLookup::Unusable { versions, .. } => versions.as_str(),
-                _ => "",
+            let (versions, digest) = match &inputs.lookup {
+                SecretLookup::Unusable {
+                    versions, digest, ..
+                } => (versions.as_str(), Some(digest.clone())),
+                _ => ("", None),
             };
-            let new =
+            let mut new =
                 status::unusable_secret(&status, &identity, &e, versions, &inputs.redactor, now);
+            new.secret_digest = digest;
             act.report(new, EventReason::Failed).await?;
             Requeue::await_change()
         }
@@ -242,7 +245,7 @@ impl Act<'_> {
     /// Finalizer first (the task must never run without it), then the
     /// starting status, the Event, and the task.
     async fn start(&self, start: decide::Start, inputs: Inputs) -> Result<()> {
-        let (Ok(valid), Some(database), SecretLookup::Found { versions }) =
+        let (Ok(valid), Some(database), SecretLookup::Found { versions, digest }) =
             (self.obj.spec.validate(), inputs.database, &inputs.lookup)
         else {
             // decide() starts runs only with a valid spec and a usable Secret.
@@ -256,7 +259,7 @@ impl Act<'_> {
                 source,
             })?;
         let options = inputs::options(&valid, &self.ctx.settings.session_settings, start.resume);
-        let new = status::starting(
+        let mut new = status::starting(
             self.status,
             self.identity,
             &start,
@@ -264,6 +267,7 @@ impl Act<'_> {
             &options.effective_settings(),
             self.now,
         );
+        new.secret_digest = Some(digest.clone());
         self.write_status(&new).await?;
         let note = new
             .condition(ConditionType::Reconciling)

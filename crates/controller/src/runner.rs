@@ -501,7 +501,8 @@ fn message(s: &Status, t: ConditionType) -> String {
 
 /// Writes the final status (when there is one) and removes the finalizer,
 /// on the object with `uid` only (when known). A vanished or recreated
-/// object counts as settled.
+/// object counts as settled; one being deleted gets no status, only its
+/// finalizer removed.
 pub(crate) async fn settle(
     api: &Api<UsageBackfill>,
     name: &str,
@@ -509,7 +510,7 @@ pub(crate) async fn settle(
     final_status: Option<&Status>,
 ) -> kube::Result<()> {
     if let Some(s) = final_status
-        && write_status(api, name, uid, s).await? != Guarded::Written
+        && let Guarded::Gone | Guarded::Recreated = write_status(api, name, uid, s).await?
     {
         return Ok(());
     }
@@ -581,7 +582,8 @@ async fn report_progress(
             status::heartbeat(desired, now);
             let uid = spec.regarding.uid.as_deref();
             match write_status(api, &spec.key.name, uid, desired).await {
-                Ok(Guarded::Written) => {}
+                // Being deleted: the reconcile is about to cancel the run.
+                Ok(Guarded::Written | Guarded::Deleting) => {}
                 Ok(outcome) => {
                     tracing::warn!(object = %spec.key, ?outcome,
                         "the run's object is gone or was replaced; the run writes no more");

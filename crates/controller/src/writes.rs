@@ -54,6 +54,8 @@ pub enum Guarded {
     Written,
     /// The object is gone.
     Gone,
+    /// The object is being deleted: a status written now tells no one.
+    Deleting,
     /// Another object has the name now: the run's object is gone.
     Recreated,
 }
@@ -73,6 +75,9 @@ pub async fn apply_status_of(
         };
         if obj.uid().as_deref() != Some(uid) {
             return Ok(Guarded::Recreated);
+        }
+        if obj.metadata.deletion_timestamp.is_some() {
+            return Ok(Guarded::Deleting);
         }
         let patch = json!({
             "apiVersion": UsageBackfill::api_version(&()),
