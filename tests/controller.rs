@@ -1354,8 +1354,10 @@ async fn only_the_leader_runs_backfills_and_a_new_leader_resumes_the_run() {
 
     // pod-a loses the API server: it steps down and cancels its run (lock
     // 4246 released, nothing stamped; its final write fails), and stands by.
-    let writes_before = h.fake.status_writes("handover").len();
+    // Counted after the cut: a progress write still in flight before it
+    // is pod-a's last, not one after the handover.
     h.fake.cut(0, Some(Outage::Fail));
+    let writes_before = h.fake.status_writes("handover").len();
     until("pod-a to step down", WAIT, || !ea.is_leading()).await;
     until("pod-a's run to stop", WAIT, || {
         metric(&ra, "usage_backfill_runs_active") == Some(0.0)

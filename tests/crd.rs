@@ -775,3 +775,85 @@ fn normalize(v: Value) -> Value {
         v => v,
     }
 }
+
+/// Every node of the schema with its JSON pointer.
+fn walk_schema<'a>(v: &'a Value, path: String, out: &mut Vec<(String, &'a Value)>) {
+    out.push((path.clone(), v));
+    for key in ["properties", "additionalProperties", "items"] {
+        match v.get(key) {
+            Some(Value::Object(props)) if key == "properties" => {
+                for (name, child) in props {
+                    walk_schema(child, format!("{path}/properties/{name}"), out);
+                }
+            }
+            Some(child @ Value::Object(_)) => walk_schema(child, format!("{path}/{key}"), out),
+            _ => {}
+        }
+    }
+}
+
+/// Only formats the apiserver knows (it ignores others, newer ones warn),
+/// and no nullable enum (the apiserver refuses an explicit null there,
+/// while it drops the null of a field that is not nullable).
+#[test]
+fn only_kubernetes_formats_and_no_nullable_enums() {
+    // kube-openapi's string formats and the numeric ones.
+    const KNOWN: &[&str] = &[
+        "bsonobjectid",
+        "uri",
+        "email",
+        "hostname",
+        "ipv4",
+        "ipv6",
+        "cidr",
+        "mac",
+        "uuid",
+        "uuid3",
+        "uuid4",
+        "uuid5",
+        "isbn",
+        "isbn10",
+        "isbn13",
+        "creditcard",
+        "ssn",
+        "hexcolor",
+        "rgbcolor",
+        "byte",
+        "password",
+        "date",
+        "duration",
+        "datetime",
+        "date-time",
+        "int32",
+        "int64",
+        "float",
+        "double",
+    ];
+    let schema = schema();
+    let mut nodes = Vec::new();
+    walk_schema(&schema, String::new(), &mut nodes);
+    assert!(nodes.len() > 50, "the walk reaches the whole schema");
+    let mut formats = 0;
+    for (path, node) in &nodes {
+        if let Some(f) = node.get("format") {
+            formats += 1;
+            let f = f.as_str().unwrap_or_default();
+            assert!(
+                KNOWN.contains(&f),
+                "{path}: format {f:?} is not one Kubernetes knows"
+            );
+        }
+        if node.get("enum").is_some() {
+            assert_ne!(
+                node.get("nullable"),
+                Some(&json!(true)),
+                "{path}: a nullable enum"
+            );
+        }
+    }
+    assert!(formats > 5, "formats are kept where Kubernetes knows them");
+    // Unsigned ranges survive the dropped uint32.
+    let attempts = at(&schema, &format!("{STATUS}/attempts"));
+    assert_eq!(attempts["maximum"], json!(f64::from(u32::MAX)));
+    assert_eq!(attempts["minimum"], json!(0.0));
+}

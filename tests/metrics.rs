@@ -200,6 +200,17 @@ async fn a_scrape_after_runs_shows_every_series_and_logs_carry_the_spans() {
     })
     .await;
     assert_eq!(failed.attempts, Some(2));
+    // A run task leaves just after its final status write (which checks
+    // the object's UID first, then removes the finalizer).
+    fake.wait_for("the run tasks to leave", WAIT, |_| {
+        state
+            .metrics()
+            .encode()
+            .lines()
+            .any(|l| l == "usage_backfill_runs_active 0")
+            .then_some(())
+    })
+    .await;
 
     let (code, content_type, text) = get(addr, "/metrics").await;
     assert_eq!(code, 200);

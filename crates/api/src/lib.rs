@@ -712,11 +712,18 @@ pub struct UsageBackfillStatus {
     pub run_id: Option<String>,
 
     /// resourceVersion of the database Secret the last attempt read (then,
-    /// after a comma, of the CA Secret, when one is used). When it changes, a
-    /// Failed run, or one waiting for its retry, starts a fresh attempt at
-    /// once: fixing the Secret is how a connection problem is fixed.
+    /// after a comma, of the CA Secret, when one is used), for reference.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_resource_versions: Option<String>,
+
+    /// Digest of the values the last attempt read from the referenced
+    /// Secret keys (a salted, slow PBKDF2-HMAC-SHA256, truncated; never the
+    /// values). When it changes, a Failed run, or one waiting for its
+    /// retry, starts a fresh attempt at once: fixing the Secret is how a
+    /// connection problem is fixed. A change to the Secret's metadata alone
+    /// (a label, an annotation) changes nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_digest: Option<String>,
 
     /// Session planner settings the run applied (e.g. enable_nestloop: "off"):
     /// the tuning preset's, the operator's, then spec.tuning.settings.
@@ -775,6 +782,7 @@ impl Default for UsageBackfillStatus {
             lock_holder: None,
             run_id: None,
             secret_resource_versions: None,
+            secret_digest: None,
             settings: BTreeMap::new(),
             performance: None,
             future_events: None,
@@ -1387,8 +1395,10 @@ fn check_application_name(name: &str) -> Result<(), SpecError> {
 }
 
 /// Schema of an `Option<SomeEnum>` field as Kubernetes wants it: one
-/// `{type: string, enum: [...], nullable: true}` keeping the field's own
-/// description. schemars gives either `null` inside `enum` or, when variants
+/// `{type: string, enum: [...]}` keeping the field's own description. Not
+/// `nullable`: the apiserver checks a nullable field's null against the
+/// `enum` and refuses it, while it drops an explicit null of a field that
+/// is not nullable (as absent, which is what `None` means). schemars gives either `null` inside `enum` or, when variants
 /// carry docs, an `anyOf`/`oneOf` that kube flattens with the enum's
 /// description in place of the field's.
 fn optional_enum(schema: &mut schemars::Schema) {
@@ -1423,7 +1433,75 @@ fn optional_enum(schema: &mut schemars::Schema) {
     values.retain(|v| !v.is_null());
     obj.insert("type".into(), "string".into());
     obj.insert("enum".into(), values.into());
-    obj.insert("nullable".into(), true.into());
+    obj.remove("nullable");
+}
+
+/// The `format`s the apiserver knows (kube-openapi's string formats and
+/// the numeric ones). It ignores any other (newer servers warn), so the
+/// CRD keeps none: e.g. schemars' `uint32` goes, its range stays as
+/// `minimum`/`maximum`.
+pub const KUBERNETES_FORMATS: &[&str] = &[
+    "bsonobjectid",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "byte",
+    "password",
+    "date",
+    "duration",
+    "datetime",
+    "date-time",
+    "int32",
+    "int64",
+    "float",
+    "double",
+];
+
+/// Drops formats Kubernetes does not know, keeping an unsigned integer's
+/// range as a `maximum`.
+fn kubernetes_formats_only(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(obj) => {
+            let unknown = obj
+                .get("format")
+                .and_then(Value::as_str)
+                .filter(|f| !KUBERNETES_FORMATS.contains(f))
+                .map(str::to_owned);
+            if let Some(format) = unknown {
+                obj.remove("format");
+                let max = match format.as_str() {
+                    "uint8" => Some(f64::from(u8::MAX)),
+                    "uint16" => Some(f64::from(u16::MAX)),
+                    "uint32" => Some(f64::from(u32::MAX)),
+                    _ => None,
+                };
+                if let Some(max) = max {
+                    obj.entry("maximum").or_insert(max.into());
+                }
+            }
+            for child in obj.values_mut() {
+                kubernetes_formats_only(child);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(kubernetes_formats_only),
+        _ => {}
+    }
 }
 
 /// The CustomResourceDefinition of [`UsageBackfill`].
@@ -1447,6 +1525,15 @@ pub fn crd() -> CustomResourceDefinition {
                     serde_json::json!({ "observedGeneration": -1 }),
                 ),
             );
+        }
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            let mut v = serde_json::to_value(&*schema).expect("a schema serializes");
+            kubernetes_formats_only(&mut v);
+            *schema = serde_json::from_value(v).expect("a schema without formats is a schema");
         }
     }
     crd

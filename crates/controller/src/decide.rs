@@ -34,7 +34,7 @@
 //! `finishedAt` of the failed attempt. A retry resumes from `status.cursor`
 //! with the counts (the slices before it were committed). "Terminal"
 //! means: until the spec changes (new generation) or, for a Failed run,
-//! the referenced Secret changes (`secretResourceVersions`), which starts a
+//! the referenced Secret's value changes (`secretDigest`), which starts a
 //! fresh sequence of attempts at once.
 
 use std::time::Duration;
@@ -136,23 +136,26 @@ impl SecretProblem {
 pub enum SecretLookup {
     /// Not read: the spec is invalid or the object is being deleted.
     NotRead,
-    /// Usable; `versions` as in `status.secretResourceVersions`.
+    /// Usable; `versions` and `digest` as in `status.secretResourceVersions`
+    /// and `status.secretDigest`.
     Found {
         versions: String,
+        digest: String,
     },
     Problem(SecretProblem),
     /// Present, but the connection string or TLS settings are unusable.
     Unusable {
         versions: String,
+        digest: String,
         error: engine::Error,
     },
 }
 
 impl SecretLookup {
-    fn versions(&self) -> Option<&str> {
+    fn digest(&self) -> Option<&str> {
         match self {
-            SecretLookup::Found { versions } | SecretLookup::Unusable { versions, .. } => {
-                Some(versions)
+            SecretLookup::Found { digest, .. } | SecretLookup::Unusable { digest, .. } => {
+                Some(digest)
             }
             _ => None,
         }
@@ -245,11 +248,13 @@ pub fn decide(o: &Observed<'_>) -> Action {
     };
     let max_attempts = spec.backoff_limit.saturating_add(1);
     let state = Seen::of(o.status, &o.identity);
-    let secret_changed = o.secret.versions().is_some_and(|v| {
+    // The value, not the Secret's resourceVersion: a label or another
+    // controller's annotation must not restart a Failed run at attempt 1.
+    let secret_changed = o.secret.digest().is_some_and(|d| {
         o.status
-            .secret_resource_versions
+            .secret_digest
             .as_deref()
-            .is_some_and(|old| old != v)
+            .is_some_and(|old| old != d)
     });
     if let Seen::Finished(phase) = state {
         // Failed stays failed unless the Secret changed since, or the spec
@@ -410,6 +415,7 @@ mod tests {
     fn found() -> SecretLookup {
         SecretLookup::Found {
             versions: "100".into(),
+            digest: "d100".into(),
         }
     }
 
@@ -468,6 +474,7 @@ mod tests {
             resume: None,
         };
         let mut s = status::starting(&Default::default(), &id(), &begin, "100", &[], ts(NOW));
+        s.secret_digest = Some("d100".into());
         s.attempts = Some(attempt);
         status::apply_event(
             &mut s,
@@ -570,16 +577,25 @@ mod tests {
         let mut case = Case::new(failed.clone());
         case.secret = SecretLookup::Found {
             versions: "101".into(),
+            digest: "d101".into(),
         };
         let s = start(case.decide());
         assert_eq!((s.kind, s.attempt), (StartKind::SecretChanged, 1));
         assert_eq!(s.resume.unwrap().cursor, ts("2026-02-01T00:00:00Z"));
+        // Finding 2: a new resourceVersion with the same value (a label,
+        // an annotation) leaves a Failed run failed.
+        case.secret = SecretLookup::Found {
+            versions: "102".into(),
+            digest: "d100".into(),
+        };
+        assert_eq!(case.decide(), Action::NothingToDo);
 
         let mut ok = failed;
         ok.phase = Some(Phase::Succeeded);
         let mut case = Case::new(ok);
         case.secret = SecretLookup::Found {
             versions: "101".into(),
+            digest: "d101".into(),
         };
         assert_eq!(case.decide(), Action::NothingToDo);
     }
@@ -587,7 +603,7 @@ mod tests {
     #[test]
     fn a_still_unusable_secret_is_reported_again_when_it_changed() {
         let err = engine::Error::InvalidConnectionString("expected a postgres:// URL".into());
-        let failed = status::unusable_secret(
+        let mut failed = status::unusable_secret(
             &Default::default(),
             &id(),
             &err,
@@ -595,21 +611,25 @@ mod tests {
             &status::Redactor::default(),
             ts(NOW),
         );
+        failed.secret_digest = Some("d100".into());
         let mut case = Case::new(failed);
         case.secret = SecretLookup::Unusable {
             versions: "100".into(),
+            digest: "d100".into(),
             error: err.clone(),
         };
         assert_eq!(case.decide(), Action::NothingToDo);
         case.secret = SecretLookup::Unusable {
             versions: "101".into(),
+            digest: "d101".into(),
             error: err,
         };
         assert!(matches!(case.decide(), Action::ReportUnusableSecret(_)));
         case.secret = found();
-        case.status.secret_resource_versions = Some("100".into());
+        case.status.secret_digest = Some("d100".into());
         case.secret = SecretLookup::Found {
             versions: "102".into(),
+            digest: "d102".into(),
         };
         assert_eq!(start(case.decide()).kind, StartKind::SecretChanged);
     }
@@ -673,6 +693,7 @@ mod tests {
         let mut case = Case::new(retry_pending(3, NOW));
         case.secret = SecretLookup::Found {
             versions: "105".into(),
+            digest: "d105".into(),
         };
         let got = start(case.decide());
         assert_eq!((got.kind, got.attempt), (StartKind::SecretChanged, 1));

@@ -74,6 +74,7 @@ pub fn resolve(explicit_application_name: bool, valid: &ValidSpec, secrets: &Sec
     let mut read = Read {
         secrets,
         versions: Vec::new(),
+        values: Vec::new(),
     };
     let built = match &valid.connection {
         Connection::Dsn(secret) => read
@@ -94,6 +95,7 @@ pub fn resolve(explicit_application_name: bool, valid: &ValidSpec, secrets: &Sec
     };
     let versions: Vec<&str> = read.versions.iter().map(|(_, v)| v.as_str()).collect();
     let versions = versions.join(",");
+    let digest = digest(&read.values);
     let (redactor, db) = match built {
         Built::Dsn(dsn) => (Redactor::for_dsn(&dsn), Database::parse(&dsn)),
         Built::Parts(Ok(parts)) => (
@@ -104,13 +106,14 @@ pub fn resolve(explicit_application_name: bool, valid: &ValidSpec, secrets: &Sec
     };
     match db.and_then(|db| configure(db, explicit_application_name, valid, ca_pem)) {
         Ok(db) => Inputs {
-            lookup: SecretLookup::Found { versions },
+            lookup: SecretLookup::Found { versions, digest },
             database: Some(db),
             redactor,
         },
         Err(error) => Inputs {
             lookup: SecretLookup::Unusable {
                 versions,
+                digest,
                 error: engine::Error::InvalidConnectionString(redactor.redact(&match error {
                     engine::Error::InvalidConnectionString(m) => m,
                     other => other.to_string(),
@@ -136,10 +139,12 @@ struct ResolvedParts {
 }
 
 /// Reads keys of the fetched Secrets, noting the resourceVersion of each
-/// Secret used, once, in the order used.
+/// Secret used, once, in the order used, and each key's value for the
+/// [`digest`].
 struct Read<'a> {
     secrets: &'a Secrets,
     versions: Vec<(String, String)>,
+    values: Vec<(String, String, &'a [u8])>,
 }
 
 impl<'a> Read<'a> {
@@ -152,7 +157,15 @@ impl<'a> Read<'a> {
         if !self.versions.iter().any(|(n, _)| *n == r.name) {
             self.versions.push((r.name.clone(), version(secret)));
         }
-        value(secret, &r.name, &r.key)
+        let bytes = value(secret, &r.name, &r.key)?;
+        if !self
+            .values
+            .iter()
+            .any(|(n, k, _)| *n == r.name && *k == r.key)
+        {
+            self.values.push((r.name.clone(), r.key.clone(), bytes));
+        }
+        Ok(bytes)
     }
 
     fn text(&mut self, r: &SecretKeyRef) -> Result<String, SecretProblem> {
@@ -225,6 +238,37 @@ fn value<'a>(secret: &'a Secret, name: &str, key: &str) -> Result<&'a [u8], Secr
         }),
         Some(v) => Ok(&v.0),
     }
+}
+
+/// PBKDF2 rounds of [`digest`]: slow enough that guessing a password from
+/// a status is expensive, fast enough for a reconcile.
+const DIGEST_ROUNDS: u32 = 10_000;
+
+/// A digest of the referenced values, for `status.secretDigest`: what
+/// tells a changed value from a Secret whose metadata alone changed. A
+/// DSN holds a password, which may be guessable: hence a slow, salted
+/// PBKDF2-HMAC-SHA256 rather than a plain hash, truncated to 128 bits.
+fn digest(values: &[(String, String, &[u8])]) -> String {
+    let mut secret = Vec::new();
+    let mut salt = b"usage-backfill/secret-digest".to_vec();
+    for (name, key, value) in values {
+        for part in [name.as_bytes(), key.as_bytes()] {
+            salt.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            salt.extend_from_slice(part);
+        }
+        secret.extend_from_slice(&(value.len() as u64).to_be_bytes());
+        secret.extend_from_slice(value);
+    }
+    let mut out = [0u8; 16];
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA256,
+        std::num::NonZeroU32::new(DIGEST_ROUNDS).expect("non-zero rounds"),
+        &salt,
+        &secret,
+        &mut out,
+    );
+    let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
+    format!("pbkdf2-sha256:{hex}")
 }
 
 fn version(secret: &Secret) -> String {
@@ -380,7 +424,7 @@ mod tests {
         );
         let ca = secret("7", &[("ca.crt", b"-----BEGIN CERTIFICATE-----")]);
         let i = resolve(true, &v, &secrets(&[("app-db", &db), ("db-ca", &ca)]));
-        assert!(matches!(&i.lookup, SecretLookup::Found { versions } if versions == "41,7"));
+        assert!(matches!(&i.lookup, SecretLookup::Found { versions, .. } if versions == "41,7"));
         let d = i.database.unwrap();
         assert_eq!(d.tls_mode, engine::TlsMode::VerifyFull);
         assert_eq!(d.application_name(), "migrations");
@@ -396,6 +440,34 @@ mod tests {
     }
 
     #[test]
+    fn the_digest_follows_the_value_not_the_resource_version() {
+        let v = spec().validate().unwrap();
+        let dsn = b"postgres://app:hunter2@db.example/app";
+        let digest = |s: &Secret| match resolve(false, &v, &secrets(&[("app-db", s)])).lookup {
+            SecretLookup::Found { digest, .. } => digest,
+            other => panic!("{other:?}"),
+        };
+        let first = digest(&secret("1", &[("DATABASE_URL", dsn)]));
+        // A label or annotation moves the resourceVersion only.
+        assert_eq!(digest(&secret("2", &[("DATABASE_URL", dsn)])), first);
+        // Another key of the Secret is not ours.
+        assert_eq!(
+            digest(&secret("3", &[("DATABASE_URL", dsn), ("OTHER", b"x")])),
+            first
+        );
+        let changed = digest(&secret(
+            "4",
+            &[("DATABASE_URL", b"postgres://app:hunter3@db.example/app")],
+        ));
+        assert_ne!(changed, first);
+        assert!(
+            first.starts_with("pbkdf2-sha256:") && first.len() == 14 + 32,
+            "{first}"
+        );
+        assert!(!first.contains("hunter2"));
+    }
+
+    #[test]
     fn unusable_connection_strings_are_reported_without_the_password() {
         let v = spec().validate().unwrap();
         for dsn in [
@@ -406,7 +478,9 @@ mod tests {
             let s = secret("3", &[("DATABASE_URL", dsn.as_bytes())]);
             let i = resolve(false, &v, &secrets(&[("app-db", &s)]));
             match &i.lookup {
-                SecretLookup::Unusable { versions, error } => {
+                SecretLookup::Unusable {
+                    versions, error, ..
+                } => {
                     assert_eq!(versions, "3");
                     assert_eq!(error.reason(), "InvalidConnectionString");
                     assert!(!error.to_string().contains("hunter2"), "{error}");
@@ -443,7 +517,7 @@ mod tests {
             &secrets(&[("db-coords", &coords), ("multica-secrets", &app)]),
         );
         assert!(
-            matches!(&i.lookup, SecretLookup::Found { versions } if versions == "12,5"),
+            matches!(&i.lookup, SecretLookup::Found { versions, .. } if versions == "12,5"),
             "{:?}",
             i.lookup
         );
@@ -493,7 +567,9 @@ mod tests {
             &secrets(&[("db-coords", &coords), ("multica-secrets", &app)]),
         );
         match &i.lookup {
-            SecretLookup::Unusable { versions, error } => {
+            SecretLookup::Unusable {
+                versions, error, ..
+            } => {
                 assert_eq!(versions, "13,5");
                 let text = error.to_string();
                 assert!(

@@ -134,12 +134,15 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
             Requeue::requeue(ctx.settings.secret_recheck_interval)
         }
         Action::ReportUnusableSecret(e) => {
-            let versions = match &inputs.lookup {
-                SecretLookup::Unusable { versions, .. } => versions.as_str(),
-                _ => "",
+            let (versions, digest) = match &inputs.lookup {
+                SecretLookup::Unusable {
+                    versions, digest, ..
+                } => (versions.as_str(), Some(digest.clone())),
+                _ => ("", None),
             };
-            let new =
+            let mut new =
                 status::unusable_secret(&status, &identity, &e, versions, &inputs.redactor, now);
+            new.secret_digest = digest;
             act.report(new, EventReason::Failed).await?;
             Requeue::await_change()
         }
@@ -163,7 +166,8 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
         }
         Action::SettleFinished => {
             if let TaskView::Unsettled { final_status, .. } = &task {
-                super::runner::settle(&api, &key.name, final_status.as_deref())
+                let uid = ctx.runner.run_uid(key);
+                super::runner::settle(&api, &key.name, uid.as_deref(), final_status.as_deref())
                     .await
                     .map_err(|source| Error::WriteStatus {
                         namespace: key.namespace.clone(),
@@ -243,7 +247,7 @@ impl Act<'_> {
     /// Finalizer first (the task must never run without it), then the
     /// starting status, the Event, and the task.
     async fn start(&self, start: decide::Start, inputs: Inputs) -> Result<()> {
-        let (Ok(valid), Some(database), SecretLookup::Found { versions }) =
+        let (Ok(valid), Some(database), SecretLookup::Found { versions, digest }) =
             (self.obj.spec.validate(), inputs.database, &inputs.lookup)
         else {
             // decide() starts runs only with a valid spec and a usable Secret.
@@ -257,7 +261,7 @@ impl Act<'_> {
                 source,
             })?;
         let options = inputs::options(&valid, &self.ctx.settings.session_settings, start.resume);
-        let new = status::starting(
+        let mut new = status::starting(
             self.status,
             self.identity,
             &start,
@@ -265,6 +269,7 @@ impl Act<'_> {
             &options.effective_settings(),
             self.now,
         );
+        new.secret_digest = Some(digest.clone());
         self.write_status(&new).await?;
         let note = new.message(ConditionType::Reconciling);
         let regarding = self.obj.object_ref(&());

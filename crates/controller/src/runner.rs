@@ -33,7 +33,7 @@ use super::decide::{self, AfterFailure, Backoff, Identity, TaskView};
 use super::events::{EventReason, Publisher};
 use super::metrics::{Metrics, RunOutcome};
 use super::status::{self, Change, Redactor};
-use super::writes;
+use super::writes::{self, Guarded};
 use usage_backfill_api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
 use usage_backfill_engine::{self as engine, Database, Event, Options};
 
@@ -130,6 +130,8 @@ struct Inner {
 
 struct Entry {
     identity: Identity,
+    /// UID of the object the run is for: its writes land on no other.
+    uid: Option<String>,
     cancel: CancellationToken,
     why: Option<CancelReason>,
     /// Set when the task ended with writes still to do.
@@ -214,6 +216,7 @@ impl Runner {
                 spec.key.clone(),
                 Entry {
                     identity: spec.identity.clone(),
+                    uid: spec.regarding.uid.clone(),
                     cancel: cancel.clone(),
                     why: None,
                     unsettled: None,
@@ -248,6 +251,11 @@ impl Runner {
             e.why.get_or_insert(why);
             e.cancel.cancel();
         }
+    }
+
+    /// UID of the object the task of `key` (active or unsettled) is for.
+    pub fn run_uid(&self, key: &ObjectKey) -> Option<String> {
+        self.inner.tasks().get(key).and_then(|e| e.uid.clone())
     }
 
     /// Drops an unsettled leftover of `key`.
@@ -460,7 +468,8 @@ async fn run(
     let mut pause = inner.settings.settle_pause;
     let mut settled = false;
     for try_ in 0..5 {
-        match settle(&api, &spec.key.name, final_status.as_ref()).await {
+        let uid = spec.regarding.uid.as_deref();
+        match settle(&api, &spec.key.name, uid, final_status.as_ref()).await {
             Ok(()) => {
                 settled = true;
                 break;
@@ -484,21 +493,40 @@ async fn run(
     }
 }
 
-/// Writes the final status (when there is one) and removes the finalizer.
-/// A vanished object counts as settled.
+/// Writes the final status (when there is one) and removes the finalizer,
+/// on the object with `uid` only (when known). A vanished or recreated
+/// object counts as settled; one being deleted gets no status, only its
+/// finalizer removed.
 pub(crate) async fn settle(
     api: &Api<UsageBackfill>,
     name: &str,
+    uid: Option<&str>,
     final_status: Option<&Status>,
 ) -> kube::Result<()> {
-    if let Some(s) = final_status {
-        match writes::apply_status(api, name, s).await {
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
-            other => other?,
-        }
+    if let Some(s) = final_status
+        && let Guarded::Gone | Guarded::Recreated = write_status(api, name, uid, s).await?
+    {
+        return Ok(());
     }
-    writes::remove_finalizer(api, name).await?;
+    writes::remove_finalizer_of(api, name, uid).await?;
     Ok(())
+}
+
+/// A run's status write: guarded by the object's UID when known.
+async fn write_status(
+    api: &Api<UsageBackfill>,
+    name: &str,
+    uid: Option<&str>,
+    s: &Status,
+) -> kube::Result<Guarded> {
+    match uid {
+        Some(uid) => writes::apply_status_of(api, name, uid, s).await,
+        None => match writes::apply_status(api, name, s).await {
+            Ok(()) => Ok(Guarded::Written),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Guarded::Gone),
+            Err(e) => Err(e),
+        },
+    }
 }
 
 /// Folds engine events into `desired` and writes it: at once on a phase
@@ -521,6 +549,8 @@ async fn report_progress(
         settings.progress_interval,
         settings.heartbeat_interval,
     );
+    // Set once the object of the run is gone or replaced under its name.
+    let mut orphaned = false;
     loop {
         let write = tokio::select! {
             event = rx.recv() => {
@@ -541,11 +571,19 @@ async fn report_progress(
             }
             _ = ticker.tick() => throttle.on_tick(Instant::now()),
         };
-        if write {
+        if write && !orphaned {
             let now = Timestamp::now();
             status::heartbeat(desired, now);
-            if let Err(e) = writes::apply_status(api, &spec.key.name, desired).await {
-                tracing::warn!(object = %spec.key, error = %e, "cannot write progress");
+            let uid = spec.regarding.uid.as_deref();
+            match write_status(api, &spec.key.name, uid, desired).await {
+                // Being deleted: the reconcile is about to cancel the run.
+                Ok(Guarded::Written | Guarded::Deleting) => {}
+                Ok(outcome) => {
+                    tracing::warn!(object = %spec.key, ?outcome,
+                        "the run's object is gone or was replaced; the run writes no more");
+                    orphaned = true;
+                }
+                Err(e) => tracing::warn!(object = %spec.key, error = %e, "cannot write progress"),
             }
             throttle.written(Instant::now());
         }

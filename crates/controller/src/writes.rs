@@ -1,6 +1,15 @@
 //! Writes to the API server: the status by server-side apply under one
 //! field manager, the finalizer by merge patches guarded by the
 //! resourceVersion (so a concurrent change to the list is never lost).
+//!
+//! A run's writes are also guarded by the object's UID: Helm or Argo CD
+//! may delete a hook object and create a new one under the same name
+//! while a run for the old one is still writing. The apiserver ignores a
+//! UID sent to the `status` subresource (its status strategy copies the
+//! stored metadata over the request's), so the guard is the
+//! resourceVersion it does honour: read the object, check its UID, and
+//! write with that resourceVersion; a 409 (anything changed since) reads
+//! again. A write can then only land on the object whose UID was checked.
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
@@ -39,6 +48,59 @@ pub async fn apply_status(
     Ok(())
 }
 
+/// What became of a write guarded by the object's UID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarded {
+    Written,
+    /// The object is gone.
+    Gone,
+    /// The object is being deleted: a status written now tells no one.
+    Deleting,
+    /// Another object has the name now: the run's object is gone.
+    Recreated,
+}
+
+/// Applies the complete status to `name` only while it is the object
+/// with `uid` (see the module doc).
+pub async fn apply_status_of(
+    api: &Api<UsageBackfill>,
+    name: &str,
+    uid: &str,
+    status: &UsageBackfillStatus,
+) -> kube::Result<Guarded> {
+    let mut tries = 0;
+    loop {
+        let Some(obj) = api.get_opt(name).await? else {
+            return Ok(Guarded::Gone);
+        };
+        if obj.uid().as_deref() != Some(uid) {
+            return Ok(Guarded::Recreated);
+        }
+        if obj.metadata.deletion_timestamp.is_some() {
+            return Ok(Guarded::Deleting);
+        }
+        let patch = json!({
+            "apiVersion": UsageBackfill::api_version(&()),
+            "kind": UsageBackfill::kind(&()),
+            "metadata": { "resourceVersion": obj.resource_version() },
+            "status": status,
+        });
+        let written = api
+            .patch_status(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await;
+        match written {
+            Ok(_) => return Ok(Guarded::Written),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Guarded::Gone),
+            Err(kube::Error::Api(e)) if e.code == 409 && tries < CONFLICT_RETRIES => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub fn has_finalizer(obj: &UsageBackfill) -> bool {
     obj.finalizers().iter().any(|f| f == FINALIZER)
 }
@@ -56,11 +118,24 @@ pub async fn add_finalizer(api: &Api<UsageBackfill>, obj: &UsageBackfill) -> kub
 /// Removes the finalizer, reading the object first; retried on conflicts.
 /// Returns false when the object is gone.
 pub async fn remove_finalizer(api: &Api<UsageBackfill>, name: &str) -> kube::Result<bool> {
+    remove_finalizer_of(api, name, None).await
+}
+
+/// As [`remove_finalizer`], only from the object with `uid` when given:
+/// another object under the name counts as gone.
+pub async fn remove_finalizer_of(
+    api: &Api<UsageBackfill>,
+    name: &str,
+    uid: Option<&str>,
+) -> kube::Result<bool> {
     let mut tries = 0;
     loop {
         let Some(obj) = api.get_opt(name).await? else {
             return Ok(false);
         };
+        if uid.is_some_and(|u| obj.uid().as_deref() != Some(u)) {
+            return Ok(false);
+        }
         if !has_finalizer(&obj) {
             return Ok(true);
         }

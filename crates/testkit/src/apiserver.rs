@@ -1,14 +1,32 @@
-//! A fake Kubernetes API server at the HTTP level, for controller tests.
+//! A fake Kubernetes API server at the HTTP level, for controller tests,
+//! as strict as the apiserver where the controller meets it.
 //!
 //! `kube::Client::new` runs over a tower-test mock service; a task answers
-//! each request from an in-memory store of UsageBackfills, Secrets and
-//! Events, with the semantics the controller relies on: generation bumps
-//! on spec changes only, resourceVersion preconditions on merge patches
-//! (409 on conflict), server-side apply on `/status` (needs a field
-//! manager and the apply content type; the manager's status replaces the
-//! old one, which is what SSA does for a sole manager sending everything),
-//! finalizers holding back deletion, list + watch (streamed, also the
-//! metadata-only form used for Secrets), and Event creation.
+//! each request from an in-memory store of UsageBackfills, Secrets, Events
+//! and Leases. The rules it holds, each shown by a test of
+//! `tests/apiserver.rs`:
+//! - UsageBackfills are pruned, defaulted and validated by the CRD's own
+//!   schema ([`schema`]); an invalid write gets 422 with field paths;
+//! - the main resource and the `status` subresource are separate both
+//!   ways: a main-resource write keeps the stored status, a status write
+//!   keeps everything but the status;
+//! - server-side apply with field managers and `managedFields` ([`ssa`]):
+//!   409 on a conflict with another manager unless `force`, list-map merge
+//!   of `conditions` by `type`, removal of fields a manager stops applying;
+//!   a write that changes nothing changes nothing (no resourceVersion, no
+//!   watch event);
+//! - `metadata.generation` moves on spec changes and when a deletion waits
+//!   for finalizers; 409 on a stale resourceVersion; 422 when a finalizer
+//!   is added to an object being deleted;
+//! - watches replay history from their resourceVersion (ADDED, MODIFIED,
+//!   DELETED as they happened), send BOOKMARKs when asked to, end with an
+//!   ERROR 410 Gone when the resourceVersion is older than the retained
+//!   history ([`FakeApiServer::compact`]), and close after `timeoutSeconds`;
+//!   lists page with `limit`/`continue` (410 for an expired token), except
+//!   at `resourceVersion=0`, served whole as from the watch cache;
+//! - Events are created under their name: 409 AlreadyExists on a clash;
+//! - per-verb RBAC from the rules the chart grants ([`rbac`]): 403 for
+//!   anything else.
 //!
 //! Leases (`coordination.k8s.io/v1`) for leader election: get, create,
 //! replace (resourceVersion-guarded) and patch, where a server-side apply
@@ -27,8 +45,11 @@
 //! assert what requests mean, not how kube spells them.
 
 pub mod over_http;
+pub mod rbac;
+pub mod schema;
+pub mod ssa;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -44,6 +65,8 @@ use tokio::sync::mpsc;
 use usage_backfill_api::{UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
 use usage_backfill_controller::decide::Backoff;
 use usage_backfill_controller::{RunnerSettings, Settings};
+
+use schema::Structural;
 
 /// Controller settings for tests: every slice's progress is written (so
 /// short runs show it), retries come quickly, no session settings.
@@ -140,11 +163,26 @@ struct Key {
 }
 
 struct Watch {
+    id: u64,
     resource: String,
     namespace: Option<String>,
     meta_only: bool,
+    /// `allowWatchBookmarks=true`.
+    bookmarks: bool,
     tx: mpsc::UnboundedSender<Bytes>,
 }
+
+/// One change, as a watch from an older resourceVersion replays it.
+struct Change {
+    rv: u64,
+    key: Key,
+    verb: &'static str,
+    object: Value,
+}
+
+/// How many changes the server keeps for watches to resume from (etcd
+/// compacts its history the same way).
+const HISTORY: usize = 10_000;
 
 /// A client of the fake, as numbered by [`FakeApiServer::connect`].
 pub type ClientId = u64;
@@ -175,6 +213,16 @@ struct State {
     last_rv: u64,
     uid: u64,
     watches: Vec<Watch>,
+    next_watch: u64,
+    /// Changes after `floor`, oldest first.
+    history: VecDeque<Change>,
+    /// A watch or a continued list from before this resourceVersion gets
+    /// 410 Gone.
+    floor: u64,
+    /// The rest of paginated lists: continue token -> (the list's
+    /// resourceVersion, items still to send).
+    pages: BTreeMap<u64, (u64, Vec<Value>)>,
+    next_page: u64,
     /// Answer this many status writes of this phase with a 500.
     fail_status_writes: Option<(String, usize)>,
 }
@@ -257,6 +305,8 @@ impl FakeApiServer {
             namespace: namespace.into(),
             name: name.into(),
         };
+        let obj =
+            admitted(obj, None).unwrap_or_else(|e| panic!("the API server refuses {name}: {e:?}"));
         st.store(key, obj, "ADDED");
         drop(st);
         self.get(namespace, name).unwrap()
@@ -288,13 +338,12 @@ impl FakeApiServer {
             namespace: namespace.into(),
             name: name.into(),
         };
-        let mut v = st.objects.get(&key).unwrap().clone();
-        if v["spec"] != spec {
-            v["spec"] = spec;
-            let g = v["metadata"]["generation"].as_i64().unwrap_or(1);
-            v["metadata"]["generation"] = json!(g + 1);
-        }
-        st.store(key, v, "MODIFIED");
+        let old = st.objects.get(&key).unwrap().clone();
+        let mut v = old.clone();
+        v["spec"] = spec;
+        let v = admitted(v, Some(&old))
+            .unwrap_or_else(|e| panic!("the API server refuses the edit of {name}: {e:?}"));
+        st.store_if_changed(key, &old, v);
     }
 
     /// Replaces the status directly (as an earlier controller left it).
@@ -305,9 +354,20 @@ impl FakeApiServer {
             namespace: namespace.into(),
             name: name.into(),
         };
-        let mut v = st.objects.get(&key).unwrap().clone();
-        v["status"] = serde_json::to_value(status).unwrap();
-        st.store(key, v, "MODIFIED");
+        let old = st.objects.get(&key).unwrap().clone();
+        let applied = json!({ "status": serde_json::to_value(status).unwrap() });
+        let manager = ssa::Manager {
+            name: usage_backfill_controller::writes::FIELD_MANAGER.to_owned(),
+            operation: "Apply".into(),
+            subresource: "status".into(),
+        };
+        let (mut v, owners) =
+            ssa::apply(&old, &applied, &manager, true, Structural::usage_backfill())
+                .unwrap_or_else(|_| unreachable!("a forced apply has no conflicts"));
+        ssa::set_owners(&mut v, &owners, UBF_API);
+        let v = admitted(v, Some(&old))
+            .unwrap_or_else(|e| panic!("the API server refuses this status of {name}: {e:?}"));
+        st.store_if_changed(key, &old, v);
     }
 
     /// `kubectl delete`: marks the object deleted; it goes once no
@@ -322,8 +382,50 @@ impl FakeApiServer {
         let Some(mut v) = st.objects.get(&key).cloned() else {
             return;
         };
+        if !v["metadata"]["deletionTimestamp"].is_null() {
+            return;
+        }
         v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:01Z");
+        // A deletion that waits for finalizers is a change of the object's
+        // desired state: the apiserver bumps the generation.
+        let g = v["metadata"]["generation"].as_i64().unwrap_or(1);
+        v["metadata"]["generation"] = json!(g + 1);
         st.store_or_finish_deletion(key, v);
+    }
+
+    /// Drops the change history (as etcd compaction does): a watch or a
+    /// continued list from an older resourceVersion then gets 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.state();
+        st.floor = st.last_rv;
+        st.history.clear();
+    }
+
+    /// Ends every open watch from the server's side (an apiserver restart,
+    /// a load balancer's idle timeout): clients resume from their last
+    /// resourceVersion.
+    pub fn close_watches(&self) {
+        self.state().watches.clear();
+    }
+
+    /// Sends a BOOKMARK at the current resourceVersion to every watch that
+    /// allowed them (the apiserver does so about once a minute).
+    pub fn bookmark(&self) {
+        let mut st = self.state();
+        let rv = st.last_rv;
+        st.watches.retain(|w| {
+            !w.bookmarks
+                || w.tx
+                    .send(bookmark_line(&w.resource, w.meta_only, rv))
+                    .is_ok()
+        });
+    }
+
+    /// Watches open now (of any client).
+    pub fn open_watches(&self) -> usize {
+        let mut st = self.state();
+        st.watches.retain(|w| !w.tx.is_closed());
+        st.watches.len()
     }
 
     /// Creates or replaces an Opaque Secret with one key.
@@ -597,6 +699,26 @@ impl FakeApiServer {
         if !["usagebackfills", "secrets", "events", "leases"].contains(&resource.as_str()) {
             return teapot(r);
         }
+        let verb = rbac::verb(&r.method, route.name.is_some(), r.is_watch());
+        let rbac_resource = match &route.subresource {
+            Some(sub) => format!("{resource}/{sub}"),
+            None => resource.clone(),
+        };
+        if !rbac::allowed(&route.group, &rbac_resource, verb) {
+            let group = if route.group.is_empty() {
+                String::new()
+            } else {
+                format!(" in API group \"{}\"", route.group)
+            };
+            return status_error(
+                403,
+                "Forbidden",
+                &format!(
+                    "{resource} is forbidden: User \"system:serviceaccount:usage-system:usage-backfill\" \
+                     cannot {verb} resource \"{rbac_resource}\"{group}"
+                ),
+            );
+        }
         if resource == "leases"
             && let Some(answer) = st.lease_request(r, route)
         {
@@ -607,62 +729,183 @@ impl FakeApiServer {
             namespace: route.namespace.clone().unwrap_or_default(),
             name: name.to_owned(),
         };
+        let in_scope = |k: &Key| {
+            k.resource == resource && route.namespace.as_ref().is_none_or(|ns| *ns == k.namespace)
+        };
         match (r.method.as_str(), &route.name, route.subresource.as_deref()) {
             ("GET", None, None) if r.is_watch() => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let since: u64 = r
-                    .query
-                    .get("resourceVersion")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                // Replay what changed since the list the watch follows.
-                for (k, v) in &st.objects {
-                    if k.resource == resource
-                        && route.namespace.as_ref().is_none_or(|ns| *ns == k.namespace)
-                        && rv_of(v) > since
-                    {
-                        let _ = tx.send(watch_line("MODIFIED", v, meta_only));
+                let since = r.query.get("resourceVersion").map(String::as_str);
+                match since.unwrap_or("") {
+                    // No resourceVersion, or 0: the current state as ADDED.
+                    "" | "0" => {
+                        for (k, v) in &st.objects {
+                            if in_scope(k) {
+                                let _ = tx.send(watch_line("ADDED", v, meta_only));
+                            }
+                        }
+                    }
+                    n => {
+                        let n: u64 = n.parse().unwrap_or(0);
+                        if n < st.floor {
+                            let gone = json!({
+                                "type": "ERROR",
+                                "object": {
+                                    "apiVersion": "v1",
+                                    "kind": "Status",
+                                    "metadata": {},
+                                    "status": "Failure",
+                                    "message": format!("too old resource version: {n} ({})", st.floor),
+                                    "reason": "Expired",
+                                    "code": 410,
+                                },
+                            });
+                            let mut line = serde_json::to_vec(&gone).unwrap();
+                            line.push(b'\n');
+                            let _ = tx.send(Bytes::from(line));
+                            // The stream ends after the error.
+                            return (StatusCode::OK, FakeBody::Stream(rx));
+                        }
+                        for c in &st.history {
+                            if c.rv > n && in_scope(&c.key) {
+                                let _ = tx.send(watch_line(c.verb, &c.object, meta_only));
+                            }
+                        }
                     }
                 }
+                st.next_watch += 1;
+                let id = st.next_watch;
+                let bookmarks =
+                    r.query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
                 st.watches.push(Watch {
-                    resource,
+                    id,
+                    resource: resource.clone(),
                     namespace: route.namespace.clone(),
                     meta_only,
+                    bookmarks,
                     tx,
                 });
+                if let Some(secs) = r
+                    .query
+                    .get("timeoutSeconds")
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(secs)).await;
+                        let mut st = this.state();
+                        let rv = st.last_rv;
+                        // A last BOOKMARK, then the server closes the watch.
+                        st.watches.retain(|w| {
+                            if w.id == id && w.bookmarks {
+                                let _ = w.tx.send(bookmark_line(&w.resource, w.meta_only, rv));
+                            }
+                            w.id != id
+                        });
+                    });
+                }
                 (StatusCode::OK, FakeBody::Stream(rx))
             }
             ("GET", None, None) => {
-                let items: Vec<Value> = st
-                    .objects
-                    .iter()
-                    .filter(|(k, _)| {
-                        k.resource == resource
-                            && route.namespace.as_ref().is_none_or(|ns| *ns == k.namespace)
-                    })
-                    .map(|(_, v)| if meta_only { meta(v) } else { v.clone() })
-                    .collect();
+                let (list_rv, mut items) = if let Some(token) =
+                    r.query.get("continue").filter(|t| !t.is_empty())
+                {
+                    let page = token
+                        .strip_prefix("page-")
+                        .and_then(|id| id.parse::<u64>().ok())
+                        .and_then(|id| st.pages.remove(&id));
+                    match page {
+                        Some((rv, items)) if rv >= st.floor => (rv, items),
+                        _ => {
+                            return status_error(
+                                410,
+                                "Expired",
+                                "The provided continue parameter is too old to display a consistent list result. \
+                                 You can start a new list without the continue parameter.",
+                            );
+                        }
+                    }
+                } else {
+                    let items = st
+                        .objects
+                        .iter()
+                        .filter(|(k, _)| in_scope(k))
+                        .map(|(_, v)| if meta_only { meta(v) } else { v.clone() })
+                        .collect::<Vec<_>>();
+                    (st.last_rv, items)
+                };
+                // resourceVersion=0 is served from the watch cache, which
+                // ignores `limit`: one response with everything.
+                let from_cache = r.query.get("resourceVersion").map(String::as_str) == Some("0");
+                let limit = r
+                    .query
+                    .get("limit")
+                    .and_then(|l| l.parse::<usize>().ok())
+                    .filter(|l| *l > 0 && !from_cache);
+                let mut continue_token = None;
+                if let Some(limit) = limit
+                    && items.len() > limit
+                {
+                    let rest = items.split_off(limit);
+                    st.next_page += 1;
+                    let id = st.next_page;
+                    st.pages.insert(id, (list_rv, rest));
+                    continue_token = Some(format!("page-{id}"));
+                }
                 let kind = if meta_only {
                     "PartialObjectMetadataList".to_owned()
                 } else {
                     format!("{}List", kind_of(&resource))
                 };
+                let mut metadata = json!({ "resourceVersion": list_rv.to_string() });
+                if let Some(t) = continue_token {
+                    metadata["continue"] = json!(t);
+                }
                 let list = json!({
                     "apiVersion": if meta_only { "meta.k8s.io/v1" } else { api_version_of(&resource) },
                     "kind": kind,
-                    "metadata": { "resourceVersion": st.last_rv.to_string() },
+                    "metadata": metadata,
                     "items": items,
                 });
                 ok(&list)
             }
             ("GET", Some(name), None) => match st.objects.get(&key(name)) {
-                Some(v) => ok(v),
+                Some(v) => ok(&if meta_only { meta(v) } else { v.clone() }),
                 None => not_found(&resource, name),
             },
+            ("GET", Some(name), Some("status")) if resource == "usagebackfills" => {
+                match st.objects.get(&key(name)) {
+                    Some(v) => ok(v),
+                    None => not_found(&resource, name),
+                }
+            }
             ("POST", None, None) if resource == "events" => {
                 let mut v = r.body.clone().unwrap_or_default();
-                let name = v["metadata"]["name"].as_str().unwrap_or("event").to_owned();
+                let name = match (
+                    v["metadata"]["name"].as_str(),
+                    v["metadata"]["generateName"].as_str(),
+                ) {
+                    (Some(n), _) => n.to_owned(),
+                    (None, Some(prefix)) => format!("{prefix}{:05x}", st.last_rv + 1),
+                    (None, None) => {
+                        return status_error(
+                            422,
+                            "Invalid",
+                            "metadata.name: Required value: name or generateName is required",
+                        );
+                    }
+                };
+                if st.objects.contains_key(&key(&name)) {
+                    return status_error(
+                        409,
+                        "AlreadyExists",
+                        &format!("events.events.k8s.io \"{name}\" already exists"),
+                    );
+                }
+                v["metadata"]["name"] = json!(name);
                 v["metadata"]["namespace"] = json!(route.namespace.clone().unwrap_or_default());
+                st.uid += 1;
+                v["metadata"]["uid"] = json!(format!("00000000-0000-0000-0003-{:012}", st.uid));
                 st.store(key(&name), v.clone(), "ADDED");
                 (StatusCode::CREATED, full(&st.objects[&key(&name)]))
             }
@@ -674,71 +917,282 @@ impl FakeApiServer {
                 st.store(key(name), v.clone(), "MODIFIED");
                 ok(&v)
             }
-            ("PATCH", Some(name), Some("status")) if resource == "usagebackfills" => {
-                if r.content_type.as_deref() != Some("application/apply-patch+yaml") {
-                    return status_error(415, "UnsupportedMediaType", "expected an apply patch");
+            ("PATCH", Some(name), sub @ (None | Some("status")))
+                if resource == "usagebackfills" =>
+            {
+                let status_write = sub.is_some();
+                if status_write {
+                    let phase = r.body.as_ref().and_then(|b| b["status"]["phase"].as_str());
+                    if let Some((failing, left)) = &mut st.fail_status_writes
+                        && *left > 0
+                        && phase == Some(failing.as_str())
+                    {
+                        *left -= 1;
+                        return status_error(500, "InternalError", "injected failure");
+                    }
                 }
-                if r.field_manager().is_none_or(str::is_empty) {
-                    return status_error(
-                        422,
-                        "Invalid",
-                        "PATCH with apply requires a fieldManager",
-                    );
-                }
-                let phase = r.body.as_ref().and_then(|b| b["status"]["phase"].as_str());
-                if let Some((failing, left)) = &mut st.fail_status_writes
-                    && *left > 0
-                    && phase == Some(failing.as_str())
-                {
-                    *left -= 1;
-                    return status_error(500, "InternalError", "injected failure");
-                }
-                let Some(mut v) = st.objects.get(&key(name)).cloned() else {
+                let Some(old) = st.objects.get(&key(name)).cloned() else {
                     return not_found(&resource, name);
                 };
-                let body = r.body.clone().unwrap_or_default();
-                if body["apiVersion"] != json!(UBF_API) || body["kind"] != json!("UsageBackfill") {
-                    return status_error(400, "BadRequest", "apply needs apiVersion and kind");
+                match patch_usage_backfill(r, &old, status_write) {
+                    Ok(v) => {
+                        let v = st.store_if_changed(key(name), &old, v);
+                        ok(&v)
+                    }
+                    Err(e) => e,
                 }
-                v["status"] = body["status"].clone();
-                st.store(key(name), v, "MODIFIED");
-                ok(&st.objects[&key(name)])
-            }
-            ("PATCH", Some(name), None) if resource == "usagebackfills" => {
-                if r.content_type.as_deref() != Some("application/merge-patch+json") {
-                    return status_error(415, "UnsupportedMediaType", "expected a merge patch");
-                }
-                let Some(mut v) = st.objects.get(&key(name)).cloned() else {
-                    return not_found(&resource, name);
-                };
-                let mut patch = r.body.clone().unwrap_or_default();
-                if let Some(want) = patch["metadata"]
-                    .as_object_mut()
-                    .and_then(|m| m.remove("resourceVersion"))
-                    && want != v["metadata"]["resourceVersion"]
-                {
-                    return status_error(409, "Conflict", "the object has been modified");
-                }
-                let spec_before = v["spec"].clone();
-                merge(&mut v, &patch);
-                if v["spec"] != spec_before {
-                    let g = v["metadata"]["generation"].as_i64().unwrap_or(1);
-                    v["metadata"]["generation"] = json!(g + 1);
-                }
-                let v = st.store_or_finish_deletion(key(name), v);
-                ok(&v)
             }
             _ => teapot(r),
         }
     }
 }
 
+/// A PATCH of a UsageBackfill (main resource or `status`), as the
+/// apiserver handles it: the new object, or the error answer.
+fn patch_usage_backfill(
+    r: &Recorded,
+    old: &Value,
+    status_write: bool,
+) -> Result<Value, (StatusCode, FakeBody)> {
+    let schema = Structural::usage_backfill();
+    let body = r.body.clone().unwrap_or_default();
+    let name = old["metadata"]["name"].as_str().unwrap_or_default();
+    let want_rv = &body["metadata"]["resourceVersion"];
+    if !want_rv.is_null() && *want_rv != old["metadata"]["resourceVersion"] {
+        return Err(status_error(
+            409,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on usagebackfills.usage.multica.ai \"{name}\": \
+                 the object has been modified; please apply your changes to the latest version and try again"
+            ),
+        ));
+    }
+    let manager_name = r.field_manager().unwrap_or("unknown").to_owned();
+    let subresource = if status_write { "status" } else { "" }.to_owned();
+    let (mut new, owners) = match r.content_type.as_deref() {
+        Some("application/apply-patch+yaml") => {
+            if r.field_manager().is_none_or(str::is_empty) {
+                return Err(status_error(
+                    422,
+                    "Invalid",
+                    "PATCH with apply requires a fieldManager",
+                ));
+            }
+            if body["apiVersion"] != json!(UBF_API) || body["kind"] != json!("UsageBackfill") {
+                return Err(status_error(
+                    400,
+                    "BadRequest",
+                    "apply needs apiVersion and kind",
+                ));
+            }
+            let mut applied = ssa::applied_fields(&body);
+            // What the endpoint may change: the status on `status`,
+            // everything else on the main resource.
+            if let Some(m) = applied.as_object_mut() {
+                if status_write {
+                    m.retain(|k, _| k == "status");
+                } else {
+                    m.remove("status");
+                }
+            }
+            let manager = ssa::Manager {
+                name: manager_name.clone(),
+                operation: "Apply".into(),
+                subresource: subresource.clone(),
+            };
+            let force = r.query.get("force").map(String::as_str) == Some("true");
+            let applied =
+                ssa::apply(old, &applied, &manager, force, schema).map_err(|conflicts| {
+                    let list: Vec<String> = conflicts
+                        .iter()
+                        .map(|c| format!("conflict with \"{}\": {}", c.manager, c.field))
+                        .collect();
+                    status_error(
+                        409,
+                        "Conflict",
+                        &format!(
+                            "Apply failed with {} conflict(s): {}",
+                            list.len(),
+                            list.join(", ")
+                        ),
+                    )
+                })?;
+            (applied.0, Some(applied.1))
+        }
+        Some("application/merge-patch+json") => {
+            let mut new = old.clone();
+            let mut patch = body.clone();
+            if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+            }
+            merge(&mut new, &patch);
+            (new, None)
+        }
+        _ => {
+            return Err(status_error(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format",
+            ));
+        }
+    };
+    if status_write {
+        // The status strategy: everything but the status is the old
+        // object's.
+        let status = new.get("status").cloned();
+        new = old.clone();
+        match status {
+            Some(s) => new["status"] = s,
+            None => {
+                new.as_object_mut().unwrap().remove("status");
+            }
+        }
+    } else {
+        new["status"] = old["status"].clone();
+        if old["status"].is_null() {
+            new.as_object_mut().unwrap().remove("status");
+        }
+        if new["metadata"]["uid"] != old["metadata"]["uid"] {
+            return Err(invalid(name, &[("metadata.uid", "field is immutable")]));
+        }
+        if !old["metadata"]["deletionTimestamp"].is_null() {
+            let before: Vec<&Value> = old["metadata"]["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .collect();
+            let added: Vec<String> = new["metadata"]["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|f| !before.contains(f))
+                .map(|f| f.to_string())
+                .collect();
+            if !added.is_empty() {
+                return Err(invalid(
+                    name,
+                    &[(
+                        "metadata.finalizers",
+                        &format!(
+                            "Forbidden: no new finalizers can be added if the object is being deleted, \
+                             found new finalizers [{}]",
+                            added.join(" ")
+                        ),
+                    )],
+                ));
+            }
+        }
+        new["metadata"]["deletionTimestamp"] = old["metadata"]["deletionTimestamp"].clone();
+        if old["metadata"]["deletionTimestamp"].is_null() {
+            new["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("deletionTimestamp");
+        }
+    }
+    // An update owns what it changed, once the endpoint has dropped
+    // what it may not change.
+    let owners = owners.unwrap_or_else(|| {
+        let manager = ssa::Manager {
+            name: manager_name,
+            operation: "Update".into(),
+            subresource,
+        };
+        ssa::update(old, &new, &manager, schema)
+    });
+    ssa::set_owners(&mut new, &owners, UBF_API);
+    admitted(new, Some(old)).map_err(|errors| {
+        let causes: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect();
+        invalid(name, &causes)
+    })
+}
+
+/// What the apiserver makes of a UsageBackfill it is asked to store
+/// (`old` for an update): pruned, defaulted, its generation moved when
+/// anything but metadata and status changed, and validated (on an update,
+/// only the part the endpoint changed: the status, or the rest).
+fn admitted(mut v: Value, old: Option<&Value>) -> Result<Value, Vec<schema::FieldError>> {
+    let schema = Structural::usage_backfill();
+    schema.normalize(&mut v);
+    let desired = |o: &Value| {
+        let mut o = o.clone();
+        if let Some(m) = o.as_object_mut() {
+            m.remove("metadata");
+            m.remove("status");
+        }
+        o
+    };
+    let mut errors = schema.validate(&v);
+    if let Some(old) = old {
+        let status_changed = v["status"] != old["status"];
+        let rest_changed = desired(&v) != desired(old);
+        // Validation ratcheting, roughly: what the write did not touch is
+        // not validated again.
+        errors.retain(|e| {
+            if e.field == "status"
+                || e.field.starts_with("status.")
+                || e.field.starts_with("status[")
+            {
+                status_changed
+            } else {
+                rest_changed
+            }
+        });
+        if rest_changed {
+            let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+            v["metadata"]["generation"] = json!(g + 1);
+        }
+    }
+    if errors.is_empty() {
+        Ok(v)
+    } else {
+        Err(errors)
+    }
+}
+
+/// 422 Invalid with one cause per field.
+fn invalid(name: &str, causes: &[(&str, &str)]) -> (StatusCode, FakeBody) {
+    let text: Vec<String> = causes.iter().map(|(f, m)| format!("{f}: {m}")).collect();
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "Status",
+        "status": "Failure",
+        "message": format!("UsageBackfill.usage.multica.ai \"{name}\" is invalid: [{}]", text.join(", ")),
+        "reason": "Invalid",
+        "code": 422,
+        "details": {
+            "name": name,
+            "group": "usage.multica.ai",
+            "kind": "UsageBackfill",
+            "causes": causes.iter().map(|(f, m)| json!({
+                "reason": "FieldValueInvalid",
+                "message": m,
+                "field": f,
+            })).collect::<Vec<_>>(),
+        },
+    });
+    (StatusCode::UNPROCESSABLE_ENTITY, full(&body))
+}
+
 impl State {
-    fn store(&mut self, key: Key, mut v: Value, verb: &str) {
+    fn store(&mut self, key: Key, mut v: Value, verb: &'static str) {
         self.last_rv += 1;
         v["metadata"]["resourceVersion"] = json!(self.last_rv.to_string());
-        self.notify(&key, &v, verb);
+        self.record(&key, &v, verb);
         self.objects.insert(key, v);
+    }
+
+    /// Stores `new` unless it is `old` unchanged (a no-op write changes
+    /// nothing: no resourceVersion, no watch event); the object as stored.
+    fn store_if_changed(&mut self, key: Key, old: &Value, new: Value) -> Value {
+        if new == *old {
+            return old.clone();
+        }
+        self.store_or_finish_deletion(key, new)
     }
 
     /// Stores `v`, or removes it when it is deleted and unfinalized.
@@ -751,16 +1205,33 @@ impl State {
             self.last_rv += 1;
             let mut gone = v.clone();
             gone["metadata"]["resourceVersion"] = json!(self.last_rv.to_string());
-            self.notify(&key, &gone, "DELETED");
+            self.record(&key, &gone, "DELETED");
             self.objects.remove(&key);
             gone
         } else {
-            self.store(key.clone(), v, "MODIFIED");
+            let verb = if self.objects.contains_key(&key) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            self.store(key.clone(), v, verb);
             self.objects[&key].clone()
         }
     }
 
-    fn notify(&mut self, key: &Key, v: &Value, verb: &str) {
+    /// Keeps the change for watches to come and sends it to open ones.
+    fn record(&mut self, key: &Key, v: &Value, verb: &'static str) {
+        self.history.push_back(Change {
+            rv: self.last_rv,
+            key: key.clone(),
+            verb,
+            object: v.clone(),
+        });
+        while self.history.len() > HISTORY {
+            if let Some(c) = self.history.pop_front() {
+                self.floor = c.rv;
+            }
+        }
         self.watches.retain(|w| {
             if w.resource != key.resource
                 || w.namespace.as_ref().is_some_and(|ns| *ns != key.namespace)
@@ -774,6 +1245,8 @@ impl State {
 
 #[derive(Debug, Default)]
 struct Route {
+    /// The API group: "" for the core group.
+    group: String,
     resource: Option<String>,
     namespace: Option<String>,
     name: Option<String>,
@@ -785,9 +1258,9 @@ impl Route {
     /// `[namespaces/NS/]RESOURCE[/NAME[/SUB]]`.
     fn parse(path: &str) -> Route {
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        let rest = match segs.as_slice() {
-            ["api", _, rest @ ..] => rest,
-            ["apis", _, _, rest @ ..] => rest,
+        let (group, rest) = match segs.as_slice() {
+            ["api", _, rest @ ..] => (String::new(), rest),
+            ["apis", group, _, rest @ ..] => (group.to_string(), rest),
             _ => return Route::default(),
         };
         let (namespace, rest) = match rest {
@@ -795,6 +1268,7 @@ impl Route {
             rest => (None, rest),
         };
         Route {
+            group,
             resource: rest.first().map(|s| s.to_string()),
             namespace,
             name: rest.get(1).map(|s| s.to_string()),
@@ -803,19 +1277,29 @@ impl Route {
     }
 }
 
-fn rv_of(v: &Value) -> u64 {
-    v["metadata"]["resourceVersion"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
 fn meta(v: &Value) -> Value {
     json!({
         "apiVersion": "meta.k8s.io/v1",
         "kind": "PartialObjectMetadata",
         "metadata": v["metadata"].clone(),
     })
+}
+
+/// A BOOKMARK: only the resourceVersion the watch has reached.
+fn bookmark_line(resource: &str, meta_only: bool, rv: u64) -> Bytes {
+    let (api_version, kind) = if meta_only {
+        ("meta.k8s.io/v1", "PartialObjectMetadata")
+    } else {
+        (api_version_of(resource), kind_of(resource))
+    };
+    let object = json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": { "resourceVersion": rv.to_string() },
+    });
+    let mut line = serde_json::to_vec(&json!({ "type": "BOOKMARK", "object": object })).unwrap();
+    line.push(b'\n');
+    Bytes::from(line)
 }
 
 fn watch_line(verb: &str, v: &Value, meta_only: bool) -> Bytes {
@@ -957,7 +1441,7 @@ impl State {
                             ));
                         }
                         let mut patch = body.clone();
-                        if let Some(m) = patch["metadata"].as_object_mut() {
+                        if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
                             m.remove("resourceVersion");
                         }
                         merge(&mut v, &patch);

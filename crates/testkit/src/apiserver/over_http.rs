@@ -13,7 +13,8 @@
 //!
 //! Also here: raw objects ([`FakeApiServer::create_raw`]), for specs that the
 //! typed [`UsageBackfillSpec`] cannot hold (what an API server stores when
-//! its CRD schema does not forbid a value).
+//! its CRD schema does not forbid a value), and objects stored under an
+//! older, looser schema ([`FakeApiServer::create_legacy`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -103,8 +104,9 @@ impl FakeApiServer {
         }
     }
 
-    /// Creates a UsageBackfill whose spec is `spec` as given, unchecked
-    /// (generation 1, a uid, no status).
+    /// Creates a UsageBackfill whose spec is `spec` as given, through the
+    /// CRD schema (pruned, defaulted; panics when the API server would
+    /// refuse it), generation 1, a uid.
     pub fn create_raw(&self, namespace: &str, name: &str, spec: Value) {
         let mut st = self.state();
         st.uid += 1;
@@ -120,6 +122,36 @@ impl FakeApiServer {
             },
             "spec": spec,
         });
+        let key = Key {
+            resource: "usagebackfills".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        let obj =
+            admitted(obj, None).unwrap_or_else(|e| panic!("the API server refuses {name}: {e:?}"));
+        st.store(key, obj, "ADDED");
+    }
+
+    /// Creates a UsageBackfill whose spec the CRD's schema refuses now, as
+    /// stored before the schema forbade it: the apiserver validates
+    /// writes, not what it reads, so such an object is served as stored
+    /// (pruned and defaulted, as every read is). Generation 1, a uid.
+    pub fn create_legacy(&self, namespace: &str, name: &str, spec: Value) {
+        let mut st = self.state();
+        st.uid += 1;
+        let mut obj = json!({
+            "apiVersion": UBF_API,
+            "kind": "UsageBackfill",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "generation": 1,
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "uid": format!("00000000-0000-0000-0000-{:012}", st.uid),
+            },
+            "spec": spec,
+        });
+        Structural::usage_backfill().normalize(&mut obj);
         let key = Key {
             resource: "usagebackfills".into(),
             namespace: namespace.into(),

@@ -1,0 +1,811 @@
+//! The fake API server refuses what a real apiserver refuses: one test per
+//! rule of `usage_backfill_testkit::apiserver`, each through a kube client
+//! as the controller talks to it (the test's own arrangements, such as
+//! creating an object, go straight to the store as `kubectl` would).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::core::{DynamicObject, Status};
+use serde_json::{Value, json};
+
+use usage_backfill_api::{UsageBackfill, UsageBackfillSpec};
+use usage_backfill_controller as controller;
+use usage_backfill_testkit::{FakeApiServer, settings};
+
+const NS: &str = "tenant-a";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn ubfs(client: &kube::Client) -> Api<UsageBackfill> {
+    Api::namespaced(client.clone(), NS)
+}
+
+fn spec() -> UsageBackfillSpec {
+    UsageBackfillSpec::new("app-db")
+}
+
+/// The apiserver's answer of a failed call.
+fn refusal<T: std::fmt::Debug>(r: kube::Result<T>) -> Status {
+    match r {
+        Err(kube::Error::Api(e)) => *e,
+        other => panic!("expected the API server to refuse, got {other:?}"),
+    }
+}
+
+fn rv(fake: &FakeApiServer, name: &str) -> String {
+    fake.get_raw(NS, name).unwrap()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn apply(manager: &str) -> PatchParams {
+    PatchParams::apply(manager)
+}
+
+fn status_apply(status: Value) -> Value {
+    json!({
+        "apiVersion": "usage.multica.ai/v1alpha1",
+        "kind": "UsageBackfill",
+        "status": status,
+    })
+}
+
+fn condition(kind: &str, status: &str) -> Value {
+    json!({
+        "type": kind,
+        "status": status,
+        "reason": "Testing",
+        "message": "",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    })
+}
+
+// ---------------------------------------------------------------------------
+// a. The CRD's schema: pruning, defaulting, validation
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn creates_are_pruned_and_defaulted_by_the_crd_schema() {
+    let (_client, fake) = FakeApiServer::start();
+    fake.create_raw(
+        NS,
+        "minimal",
+        json!({
+            "database": { "secretRef": { "name": "app-db" }, "unknownField": 1 },
+            "mode": null,
+            "bogus": "dropped",
+        }),
+    );
+    let v = fake.get_raw(NS, "minimal").unwrap();
+    assert_eq!(v["spec"]["database"]["secretRef"]["key"], "DATABASE_URL");
+    assert_eq!(
+        v["spec"]["mode"], "IfLagging",
+        "a null without nullable is defaulted"
+    );
+    assert_eq!(v["spec"]["backoffLimit"], 6);
+    assert!(
+        v["spec"].get("bogus").is_none(),
+        "unknown fields are pruned"
+    );
+    assert!(v["spec"]["database"].get("unknownField").is_none());
+    assert_eq!(
+        v["status"],
+        json!({ "observedGeneration": -1 }),
+        "the status default applies to a new object"
+    );
+}
+
+#[tokio::test]
+async fn invalid_writes_get_422_with_field_paths() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    let e = refusal(
+        api.patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "mode": "Sometimes", "backoffLimit": -1 } })),
+        )
+        .await,
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert!(e.message.contains("spec.mode"), "{}", e.message);
+    assert!(e.message.contains("spec.backoffLimit"), "{}", e.message);
+
+    let e = refusal(
+        api.patch_status(
+            "x",
+            &apply("m"),
+            &Patch::Apply(status_apply(
+                json!({ "phase": "Bogus", "startedAt": "yesterday" }),
+            )),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 422);
+    assert!(e.message.contains("status.phase"), "{}", e.message);
+    assert!(e.message.contains("status.startedAt"), "{}", e.message);
+    assert_eq!(fake.get_raw(NS, "x").unwrap()["spec"]["mode"], "IfLagging");
+}
+
+// ---------------------------------------------------------------------------
+// b. Main resource and status subresource
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_main_resource_and_the_status_subresource_ignore_each_other() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({ "status": { "phase": "Succeeded" }, "metadata": { "labels": { "a": "b" } } }),
+        ),
+    )
+    .await
+    .unwrap();
+    let v = fake.get_raw(NS, "x").unwrap();
+    assert_eq!(v["metadata"]["labels"]["a"], "b");
+    assert_eq!(
+        v["status"],
+        json!({ "observedGeneration": -1 }),
+        "status untouched"
+    );
+
+    let mut body = status_apply(json!({ "phase": "Running" }));
+    body["spec"] = json!({ "database": { "secretRef": { "name": "elsewhere" } } });
+    body["metadata"] = json!({ "labels": { "a": "changed" } });
+    api.patch_status("x", &apply("m"), &Patch::Apply(body))
+        .await
+        .unwrap();
+    let v = fake.get_raw(NS, "x").unwrap();
+    assert_eq!(v["status"]["phase"], "Running");
+    assert_eq!(v["spec"]["database"]["secretRef"]["name"], "app-db");
+    assert_eq!(v["metadata"]["labels"]["a"], "b");
+    assert_eq!(v["metadata"]["generation"], 1);
+}
+
+// ---------------------------------------------------------------------------
+// c. Server-side apply
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn apply_conflicts_between_managers_unless_forced() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    api.patch_status(
+        "x",
+        &apply("a"),
+        &Patch::Apply(status_apply(json!({ "phase": "Running" }))),
+    )
+    .await
+    .unwrap();
+    // The same value is no conflict: both own it.
+    api.patch_status(
+        "x",
+        &apply("b"),
+        &Patch::Apply(status_apply(json!({ "phase": "Running" }))),
+    )
+    .await
+    .unwrap();
+    let e = refusal(
+        api.patch_status(
+            "x",
+            &apply("c"),
+            &Patch::Apply(status_apply(json!({ "phase": "Failed" }))),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 409);
+    assert!(
+        e.message.contains("\"a\"") && e.message.contains(".status.phase"),
+        "{}",
+        e.message
+    );
+    api.patch_status(
+        "x",
+        &apply("c").force(),
+        &Patch::Apply(status_apply(json!({ "phase": "Failed" }))),
+    )
+    .await
+    .unwrap();
+    let v = fake.get_raw(NS, "x").unwrap();
+    assert_eq!(v["status"]["phase"], "Failed");
+    let managers: Vec<&str> = v["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["fieldsV1"]["f:status"].get("f:phase").is_some())
+        .map(|m| m["manager"].as_str().unwrap())
+        .collect();
+    assert_eq!(managers, ["c"], "forcing takes the field from a and b");
+    // A status apply needs a field manager.
+    let e = refusal(
+        api.patch_status(
+            "x",
+            &PatchParams::default(),
+            &Patch::Apply(status_apply(json!({}))),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 422);
+}
+
+#[tokio::test]
+async fn conditions_merge_by_type_and_an_unapplied_field_goes() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    let a = |conds: Value, extra: Value| {
+        let mut s = json!({ "conditions": conds });
+        if let (Some(s), Some(e)) = (s.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        Patch::Apply(status_apply(s))
+    };
+    api.patch_status(
+        "x",
+        &apply("a"),
+        &a(
+            json!([condition("Ready", "False")]),
+            json!({ "lastError": "boom" }),
+        ),
+    )
+    .await
+    .unwrap();
+    api.patch_status(
+        "x",
+        &apply("b"),
+        &a(json!([condition("Stalled", "True")]), json!({})),
+    )
+    .await
+    .unwrap();
+    let types = |v: &Value| -> Vec<String> {
+        v["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(types(&fake.get_raw(NS, "x").unwrap()), ["Ready", "Stalled"]);
+    // a stops applying Ready and lastError: both go, b's Stalled stays.
+    api.patch_status(
+        "x",
+        &apply("a"),
+        &a(json!([condition("Reconciling", "True")]), json!({})),
+    )
+    .await
+    .unwrap();
+    let v = fake.get_raw(NS, "x").unwrap();
+    assert_eq!(types(&v), ["Stalled", "Reconciling"]);
+    assert!(v["status"].get("lastError").is_none());
+}
+
+#[tokio::test]
+async fn a_no_op_apply_changes_nothing() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    let body =
+        status_apply(json!({ "phase": "Running", "conditions": [condition("Ready", "False")] }));
+    api.patch_status("x", &apply("a").force(), &Patch::Apply(body.clone()))
+        .await
+        .unwrap();
+    let before = rv(&fake, "x");
+    let mut events = api
+        .watch(&WatchParams::default(), &before)
+        .await
+        .unwrap()
+        .boxed();
+    api.patch_status("x", &apply("a").force(), &Patch::Apply(body))
+        .await
+        .unwrap();
+    assert_eq!(rv(&fake, "x"), before, "no new resourceVersion");
+    // The next event is the next real change, not the no-op.
+    fake.edit_spec(NS, "x", |s| s.run_id = "2".into());
+    match tokio::time::timeout(WAIT, events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(WatchEvent::Modified(o)) => assert_eq!(o.spec.run_id, "2"),
+        other => panic!("expected the spec change, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// d. Generation, resourceVersion, finalizers
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn generation_moves_on_spec_changes_and_on_a_deletion_held_by_a_finalizer() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    let generation =
+        |f: &FakeApiServer| f.get_raw(NS, "x").unwrap()["metadata"]["generation"].clone();
+    api.patch_status(
+        "x",
+        &apply("a"),
+        &Patch::Apply(status_apply(json!({ "phase": "Running" }))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(generation(&fake), 1, "status writes keep the generation");
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "runId": "2" } })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(generation(&fake), 2);
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": ["example.com/hold"] } })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(generation(&fake), 2, "metadata changes keep the generation");
+    fake.delete(NS, "x");
+    assert_eq!(
+        generation(&fake),
+        3,
+        "a deletion waiting for finalizers moves it"
+    );
+}
+
+#[tokio::test]
+async fn stale_resource_versions_conflict_and_a_deleting_object_takes_no_new_finalizer() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    let stale = rv(&fake, "x");
+    fake.edit_spec(NS, "x", |s| s.run_id = "2".into());
+    let e = refusal(
+        api.patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "metadata": { "resourceVersion": stale, "finalizers": ["a/b"] } }),
+            ),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 409);
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": ["a/b"] } })),
+    )
+    .await
+    .unwrap();
+    fake.delete(NS, "x");
+    let e = refusal(
+        api.patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "finalizers": ["a/b", "c/d"] } })),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 422);
+    assert!(e.message.contains("no new finalizers"), "{}", e.message);
+    // Removing the last finalizer lets the object go.
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+    )
+    .await
+    .unwrap();
+    assert!(fake.get_raw(NS, "x").is_none());
+}
+
+// ---------------------------------------------------------------------------
+// e. Watches and lists
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn watches_send_bookmarks_when_asked_and_close_after_their_timeout() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    let from = rv(&fake, "x");
+    let mut with = api
+        .watch(&WatchParams::default().timeout(1), &from)
+        .await
+        .unwrap()
+        .boxed();
+    let mut without = api
+        .watch(&WatchParams::default().disable_bookmarks(), &from)
+        .await
+        .unwrap()
+        .boxed();
+    fake.bookmark();
+    match tokio::time::timeout(WAIT, with.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(WatchEvent::Bookmark(b)) => assert_eq!(b.metadata.resource_version, from),
+        other => panic!("expected a BOOKMARK, got {other:?}"),
+    }
+    fake.edit_spec(NS, "x", |s| s.run_id = "2".into());
+    match tokio::time::timeout(WAIT, without.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(WatchEvent::Modified(_)) => {}
+        other => panic!("no BOOKMARK without allowWatchBookmarks, got {other:?}"),
+    }
+    // The server ends the first watch after its timeoutSeconds.
+    let rest: Vec<_> = tokio::time::timeout(WAIT, with.collect::<Vec<_>>())
+        .await
+        .expect("the server closes the watch");
+    assert!(!rest.is_empty(), "the change, then a last BOOKMARK");
+}
+
+#[tokio::test]
+async fn a_watch_from_a_compacted_resource_version_is_gone() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    let old = rv(&fake, "x");
+    fake.edit_spec(NS, "x", |s| s.run_id = "2".into());
+    // Within history: the change is replayed as it happened.
+    let mut replay = api
+        .watch(&WatchParams::default(), &old)
+        .await
+        .unwrap()
+        .boxed();
+    match tokio::time::timeout(WAIT, replay.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(WatchEvent::Modified(o)) => assert_eq!(o.spec.run_id, "2"),
+        other => panic!("expected the replayed change, got {other:?}"),
+    }
+    fake.compact();
+    let mut gone = api
+        .watch(&WatchParams::default(), &old)
+        .await
+        .unwrap()
+        .boxed();
+    match tokio::time::timeout(WAIT, gone.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(WatchEvent::Error(e)) => assert_eq!(e.code, 410),
+        other => panic!("expected 410 Gone, got {other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(WAIT, gone.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn lists_page_and_an_expired_continue_token_is_gone() {
+    let (client, fake) = FakeApiServer::start();
+    for name in ["a", "b", "c"] {
+        fake.create(NS, name, spec());
+    }
+    let api = ubfs(&client);
+    let first = api.list(&ListParams::default().limit(2)).await.unwrap();
+    assert_eq!(first.items.len(), 2);
+    let token = first.metadata.continue_.clone().expect("a continue token");
+    let second = api
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(second.items.len(), 1);
+    assert!(second.metadata.continue_.is_none());
+    assert_eq!(
+        second.metadata.resource_version,
+        first.metadata.resource_version
+    );
+
+    // resourceVersion=0 comes from the watch cache, whole, whatever the
+    // limit (kube itself never sends the two together).
+    let request = http::Request::get(format!(
+        "/apis/usage.multica.ai/v1alpha1/namespaces/{NS}/usagebackfills?limit=1&resourceVersion=0"
+    ))
+    .body(Vec::new())
+    .unwrap();
+    let cached: kube::core::ObjectList<UsageBackfill> = client.request(request).await.unwrap();
+    assert_eq!(cached.items.len(), 3);
+    assert!(cached.metadata.continue_.is_none());
+
+    let first = api.list(&ListParams::default().limit(1)).await.unwrap();
+    fake.edit_spec(NS, "a", |s| s.run_id = "2".into());
+    fake.compact();
+    let e = refusal(
+        api.list(
+            &ListParams::default()
+                .limit(1)
+                .continue_token(first.metadata.continue_.as_deref().unwrap()),
+        )
+        .await,
+    );
+    assert_eq!((e.code, e.reason.as_str()), (410, "Expired"));
+}
+
+/// The controller's watches meet 410 Gone after a compaction; it lists
+/// again and carries on reconciling.
+#[tokio::test]
+async fn the_controller_relists_after_410_gone_and_carries_on() {
+    let (client, fake) = FakeApiServer::start();
+    let ctx = controller::Context::new(client, settings());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let run = tokio::spawn(controller::run_controllers(
+        ctx,
+        Vec::new(),
+        2,
+        ready.clone(),
+        WAIT,
+        cancel.clone(),
+    ));
+    fake.wait_for("the cache to sync", WAIT, |_| {
+        ready.load(Ordering::Acquire).then_some(())
+    })
+    .await;
+    // No Secret: the object waits, and the status says for which spec.
+    fake.create(NS, "x", spec());
+    let observed = |f: &FakeApiServer, g: i64| {
+        (f.get(NS, "x")?.status?.observed_generation == g).then_some(())
+    };
+    fake.wait_for("generation 1 observed", WAIT, |f| observed(f, 1))
+        .await;
+    let lists_before = list_count(&fake);
+
+    fake.compact();
+    fake.close_watches();
+    fake.edit_spec(NS, "x", |s| s.run_id = "2".into());
+    fake.wait_for("generation 2 observed after a relist", WAIT, |f| {
+        observed(f, 2)
+    })
+    .await;
+    let gone = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_watch() && r.resource == "usagebackfills")
+        .count();
+    assert!(gone >= 2, "the controller watched again");
+    assert!(
+        list_count(&fake) > lists_before,
+        "and listed again after 410 Gone"
+    );
+    cancel.cancel();
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+    assert!(fake.unexpected().is_empty(), "{:?}", fake.unexpected());
+}
+
+fn list_count(fake: &FakeApiServer) -> usize {
+    fake.requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "GET" && r.name.is_none() && !r.is_watch() && r.resource == "usagebackfills"
+        })
+        .count()
+}
+
+// ---------------------------------------------------------------------------
+// f. Events
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_event_under_a_taken_name_is_already_exists() {
+    let (client, _fake) = FakeApiServer::start();
+    let gvk = kube::core::GroupVersionKind::gvk("events.k8s.io", "v1", "Event");
+    let resource = kube::core::ApiResource::from_gvk_with_plural(&gvk, "events");
+    let events: Api<DynamicObject> = Api::namespaced_with(client, NS, &resource);
+    let event: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": { "name": "x.1" },
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reason": "Testing",
+        "action": "Test",
+        "type": "Normal",
+        "reportingController": "t",
+        "reportingInstance": "t",
+        "regarding": { "name": "x" },
+    }))
+    .unwrap();
+    events.create(&PostParams::default(), &event).await.unwrap();
+    let e = refusal(events.create(&PostParams::default(), &event).await);
+    assert_eq!((e.code, e.reason.as_str()), (409, "AlreadyExists"));
+}
+
+// ---------------------------------------------------------------------------
+// g. RBAC
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn what_the_chart_does_not_grant_is_forbidden() {
+    let (client, fake) = FakeApiServer::start();
+    fake.put_secret(NS, "app-db", "DATABASE_URL", "postgres://u:p@h/db");
+    let api = ubfs(&client);
+    let obj = UsageBackfill::new("new", spec());
+    assert_eq!(
+        refusal(api.create(&PostParams::default(), &obj).await).code,
+        403
+    );
+    fake.create(NS, "x", spec());
+    assert_eq!(
+        refusal(api.delete("x", &Default::default()).await).code,
+        403
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), NS);
+    assert!(secrets.get("app-db").await.is_ok(), "get is granted");
+    let e = refusal(
+        secrets
+            .patch(
+                "app-db",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "data": {} })),
+            )
+            .await,
+    );
+    assert_eq!(e.code, 403);
+    assert!(
+        e.message.contains("cannot patch resource \"secrets\""),
+        "{}",
+        e.message
+    );
+    // Granted verbs pass.
+    api.patch_status(
+        "x",
+        &apply("a"),
+        &Patch::Apply(status_apply(json!({ "phase": "Pending" }))),
+    )
+    .await
+    .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Finding 3: a run's writes land only on the object the run is for
+// ---------------------------------------------------------------------------
+
+/// Helm or Argo CD recreate a hook object under the same name: a write
+/// meant for the old object must not land on the new one. The guard is
+/// the UID checked on a read plus that read's resourceVersion sent as a
+/// precondition (the apiserver ignores a UID sent to `status`).
+#[tokio::test]
+async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
+    use controller::writes::{self, Guarded};
+    let (client, fake) = FakeApiServer::start();
+    let api = ubfs(&client);
+    let old = fake.create(NS, "hook", spec());
+    let uid = old.metadata.uid.clone().unwrap();
+    let running = usage_backfill_api::UsageBackfillStatus {
+        phase: Some(usage_backfill_api::Phase::Running),
+        ..Default::default()
+    };
+    // Other changes to the same object do not stop the run's writes.
+    fake.edit_spec(NS, "hook", |s| s.run_id = "2".into());
+    assert_eq!(
+        writes::apply_status_of(&api, "hook", &uid, &running)
+            .await
+            .unwrap(),
+        Guarded::Written
+    );
+    assert_eq!(
+        fake.get_raw(NS, "hook").unwrap()["status"]["phase"],
+        "Running"
+    );
+
+    // The precondition the guard relies on: an apply carrying a stale
+    // resourceVersion is refused.
+    let stale = rv(&fake, "hook");
+    fake.edit_spec(NS, "hook", |s| s.run_id = "3".into());
+    let mut body = status_apply(json!({ "phase": "Failed" }));
+    body["metadata"] = json!({ "resourceVersion": stale });
+    let e = refusal(
+        api.patch_status("hook", &apply("a").force(), &Patch::Apply(body))
+            .await,
+    );
+    assert_eq!(e.code, 409);
+
+    // Deleted and created again under the name: the old run writes nothing.
+    api.patch(
+        "hook",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": [writes::FINALIZER] } })),
+    )
+    .await
+    .unwrap();
+    fake.delete(NS, "hook");
+    // Held by the finalizer, being deleted: no status is written to it.
+    assert_eq!(
+        writes::apply_status_of(&api, "hook", &uid, &running)
+            .await
+            .unwrap(),
+        Guarded::Deleting
+    );
+    api.patch(
+        "hook",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+    )
+    .await
+    .unwrap();
+    assert!(fake.get_raw(NS, "hook").is_none());
+    assert_eq!(
+        writes::apply_status_of(&api, "hook", &uid, &running)
+            .await
+            .unwrap(),
+        Guarded::Gone
+    );
+    fake.create(NS, "hook", spec());
+    api.patch(
+        "hook",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": [writes::FINALIZER] } })),
+    )
+    .await
+    .unwrap();
+    let before = fake.get_raw(NS, "hook").unwrap();
+    assert_eq!(
+        writes::apply_status_of(&api, "hook", &uid, &running)
+            .await
+            .unwrap(),
+        Guarded::Recreated
+    );
+    assert!(
+        !writes::remove_finalizer_of(&api, "hook", Some(&uid))
+            .await
+            .unwrap(),
+        "the new object's finalizer is not the old run's to remove"
+    );
+    assert_eq!(
+        fake.get_raw(NS, "hook").unwrap(),
+        before,
+        "the new object is untouched"
+    );
+}
+
+/// Finding 4: an explicit null in an optional enum (`tls.mode`,
+/// `status.phase`) is accepted, as absent.
+#[tokio::test]
+async fn an_explicit_null_in_an_optional_enum_is_accepted() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "database": { "tls": { "mode": null } } } })),
+    )
+    .await
+    .unwrap();
+    api.patch_status(
+        "x",
+        &apply("a"),
+        &Patch::Apply(status_apply(
+            json!({ "phase": null, "result": null, "skipped": null }),
+        )),
+    )
+    .await
+    .unwrap();
+    let v = fake.get_raw(NS, "x").unwrap();
+    assert!(v["status"].get("phase").is_none(), "{v}");
+    assert!(v["status"].get("result").is_none(), "{v}");
+}
