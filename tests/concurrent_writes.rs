@@ -29,16 +29,13 @@ use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Transaction};
 use tokio_util::sync::CancellationToken;
-use usage_backfill_api::{BackfillResult, Phase, UsageBackfillSpec, UsageBackfillStatus};
-use usage_backfill_controller::{self as controller, Context, ObjectKey};
+use usage_backfill_api::BackfillResult;
 use usage_backfill_engine::{self as engine, Database, Event, Outcome, Performance};
 use usage_backfill_standin::fixture::{self, HistorySpec};
-use usage_backfill_testkit::{self as testkit, FakeApiServer, TestDatabase};
+use usage_backfill_testkit::{self as testkit, TestDatabase, harness::Harness};
 
 use support::engine::{always, assert_correct};
 
-const NS: &str = "tenant-a";
-const SECRET: &str = "app-db";
 const WAIT: Duration = Duration::from_secs(60);
 /// Pause between two write transactions of the writer.
 const WRITE_PACE: Duration = Duration::from_millis(5);
@@ -488,53 +485,18 @@ async fn a_walk_beside_the_writing_application_loses_no_update() {
     assert_correct(&client).await;
 }
 
-/// Reconciles until the run of the current generation is finished and its
-/// task and finalizer are gone.
-async fn run_to_end(fake: &FakeApiServer, ctx: &Arc<Context>, name: &str) -> UsageBackfillStatus {
-    let key = ObjectKey::new(NS, name);
-    let done = tokio::time::timeout(WAIT, async {
-        loop {
-            let obj = fake.get(NS, name).expect("object exists");
-            controller::reconcile(Arc::new(obj), ctx.clone())
-                .await
-                .expect("reconcile succeeds");
-            ctx.runner.wait_idle(&key).await;
-            let obj = fake.get(NS, name).unwrap();
-            let status = obj.status.clone().unwrap_or_default();
-            if status.observed_generation == obj.metadata.generation.unwrap()
-                && status.phase.is_some_and(Phase::is_finished)
-                && !ctx.runner.is_active(&key)
-                && !controller::writes::has_finalizer(&obj)
-            {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-    })
-    .await;
-    done.unwrap_or_else(|_| {
-        panic!(
-            "{name} did not finish within {WAIT:?}; requests:\n{}",
-            fake.describe_requests()
-        )
-    })
-}
-
 /// The same at the controller level: a UsageBackfill in the hook's mode
 /// (IfLagging, two sessions) reconciled to the end while the application
 /// writes and ticks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_run_beside_the_writing_application_loses_no_update() {
     let (db, client) = busy_database().await;
-    let (kube, fake) = FakeApiServer::start();
-    let ctx = Context::new(kube, testkit::settings());
-    fake.put_secret(NS, SECRET, "DATABASE_URL", db.url());
-    let mut spec = UsageBackfillSpec::new(SECRET);
-    spec.parallelism = 2;
-    fake.create(NS, "beside-the-app", spec);
+    let h = Harness::on(db.url(), testkit::settings()).await;
+    h.put_secret();
+    h.create("beside-the-app", |s| s.parallelism = 2);
     let app = Application::start(db.url(), 41).await;
     let before = app.committed();
-    let done = run_to_end(&fake, &ctx, "beside-the-app").await;
+    let done = h.run_to_end("beside-the-app").await;
     let during_run = app.committed() - before;
     let (writes, ticks) = app.stop().await;
     let after_run = stale_buckets(&client).await;
