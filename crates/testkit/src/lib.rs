@@ -626,17 +626,23 @@ mod tests {
         assert_ne!(a.name(), b.name());
         let ca = a.client().await;
         let cb = b.client().await;
-        ca.batch_execute("INSERT INTO agent (workspace_id) VALUES (gen_random_uuid())")
+        ca.batch_execute("INSERT INTO workspace (name, slug) VALUES ('w', 'w')")
             .await
             .unwrap();
         async fn count(c: &Client) -> i64 {
-            c.query_one("SELECT count(*) FROM agent", &[])
+            c.query_one("SELECT count(*) FROM workspace", &[])
                 .await
                 .unwrap()
                 .get(0)
         }
         assert_eq!(count(&ca).await, 1);
         assert_eq!(count(&cb).await, 0);
+        // Each level has its own template.
+        for level in SchemaLevel::ALL {
+            let db = fresh_database_at(level).await;
+            let client = db.client().await;
+            assert_eq!(fixture::schema_level(&client).await.unwrap(), level);
+        }
     }
 
     #[tokio::test]
