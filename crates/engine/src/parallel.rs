@@ -57,7 +57,8 @@ pub(crate) struct Walk<'a> {
     /// Pause of a session between two of its slices.
     pub sleep: Duration,
     pub cap: Option<Duration>,
-    /// Choose plan_cache_mode by measurement on the first two slices.
+    /// Choose plan_cache_mode by measurement on the two largest slices (the
+    /// first two with a cap).
     pub probe: bool,
     /// Counts of the attempt resumed from.
     pub already_processed: u64,
