@@ -15,10 +15,23 @@ use usage_backfill_engine::{
     self as engine, CancellationToken, Database, Error, Event, Options, Outcome, Performance,
     Slice, Tuning,
 };
-use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_standin::fixture::{self, HistorySpec, SchemaLevel};
 use usage_backfill_testkit::{self as testkit, TestDatabase};
 
 use support::engine::{assert_correct, last_resume};
+
+// Every scenario below runs at both schema levels of the stand-in.
+testkit::at_both_levels!(
+    parallel_slices_give_the_serial_table,
+    the_slice_reaching_the_present_runs_alone_and_last_on_the_lock_session,
+    cancellation_stops_every_session_and_releases_the_lock,
+    resume_after_an_out_of_order_interruption,
+    deadlocks_and_serialization_failures_are_retried,
+    losing_the_lock_session_stops_the_workers,
+    tuning_reaches_our_sessions_only_and_the_user_wins,
+    plan_cache_mode_is_chosen_by_measurement,
+    a_cap_on_slice_duration_splits_by_measured_time,
+);
 
 async fn run_perf(
     db: &TestDatabase,
@@ -48,8 +61,8 @@ fn with_parallelism(n: u32) -> Options {
     }
 }
 
-async fn with_history(spec: &HistorySpec) -> (TestDatabase, Client) {
-    let db = testkit::fresh_database().await;
+async fn with_history(level: SchemaLevel, spec: &HistorySpec) -> (TestDatabase, Client) {
+    let db = testkit::fresh_database_at(level).await;
     let client = db.client().await;
     fixture::generate(&client, spec).await.unwrap();
     (db, client)
@@ -200,11 +213,10 @@ fn overlap(a: &Call, b: &Call) -> bool {
 
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn parallel_slices_give_the_serial_table() {
+async fn parallel_slices_give_the_serial_table(level: SchemaLevel) {
     let spec = overlapping();
-    let (serial_db, serial) = with_history(&spec).await;
-    let (par_db, par) = with_history(&spec).await;
+    let (serial_db, serial) = with_history(level, &spec).await;
+    let (par_db, par) = with_history(level, &spec).await;
     let opts = Options::default();
     let cancel = CancellationToken::new();
     let one = run_perf(&serial_db, &opts, &Performance::reference(), &cancel)
@@ -244,9 +256,10 @@ async fn parallel_slices_give_the_serial_table() {
     assert!(stats.median_ms <= stats.max_ms && stats.max_ms >= 100);
 }
 
-#[tokio::test]
-async fn the_slice_reaching_the_present_runs_alone_and_last_on_the_lock_session() {
-    let (db, client) = with_history(&overlapping()).await;
+async fn the_slice_reaching_the_present_runs_alone_and_last_on_the_lock_session(
+    level: SchemaLevel,
+) {
+    let (db, client) = with_history(level, &overlapping()).await;
     wrap_window(&client, "PERFORM pg_sleep(0.15);").await;
     let (outcome, events) = run_perf(
         &db,
@@ -291,9 +304,8 @@ async fn the_slice_reaching_the_present_runs_alone_and_last_on_the_lock_session(
     assert!(matches!(events.last(), Some(Event::Stamped { .. })));
 }
 
-#[tokio::test]
-async fn cancellation_stops_every_session_and_releases_the_lock() {
-    let (db, client) = with_history(&overlapping()).await;
+async fn cancellation_stops_every_session_and_releases_the_lock(level: SchemaLevel) {
+    let (db, client) = with_history(level, &overlapping()).await;
     wrap_window(&client, "PERFORM pg_sleep(30);").await;
     let watermark = fixture::watermark(&client).await.unwrap();
     let cancel = CancellationToken::new();
@@ -335,11 +347,10 @@ async fn cancellation_stops_every_session_and_releases_the_lock() {
 /// Slice 2 is slow, so slices 3 and 4 commit before it: nothing after
 /// slice 1 is reported, the cursor stays at slice 2, and resuming from it
 /// gives the full run's table.
-#[tokio::test]
-async fn resume_after_an_out_of_order_interruption() {
+async fn resume_after_an_out_of_order_interruption(level: SchemaLevel) {
     let spec = overlapping();
-    let (full_db, full) = with_history(&spec).await;
-    let (part_db, part) = with_history(&spec).await;
+    let (full_db, full) = with_history(level, &spec).await;
+    let (part_db, part) = with_history(level, &spec).await;
     let opts = Options::default();
     run_perf(&full_db, &opts, &parallel(2), &CancellationToken::new())
         .await
@@ -443,11 +454,10 @@ const DEADLOCK_ONCE: &str = "
         RAISE EXCEPTION 'injected deadlock' USING ERRCODE = '40P01';
     END IF;";
 
-#[tokio::test]
-async fn deadlocks_and_serialization_failures_are_retried() {
+async fn deadlocks_and_serialization_failures_are_retried(level: SchemaLevel) {
     let spec = overlapping();
-    let (plain_db, plain) = with_history(&spec).await;
-    let (db, client) = with_history(&spec).await;
+    let (plain_db, plain) = with_history(level, &spec).await;
+    let (db, client) = with_history(level, &spec).await;
     run_perf(
         &plain_db,
         &Options::default(),
@@ -515,9 +525,8 @@ async fn deadlocks_and_serialization_failures_are_retried() {
     assert!(lock_holders(&client).await.is_empty());
 }
 
-#[tokio::test]
-async fn losing_the_lock_session_stops_the_workers() {
-    let (db, client) = with_history(&overlapping()).await;
+async fn losing_the_lock_session_stops_the_workers(level: SchemaLevel) {
+    let (db, client) = with_history(level, &overlapping()).await;
     wrap_window(&client, "PERFORM pg_sleep(1);").await;
     let watermark = fixture::watermark(&client).await.unwrap();
     let database = Database::parse(db.url()).unwrap();
@@ -575,9 +584,8 @@ async fn losing_the_lock_session_stops_the_workers() {
     assert_correct(&client).await;
 }
 
-#[tokio::test]
-async fn tuning_reaches_our_sessions_only_and_the_user_wins() {
-    let (db, client) = with_history(&overlapping()).await;
+async fn tuning_reaches_our_sessions_only_and_the_user_wins(level: SchemaLevel) {
+    let (db, client) = with_history(level, &overlapping()).await;
     wrap_window(&client, "").await;
     let outcome = run_perf(
         &db,
@@ -652,9 +660,8 @@ async fn tuning_reaches_our_sessions_only_and_the_user_wins() {
 
 /// With enough events per slice, the first two slices run one under each
 /// plan_cache_mode and the rest under the faster (once known).
-#[tokio::test]
-async fn plan_cache_mode_is_chosen_by_measurement() {
-    let (db, client) = with_history(&HistorySpec::even(16_000, 4)).await;
+async fn plan_cache_mode_is_chosen_by_measurement(level: SchemaLevel) {
+    let (db, client) = with_history(level, &HistorySpec::even(16_000, 4)).await;
     wrap_window(&client, "").await;
     let outcome = run_perf(
         &db,
@@ -699,11 +706,31 @@ async fn plan_cache_mode_is_chosen_by_measurement() {
             chosen.clone()
         }
     };
-    assert_eq!(calls[0].plan_mode, expect("force_generic_plan"));
-    assert_eq!(calls[1].plan_mode, expect("force_custom_plan"));
+    // The probes ran on the two largest historical slices (the earlier of
+    // equals first): generic on the largest, custom on the next.
+    let mut historical = Vec::new();
+    for c in &calls[..calls.len() - 1] {
+        // The events the walk counted for the slice (the slice reaching
+        // the present is last).
+        let events: i64 = client
+            .query_one(
+                "SELECT count(*) FROM task_usage
+                 WHERE COALESCE(updated_at, created_at) >= $1
+                   AND COALESCE(updated_at, created_at) < $2",
+                &[&c.slice.from, &c.slice.to],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        historical.push((events, c.slice.from, c.slice, c.plan_mode.clone()));
+    }
+    historical.sort_by_key(|(events, from, _, _)| (-events, *from));
+    assert_eq!(historical[0].3, expect("force_generic_plan"));
+    assert_eq!(historical[1].3, expect("force_custom_plan"));
     // Until the verdict nobody waits: slices run under the first mode (the
     // provisional best); the last slice runs under the chosen one.
-    for c in &calls[2..] {
+    let probed = [historical[0].2, historical[1].2];
+    for c in calls.iter().filter(|c| !probed.contains(&c.slice)) {
         assert!(
             c.plan_mode == chosen || c.plan_mode == "force_generic_plan",
             "{:?}: {}",
@@ -718,9 +745,8 @@ async fn plan_cache_mode_is_chosen_by_measurement() {
 /// Window time proportional to a slice's events (0.2 ms each): with a cap
 /// of 300 ms the months (about 2700 events, 540 ms) are split, and the
 /// probed first month's cheap eighths are merged again.
-#[tokio::test]
-async fn a_cap_on_slice_duration_splits_by_measured_time() {
-    let (db, client) = with_history(&HistorySpec::even(8_000, 3)).await;
+async fn a_cap_on_slice_duration_splits_by_measured_time(level: SchemaLevel) {
+    let (db, client) = with_history(level, &HistorySpec::even(8_000, 3)).await;
     wrap_window(
         &client,
         "PERFORM pg_sleep(0.0002 * (SELECT count(*) FROM task_usage

@@ -10,11 +10,20 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio_postgres::Client;
 use usage_backfill_engine::{CancellationToken, Database, Error, Event, Options, Outcome};
-use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_standin::fixture::{self, HistorySpec, SchemaLevel};
 use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
 use usage_backfill_testkit::{self as testkit, TestDatabase};
 
 use support::engine::{assert_correct, last_resume};
+
+// Every scenario below runs at both schema levels of the stand-in.
+testkit::at_both_levels!(
+    session_killed_mid_slice_fails_cleanly_and_the_retry_completes,
+    a_stalled_slice_becomes_a_retryable_timeout,
+    postgres_restarted_mid_run_then_the_retry_completes,
+    rotated_password_takes_effect_on_the_next_attempt,
+    the_minimal_role_is_enough_and_less_fails_clearly,
+);
 
 const PASSWORD: &str = "Fault-9d2e-SECRET";
 
@@ -35,8 +44,8 @@ async fn run(url: &str, opts: &Options) -> (Result<Outcome, Error>, Vec<Event>) 
 
 /// A test database with history and a login role (password [`PASSWORD`])
 /// holding full rights on the fixture.
-async fn setup() -> (TestDatabase, Client, String) {
-    let db = testkit::fresh_database().await;
+async fn setup(level: SchemaLevel) -> (TestDatabase, Client, String) {
+    let db = testkit::fresh_database_at(level).await;
     let client = db.client().await;
     fixture::generate(
         &client,
@@ -109,9 +118,8 @@ async fn backend_in_window(client: &Client) -> i32 {
     .expect("the backfill never reached a window call")
 }
 
-#[tokio::test]
-async fn session_killed_mid_slice_fails_cleanly_and_the_retry_completes() {
-    let (_db, client, url) = setup().await;
+async fn session_killed_mid_slice_fails_cleanly_and_the_retry_completes(level: SchemaLevel) {
+    let (_db, client, url) = setup(level).await;
     slow_window(&client, 0.5).await;
     let watermark = fixture::watermark(&client).await.unwrap();
     let opts = Options::default();
@@ -153,9 +161,8 @@ async fn session_killed_mid_slice_fails_cleanly_and_the_retry_completes() {
     assert_recovered(&client).await;
 }
 
-#[tokio::test]
-async fn a_stalled_slice_becomes_a_retryable_timeout() {
-    let (_db, client, url) = setup().await;
+async fn a_stalled_slice_becomes_a_retryable_timeout(level: SchemaLevel) {
+    let (_db, client, url) = setup(level).await;
     slow_window(&client, 3600.0).await;
     let watermark = fixture::watermark(&client).await.unwrap();
     let opts = Options {
@@ -177,13 +184,12 @@ async fn a_stalled_slice_becomes_a_retryable_timeout() {
     assert_recovered(&client).await;
 }
 
-#[tokio::test]
-async fn postgres_restarted_mid_run_then_the_retry_completes() {
+async fn postgres_restarted_mid_run_then_the_retry_completes(level: SchemaLevel) {
     // A server of our own: restarting the shared one would break other tests.
     let pg = TempPostgres::start(TempPostgresOptions::default())
         .await
         .unwrap();
-    let (url, client) = testkit::fixture_database(&pg, "restart_test").await;
+    let (url, client) = testkit::fixture_database_at(&pg, "restart_test", level).await;
     fixture::generate(
         &client,
         &HistorySpec {
@@ -232,9 +238,8 @@ async fn postgres_restarted_mid_run_then_the_retry_completes() {
     drop(pg);
 }
 
-#[tokio::test]
-async fn rotated_password_takes_effect_on_the_next_attempt() {
-    let (db, client, url) = setup().await;
+async fn rotated_password_takes_effect_on_the_next_attempt(level: SchemaLevel) {
+    let (db, client, url) = setup(level).await;
     let role = format!("{}_faults", db.name());
     client
         .batch_execute(&format!(
@@ -260,9 +265,8 @@ const MINIMAL_GRANTS: &str = "
     GRANT SELECT, UPDATE ON task_usage_hourly_rollup_state TO {role};
     GRANT EXECUTE ON FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz) TO {role};";
 
-#[tokio::test]
-async fn the_minimal_role_is_enough_and_less_fails_clearly() {
-    let db = testkit::fresh_database().await;
+async fn the_minimal_role_is_enough_and_less_fails_clearly(level: SchemaLevel) {
+    let db = testkit::fresh_database_at(level).await;
     let client = db.client().await;
     fixture::generate(
         &client,

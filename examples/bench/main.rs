@@ -2,13 +2,15 @@
 //! identical synthetic databases of one throwaway PostgreSQL.
 //!
 //! ```sh
-//! cargo run --release --example bench -- --scale standard   # even 200k, few-agents 20k
-//! cargo run --release --example bench -- --scale large      # + even 3M (long: the reference takes a while)
+//! cargo run --release --example bench -- --scale standard   # even 200k, few-agents 20k, realistic 200k
+//! cargo run --release --example bench -- --scale large      # + even 3M, realistic 3M (long: the reference takes a while)
 //! cargo run --example bench -- --scale tiny                 # CI smoke: correctness only
 //! ```
 //!
-//! For each history one source database is generated (fixed seed) and
-//! copied (`CREATE DATABASE … TEMPLATE`) for every variant:
+//! Every history runs at each schema level of `--schema` (the stand-in's
+//! `hourly-pipeline` and `current`, see `fixture::SchemaLevel`; default
+//! both). For each history one source database is generated (fixed seed)
+//! and copied (`CREATE DATABASE … TEMPLATE`) for every variant:
 //!
 //! - `reference`: the reference walk, written here with plain tokio-postgres
 //!   (not the engine): one session, advisory lock 4246, serial calendar
@@ -21,7 +23,8 @@
 //!   practical lower bound, `fixture::rollup_full_set_based`).
 //!
 //! Every variant's hourly table must have the reference's checksum, and the
-//! operator's must match an independent recompute; any difference fails the
+//! operator's must match an independent recompute (at the current level
+//! the cost split too); any difference fails the
 //! run (exit code 1). Wall times and ratios are printed, never asserted.
 //! The operator's peak RSS is this process's VmHWM, reset before its run.
 //! The controller's idle RSS is measured on the `usage-backfill controller`
@@ -36,13 +39,14 @@ use tokio_postgres::{Client, NoTls};
 use usage_backfill_engine::{
     self as engine, CancellationToken, Database, Options, Outcome, Performance, Tuning,
 };
-use usage_backfill_standin::fixture::{self, HistorySpec};
+use usage_backfill_standin::fixture::{self, HistorySpec, SchemaLevel};
 use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
 
-const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--only NAME] [--variants LIST] [--repeat N] [--sweep]
-  tiny      even 3k + few-agents 1.5k (default spec, with a dirty queue): correctness smoke
-  standard  even 200k + few-agents 20k (6 months each)
-  large     standard + even 3M (6 months)
+const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--schema hourly-pipeline|current|both] [--only NAME] [--variants LIST] [--repeat N] [--sweep]
+  tiny      even 3k, few-agents 1.5k, mixed 2k (with a dirty queue), realistic 3k: correctness smoke
+  standard  even 200k, few-agents 20k, realistic 200k (26 months each)
+  large     standard + even 3M, realistic 3M (26 months)
+  --schema LEVEL  the stand-in's schema level(s) (default both)
   --only NAME     run only the histories whose name contains NAME
   --variants LIST comma-separated subset of reference,p1-off,operator,set-based
   --repeat N      run every variant N times (alternating), report medians
@@ -50,6 +54,7 @@ const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--only NAME] [-
 
 struct Args {
     scale: String,
+    levels: Vec<SchemaLevel>,
     only: Option<String>,
     sweep: bool,
     variants: Option<Vec<String>>,
@@ -59,6 +64,7 @@ struct Args {
 fn args() -> Result<Args, String> {
     let mut out = Args {
         scale: "standard".into(),
+        levels: SchemaLevel::ALL.to_vec(),
         only: None,
         sweep: false,
         variants: None,
@@ -69,6 +75,13 @@ fn args() -> Result<Args, String> {
         match a.as_str() {
             "--scale" => out.scale = it.next().ok_or("--scale needs a value")?,
             "--only" => out.only = Some(it.next().ok_or("--only needs a value")?),
+            "--schema" => {
+                let level = it.next().ok_or("--schema needs a value")?;
+                out.levels = match level.as_str() {
+                    "both" => SchemaLevel::ALL.to_vec(),
+                    one => vec![one.parse::<SchemaLevel>()?],
+                };
+            }
             "--sweep" => out.sweep = true,
             "--variants" => {
                 let list = it.next().ok_or("--variants needs a value")?;
@@ -96,19 +109,23 @@ fn args() -> Result<Args, String> {
 fn histories(scale: &str) -> Vec<(&'static str, HistorySpec)> {
     match scale {
         "tiny" => vec![
-            ("even-3k", HistorySpec::even(3_000, 3)),
-            ("few-agents-1.5k", HistorySpec::few_agents(1_500, 3)),
+            ("even-3k-3m", HistorySpec::even(3_000, 3)),
+            ("few-agents-1.5k-3m", HistorySpec::few_agents(1_500, 3)),
             // Every special case: legacy rows, later updates, a dirty queue.
-            ("mixed-2k", HistorySpec::default()),
+            ("mixed-2k-6m", HistorySpec::default()),
+            ("realistic-3k-24m", HistorySpec::realistic(3_000, 24)),
         ],
         "standard" => vec![
-            ("even-200k", HistorySpec::even(200_000, 6)),
-            ("few-agents-20k", HistorySpec::few_agents(20_000, 6)),
+            ("even-200k-26m", HistorySpec::even(200_000, 26)),
+            ("few-agents-20k-26m", HistorySpec::few_agents(20_000, 26)),
+            ("realistic-200k-26m", HistorySpec::realistic(200_000, 26)),
         ],
         _ => vec![
-            ("even-200k", HistorySpec::even(200_000, 6)),
-            ("few-agents-20k", HistorySpec::few_agents(20_000, 6)),
-            ("even-3M", HistorySpec::even(3_000_000, 6)),
+            ("even-200k-26m", HistorySpec::even(200_000, 26)),
+            ("few-agents-20k-26m", HistorySpec::few_agents(20_000, 26)),
+            ("realistic-200k-26m", HistorySpec::realistic(200_000, 26)),
+            ("even-3M-26m", HistorySpec::even(3_000_000, 26)),
+            ("realistic-3M-26m", HistorySpec::realistic(3_000_000, 26)),
         ],
     }
 }
@@ -155,12 +172,13 @@ async fn bench(args: &Args) -> Result<bool, BoxError> {
         args.scale
     );
     let admin = connect(&pg.admin_url("postgres")).await?;
-    admin
-        .batch_execute("CREATE DATABASE bench_template")
-        .await?;
-    {
-        let c = connect(&pg.admin_url("bench_template")).await?;
-        fixture::install(&c).await?;
+    for level in &args.levels {
+        let template = template_name(*level);
+        admin
+            .batch_execute(&format!("CREATE DATABASE {template}"))
+            .await?;
+        let c = connect(&pg.admin_url(&template)).await?;
+        fixture::install_at(&c, *level).await?;
         // Optional: warms every copy's tables before its timed run.
         if let Err(e) = c.batch_execute("CREATE EXTENSION pg_prewarm").await {
             eprintln!("pg_prewarm unavailable ({e}): runs start with cold caches");
@@ -169,13 +187,27 @@ async fn bench(args: &Args) -> Result<bool, BoxError> {
     let mut rows: Vec<Row> = Vec::new();
     let mut ok = true;
     let mut rss: Vec<(String, u64)> = Vec::new();
-    for (name, spec) in histories(&args.scale) {
-        if args.only.as_deref().is_some_and(|o| !name.contains(o)) {
+    let runs = args.levels.iter().flat_map(|level| {
+        histories(&args.scale)
+            .into_iter()
+            .map(move |(name, spec)| (*level, name, spec))
+    });
+    for (level, shape_name, spec) in runs {
+        if args
+            .only
+            .as_deref()
+            .is_some_and(|o| !shape_name.contains(o))
+        {
             continue;
         }
+        let name = format!("{shape_name} {level}");
+        let name = name.as_str();
         let source = db_name(name, "source");
         admin
-            .batch_execute(&format!("CREATE DATABASE {source} TEMPLATE bench_template"))
+            .batch_execute(&format!(
+                "CREATE DATABASE {source} TEMPLATE {}",
+                template_name(level)
+            ))
             .await?;
         let started = Instant::now();
         let stats = {
@@ -485,7 +517,11 @@ async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
 fn db_name(history: &str, variant: &str) -> String {
     format!("bench_{history}_{variant}")
         .to_ascii_lowercase()
-        .replace(['-', '.'], "_")
+        .replace(['-', '.', ' '], "_")
+}
+
+fn template_name(level: SchemaLevel) -> String {
+    db_name("template", level.name())
 }
 
 /// A `Vm…:` line of this process's status, in KiB.

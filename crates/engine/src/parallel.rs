@@ -63,7 +63,8 @@ pub(crate) struct Walk<'a> {
     /// Pause of a session between two of its slices.
     pub sleep: Duration,
     pub cap: Option<Duration>,
-    /// Choose plan_cache_mode by measurement on the first two slices.
+    /// Choose plan_cache_mode by measurement on the two largest slices (the
+    /// first two with a cap).
     pub probe: bool,
     /// Counts of the attempt resumed from.
     pub already_processed: u64,
@@ -146,13 +147,34 @@ enum Next {
 /// 3-5x a wrong plan costs where it matters.
 const PROBE_MARGIN: f64 = 1.5;
 
+/// Index of the pending piece with the most events (the earliest of equals).
+fn largest(pending: &VecDeque<Piece>) -> usize {
+    let mut best = 0;
+    for (i, p) in pending.iter().enumerate() {
+        if p.events > pending[best].events {
+            best = i;
+        }
+    }
+    best
+}
+
 impl Shared {
     fn next(&mut self, stop_all: &CancellationToken) -> Next {
         if self.stop || self.pending.is_empty() {
             return Next::Done;
         }
         if let Some(mode) = self.untried.pop_front() {
-            let piece = self.pending.pop_front().expect("checked above");
+            // The probes run on the largest slices: where the time goes, and
+            // where the plans differ most (on a growing history the first
+            // months are thin, and a thin slice favours the custom plan that
+            // loses on the rest). With a cap the first slice stays first, so
+            // the first measurement comes before a long transaction.
+            let i = if self.cap.is_some() {
+                0
+            } else {
+                largest(&self.pending)
+            };
+            let piece = self.pending.remove(i).expect("checked above");
             let ticket = Ticket {
                 id: self.started,
                 abort: stop_all.child_token(),
@@ -310,11 +332,17 @@ impl Walk<'_> {
                 ..Walked::default()
             });
         };
+        let mut sizes: Vec<i64> = self.historical.iter().map(|p| p.events).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
         let probe = self.probe
             && self.historical.len() >= 3
-            && self.historical[..2]
-                .iter()
-                .all(|p| p.events >= PROBE_MIN_EVENTS);
+            && if self.cap.is_some() {
+                self.historical[..2]
+                    .iter()
+                    .all(|p| p.events >= PROBE_MIN_EVENTS)
+            } else {
+                sizes[1] >= PROBE_MIN_EVENTS
+            };
         let any_historical = !self.historical.is_empty();
         let shared = Mutex::new(Shared {
             pending: self.historical.iter().copied().collect(),

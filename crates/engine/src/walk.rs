@@ -301,7 +301,11 @@ impl Run<'_> {
         let last = pieces.pop();
         let workers = self.perf.parallelism.clamp(1, MAX_PARALLELISM) as usize;
         let mut historical = match months {
-            Some(_) => sizing::by_counts(pieces, workers),
+            Some(_) => sizing::by_counts(
+                pieces,
+                workers,
+                !matches!(self.perf.tuning, crate::tuning::Tuning::Off),
+            ),
             None => pieces,
         };
         if self.perf.max_slice_duration.is_some() {

@@ -49,8 +49,8 @@ pub fn last_resume(events: &[Event]) -> Option<Resume> {
     })
 }
 
-/// The hourly table equals an independent recompute, and the migration
-/// guard passes.
+/// The hourly table equals an independent recompute (at the current level
+/// the cost split too), and the migration guard passes.
 pub async fn assert_correct(client: &Client) {
     assert_eq!(
         fixture::recompute_mismatches(client).await.unwrap(),

@@ -1,7 +1,8 @@
 //! The test kit: what the integration tests share, never linked into the
 //! operator.
 //!
-//! - this module: a PostgreSQL database per test ([`fresh_database`]);
+//! - this module: a PostgreSQL database per test ([`fresh_database`],
+//!   [`fresh_database_at`] a schema level), and [`at_both_levels!`];
 //! - [`apiserver`]: a fake Kubernetes API server at the HTTP level;
 //! - [`harness`]: the controller test harness and builder fixtures;
 //! - [`engine`]: engine runs and the independent correctness check;
@@ -13,8 +14,9 @@
 //! CREATEROLE for [`TestDatabase::create_role`]); otherwise one
 //! [`TempPostgres`] is started lazily per test process and shared by all its
 //! tests (kept in a `static`, so its watchdog removes it when the process
-//! exits). The fixture schema is installed once into a template database;
-//! every [`fresh_database`] is a `CREATE DATABASE … TEMPLATE` copy of it.
+//! exits). The fixture schema is installed once per schema level into a
+//! template database; every [`fresh_database_at`] is a `CREATE DATABASE …
+//! TEMPLATE` copy of one ([`fresh_database`]: the hourly-pipeline level).
 //!
 //! Tests never skip: when no server can be had, [`fresh_database`] panics
 //! with what was tried and how to fix it.
@@ -26,6 +28,31 @@ pub mod status;
 pub mod tls;
 
 pub use apiserver::{FakeApiServer, Outage, settings};
+pub use usage_backfill_standin::fixture::SchemaLevel;
+
+/// Runs each named test scenario at both schema levels: for every
+/// `async fn name(level: SchemaLevel)` listed, a module `name` with the
+/// tests `hourly_pipeline` and `current`. The scenario's body stays a plain
+/// function (one copy, formatted by rustfmt); a module and a function may
+/// share a name.
+#[macro_export]
+macro_rules! at_both_levels {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[::tokio::test]
+                async fn hourly_pipeline() {
+                    super::$name($crate::SchemaLevel::HourlyPipeline).await
+                }
+
+                #[::tokio::test]
+                async fn current() {
+                    super::$name($crate::SchemaLevel::Current).await
+                }
+            }
+        )*
+    };
+}
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -53,7 +80,18 @@ struct Harness {
     server: Option<TempPostgres>,
     /// URL of the maintenance database, as a user that may create databases.
     admin_url: String,
-    template: String,
+    /// One template per schema level, in the order of [`SchemaLevel::ALL`].
+    templates: Vec<String>,
+}
+
+impl Harness {
+    fn template(&self, level: SchemaLevel) -> &str {
+        let i = SchemaLevel::ALL
+            .iter()
+            .position(|l| *l == level)
+            .expect("every level has a template");
+        &self.templates[i]
+    }
 }
 
 /// One test's database (a copy of the fixture template). Dropped at the end
@@ -77,9 +115,15 @@ pub struct TestRole {
     pub url: String,
 }
 
-/// A new database with the fixture installed. Panics (never skips) when no
-/// server is available.
+/// A new database with the fixture installed at the hourly-pipeline level.
+/// Panics (never skips) when no server is available.
 pub async fn fresh_database() -> TestDatabase {
+    fresh_database_at(SchemaLevel::HourlyPipeline).await
+}
+
+/// A new database with the fixture installed at `level`. Panics (never
+/// skips) when no server is available.
+pub async fn fresh_database_at(level: SchemaLevel) -> TestDatabase {
     let harness = harness();
     let _serial = CREATE_DATABASE.lock().await;
     let admin = connect(&harness.admin_url)
@@ -99,7 +143,10 @@ pub async fn fresh_database() -> TestDatabase {
             std::process::id(),
             NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
         );
-        let create = format!("CREATE DATABASE {name} TEMPLATE {}", harness.template);
+        let create = format!(
+            "CREATE DATABASE {name} TEMPLATE {}",
+            harness.template(level)
+        );
         match admin.batch_execute(&create).await {
             Ok(()) => break name,
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
@@ -143,10 +190,19 @@ pub async fn client(url: &str) -> Client {
         .unwrap_or_else(|e| panic!("connecting to {url:?}: {}", chain(&e)))
 }
 
-/// Database `name` with the fixture installed, on a server the test
-/// started itself (a [`TempPostgres`] it may restart or stop): its admin
-/// URL and an admin connection to it.
+/// Database `name` with the fixture installed (hourly-pipeline level), on
+/// a server the test started itself (a [`TempPostgres`] it may restart or
+/// stop): its admin URL and an admin connection to it.
 pub async fn fixture_database(server: &TempPostgres, name: &str) -> (String, Client) {
+    fixture_database_at(server, name, SchemaLevel::HourlyPipeline).await
+}
+
+/// [`fixture_database`] at `level`.
+pub async fn fixture_database_at(
+    server: &TempPostgres,
+    name: &str,
+    level: SchemaLevel,
+) -> (String, Client) {
     let admin = client(&server.admin_url("postgres")).await;
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -154,7 +210,7 @@ pub async fn fixture_database(server: &TempPostgres, name: &str) -> (String, Cli
         .unwrap_or_else(|e| panic!("testkit: CREATE DATABASE {name}: {}", chain(&e)));
     let url = server.admin_url(name);
     let db = client(&url).await;
-    fixture::install(&db)
+    fixture::install_at(&db, level)
         .await
         .unwrap_or_else(|e| panic!("testkit: installing the fixture into {name}: {}", chain(&e)));
     (url, db)
@@ -340,16 +396,16 @@ fn init_harness() -> Result<Harness, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("testkit: building a runtime: {e}"))?;
-    let template = format!(
-        "fixture_template_{:016x}",
-        fnv1a(fixture::SCHEMA_SQL.as_bytes())
-    );
+    let templates: Vec<String> = SchemaLevel::ALL
+        .iter()
+        .map(|level| format!("fixture_template_{:016x}", fnv1a(level.sql().as_bytes())))
+        .collect();
 
     if let Some(url) = std::env::var("DATABASE_URL")
         .ok()
         .filter(|u| !u.trim().is_empty())
     {
-        rt.block_on(prepare_template(&url, &template, true)).map_err(|e| {
+        rt.block_on(prepare_templates(&url, &templates, true)).map_err(|e| {
             format!(
                 "testkit: DATABASE_URL is set, but preparing the fixture template on it failed: {e}\n\
                  Its user needs CREATEDB (and CREATEROLE for role tests), and the server must be \
@@ -360,7 +416,7 @@ fn init_harness() -> Result<Harness, String> {
         return Ok(Harness {
             server: None,
             admin_url: url,
-            template,
+            templates,
         });
     }
 
@@ -374,19 +430,36 @@ fn init_harness() -> Result<Harness, String> {
         )
     })?;
     let admin_url = server.admin_url("postgres");
-    rt.block_on(prepare_template(&admin_url, &template, false))
+    rt.block_on(prepare_templates(&admin_url, &templates, false))
         .map_err(|e| format!("testkit: installing the fixture template: {e}"))?;
     Ok(Harness {
         server: Some(server),
         admin_url,
-        template,
+        templates,
     })
+}
+
+/// [`prepare_template`] for every level.
+async fn prepare_templates(
+    admin_url: &str,
+    templates: &[String],
+    shared: bool,
+) -> Result<(), String> {
+    for (level, template) in SchemaLevel::ALL.iter().zip(templates) {
+        prepare_template(admin_url, template, *level, shared).await?;
+    }
+    Ok(())
 }
 
 /// Build the template database once (under a cross-process advisory lock
 /// on shared servers); built under a temporary name and renamed, so a
 /// crashed build never leaves a half-installed template behind.
-async fn prepare_template(admin_url: &str, template: &str, shared: bool) -> Result<(), String> {
+async fn prepare_template(
+    admin_url: &str,
+    template: &str,
+    level: SchemaLevel,
+    shared: bool,
+) -> Result<(), String> {
     let admin = connect(admin_url)
         .await
         .map_err(|e| format!("connecting: {}", chain(&e)))?;
@@ -431,7 +504,9 @@ async fn prepare_template(admin_url: &str, template: &str, shared: bool) -> Resu
                     .await
                     .map_err(step(format!("connecting to {building}")))?;
             let connection = tokio::spawn(connection);
-            fixture::install(&client).await.map_err(|e| chain(&e))?;
+            fixture::install_at(&client, level)
+                .await
+                .map_err(|e| chain(&e))?;
             // Wait for the session to end: a template must have no connections.
             drop(client);
             let _ = connection.await;
@@ -562,17 +637,23 @@ mod tests {
         assert_ne!(a.name(), b.name());
         let ca = a.client().await;
         let cb = b.client().await;
-        ca.batch_execute("INSERT INTO agent (workspace_id) VALUES (gen_random_uuid())")
+        ca.batch_execute("INSERT INTO workspace (name, slug) VALUES ('w', 'w')")
             .await
             .unwrap();
         async fn count(c: &Client) -> i64 {
-            c.query_one("SELECT count(*) FROM agent", &[])
+            c.query_one("SELECT count(*) FROM workspace", &[])
                 .await
                 .unwrap()
                 .get(0)
         }
         assert_eq!(count(&ca).await, 1);
         assert_eq!(count(&cb).await, 0);
+        // Each level has its own template.
+        for level in SchemaLevel::ALL {
+            let db = fresh_database_at(level).await;
+            let client = db.client().await;
+            assert_eq!(fixture::schema_level(&client).await.unwrap(), level);
+        }
     }
 
     #[tokio::test]
