@@ -32,7 +32,12 @@ use tokio_util::sync::CancellationToken;
 use usage_backfill_api::BackfillResult;
 use usage_backfill_engine::{self as engine, Database, Event, Outcome, Performance};
 use usage_backfill_standin::fixture::{self, HistorySpec};
-use usage_backfill_testkit::{self as testkit, TestDatabase, harness::Harness};
+use usage_backfill_testkit::{self as testkit, SchemaLevel, TestDatabase, harness::Harness};
+
+testkit::at_both_levels!(
+    multi_thread: a_walk_beside_the_writing_application_loses_no_update,
+    a_controller_run_beside_the_writing_application_loses_no_update,
+);
 
 use support::engine::{always, assert_correct};
 
@@ -48,8 +53,8 @@ const WARM_UP_WRITES: u64 = 20;
 /// Three months of history before the current one, and 3000 of its rows
 /// updated in the current month (up to now): the last slice recomputes
 /// thousands of keys, long enough for writes to commit while it runs.
-async fn busy_database() -> (TestDatabase, Client) {
-    let db = testkit::fresh_database().await;
+async fn busy_database(level: SchemaLevel) -> (TestDatabase, Client) {
+    let db = testkit::fresh_database_at(level).await;
     let client = db.client().await;
     fixture::generate(
         &client,
@@ -430,9 +435,8 @@ impl LastSlice {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_walk_beside_the_writing_application_loses_no_update() {
-    let (db, client) = busy_database().await;
+async fn a_walk_beside_the_writing_application_loses_no_update(level: SchemaLevel) {
+    let (db, client) = busy_database(level).await;
     let app = Application::start(db.url(), 14).await;
     let before = app.committed();
     let mut last = LastSlice::default();
@@ -488,9 +492,8 @@ async fn a_walk_beside_the_writing_application_loses_no_update() {
 /// The same at the controller level: a UsageBackfill in the hook's mode
 /// (IfLagging, two sessions) reconciled to the end while the application
 /// writes and ticks.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_controller_run_beside_the_writing_application_loses_no_update() {
-    let (db, client) = busy_database().await;
+async fn a_controller_run_beside_the_writing_application_loses_no_update(level: SchemaLevel) {
+    let (db, client) = busy_database(level).await;
     let h = Harness::on(db.url(), testkit::settings()).await;
     h.put_secret();
     h.create("beside-the-app", |s| s.parallelism = 2);

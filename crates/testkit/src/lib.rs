@@ -35,8 +35,26 @@ pub use usage_backfill_standin::fixture::SchemaLevel;
 /// tests `hourly_pipeline` and `current`. The scenario's body stays a plain
 /// function (one copy, formatted by rustfmt); a module and a function may
 /// share a name.
+///
+/// `at_both_levels!(multi_thread: name, …)` runs them on a two-thread
+/// runtime, for scenarios whose own tasks must run beside the engine.
 #[macro_export]
 macro_rules! at_both_levels {
+    (multi_thread: $($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn hourly_pipeline() {
+                    super::$name($crate::SchemaLevel::HourlyPipeline).await
+                }
+
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn current() {
+                    super::$name($crate::SchemaLevel::Current).await
+                }
+            }
+        )*
+    };
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
