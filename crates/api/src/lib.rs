@@ -280,7 +280,7 @@ fn default_parallelism() -> i64 {
 #[serde(rename_all = "camelCase")]
 pub struct TuningSpec {
     /// Tuned: the measured settings (enable_nestloop off, work_mem 4MB, and
-    /// plan_cache_mode chosen by timing the first slices), with which the
+    /// plan_cache_mode chosen by timing the largest slices), with which the
     /// window function's recompute uses hash joins instead of nested loops.
     /// ServerDefaults: the server's settings, exactly as the reference
     /// runs. Default: Tuned.
@@ -884,7 +884,7 @@ pub struct PerformanceStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sessions: Option<u32>,
 
-    /// plan_cache_mode kept after timing the first slices under each mode
+    /// plan_cache_mode kept after timing the largest slices under each mode
     /// (tuning preset Tuned); absent when not measured or inconclusive.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan_cache_mode: Option<String>,
