@@ -131,7 +131,7 @@ pub async fn run(args: ControllerArgs, cancel: CancellationToken) -> u8 {
     match usage_backfill_controller::run(config, cancel).await {
         Ok(()) => exit::OK,
         Err(e) => {
-            eprintln!("error: {}", super::error_chain(&e));
+            eprintln!("error: {}", usage_backfill_engine::error_chain(&e));
             exit::RETRYABLE
         }
     }

@@ -22,17 +22,6 @@ pub fn parse_setting(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// An error and its sources on one line, `outer: inner: innermost`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text += &format!(": {s}");
-        source = s.source();
-    }
-    text
-}
-
 /// Exit codes a Helm hook Job or a script can rely on.
 pub mod exit {
     /// Backfilled, skipped (nothing to do) or planned (dry run).

@@ -42,7 +42,9 @@ pub async fn reconcile(obj: Arc<UsageBackfill>, ctx: Arc<Context>) -> Result<Req
     ctx.metrics.reconciled(result.as_ref().map(drop));
     match &result {
         Ok(_) => ctx.forget_failures(&key),
-        Err(e) => tracing::warn!(object = %key, error = %chain(e), "reconcile failed"),
+        Err(e) => {
+            tracing::warn!(object = %key, error = %usage_backfill_engine::error_chain(e), "reconcile failed")
+        }
     }
     result
 }
@@ -291,15 +293,4 @@ impl Act<'_> {
         });
         Ok(())
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }

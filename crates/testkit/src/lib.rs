@@ -78,6 +78,7 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
 
+use usage_backfill_engine::error_chain as chain;
 use usage_backfill_standin::fixture;
 use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions, percent_encode};
 
@@ -609,18 +610,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
     })
-}
-
-/// An error with its sources, `: `-separated.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 #[cfg(test)]
