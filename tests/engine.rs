@@ -10,8 +10,8 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp, ToSpan};
 use tokio_postgres::Client;
 use usage_backfill_engine::{
-    self as engine, CancellationToken, Database, Error, Event, Mode, Options, Outcome, Resume,
-    SkipReason,
+    self as engine, CancellationToken, Database, Error, Event, Mode, Options, Outcome, Performance,
+    Resume, SkipReason,
 };
 use usage_backfill_standin::fixture::{self, HistorySpec, Scenario, SchemaLevel, UsageRow};
 use usage_backfill_testkit::{self as testkit, TestDatabase, lock_4246};
@@ -32,6 +32,7 @@ testkit::at_both_levels!(
     lock_timeout_gives_up_without_writing,
     cancellation_mid_walk_releases_the_lock_and_stamps_nothing,
     cancellation_while_waiting_for_the_lock,
+    a_slice_committed_as_the_cancel_arrives_counts_as_done,
     a_failing_slice_aborts_without_stamping_and_a_resume_completes,
     resume_from_a_cursor_gives_the_same_table_as_a_full_run,
     row_updated_in_a_later_month_is_counted,
@@ -541,6 +542,89 @@ async fn cancellation_while_waiting_for_the_lock(level: SchemaLevel) {
     // Only the holder remains; the waiter left the queue.
     let locks = lock_4246(&client).await;
     assert_eq!(locks.len(), 1, "{locks:?}");
+}
+
+/// A slice whose call commits although the cancel was already sent (the
+/// cancel reached the server too late) is reported done: its work happened,
+/// and the resume point must not send it round again.
+async fn a_slice_committed_as_the_cancel_arrives_counts_as_done(level: SchemaLevel) {
+    let (db, client) = with_history(level, small()).await;
+    // The call outlives the cancel: it sleeps, swallows the cancel, then
+    // does the real work and commits.
+    client
+        .batch_execute(
+            "CREATE TABLE window_calls (p_from timestamptz);
+             ALTER FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz) RENAME TO real_window;
+             CREATE FUNCTION rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
+             RETURNS bigint LANGUAGE plpgsql AS $$
+             BEGIN
+               -- The postmaster signals a cancelled backend and its process
+               -- group: one cancel can arrive twice, so the short sleeps
+               -- after the long one swallow a second delivery.
+               FOR i IN 1..3 LOOP
+                 BEGIN
+                   PERFORM pg_sleep(CASE WHEN i = 1 THEN 5 ELSE 0.05 END);
+                 EXCEPTION WHEN query_canceled THEN NULL;
+                 END;
+               END LOOP;
+               INSERT INTO window_calls VALUES (p_from);
+               RETURN real_window(p_from, p_to);
+             END $$;",
+        )
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let watcher = Arc::new(db.client().await);
+    let database = Database::parse(db.url()).unwrap();
+    let mut done = Vec::new();
+    // One session: one call in flight when the cancel comes.
+    let opts = Options {
+        performance: Performance::reference(),
+        ..Options::default()
+    };
+    let result = engine::run(&database, &opts, &cancel, &mut |e| match e {
+        // Cancelled once the call is inside its sleep (a cancel before it
+        // would cancel the call itself).
+        Event::SliceStarted { .. } => {
+            let (token, watcher) = (token.clone(), watcher.clone());
+            tokio::spawn(async move {
+                while watcher
+                    .query_opt(
+                        "SELECT 1 FROM pg_stat_activity
+                          WHERE wait_event = 'PgSleep' AND datname = current_database()",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .is_none()
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                token.cancel();
+            });
+        }
+        Event::SliceDone { slice, cursor, .. } => done.push((*slice, *cursor)),
+        _ => {}
+    })
+    .await;
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    let committed: Vec<Timestamp> = client
+        .query("SELECT p_from FROM window_calls", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        committed.len(),
+        1,
+        "one call started, and it committed: {done:?}"
+    );
+    assert_eq!(done.len(), 1, "the committed slice is reported: {done:?}");
+    assert_eq!(done[0].0.from, committed[0]);
+    assert_eq!(done[0].1, done[0].0.to, "the resume point is past it");
+    assert!(lock_4246(&client).await.is_empty(), "lock released");
 }
 
 /// Makes the window function fail for slices starting at or after `from`.

@@ -662,7 +662,10 @@ impl Session {
             &params,
         );
         let row = match self.race(call, cancel).await {
-            Raced::Done(Ok(row)) => row,
+            // A call that finished before the cancel reached the server has
+            // committed its slice: it counts as done (a probe given up too
+            // late is a completed probe, not a slice to run twice).
+            Raced::Done(Ok(row)) | Raced::Cancelled(Some(Ok(row))) => row,
             Raced::Done(Err(e)) => return Err(self.slice_error(slice, timeout, &e)),
             Raced::Cancelled(_) => {
                 return Err(SliceError {
