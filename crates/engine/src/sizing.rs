@@ -29,6 +29,9 @@
 //!    eighth of its width, so the first measurement comes before any
 //!    transaction can overrun the cap by much.
 //!
+//! One session with the server's planner settings (`parallelism 1`,
+//! `tuning off`) is the reference's walk and keeps its calendar months.
+//!
 //! The slice that reaches the present (and drains the dirty queue) is never
 //! resized: it is not part of what these functions see.
 
@@ -68,6 +71,14 @@ pub const PROBE_PARTS: i64 = 8;
 /// call's fixed part is large enough to make [`merge_thin`] pay; under the
 /// server's nested loops the per-key part dominates and the months stay.
 pub fn by_counts(pieces: Vec<Piece>, workers: usize, hash_plans: bool) -> Vec<Piece> {
+    // One session under the server's plans is the reference's own walk, and
+    // walks its calendar months: a split gains no second worker, and under
+    // nested loops a call's fixed part is too small for a merge to pay. This
+    // keeps `parallelism 1, tuning off` comparable to the reference, slice
+    // for slice (issue 11: within 2 %).
+    if workers == 1 && !hash_plans {
+        return pieces;
+    }
     let mut out = pieces;
     if out.len() >= 3 {
         let median = median(out.iter().map(|p| p.events)).max(1);
@@ -433,6 +444,20 @@ mod tests {
         let mut want = vec![2_000, 2_000, 2_000];
         want.extend([3_000; 9]);
         assert_eq!(counts(&by_counts(months(&m), 2, true)), want);
+    }
+
+    #[test]
+    fn one_untuned_session_walks_the_reference_months() {
+        // Thin, outsized and growing months alike stay calendar months.
+        for m in [
+            vec![100, 200, 300, 10_000, 10_000, 10_000, 10_000],
+            vec![30_000, 30_000, 150_000, 30_000, 30_000],
+            vec![7_700; 26],
+        ] {
+            let m = months(&m);
+            assert_eq!(by_counts(m.clone(), 1, false), m);
+            assert_ne!(by_counts(m.clone(), 1, true), m);
+        }
     }
 
     #[test]
