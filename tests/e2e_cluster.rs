@@ -279,6 +279,16 @@ async fn scenario(admin: &Client, admin_config: &kube::Config, run: &str, scope:
         Scope::ClusterWide => None,
     };
 
+    // Before any controller looked at it, the apiserver defaults the missing
+    // status, so kstatus cannot call the fresh object Current.
+    create(admin, &app_ns, "handover", "db-handover", run).await;
+    let fresh = objects.get("handover").await.expect("reading it");
+    assert_eq!(
+        fresh.status.map(|s| s.observed_generation),
+        Some(-1),
+        "a fresh object reads observedGeneration -1"
+    );
+
     // Two replicas, each with its /metrics, under leader election.
     let mut replicas = [
         Replica::start(&sa_config, scope, &op_ns, &app_ns, &format!("{tag}-a")),
@@ -300,14 +310,7 @@ async fn scenario(admin: &Client, admin_config: &kube::Config, run: &str, scope:
     .await;
     let standby = 1 - leader;
 
-    // A backfill: only the Lease holder runs it.
-    create(admin, &app_ns, "handover", "db-handover", run).await;
-    let fresh = objects.get("handover").await.expect("reading it");
-    assert_eq!(
-        fresh.status.map(|s| s.observed_generation),
-        Some(-1),
-        "the apiserver defaults observedGeneration to -1"
-    );
+    // The backfill, made before any controller runs: only the Lease holder runs it.
     wait_running(&objects, "handover").await;
     for _ in 0..4 {
         let runs = |i: usize| replicas[i].metric("usage_backfill_runs_active");
