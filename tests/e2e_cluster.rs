@@ -808,14 +808,22 @@ impl Leftovers {
         self.namespaces.is_empty() && self.cluster_rbac.is_empty() && self.crd.is_none()
     }
 
-    async fn delete(self) {
+    /// Deletes everything, going on past errors; returns how many failed.
+    async fn delete(self) -> usize {
         let client = match Client::try_from(self.admin) {
             Ok(c) => c,
-            Err(e) => return eprintln!("e2e cleanup: no client: {e}"),
+            Err(e) => {
+                eprintln!("e2e cleanup: no client: {e}");
+                return 1;
+            }
         };
-        let report = |what: String, r: kube::Result<()>| match r {
+        let mut failed = 0;
+        let mut report = |what: String, r: kube::Result<()>| match r {
             Err(kube::Error::Api(s)) if s.is_not_found() => {}
-            Err(e) => eprintln!("e2e cleanup: {what}: {e}"),
+            Err(e) => {
+                eprintln!("e2e cleanup: {what}: {e}");
+                failed += 1;
+            }
             Ok(()) => {}
         };
         let dp = DeleteParams::default();
@@ -864,6 +872,7 @@ impl Leftovers {
                 .await;
             report(format!("deleting CRD {name}"), deleted.map(drop));
         }
+        failed
     }
 }
 
@@ -893,11 +902,14 @@ impl Drop for Cleanup {
                 .enable_all()
                 .build()
                 .expect("a runtime for the cleanup");
-            runtime.block_on(tokio::time::timeout(CLEANUP_TIMEOUT, cleanup.delete()))
+            // (A timeout is made inside the runtime: it needs its timer.)
+            runtime
+                .block_on(async { tokio::time::timeout(CLEANUP_TIMEOUT, cleanup.delete()).await })
         })
         .join();
         match done {
-            Ok(Ok(())) => eprintln!("e2e cleanup: deleted {left}"),
+            Ok(Ok(0)) => eprintln!("e2e cleanup: deleted {left}"),
+            Ok(Ok(n)) => eprintln!("e2e cleanup: {n} deletions failed; check {left}"),
             Ok(Err(_)) => eprintln!("e2e cleanup timed out; check {left}"),
             Err(_) => eprintln!("e2e cleanup failed; check {left}"),
         }
@@ -1070,4 +1082,54 @@ async fn two_replicas_hand_over_on_the_fake_api_server() {
     replicas[standby].stop().await;
     assert_eq!(fake.lease_holder("op", LEASE_NAME), None, "released");
     assert!(fake.unexpected().is_empty(), "{}", fake.describe_requests());
+}
+
+/// The guard does its work when an assertion fails inside the test's
+/// runtime: the replicas are told to stop, finalizers dropped, and every
+/// object deleted (the fake refuses most of it, as a real server would the
+/// chart's ServiceAccount, but it sees every request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cleanup_runs_when_an_assertion_fails() {
+    let (client, fake) = testkit::FakeApiServer::start();
+    let server = fake.serve_http().await;
+    let stuck = fake.create("x", "stuck", UsageBackfillSpec::new("db"));
+    writes::add_finalizer(&Api::namespaced(client, "x"), &stuck)
+        .await
+        .unwrap();
+    assert!(writes::has_finalizer(&fake.get("x", "stuck").unwrap()));
+    let config = kube::Config::new(server.url().parse().unwrap());
+    let replica = CancellationToken::new();
+    let failing = tokio::spawn({
+        let replica = replica.clone();
+        async move {
+            let mut guard = Cleanup::new(config);
+            guard.replicas.push(replica);
+            guard.namespaces.push("x".into());
+            guard.cluster_rbac.push("cr".into());
+            guard.crd = Some("crd".into());
+            panic!("an assertion fails");
+        }
+    });
+    assert!(failing.await.unwrap_err().is_panic());
+    assert!(replica.is_cancelled(), "the replicas are stopped");
+    assert!(
+        !writes::has_finalizer(&fake.get("x", "stuck").unwrap()),
+        "the finalizer is dropped"
+    );
+    let deletes: Vec<(String, Option<String>)> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| (r.resource, r.name))
+        .collect();
+    for (resource, name) in [
+        ("usagebackfills", None),
+        ("namespaces", Some("x")),
+        ("clusterrolebindings", Some("cr")),
+        ("clusterroles", Some("cr")),
+        ("customresourcedefinitions", Some("crd")),
+    ] {
+        let wanted = (resource.to_owned(), name.map(str::to_owned));
+        assert!(deletes.contains(&wanted), "{wanted:?} in {deletes:?}");
+    }
 }
