@@ -1,18 +1,21 @@
 //! End to end against a real cluster (kind, k3d, anything with a
 //! kubeconfig whose user may impersonate, e.g. cluster-admin). Opt-in: runs
 //! only with `USAGE_BACKFILL_E2E=1`; otherwise it returns at once, saying
-//! why. Compiled always, so it never rots; the tests at the bottom, which
-//! build the chart's RBAC from the rules file, always run.
+//! why. Compiled always, so it never rots; the tests at the bottom (the
+//! RBAC built from the rules file, the impersonation, the replicas and the
+//! cleanup guard against the fake API server) always run.
 //!
 //! Once in cluster-wide mode, then in namespaced mode, it:
 //! - installs the chart's RBAC (built from `crates/testkit/src/rbac-rules.yaml`,
 //!   which `.ci/chart-check` proves equal to the rendered chart) for a
-//!   ServiceAccount in an operator namespace, and runs two controller
+//!   ServiceAccount in an operator namespace (rule sets named `*lease*` in
+//!   the leader-election Role, the others, except [`OPT_IN_RULE_SETS`], in
+//!   the operator's ClusterRole or Role), and runs two controller
 //!   replicas in this process as that ServiceAccount, by impersonation, with
 //!   leader election on: every call the chart does not grant fails;
 //! - checks that only the Lease holder runs a backfill, stops (SIGTERM-like)
-//!   the leader mid-run, and sees the other replica take over, resume at the
-//!   cursor within the same attempt and finish, the rollup correct;
+//!   the leader mid-run, and sees the other replica take over and finish
+//!   the same attempt, the rollup correct;
 //! - deletes a second UsageBackfill mid-run: the run is cancelled, lock 4246
 //!   released, nothing stamped, the finalizer removed, the object gone.
 //!
