@@ -175,6 +175,20 @@ pub struct Config {
 
 /// Runs the controller until `cancel`, then shuts down.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
+    let kube_config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Client(kube::Error::InferConfig(e)))?;
+    run_with(kube_config, config, cancel).await
+}
+
+/// [`run`] with the API server connection given rather than inferred (the
+/// real-cluster test runs replicas as the chart's ServiceAccount, by
+/// impersonation).
+pub async fn run_with(
+    kube_config: kube::Config,
+    config: Config,
+    cancel: CancellationToken,
+) -> Result<()> {
     let Config {
         namespaces,
         concurrency,
@@ -183,9 +197,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
         shutdown_timeout,
         lease,
     } = config;
-    let config = kube::Config::infer()
-        .await
-        .map_err(|e| Error::Client(kube::Error::InferConfig(e)))?;
+    let config = kube_config;
     let client = Client::try_from(config.clone()).map_err(Error::Client)?;
     let listener = tokio::net::TcpListener::bind(health_addr)
         .await
