@@ -3,10 +3,10 @@
 //! not grant is a 403) and a real PostgreSQL.
 //!
 //! - Default (`get` only): no Secret list or watch, ever; an object waiting
-//!   for its Secret, or Failed, is reconciled again every
-//!   `secret_recheck_interval` and re-reads its Secrets by name; a Failed
-//!   run restarts only when the value changed, and an unchanged Secret
-//!   writes nothing.
+//!   for its Secret, waiting for a retry, or Failed, is reconciled again
+//!   every `secret_recheck_interval` and re-reads its Secrets by name; a
+//!   Failed run restarts only when the value changed, and an unchanged
+//!   Secret writes nothing.
 //! - `--watch-secrets`: a created Secret is reacted to at once, and the
 //!   watch's initial list comes in pages.
 
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, WatchParams};
 use usage_backfill_api::{BackfillResult, ConditionType, Phase, UsageBackfillStatus};
+use usage_backfill_controller::decide::Backoff;
 use usage_backfill_controller::{self as controller, SECRET_LIST_PAGE_SIZE, Settings};
 use usage_backfill_standin::fixture::HistorySpec;
 use usage_backfill_testkit::apiserver::Recorded;
@@ -233,6 +234,37 @@ async fn by_default_only_a_changed_secret_value_restarts_a_failed_run() {
             .any(|w| w[0] == "Failed" && w[1] == "Started"),
         "{reasons:?}"
     );
+
+    stop(cancel, run).await;
+    assert_get_only(&h.fake);
+    h.assert_never_sent(&[&h.password, WRONG]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_changed_secret_cuts_a_long_retry_backoff_short() {
+    const WRONG: &str = "Wr0ng-Pa55-backoff";
+    let mut settings = mode(false, RECHECK);
+    settings.runner.backoff = Backoff {
+        base: Duration::from_secs(3600),
+        max: Duration::from_secs(3600),
+    };
+    let h = Harness::with_settings(Some(small()), settings).await;
+    let wrong = h.db().url().replace(&h.password, WRONG);
+    h.fake.put_secret(NS, SECRET, "DATABASE_URL", &wrong);
+    h.apply(UsageBackfillBuilder::new("retrying").backoff_limit(3));
+    let (cancel, run) = start(&h).await;
+
+    h.fake
+        .wait_for("RetryScheduled", WAIT, |f| {
+            let s = f.get(NS, "retrying")?.status?;
+            (cond(&s, ConditionType::Ready) == is("False", "RetryScheduled")).then_some(())
+        })
+        .await;
+    // An hour of backoff ahead; the new value is found by the recheck.
+    h.put_secret();
+    let done = wait_succeeded(&h, "retrying").await;
+    assert_eq!(done.result, Some(BackfillResult::Backfilled));
+    assert_eq!(done.attempts, Some(1), "a fresh sequence of attempts");
 
     stop(cancel, run).await;
     assert_get_only(&h.fake);

@@ -121,7 +121,11 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
         }
         Action::NothingToDo => Requeue::await_change(),
         Action::Observe => Requeue::requeue(ctx.settings.observe_interval),
-        Action::WaitBackoff(wait) => Requeue::requeue(wait),
+        // A changed Secret retries at once (decide()): look before the
+        // backoff ends when it is longer than the recheck interval.
+        Action::WaitBackoff(wait) => {
+            Requeue::requeue(wait.min(ctx.settings.secret_recheck_interval))
+        }
         Action::StartRun(start) => {
             act.start(start, inputs).await?;
             Requeue::requeue(ctx.settings.observe_interval)
