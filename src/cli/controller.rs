@@ -48,10 +48,10 @@ pub struct ControllerArgs {
     /// save their cursor.
     #[arg(long, value_parser = duration::clap_parse, default_value = "25s")]
     pub shutdown_timeout: Duration,
-    /// How often a UsageBackfill waiting for its Secret, or Failed, reads
-    /// its Secrets again (a created Secret starts the run, a changed value
-    /// restarts a Failed one): the longest such reaction delay without
-    /// --watch-secrets. Between 1s and 1h.
+    /// How often a UsageBackfill waiting for its Secret or a retry, or
+    /// Failed, reads its Secrets again (a created Secret starts the run, a
+    /// changed value restarts a Failed one): the longest such reaction
+    /// delay without --watch-secrets. Between 1s and 1h.
     #[arg(long, value_parser = duration::clap_parse, default_value = "60s")]
     pub secret_recheck_interval: Duration,
     /// Also watch the metadata of every Secret in the watched namespaces,

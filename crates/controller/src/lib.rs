@@ -4,8 +4,9 @@
 //! as a background task, reporting in the status.
 //!
 //! Secrets are read with `get` only by default: an object waiting for its
-//! Secret, or Failed (a changed value restarts it), is reconciled again
-//! every `secret_recheck_interval`, which re-reads its Secrets. With
+//! Secret, waiting for a retry, or Failed (a changed value restarts it) is
+//! reconciled again every `secret_recheck_interval`, which re-reads its
+//! Secrets. With
 //! [`Settings::watch_secrets`] the controller also watches Secret metadata
 //! (paginated initial list) and reacts at once; that needs list/watch on
 //! every Secret of the watched namespaces (see the threat model in
@@ -96,9 +97,9 @@ pub struct Settings {
     pub session_settings: Vec<(String, String)>,
     /// Fallback requeue while this process runs the object's backfill.
     pub observe_interval: Duration,
-    /// How often an object waiting for a Secret, or Failed, is reconciled
-    /// again (re-reading its Secrets): the longest delay before a created
-    /// or rotated Secret is noticed without the Secret watch.
+    /// How often an object waiting for a Secret or a retry, or Failed, is
+    /// reconciled again (re-reading its Secrets): the longest delay before
+    /// a created or rotated Secret is noticed without the Secret watch.
     pub secret_recheck_interval: Duration,
     /// Fallback requeue after cancelling a task.
     pub cancel_recheck_interval: Duration,
