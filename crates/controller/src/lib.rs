@@ -238,7 +238,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
         state: state.clone(),
     };
     tracing::info!(?namespaces, concurrency,
-        http = %health_addr, leader_election = lease.is_some(), "controller starting");
+        http = %health_addr, leader_election = lease.is_some(),
+        watch_secrets = replica.settings.watch_secrets,
+        secret_recheck = %usage_backfill_engine::duration::format(replica.settings.secret_recheck_interval),
+        "controller starting");
     let result = match lease {
         None => {
             replica.lead(cancel).await;
