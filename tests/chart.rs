@@ -92,7 +92,8 @@ fn define<'a>(helpers: &'a str, name: &str) -> &'a str {
 
 /// What the controller does with each resource it touches, per watched
 /// namespace: reconcile UsageBackfills (finalizer patch, status by
-/// server-side apply), read the Secrets they name (metadata watch + get),
+/// server-side apply), read the Secrets they name (get; with
+/// `secrets.watch`, also the metadata watch: [`SECRET_WATCH_NEEDS`]),
 /// record Events (kube's Recorder: events.k8s.io, core for older clusters).
 const WATCH_NEEDS: &[(&str, &str, &[&str])] = &[
     (
@@ -106,10 +107,14 @@ const WATCH_NEEDS: &[(&str, &str, &[&str])] = &[
         &["get", "patch", "update"],
     ),
     ("usage.multica.ai", "usagebackfills/finalizers", &["update"]),
-    ("", "secrets", &["get", "list", "watch"]),
+    ("", "secrets", &["get"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     ("", "events", &["create", "patch"]),
 ];
+
+/// Added with `secrets.watch` (`--watch-secrets`): the Secret metadata
+/// watch and its paginated lists.
+const SECRET_WATCH_NEEDS: &[(&str, &str, &[&str])] = &[("", "secrets", &["list", "watch"])];
 
 /// Built-in kinds a controller might start using, with their API group and
 /// resource; a kind of this table imported under `src/` must be granted.
@@ -200,6 +205,23 @@ fn chart_rbac_grants_what_the_controller_uses() {
             "no wildcards in the chart's RBAC: {key:?} {verbs:?}"
         );
     }
+    assert_eq!(
+        watch.get(&(String::new(), "secrets".to_owned())),
+        Some(&BTreeSet::from(["get".to_owned()])),
+        "by default the chart grants get, and only get, on Secrets"
+    );
+    let secret_watch = grants(define(&helpers, "usage-backfill-operator.secretWatchRules"));
+    let want: BTreeMap<_, BTreeSet<_>> = SECRET_WATCH_NEEDS
+        .iter()
+        .map(|(g, r, verbs)| {
+            let verbs = verbs.iter().map(|v| (*v).to_owned()).collect();
+            (((*g).to_owned(), (*r).to_owned()), verbs)
+        })
+        .collect();
+    assert_eq!(
+        secret_watch, want,
+        "secretWatchRules grant exactly the Secret watch's needs"
+    );
 
     // Both modes use the same rules: the ClusterRole, and one Role per
     // watched namespace.
@@ -209,6 +231,13 @@ fn chart_rbac_grants_what_the_controller_uses() {
     assert_eq!(
         uses, 2,
         "rbac.yaml must use watchRules in the ClusterRole and the per-namespace Role"
+    );
+    let uses = rbac
+        .matches("include \"usage-backfill-operator.secretWatchRules\"")
+        .count();
+    assert_eq!(
+        uses, 2,
+        "rbac.yaml must add secretWatchRules to the ClusterRole and the per-namespace Role"
     );
     for needle in [
         "kind: ClusterRole",

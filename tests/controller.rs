@@ -1056,7 +1056,11 @@ async fn a_failed_final_write_is_settled_by_the_next_reconcile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_reacts_to_secrets_and_shuts_down_gracefully() {
-    let h = Harness::new(Some(slow_history())).await;
+    // With the Secret watch (--watch-secrets); the default, get-only mode:
+    // tests/secrets_access.rs.
+    let mut settings = settings();
+    settings.watch_secrets = true;
+    let h = Harness::with_settings(Some(slow_history()), settings).await;
     let cancel = tokio_util::sync::CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
     let controller = tokio::spawn(controller::run_controllers(

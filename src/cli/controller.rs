@@ -8,7 +8,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use usage_backfill_controller::decide::Backoff;
 use usage_backfill_controller::leader::{LEASE_NAME, default_identity};
-use usage_backfill_controller::{Config, LeaseSettings, Settings};
+use usage_backfill_controller::{Config, LeaseSettings, SECRET_RECHECK_BOUNDS, Settings};
 use usage_backfill_engine::duration;
 
 use super::exit;
@@ -48,6 +48,19 @@ pub struct ControllerArgs {
     /// save their cursor.
     #[arg(long, value_parser = duration::clap_parse, default_value = "25s")]
     pub shutdown_timeout: Duration,
+    /// How often a UsageBackfill waiting for its Secret or a retry, or
+    /// Failed, reads its Secrets again (a created Secret starts the run, a
+    /// changed value restarts a Failed one): the longest such reaction
+    /// delay without --watch-secrets. Between 1s and 1h.
+    #[arg(long, value_parser = duration::clap_parse, default_value = "60s")]
+    pub secret_recheck_interval: Duration,
+    /// Also watch the metadata of every Secret in the watched namespaces,
+    /// to react to a created or rotated Secret at once. Needs list and
+    /// watch on Secrets (chart value secrets.watch); without it the
+    /// operator only gets the Secrets its UsageBackfills name.
+    #[arg(long, default_value_t = false, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub watch_secrets: bool,
     /// Elect a leader among the replicas with the Lease
     /// `usage-backfill-operator`; only the leader reconciles and runs
     /// backfills, the others stand by (healthy and ready). Set
@@ -108,6 +121,16 @@ impl ControllerArgs {
             max: self.retry_backoff_max.max(self.retry_backoff),
         };
         settings.session_settings = self.session_settings.clone();
+        let (min, max) = SECRET_RECHECK_BOUNDS;
+        if !(min..=max).contains(&self.secret_recheck_interval) {
+            return Err(format!(
+                "--secret-recheck-interval must be between {} and {}",
+                duration::format(min),
+                duration::format(max)
+            ));
+        }
+        settings.secret_recheck_interval = self.secret_recheck_interval;
+        settings.watch_secrets = self.watch_secrets;
         Ok(Config {
             namespaces: self.namespaces.clone(),
             concurrency: self.concurrency,
@@ -177,6 +200,32 @@ mod tests {
             [("work_mem".to_owned(), "64MB".to_owned())]
         );
         assert!(Wrap::try_parse_from(["x", "--concurrency", "0"]).is_err());
+    }
+
+    #[test]
+    fn secret_access_flags() {
+        let config = |args: &[&str]| {
+            let argv = std::iter::once("x").chain(args.iter().copied());
+            Wrap::try_parse_from(argv).unwrap().args.config()
+        };
+        let s = config(&[]).unwrap().settings;
+        assert!(!s.watch_secrets, "get only by default");
+        assert_eq!(s.secret_recheck_interval, Duration::from_secs(60));
+        let s = config(&["--watch-secrets", "--secret-recheck-interval=5m"])
+            .unwrap()
+            .settings;
+        assert!(s.watch_secrets);
+        assert_eq!(s.secret_recheck_interval, Duration::from_secs(300));
+        assert!(
+            !config(&["--watch-secrets=false"])
+                .unwrap()
+                .settings
+                .watch_secrets
+        );
+        for out_of_bounds in ["500ms", "2h"] {
+            let e = config(&["--secret-recheck-interval", out_of_bounds]).unwrap_err();
+            assert!(e.contains("--secret-recheck-interval"), "{e}");
+        }
     }
 
     #[test]

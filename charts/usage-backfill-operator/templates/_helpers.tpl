@@ -54,7 +54,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 What the controller does in a watched namespace: reconcile UsageBackfills
 (finalizer by patch, status by server-side apply), read the Secrets they
-reference, and record Events (events.k8s.io, core as a fallback).
+reference (by name: get only), and record Events (events.k8s.io, core as a
+fallback).
 */}}
 {{- define "usage-backfill-operator.watchRules" -}}
 - apiGroups: ["usage.multica.ai"]
@@ -68,11 +69,21 @@ reference, and record Events (events.k8s.io, core as a fallback).
   verbs: ["update"]
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+Added to watchRules with secrets.watch (--watch-secrets): the Secret
+metadata watch and its paginated lists, over every Secret of the namespace.
+*/}}
+{{- define "usage-backfill-operator.secretWatchRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["list", "watch"]
 {{- end }}

@@ -79,11 +79,12 @@ pub enum Reason {
     /// Stalled: the spec fails validation (the message names the field).
     InvalidSpec,
     /// Reconciling: the database or CA Secret does not exist. No attempt is
-    /// made (so backoffLimit is not used up); the Secret is watched and the
-    /// run starts as soon as it appears.
+    /// made (so backoffLimit is not used up); the Secret is read again on
+    /// the recheck schedule (at once with the Secret watch) and the run
+    /// starts once it appears.
     SecretNotFound,
     /// Reconciling: the Secret exists but lacks the key, or its value is
-    /// empty or not UTF-8. Watched like SecretNotFound.
+    /// empty or not UTF-8. Rechecked like SecretNotFound.
     SecretKeyMissing,
     /// Stalled: monthsBack would skip existing history and forcePartial is false.
     PartialRangeRefused,

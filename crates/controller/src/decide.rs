@@ -14,7 +14,7 @@
 //!
 //! | failure | reason | handling |
 //! |---|---|---|
-//! | Secret (connection string, a part of the connection, or CA) missing | `SecretNotFound` | wait, Reconciling=True; not an attempt, never exhausts backoffLimit; the Secret is watched, the run starts once it exists |
+//! | Secret (connection string, a part of the connection, or CA) missing | `SecretNotFound` | wait, Reconciling=True; not an attempt, never exhausts backoffLimit; the Secret is read again every recheck interval (at once with the Secret watch), the run starts once it exists |
 //! | Secret key missing, value empty or not UTF-8 | `SecretKeyMissing` | as above |
 //! | spec invalid (cross-field rules, durations, names) | `InvalidSpec` | terminal: Failed, Stalled=True, until the spec changes |
 //! | connection string unparseable, bad TLS settings | `InvalidConnectionString`, `InvalidTlsConfig` | terminal until the spec or the Secret changes |

@@ -1,7 +1,16 @@
 //! The Kubernetes controller (`usage-backfill controller`): watches
-//! UsageBackfills (all namespaces, or the ones given) and the Secrets they
-//! reference, and runs each backfill once per generation/runId as a
-//! background task, reporting in the status.
+//! UsageBackfills (all namespaces, or the ones given), reads the Secrets
+//! they reference by name, and runs each backfill once per generation/runId
+//! as a background task, reporting in the status.
+//!
+//! Secrets are read with `get` only by default: an object waiting for its
+//! Secret, waiting for a retry, or Failed (a changed value restarts it) is
+//! reconciled again every `secret_recheck_interval`, which re-reads its
+//! Secrets. With
+//! [`Settings::watch_secrets`] the controller also watches Secret metadata
+//! (paginated initial list) and reacts at once; that needs list/watch on
+//! every Secret of the watched namespaces (see the threat model in
+//! docs/reliability.md).
 //!
 //! - [`reconcile`]: the pipeline fetch → decide → act → status.
 //! - [`decide`]: the pure decision, including the retry table.
@@ -63,6 +72,23 @@ pub use runner::{ObjectKey, Runner, RunnerSettings};
 
 use usage_backfill_api::UsageBackfill;
 
+/// Default of [`Settings::secret_recheck_interval`]: a Secret created after
+/// its UsageBackfill (a hook ordering, an external-secrets sync) is picked
+/// up within a minute, well inside the 30 min a hook Job waits, for one GET
+/// per referenced Secret per waiting or Failed object per minute.
+pub const DEFAULT_SECRET_RECHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Bounds of [`Settings::secret_recheck_interval`]: often enough to matter,
+/// rare enough not to load the API server with GETs.
+pub const SECRET_RECHECK_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
+
+/// Page size of the Secret watch's lists: metadata only, yet a Secret's
+/// metadata can carry its data (a `last-applied-configuration` annotation,
+/// up to 256 KiB), so a page is kept well below the 256Mi memory limit
+/// and the list is never one response of every Secret of the cluster.
+pub const SECRET_LIST_PAGE_SIZE: u32 = 100;
+
 /// Tunables of the controller (tests shorten them).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -71,10 +97,15 @@ pub struct Settings {
     pub session_settings: Vec<(String, String)>,
     /// Fallback requeue while this process runs the object's backfill.
     pub observe_interval: Duration,
-    /// Fallback requeue while a Secret is missing (the watch comes first).
+    /// How often an object waiting for a Secret or a retry, or Failed, is
+    /// reconciled again (re-reading its Secrets): the longest delay before
+    /// a created or rotated Secret is noticed without the Secret watch.
     pub secret_recheck_interval: Duration,
     /// Fallback requeue after cancelling a task.
     pub cancel_recheck_interval: Duration,
+    /// Watch Secret metadata (list/watch on Secrets) to react to a created
+    /// or rotated Secret at once instead of at the next recheck.
+    pub watch_secrets: bool,
 }
 
 impl Default for Settings {
@@ -83,8 +114,9 @@ impl Default for Settings {
             runner: RunnerSettings::default(),
             session_settings: Vec::new(),
             observe_interval: Duration::from_secs(300),
-            secret_recheck_interval: Duration::from_secs(300),
+            secret_recheck_interval: DEFAULT_SECRET_RECHECK_INTERVAL,
             cancel_recheck_interval: Duration::from_secs(2),
+            watch_secrets: false,
         }
     }
 }
@@ -218,7 +250,10 @@ pub async fn run_with(
         state: state.clone(),
     };
     tracing::info!(?namespaces, concurrency,
-        http = %health_addr, leader_election = lease.is_some(), "controller starting");
+        http = %health_addr, leader_election = lease.is_some(),
+        watch_secrets = replica.settings.watch_secrets,
+        secret_recheck = %usage_backfill_engine::duration::format(replica.settings.secret_recheck_interval),
+        "controller starting");
     let result = match lease {
         None => {
             replica.lead(cancel).await;
@@ -359,9 +394,20 @@ pub async fn run_controllers(
         let controller = Controller::new(objects, watcher::Config::default().any_semantic());
         let store = controller.store();
         stores.push(store.clone());
-        // Metadata only: Secret values never pass through the watch.
-        let secret_events =
-            watcher(secrets, watcher::Config::default().any_semantic()).touched_objects();
+        let controller = if ctx.settings.watch_secrets {
+            // Metadata only: Secret values never pass through the watch.
+            // The most recent semantic, not `any_semantic()`: a list at
+            // resourceVersion 0 is served whole from the watch cache,
+            // whatever the limit.
+            let config = watcher::Config::default().page_size(SECRET_LIST_PAGE_SIZE);
+            let secret_events = watcher(secrets, config).touched_objects();
+            controller.watches_stream(secret_events, move |secret: PartialObjectMeta<Secret>| {
+                let namespace = secret.namespace().unwrap_or_default();
+                referencing(&store.state(), &namespace, &secret.name_any())
+            })
+        } else {
+            controller
+        };
         let wake = ctx.runner.subscribe().filter_map(move |key: ObjectKey| {
             let mine = scope.as_deref().is_none_or(|ns| ns == key.namespace);
             futures::future::ready(
@@ -369,10 +415,6 @@ pub async fn run_controllers(
             )
         });
         let run = controller
-            .watches_stream(secret_events, move |secret: PartialObjectMeta<Secret>| {
-                let namespace = secret.namespace().unwrap_or_default();
-                referencing(&store.state(), &namespace, &secret.name_any())
-            })
             .reconcile_on(wake)
             .with_config(ControllerConfig::default().concurrency(concurrency))
             .graceful_shutdown_on(cancel.clone().cancelled_owned())

@@ -20,7 +20,7 @@ use super::runner::{CancelReason, ObjectKey, RunSpec};
 use super::status;
 use super::writes;
 use usage_backfill_api::{
-    ConditionStatus, ConditionType, UsageBackfill, UsageBackfillStatus as Status,
+    ConditionStatus, ConditionType, Phase, UsageBackfill, UsageBackfillStatus as Status,
 };
 
 /// Reconciles one UsageBackfill; the entry point of the controller.
@@ -113,9 +113,19 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
         now,
     };
     let requeue = match action {
+        // A Failed run restarts when its Secret's value changes: read it
+        // again on the recheck schedule (decide() compares the digest, so
+        // an unchanged value changes nothing, and writes nothing).
+        Action::NothingToDo if status.phase == Some(Phase::Failed) && valid.is_ok() => {
+            Requeue::requeue(ctx.settings.secret_recheck_interval)
+        }
         Action::NothingToDo => Requeue::await_change(),
         Action::Observe => Requeue::requeue(ctx.settings.observe_interval),
-        Action::WaitBackoff(wait) => Requeue::requeue(wait),
+        // A changed Secret retries at once (decide()): look before the
+        // backoff ends when it is longer than the recheck interval.
+        Action::WaitBackoff(wait) => {
+            Requeue::requeue(wait.min(ctx.settings.secret_recheck_interval))
+        }
         Action::StartRun(start) => {
             act.start(start, inputs).await?;
             Requeue::requeue(ctx.settings.observe_interval)
@@ -132,7 +142,7 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
                 _ => EventReason::SecretKeyMissing,
             };
             act.report(new, reason).await?;
-            // The Secret watch is what normally brings us back.
+            // Without the Secret watch, this is what brings us back.
             Requeue::requeue(ctx.settings.secret_recheck_interval)
         }
         Action::ReportUnusableSecret(e) => {
@@ -146,7 +156,8 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
                 status::unusable_secret(&status, &identity, &e, versions, &inputs.redactor, now);
             new.secret_digest = digest;
             act.report(new, EventReason::Failed).await?;
-            Requeue::await_change()
+            // Failed until the Secret (or the spec) changes.
+            Requeue::requeue(ctx.settings.secret_recheck_interval)
         }
         Action::Suspended => {
             let new = status::suspended(&status, &identity, now);

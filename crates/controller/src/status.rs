@@ -155,7 +155,7 @@ pub fn secret_problem(
 ) -> Status {
     let mut s = continuing(prev, id);
     s.lock_holder = None;
-    let message = format!("{problem}; the Secret is watched: the run starts once it is there");
+    let message = format!("{problem}; the run starts once it is there");
     record(
         &mut s,
         RunState::WaitingForSecret(problem.reason()),

@@ -25,8 +25,9 @@
 //!   lists page with `limit`/`continue` (410 for an expired token), except
 //!   at `resourceVersion=0`, served whole as from the watch cache;
 //! - Events are created under their name: 409 AlreadyExists on a clash;
-//! - per-verb RBAC from the rules the chart grants ([`rbac`]): 403 for
-//!   anything else.
+//! - per-verb RBAC from the rules the chart grants ([`rbac`]), with get
+//!   only or also list/watch on Secrets
+//!   ([`FakeApiServer::set_secret_access`]): 403 for anything else.
 //!
 //! Leases (`coordination.k8s.io/v1`) for leader election: get, create,
 //! replace (resourceVersion-guarded) and patch, where a server-side apply
@@ -86,6 +87,7 @@ pub fn settings() -> Settings {
         observe_interval: Duration::from_secs(60),
         secret_recheck_interval: Duration::from_secs(60),
         cancel_recheck_interval: Duration::from_millis(100),
+        watch_secrets: false,
     }
 }
 
@@ -225,6 +227,8 @@ struct State {
     next_page: u64,
     /// Answer this many status writes of this phase with a 500.
     fail_status_writes: Option<(String, usize)>,
+    /// The RBAC mode of the operator's Secret access.
+    secret_access: rbac::SecretAccess,
 }
 
 /// The fake API server; cheap to clone.
@@ -276,6 +280,12 @@ impl FakeApiServer {
             Some(o) => st.outages.insert(client, o),
             None => st.outages.remove(&client),
         };
+    }
+
+    /// Grants the operator Secret access as the chart does in `access`
+    /// mode (get only, the default, or also list and watch).
+    pub fn set_secret_access(&self, access: rbac::SecretAccess) {
+        self.state().secret_access = access;
     }
 
     /// Requests hanging because their client is cut off.
@@ -704,7 +714,7 @@ impl FakeApiServer {
             Some(sub) => format!("{resource}/{sub}"),
             None => resource.clone(),
         };
-        if !rbac::allowed(&route.group, &rbac_resource, verb) {
+        if !rbac::allowed(st.secret_access, &route.group, &rbac_resource, verb) {
             let group = if route.group.is_empty() {
                 String::new()
             } else {

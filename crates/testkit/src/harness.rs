@@ -1,5 +1,5 @@
 //! The controller test harness: one controller [`Context`] against the
-//! fake API server, a PostgreSQL database the Secret points to, and the
+//! fake API server (granting the Secret access the settings need), a PostgreSQL database the Secret points to, and the
 //! steps controller-level tests take (create an object, reconcile, wait
 //! for a run, read its status), each bounded by [`WAIT`]. Objects are
 //! built with [`UsageBackfillBuilder`], from the defaults.
@@ -16,6 +16,7 @@ use usage_backfill_api::{
 use usage_backfill_controller::{self as controller, Context, ObjectKey, Settings};
 use usage_backfill_standin::fixture::{self, HistorySpec};
 
+use crate::apiserver::rbac::SecretAccess;
 use crate::{FakeApiServer, TestDatabase, settings};
 
 /// The namespace of every object and Secret.
@@ -162,8 +163,11 @@ impl Harness {
         Self::connect(url, crate::client(url).await, settings)
     }
 
+    /// The fake grants the Secret access `settings` need, as the chart
+    /// does for them: a stray list or watch of Secrets fails with 403.
     fn connect(url: &str, pg: PgClient, settings: Settings) -> Harness {
         let (client, fake) = FakeApiServer::start();
+        fake.set_secret_access(SecretAccess::of(settings.watch_secrets));
         Harness {
             fake,
             ctx: Context::new(client, settings),
@@ -177,6 +181,8 @@ impl Harness {
     /// The same API server and database with a new controller (fresh
     /// context, nothing in memory), as after a restart.
     pub fn restarted(self, settings: Settings) -> Harness {
+        self.fake
+            .set_secret_access(SecretAccess::of(settings.watch_secrets));
         Harness {
             ctx: Context::new(self.ctx.client.clone(), settings),
             ..self
