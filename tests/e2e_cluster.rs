@@ -74,7 +74,7 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 const RULES_YAML: &str = include_str!("../crates/testkit/src/rbac-rules.yaml");
 /// Rule sets of the rules file that the default install does not grant
 /// (opt-ins); every other set is granted, see [`Grant::of`].
-const OPT_IN_RULE_SETS: &[&str] = &[];
+const OPT_IN_RULE_SETS: &[&str] = &["secretWatchRules"];
 
 /// Polls `check` every 500 ms until it gives `Some`, or panics after `TIMEOUT`.
 async fn eventually<T, F: Future<Output = Option<T>>>(
@@ -960,6 +960,10 @@ fn the_rules_file_splits_into_the_operators_role_and_the_lease_role() {
         );
     }
     assert!(grants(&operator, "", "secrets", "get"));
+    // Least privilege: the default install reads Secrets by name only.
+    for verb in ["list", "watch"] {
+        assert!(!grants(&operator, "", "secrets", verb), "secrets {verb}");
+    }
     assert!(!grants(&operator, "coordination.k8s.io", "leases", "get"));
 }
 
