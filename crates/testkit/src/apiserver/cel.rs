@@ -20,9 +20,10 @@
 //! libraries, and `µs` in `duration()`, and it does not type-check. So
 //! whatever it cannot do fails loudly, never passes: a rule that does not
 //! parse, reads a variable other than `self`/`oldSelf`, carries a key
-//! other than `rule` and `message`, sits in a list's items or a map's
-//! values (not walked here), fails to evaluate or gives something other
-//! than a bool panics (in the test server, that is the test).
+//! other than `rule` and `message`, sits at the resource root or in a
+//! list's items or a map's values (not modelled here), fails to evaluate
+//! or gives something other than a bool panics (in the test server, that
+//! is the test).
 
 use cel_interpreter::{Context, Program, Value as Cel};
 use serde_json::Value;
@@ -129,6 +130,12 @@ fn compile(entry: &Value, path: &[String]) -> Rule {
             "the fake API server does not implement {key} of a CEL rule: {rule}"
         );
     }
+    // At the root, `self` would be the object with only apiVersion, kind,
+    // metadata.name and metadata.generateName: not modelled here.
+    assert!(
+        !path.is_empty(),
+        "the fake API server does not evaluate CEL rules at the resource root: {rule}"
+    );
     let program = Program::compile(&rule)
         .unwrap_or_else(|e| panic!("the CEL rule {rule:?} does not compile: {e}"));
     let references = program.references();
@@ -277,11 +284,23 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "at the resource root")]
+    fn a_rule_at_the_root_panics() {
+        rules(&json!({
+            "type": "object",
+            "x-kubernetes-validations": [{"rule": "self.metadata.name != ''"}],
+        }));
+    }
+
+    #[test]
     #[should_panic(expected = "does not evaluate CEL rules in items")]
     fn a_rule_in_list_items_panics() {
         rules(&json!({
-            "type": "array",
-            "items": {"type": "string", "x-kubernetes-validations": [{"rule": "self != ''"}]},
+            "type": "object",
+            "properties": {"list": {
+                "type": "array",
+                "items": {"type": "string", "x-kubernetes-validations": [{"rule": "self != ''"}]},
+            }},
         }));
     }
 }
