@@ -12,7 +12,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, Wat
 use kube::core::{DynamicObject, Status};
 use serde_json::{Value, json};
 
-use usage_backfill_api::{UsageBackfill, UsageBackfillSpec};
+use usage_backfill_api::{UsageBackfill, UsageBackfillSpec, rules};
 use usage_backfill_controller as controller;
 use usage_backfill_testkit::{FakeApiServer, settings};
 
@@ -130,6 +130,235 @@ async fn invalid_writes_get_422_with_field_paths() {
     assert!(e.message.contains("status.phase"), "{}", e.message);
     assert!(e.message.contains("status.startedAt"), "{}", e.message);
     assert_eq!(fake.get_raw(NS, "x").unwrap()["spec"]["mode"], "IfLagging");
+}
+
+// ---------------------------------------------------------------------------
+// a2. The CRD's CEL rules (`x-kubernetes-validations`)
+// ---------------------------------------------------------------------------
+
+/// (field, message) of each cause of a 422.
+fn causes(e: &Status) -> Vec<(String, String)> {
+    e.details
+        .as_ref()
+        .map(|d| d.causes.iter())
+        .into_iter()
+        .flatten()
+        .map(|c| (c.field.clone(), c.message.clone()))
+        .collect()
+}
+
+/// A refusal by one broken rule, as the apiserver words it: the cause at
+/// the rule's node, `Invalid value: <message>` (an object's value is not
+/// shown), and the same in the Status message.
+fn assert_refused_by(e: &Status, name: &str, field: &str, rule: rules::Rule) {
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"), "{e:?}");
+    let body = format!("Invalid value: {}", rule.message());
+    assert_eq!(causes(e), [(field.to_owned(), body.clone())]);
+    assert_eq!(
+        e.message,
+        format!("UsageBackfill.usage.multica.ai \"{name}\" is invalid: {field}: {body}")
+    );
+}
+
+fn external() -> Value {
+    json!({ "secretRef": { "name": "app-db" } })
+}
+
+#[tokio::test]
+async fn a_spec_breaking_a_cel_rule_is_refused_on_create_with_the_rules_message() {
+    let (_client, fake) = FakeApiServer::start();
+    // No mode: the rule sees the default (IfLagging), so monthsBack is
+    // refused.
+    let e = fake
+        .try_create_raw(
+            NS,
+            "bad",
+            json!({ "database": external(), "monthsBack": 3 }),
+        )
+        .unwrap_err();
+    assert_refused_by(&e, "bad", "spec", rules::MONTHS_BACK_ONLY_ALWAYS);
+    assert!(fake.get_raw(NS, "bad").is_none(), "nothing is stored");
+    // A rule on a nested node speaks at that node.
+    let e = fake
+        .try_create_raw(
+            NS,
+            "bad",
+            json!({ "database": {
+                "secretRef": { "name": "app-db" },
+                "tls": { "mode": "disable", "caSecretRef": { "name": "db-ca" } },
+            } }),
+        )
+        .unwrap_err();
+    assert_refused_by(&e, "bad", "spec.database.tls", rules::CA_NOT_WITH_DISABLE);
+}
+
+#[tokio::test]
+async fn a_merge_patch_breaking_a_cel_rule_is_refused_and_changes_nothing() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let before = fake.get_raw(NS, "x").unwrap();
+    let e = refusal(
+        ubfs(&client)
+            .patch(
+                "x",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "mode": "Always", "forcePartial": true } })),
+            )
+            .await,
+    );
+    assert_refused_by(&e, "x", "spec", rules::FORCE_PARTIAL_NEEDS_MONTHS_BACK);
+    assert_eq!(fake.get_raw(NS, "x").unwrap(), before);
+}
+
+#[tokio::test]
+async fn an_apply_breaking_a_cel_rule_is_refused() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let before = fake.get_raw(NS, "x").unwrap();
+    // The applied parts join the stored secretRef: two forms at once.
+    let e = refusal(
+        ubfs(&client)
+            .patch(
+                "x",
+                &apply("kubectl"),
+                &Patch::Apply(json!({
+                    "apiVersion": "usage.multica.ai/v1alpha1",
+                    "kind": "UsageBackfill",
+                    "spec": { "database": { "host": "shop-postgres", "user": "multica" } },
+                })),
+            )
+            .await,
+    );
+    assert_refused_by(&e, "x", "spec.database", rules::ONE_FORM);
+    assert_eq!(fake.get_raw(NS, "x").unwrap(), before);
+}
+
+#[tokio::test]
+async fn a_spec_keeping_the_cel_rules_passes_on_create_patch_and_apply() {
+    let (client, fake) = FakeApiServer::start();
+    fake.try_create_raw(
+        NS,
+        "x",
+        json!({ "database": external(), "mode": "Always", "monthsBack": 3, "forcePartial": true }),
+    )
+    .unwrap();
+    let api = ubfs(&client);
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "monthsBack": 1, "sliceTimeout": "1ms" } })),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "x",
+        &apply("kubectl"),
+        &Patch::Apply(json!({
+            "apiVersion": "usage.multica.ai/v1alpha1",
+            "kind": "UsageBackfill",
+            "spec": { "database": { "tls": { "mode": "verify-full", "caSecretRef": { "name": "db-ca" } } } },
+        })),
+    )
+    .await
+    .unwrap();
+    let v = fake.get_raw(NS, "x").unwrap();
+    assert_eq!(v["spec"]["monthsBack"], 1);
+    assert_eq!(v["spec"]["database"]["tls"]["mode"], "verify-full");
+    assert_eq!(v["metadata"]["generation"], 3);
+}
+
+/// A rule is ratcheted on an update that leaves its node as stored (an
+/// object stored before the rule existed): status writes and metadata
+/// changes pass, a change of the node is checked. The CRD has no rule
+/// under `status` (asserted here), so this is all a status write meets of
+/// the rules; no rule reads `oldSelf` either (transition rules are shown
+/// by the testkit's own tests, on a schema of their own).
+#[tokio::test]
+async fn a_node_left_as_stored_is_ratcheted_and_a_changed_one_is_checked() {
+    let rules = usage_backfill_testkit::apiserver::schema::Structural::usage_backfill().rules();
+    assert!(rules.iter().all(|r| r.path[0] == "spec" && !r.transition));
+    let (client, fake) = FakeApiServer::start();
+    fake.create_legacy(
+        NS,
+        "old",
+        json!({ "database": external(), "monthsBack": 3 }),
+    );
+    let api = ubfs(&client);
+    api.patch_status(
+        "old",
+        &apply("m"),
+        &Patch::Apply(status_apply(json!({ "phase": "Failed" }))),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "old",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "finalizers": ["usage.multica.ai/run"] } })),
+    )
+    .await
+    .unwrap();
+    let e = refusal(
+        api.patch(
+            "old",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "backoffLimit": 2 } })),
+        )
+        .await,
+    );
+    assert_refused_by(&e, "old", "spec", rules::MONTHS_BACK_ONLY_ALWAYS);
+    api.patch(
+        "old",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "mode": "Always" } })),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_schema_error_of_a_blocking_kind_stops_the_rules_and_says_so() {
+    let (client, fake) = FakeApiServer::start();
+    fake.create(NS, "x", spec());
+    let api = ubfs(&client);
+    // An enum error blocks the rules (monthsBack in IfLagging goes unsaid).
+    let e = refusal(
+        api.patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "mode": "Sometimes", "monthsBack": 3 } })),
+        )
+        .await,
+    );
+    let found = causes(&e);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0].0, "spec.mode");
+    assert_eq!(
+        found[1],
+        (
+            String::new(),
+            "Invalid value: null: some validation rules were not checked because the object \
+             was invalid; correct the existing errors to complete validation"
+                .to_owned()
+        )
+    );
+    // A minimum does not block them: both speak.
+    let e = refusal(
+        api.patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "backoffLimit": -1, "monthsBack": 3 } })),
+        )
+        .await,
+    );
+    let fields: Vec<String> = causes(&e).into_iter().map(|c| c.0).collect();
+    assert_eq!(fields, ["spec.backoffLimit", "spec"]);
+    assert!(
+        e.message
+            .contains(&rules::MONTHS_BACK_ONLY_ALWAYS.message()),
+        "{}",
+        e.message
+    );
 }
 
 // ---------------------------------------------------------------------------

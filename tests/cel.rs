@@ -1,124 +1,38 @@
 //! The admission rules of the CRD (`x-kubernetes-validations`), evaluated
-//! with a CEL interpreter as the API server would: every rule of the
-//! generated schema runs against valid and invalid UsageBackfills (schema
-//! defaults applied first, as the API server does), each invalid object is
+//! with a CEL interpreter as the API server would, by the fake API
+//! server's own evaluator (`usage_backfill_testkit::apiserver::cel`, which
+//! also notes what the interpreter lacks): every rule of the generated
+//! schema runs against valid and invalid UsageBackfills (pruned and
+//! defaulted first, as the API server does), each invalid object is
 //! refused with exactly the expected message, and the controller's
-//! `validate()` (the second line of defence) refuses it with the same words.
-//!
-//! The interpreter (cel-interpreter) lacks some of Kubernetes' CEL: the
-//! optional syntax (`self.?x`), the Kubernetes string, list, regex and URL
-//! libraries, and `µs` in `duration()`. The rules use none of them, and a
-//! test below keeps it that way for the library functions.
+//! `validate()` (the second line of defence) refuses it with the same
+//! words.
 
-use cel_interpreter::{Context, Program, Value as Cel};
 use serde_json::{Value, json};
-use usage_backfill_api::{self as api, UsageBackfillSpec, rules};
+use usage_backfill_api::{UsageBackfillSpec, rules};
+use usage_backfill_testkit::apiserver::cel::{self, Rule};
+use usage_backfill_testkit::apiserver::schema::Structural;
 
-/// One rule found in the schema: where it sits in an object, and what it says.
-#[derive(Debug, Clone)]
-struct Found {
-    /// Property names from the object's root to the node the rule is on.
-    path: Vec<String>,
-    rule: String,
-    message: String,
-    /// Keys of the validation entry (only rule and message on 1.26).
-    keys: Vec<String>,
+fn schema() -> &'static Structural {
+    Structural::usage_backfill()
 }
 
-fn schema() -> Value {
-    serde_json::to_value(api::crd()).unwrap()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-        .clone()
+fn all_rules() -> &'static [Rule] {
+    schema().rules()
 }
 
-fn collect(node: &Value, path: &mut Vec<String>, out: &mut Vec<Found>) {
-    if let Some(list) = node
-        .get("x-kubernetes-validations")
-        .and_then(Value::as_array)
-    {
-        for v in list {
-            out.push(Found {
-                path: path.clone(),
-                rule: v["rule"].as_str().unwrap().to_owned(),
-                message: v["message"].as_str().unwrap().to_owned(),
-                keys: v.as_object().unwrap().keys().cloned().collect(),
-            });
-        }
-    }
-    if let Some(props) = node.get("properties").and_then(Value::as_object) {
-        for (name, prop) in props {
-            path.push(name.clone());
-            collect(prop, path, out);
-            path.pop();
-        }
-    }
-    assert!(
-        node.get("items").is_none() && node.get("additionalProperties").is_none()
-            || !has_rules(node),
-        "rules inside lists or maps need cost bounds: {path:?}"
-    );
-}
-
-fn has_rules(node: &Value) -> bool {
-    node.get("x-kubernetes-validations").is_some()
-        || node
-            .get("properties")
-            .and_then(Value::as_object)
-            .is_some_and(|p| p.values().any(has_rules))
-        || node.get("items").is_some_and(has_rules)
-        || node.get("additionalProperties").is_some_and(has_rules)
-}
-
-fn all_rules() -> Vec<Found> {
-    let mut out = Vec::new();
-    collect(&schema(), &mut Vec::new(), &mut out);
-    out
-}
-
-/// Schema defaults filled in where a property is missing, as the API
-/// server does before it runs the rules.
-fn apply_defaults(schema: &Value, value: &mut Value) {
-    let (Some(props), Some(obj)) = (
-        schema.get("properties").and_then(Value::as_object),
-        value.as_object_mut(),
-    ) else {
-        return;
-    };
-    for (name, prop) in props {
-        if !obj.contains_key(name)
-            && let Some(d) = prop.get("default")
-        {
-            obj.insert(name.clone(), d.clone());
-        }
-        if let Some(child) = obj.get_mut(name) {
-            apply_defaults(prop, child);
-        }
-    }
-}
-
-/// The messages of the rules `object` breaks.
+/// The messages of the rules `object` breaks, on a create.
 fn refusals(object: &Value) -> Vec<String> {
     let mut object = object.clone();
-    apply_defaults(&schema(), &mut object);
-    let mut refused = Vec::new();
-    for r in all_rules() {
-        // A rule runs only when its node is present.
-        let node = r
-            .path
-            .iter()
-            .try_fold(&object, |n, p| n.get(p))
-            .filter(|n| !n.is_null());
-        let Some(node) = node else { continue };
-        let program = Program::compile(&r.rule).unwrap_or_else(|e| panic!("{}: {e}", r.rule));
-        let mut ctx = Context::default();
-        ctx.add_variable("self", cel_interpreter::to_value(node.clone()).unwrap())
-            .unwrap();
-        match program.execute(&ctx) {
-            Ok(Cel::Bool(true)) => {}
-            Ok(Cel::Bool(false)) => refused.push(r.message.clone()),
-            other => panic!("rule {} on {node}: {other:?}", r.rule),
-        }
-    }
-    refused
+    schema().normalize(&mut object);
+    // Rules run on an object the schema accepts: each case here breaks
+    // rules only.
+    let errors = schema().validate(&object);
+    assert!(errors.is_empty(), "{object}: {errors:?}");
+    cel::broken(all_rules(), &object, None)
+        .iter()
+        .map(|b| b.rule.message.clone())
+        .collect()
 }
 
 fn object(spec: Value) -> Value {
@@ -358,7 +272,7 @@ fn every_rule_refuses_something_and_is_valid_for_kubernetes_1_26() {
         .into_iter()
         .map(|(_, _, r)| r.message())
         .collect();
-    for f in &found {
+    for f in found {
         assert!(
             refused.contains(&f.message),
             "no invalid object breaks: {}",
@@ -384,7 +298,7 @@ fn every_rule_refuses_something_and_is_valid_for_kubernetes_1_26() {
 
 #[test]
 fn a_duration_rule_reads_strings_of_bounded_length() {
-    let schema = schema();
+    let schema = schema().schema();
     for field in ["sliceTimeout", "maxSliceDuration"] {
         assert_eq!(
             schema["properties"]["spec"]["properties"][field]["maxLength"], 64,

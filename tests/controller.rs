@@ -468,7 +468,11 @@ async fn bad_dsn_is_stalled_with_a_specific_message_until_the_secret_is_fixed() 
 async fn invalid_spec_is_stalled_and_a_fixed_spec_runs() {
     let h = Harness::new(Some(small())).await;
     h.put_secret();
-    h.apply(UsageBackfillBuilder::new("invalid").months_back(3));
+    // The CRD's CEL rules refuse monthsBack in IfLagging, so the object
+    // is one stored before they existed: validate() is what stops it.
+    let invalid = UsageBackfillBuilder::new("invalid").months_back(3);
+    h.fake
+        .create_legacy(NS, "invalid", serde_json::to_value(invalid.spec()).unwrap());
     h.reconcile("invalid").await;
     let s = h.status("invalid");
     assert_eq!(s.phase, Some(Phase::Failed));

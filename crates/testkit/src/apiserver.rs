@@ -6,7 +6,8 @@
 //! and Leases. The rules it holds, each shown by a test of
 //! `tests/apiserver.rs`:
 //! - UsageBackfills are pruned, defaulted and validated by the CRD's own
-//!   schema ([`schema`]); an invalid write gets 422 with field paths;
+//!   schema ([`schema`]) and its CEL rules ([`cel`]); an invalid write
+//!   gets 422 with field paths;
 //! - the main resource and the `status` subresource are separate both
 //!   ways: a main-resource write keeps the stored status, a status write
 //!   keeps everything but the status;
@@ -45,6 +46,7 @@
 //! subresource, query, content type, JSON body, response code) so tests
 //! assert what requests mean, not how kube spells them.
 
+pub mod cel;
 pub mod over_http;
 pub mod rbac;
 pub mod schema;
@@ -1124,7 +1126,8 @@ fn patch_usage_backfill(
 /// What the apiserver makes of a UsageBackfill it is asked to store
 /// (`old` for an update): pruned, defaulted, its generation moved when
 /// anything but metadata and status changed, and validated (on an update,
-/// only the part the endpoint changed: the status, or the rest).
+/// only the part the endpoint changed: the status, or the rest), then its
+/// CEL rules run (ratcheted per node, see [`cel`]).
 fn admitted(mut v: Value, old: Option<&Value>) -> Result<Value, Vec<schema::FieldError>> {
     let schema = Structural::usage_backfill();
     schema.normalize(&mut v);
@@ -1157,6 +1160,8 @@ fn admitted(mut v: Value, old: Option<&Value>) -> Result<Value, Vec<schema::Fiel
             v["metadata"]["generation"] = json!(g + 1);
         }
     }
+    let rule_errors = schema.validate_rules(&v, old, &errors);
+    errors.extend(rule_errors);
     if errors.is_empty() {
         Ok(v)
     } else {
@@ -1166,12 +1171,32 @@ fn admitted(mut v: Value, old: Option<&Value>) -> Result<Value, Vec<schema::Fiel
 
 /// 422 Invalid with one cause per field.
 fn invalid(name: &str, causes: &[(&str, &str)]) -> (StatusCode, FakeBody) {
-    let text: Vec<String> = causes.iter().map(|(f, m)| format!("{f}: {m}")).collect();
-    let body = json!({
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        full(&invalid_status(name, causes)),
+    )
+}
+
+/// The Status of a 422 Invalid, as apimachinery's `NewInvalid` builds it:
+/// one cause per field error, and a message listing them as its error
+/// aggregate does (one bare, several in brackets, each text once).
+fn invalid_status(name: &str, causes: &[(&str, &str)]) -> Value {
+    let mut text: Vec<String> = Vec::new();
+    for (f, m) in causes {
+        let t = format!("{f}: {m}");
+        if !text.contains(&t) {
+            text.push(t);
+        }
+    }
+    let listed = match text.as_slice() {
+        [one] => one.clone(),
+        _ => format!("[{}]", text.join(", ")),
+    };
+    json!({
         "apiVersion": "v1",
         "kind": "Status",
         "status": "Failure",
-        "message": format!("UsageBackfill.usage.multica.ai \"{name}\" is invalid: [{}]", text.join(", ")),
+        "message": format!("UsageBackfill.usage.multica.ai \"{name}\" is invalid: {listed}"),
         "reason": "Invalid",
         "code": 422,
         "details": {
@@ -1184,8 +1209,7 @@ fn invalid(name: &str, causes: &[(&str, &str)]) -> (StatusCode, FakeBody) {
                 "field": f,
             })).collect::<Vec<_>>(),
         },
-    });
-    (StatusCode::UNPROCESSABLE_ENTITY, full(&body))
+    })
 }
 
 impl State {

@@ -11,7 +11,8 @@
 //! Declared as `support::over_http` (a module named `http` would shadow the
 //! `http` crate in `support`).
 //!
-//! Also here: raw objects ([`FakeApiServer::create_raw`]), for specs that the
+//! Also here: raw objects ([`FakeApiServer::create_raw`], or
+//! [`FakeApiServer::try_create_raw`] to see a refusal), for specs that the
 //! typed [`UsageBackfillSpec`] cannot hold (what an API server stores when
 //! its CRD schema does not forbid a value), and objects stored under an
 //! older, looser schema ([`FakeApiServer::create_legacy`]).
@@ -108,8 +109,20 @@ impl FakeApiServer {
     /// CRD schema (pruned, defaulted; panics when the API server would
     /// refuse it), generation 1, a uid.
     pub fn create_raw(&self, namespace: &str, name: &str, spec: Value) {
-        let mut st = self.state();
-        st.uid += 1;
+        if let Err(e) = self.try_create_raw(namespace, name, spec) {
+            panic!("the API server refuses {name}: {}", e.message);
+        }
+    }
+
+    /// [`create_raw`](Self::create_raw), or the apiserver's 422 Invalid
+    /// when the CRD's schema or its CEL rules refuse the object (then
+    /// nothing is stored).
+    pub fn try_create_raw(
+        &self,
+        namespace: &str,
+        name: &str,
+        spec: Value,
+    ) -> Result<(), Box<kube::core::Status>> {
         let obj = json!({
             "apiVersion": UBF_API,
             "kind": "UsageBackfill",
@@ -118,18 +131,29 @@ impl FakeApiServer {
                 "namespace": namespace,
                 "generation": 1,
                 "creationTimestamp": "2026-01-01T00:00:00Z",
-                "uid": format!("00000000-0000-0000-0000-{:012}", st.uid),
             },
             "spec": spec,
         });
+        let mut obj = admitted(obj, None).map_err(|errors| {
+            let causes: Vec<(&str, &str)> = errors
+                .iter()
+                .map(|e| (e.field.as_str(), e.message.as_str()))
+                .collect();
+            Box::new(
+                serde_json::from_value(invalid_status(name, &causes))
+                    .expect("a Status deserializes"),
+            )
+        })?;
+        let mut st = self.state();
+        st.uid += 1;
+        obj["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", st.uid));
         let key = Key {
             resource: "usagebackfills".into(),
             namespace: namespace.into(),
             name: name.into(),
         };
-        let obj =
-            admitted(obj, None).unwrap_or_else(|e| panic!("the API server refuses {name}: {e:?}"));
         st.store(key, obj, "ADDED");
+        Ok(())
     }
 
     /// Creates a UsageBackfill whose spec the CRD's schema refuses now, as

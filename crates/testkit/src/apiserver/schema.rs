@@ -1,7 +1,8 @@
 //! The CRD's structural schema, applied to UsageBackfills the way the
 //! apiextensions-apiserver does on every create, update and patch:
 //! prune unknown fields, drop nulls the schema does not allow, apply
-//! defaults, then validate, answering 422 with field paths.
+//! defaults, then validate (the schema, then its CEL rules, [`super::cel`]),
+//! answering 422 with field paths.
 //!
 //! Validation is the `jsonschema` crate's, on a JSON Schema derived from
 //! the CRD's `openAPIV3Schema`. What differs between the two is handled
@@ -12,14 +13,19 @@
 //! - formats the apiserver does not know (e.g. `uint32`) are dropped, as it
 //!   ignores them; `date-time` is checked;
 //! - `x-kubernetes-preserve-unknown-fields` stops pruning below it;
-//! - `x-kubernetes-validations` (CEL) is not evaluated.
+//! - `x-kubernetes-validations` (CEL) are left to [`super::cel`]; as in
+//!   the apiserver, they do not run when the schema found an error of a
+//!   kind that blocks them ([`Structural::validate_rules`]).
 //!
 //! The root keeps `apiVersion`, `kind` and `metadata`; metadata is the
 //! apiserver's own (ObjectMeta), not the CRD's.
 
 use std::sync::OnceLock;
 
+use jsonschema::error::ValidationErrorKind;
 use serde_json::{Map, Value, json};
+
+use super::cel;
 
 /// Formats the apiserver's OpenAPI validation knows (kube-openapi strfmt
 /// plus the numeric ones); any other is ignored by it, so dropped here.
@@ -64,12 +70,17 @@ pub struct FieldError {
     /// `spec.database.tls.mode`, `status.conditions[0].type`.
     pub field: String,
     pub message: String,
+    /// Of a kind after which the apiserver does not run the CEL rules
+    /// (NotSupported, Required, TooLong, TooMany, TypeInvalid:
+    /// `hasBlockingErr` in apiextensions' `customresource/strategy.go`).
+    pub blocks_rules: bool,
 }
 
 /// A CRD version's structural schema and its compiled validator.
 pub struct Structural {
     schema: Value,
     validator: jsonschema::Validator,
+    rules: Vec<cel::Rule>,
 }
 
 impl Structural {
@@ -98,12 +109,24 @@ impl Structural {
             .should_ignore_unknown_formats(true)
             .build(&json_schema)
             .expect("the CRD schema compiles as JSON Schema");
-        Structural { schema, validator }
+        // Compiled now, so that a rule the interpreter cannot handle
+        // fails the first test that touches the schema.
+        let rules = cel::rules(&schema);
+        Structural {
+            schema,
+            validator,
+            rules,
+        }
     }
 
     /// The `openAPIV3Schema` as the CRD states it.
     pub fn schema(&self) -> &Value {
         &self.schema
+    }
+
+    /// The schema's CEL rules (`x-kubernetes-validations`).
+    pub fn rules(&self) -> &[cel::Rule] {
+        &self.rules
     }
 
     /// What the apiserver does to a decoded object before validating it:
@@ -132,10 +155,45 @@ impl Structural {
             .map(|e| FieldError {
                 field: field_path(e.instance_path().as_str()),
                 message: e.to_string(),
+                blocks_rules: matches!(
+                    e.kind(),
+                    ValidationErrorKind::Enum { .. }
+                        | ValidationErrorKind::Required { .. }
+                        | ValidationErrorKind::MaxLength { .. }
+                        | ValidationErrorKind::MaxItems { .. }
+                        | ValidationErrorKind::Type { .. }
+                ),
             })
             .collect();
         errors.sort_by(|a, b| a.field.cmp(&b.field));
         errors
+    }
+
+    /// The errors of the CEL rules on `obj` (`old`: the stored object, on
+    /// an update; see [`cel`] for ratcheting and transition rules), run
+    /// after the schema's `errors` (those the write is refused for), or
+    /// the apiserver's one error saying they did not run when one of
+    /// those blocks them.
+    pub fn validate_rules(
+        &self,
+        obj: &Value,
+        old: Option<&Value>,
+        errors: &[FieldError],
+    ) -> Vec<FieldError> {
+        if errors.iter().any(|e| e.blocks_rules) {
+            // `field.Invalid(nil, nil, ...)`: no field, a null value.
+            return vec![FieldError {
+                field: String::new(),
+                message: "Invalid value: null: some validation rules were not checked because \
+                          the object was invalid; correct the existing errors to complete validation"
+                    .into(),
+                blocks_rules: false,
+            }];
+        }
+        cel::broken(&self.rules, obj, old)
+            .iter()
+            .map(cel::Broken::field_error)
+            .collect()
     }
 
     /// The `x-kubernetes-list-map-keys` of the list at `path` (field
