@@ -535,6 +535,13 @@ async fn wait_lock(pg: &PgClient, app: &str, granted: bool) -> i32 {
 async fn two_backfills_on_one_database_run_one_after_the_other() {
     let h = instrumented(Some(history())).await;
     slow_window(&h.pg, 0.2).await;
+    // The first run's window calls wait (they read fault_knobs) until the
+    // other two are seen waiting for lock 4246: on a busy machine the first
+    // run could otherwise end before they ask for it.
+    let gate = testkit::client(&h.url).await;
+    gate.batch_execute("BEGIN; LOCK TABLE fault_knobs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
     h.put_secret();
     // Created together: an IfLagging hook, an Always command, another hook.
     h.apply(UsageBackfillBuilder::new("first").application_name("backfill-first"));
@@ -578,6 +585,7 @@ async fn two_backfills_on_one_database_run_one_after_the_other() {
                 .contains(&"WaitingForLock".to_owned())
         );
     }
+    gate.batch_execute("COMMIT").await.unwrap();
 
     let first = h.run_to_end("first").await;
     let second = h.run_to_end("second").await;
@@ -639,6 +647,13 @@ async fn two_backfills_on_one_database_run_one_after_the_other() {
 async fn a_cron_tick_during_the_controllers_backfill_gets_nothing_and_the_next_one_works() {
     let h = instrumented(Some(history())).await;
     slow_window(&h.pg, 0.2).await;
+    // The first run's window calls wait (they read fault_knobs) until the
+    // other two are seen waiting for lock 4246: on a busy machine the first
+    // run could otherwise end before they ask for it.
+    let gate = testkit::client(&h.url).await;
+    gate.batch_execute("BEGIN; LOCK TABLE fault_knobs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
     h.put_secret();
     h.apply(UsageBackfillBuilder::new("ticked"));
     h.reconcile("ticked").await;
