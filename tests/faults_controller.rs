@@ -718,7 +718,13 @@ async fn deleted_mid_run_cancels_releases_the_lock_and_stamps_nothing() {
     assert!(backfill_stamps(&h.pg).await.is_empty(), "nothing stamped");
     let walked = calls(&h.pg).await.len();
     assert!(walked < running.slices_total.unwrap() as usize);
-    assert_eq!(h.fake.status_writes("doomed").len(), writes);
+    // A progress write already under way when the object was deleted may
+    // still land; the cancelled run writes no outcome to it.
+    let late = h.fake.statuses("doomed")[writes..].to_vec();
+    assert!(
+        late.iter().all(|s| s.phase == Some(Phase::Running)),
+        "{late:?}"
+    );
     assert!(
         !h.fake
             .event_reasons("doomed")
