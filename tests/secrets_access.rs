@@ -201,6 +201,12 @@ async fn by_default_only_a_changed_secret_value_restarts_a_failed_run() {
         stalled("BackoffLimitExceeded")
     );
     assert!(failed.secret_digest.is_some());
+    // The Failed Event follows the status write: counted after it.
+    let deadline = Instant::now() + WAIT;
+    while !h.fake.event_reasons("rotated").contains(&"Failed".to_owned()) {
+        assert!(Instant::now() < deadline, "no Failed Event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The Secret is rewritten with the same value (as a label or another
     // controller's annotation would: a new resourceVersion): the rechecks
