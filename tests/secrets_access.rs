@@ -203,7 +203,11 @@ async fn by_default_only_a_changed_secret_value_restarts_a_failed_run() {
     assert!(failed.secret_digest.is_some());
     // The Failed Event follows the status write: counted after it.
     let deadline = Instant::now() + WAIT;
-    while !h.fake.event_reasons("rotated").contains(&"Failed".to_owned()) {
+    while !h
+        .fake
+        .event_reasons("rotated")
+        .contains(&"Failed".to_owned())
+    {
         assert!(Instant::now() < deadline, "no Failed Event");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
