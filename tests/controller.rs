@@ -8,7 +8,6 @@
 use usage_backfill_testkit as support;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -1065,23 +1064,7 @@ async fn the_controller_reacts_to_secrets_and_shuts_down_gracefully() {
     let mut settings = settings();
     settings.watch_secrets = true;
     let h = Harness::with_settings(Some(slow_history()), settings).await;
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let ready = Arc::new(AtomicBool::new(false));
-    let controller = tokio::spawn(controller::run_controllers(
-        h.ctx.clone(),
-        Vec::new(),
-        4,
-        ready.clone(),
-        WAIT,
-        cancel.clone(),
-    ));
-    h.fake
-        .wait_for("the cache to sync", WAIT, |_| {
-            ready
-                .load(std::sync::atomic::Ordering::Acquire)
-                .then_some(())
-        })
-        .await;
+    let (cancel, controller) = h.start_controller().await;
 
     // No Secret yet: waiting, reported.
     h.apply(UsageBackfillBuilder::new("watched"));

@@ -12,8 +12,6 @@
 
 use usage_backfill_testkit as support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
@@ -49,25 +47,9 @@ fn mode(watch_secrets: bool, recheck: Duration) -> Settings {
     s
 }
 
-/// The whole controller on the harness, until the returned token is
-/// cancelled; returns once its cache is synced.
+/// The whole controller on the harness ([`Harness::start_controller`]).
 async fn start(h: &Harness) -> (CancellationToken, tokio::task::JoinHandle<usize>) {
-    let cancel = CancellationToken::new();
-    let ready = Arc::new(AtomicBool::new(false));
-    let run = tokio::spawn(controller::run_controllers(
-        h.ctx.clone(),
-        Vec::new(),
-        4,
-        ready.clone(),
-        WAIT,
-        cancel.clone(),
-    ));
-    h.fake
-        .wait_for("the cache to sync", WAIT, |_| {
-            ready.load(Ordering::Acquire).then_some(())
-        })
-        .await;
-    (cancel, run)
+    h.start_controller().await
 }
 
 async fn stop(cancel: CancellationToken, run: tokio::task::JoinHandle<usize>) {

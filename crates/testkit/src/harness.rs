@@ -221,6 +221,35 @@ impl Harness {
             .unwrap_or_default()
     }
 
+    /// The whole controller (all namespaces, 4 at once) on this harness,
+    /// until the returned token is cancelled; returns once its cache is
+    /// synced. The task ends with the number of runs it left behind.
+    pub async fn start_controller(
+        &self,
+    ) -> (
+        usage_backfill_engine::CancellationToken,
+        tokio::task::JoinHandle<usize>,
+    ) {
+        let cancel = usage_backfill_engine::CancellationToken::new();
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let run = tokio::spawn(controller::run_controllers(
+            self.ctx.clone(),
+            Vec::new(),
+            4,
+            ready.clone(),
+            WAIT,
+            cancel.clone(),
+        ));
+        self.fake
+            .wait_for("the cache to sync", WAIT, |_| {
+                ready
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    .then_some(())
+            })
+            .await;
+        (cancel, run)
+    }
+
     /// One reconcile, as the controller would run it.
     pub async fn reconcile(&self, name: &str) -> Action {
         let obj = self.fake.get(NS, name).expect("object exists");
