@@ -24,6 +24,7 @@ use support::engine::{assert_correct, last_resume};
 testkit::at_both_levels!(
     parallel_slices_give_the_serial_table,
     the_slice_reaching_the_present_runs_alone_and_last_on_the_lock_session,
+    a_long_walk_ends_at_the_clock_read_before_its_last_slice,
     cancellation_stops_every_session_and_releases_the_lock,
     resume_after_an_out_of_order_interruption,
     deadlocks_and_serialization_failures_are_retried,
@@ -254,6 +255,54 @@ async fn parallel_slices_give_the_serial_table(level: SchemaLevel) {
     let stats = three.slice_stats.unwrap();
     assert_eq!(stats.slices, three.slices_processed);
     assert!(stats.median_ms <= stats.max_ms && stats.max_ms >= 100);
+}
+
+/// A walk that takes long (an hour at 3M rows on a slow server) must not
+/// stamp the clock it read before it began: the watermark would trail the
+/// newest event by more than the guard's hour straight after the run. The
+/// last slice reads the clock again and ends five minutes before it.
+async fn a_long_walk_ends_at_the_clock_read_before_its_last_slice(level: SchemaLevel) {
+    let (db, client) = with_history(level, &overlapping()).await;
+    wrap_window(&client, "PERFORM pg_sleep(1);").await;
+    let (outcome, _) = run_perf(
+        &db,
+        &Options::default(),
+        &parallel(2),
+        &CancellationToken::new(),
+    )
+    .await;
+    let outcome = outcome.unwrap();
+    let calls = calls(&client).await;
+    assert!(
+        calls.len() >= 4,
+        "several historical slices: {}",
+        calls.len()
+    );
+    let last = calls.iter().max_by_key(|c| c.slice.to).unwrap();
+    let end = outcome.walk_end.expect("a walk");
+    assert_eq!(
+        last.slice.to, end,
+        "the last window ends where the walk ends"
+    );
+    assert_eq!(outcome.to, Some(end));
+    assert_eq!(outcome.watermark_after, Some(end), "and the stamp names it");
+    assert_eq!(outcome.cursor, Some(end));
+    // The clock was read just before the last call began, after the
+    // historical slices had taken their seconds.
+    let read = end + jiff::SignedDuration::from_mins(5);
+    let first = calls.iter().map(|c| c.started).min().unwrap();
+    let walked = last.started.duration_since(first);
+    assert!(
+        read <= last.started,
+        "read {read}, last call began {}",
+        last.started
+    );
+    assert!(
+        last.started.duration_since(read) < walked / 2,
+        "the end was read {} before the last call, the historical slices took {walked}",
+        last.started.duration_since(read)
+    );
+    assert_correct(&client).await;
 }
 
 async fn the_slice_reaching_the_present_runs_alone_and_last_on_the_lock_session(

@@ -244,9 +244,10 @@ pub struct Outcome {
     /// Start of the first slice not yet completed; equals `to` when done.
     pub cursor: Option<Timestamp>,
     /// The instant the walk ended at, and the watermark it stamped: the
-    /// database clock read once under the lock, minus five minutes. Writes
-    /// committed while the walk ran are after it (queued or updated later),
-    /// for the application's next tick (gap 5). None when nothing was walked.
+    /// database clock read under the lock just before the last slice, minus
+    /// five minutes. Writes committed while the walk ran are after it
+    /// (queued or updated later), for the application's next tick (gap 5).
+    /// None when nothing was walked.
     pub walk_end: Option<Timestamp>,
     pub watermark_stamped: bool,
     pub watermark_before: Option<Timestamp>,

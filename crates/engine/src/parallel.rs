@@ -1,8 +1,8 @@
 //! The walk over the planned slices: historical slices on up to
 //! `parallelism` sessions at once, then the slice that reaches the present
-//! (up to [`super::plan::walk_end`], five minutes before the clock read
-//! under the lock) alone, on the lock session, after every other slice has
-//! committed.
+//! (up to [`super::plan::walk_end`], five minutes before the clock, read
+//! again just before it runs) alone, on the lock session, after every other
+//! slice has committed.
 //!
 //! - The lock session (holding lock 4246 for the whole run) is worker 0;
 //!   every window call runs inside a statement that first checks the lock:
@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::session::{Guard, Session, SliceError};
 use super::sizing::{self, Model, Piece};
 use super::tuning::{self, PROBE_MIN_EVENTS, PROBE_MODES, PlanProbe};
-use super::{Error, Event, Result, Slice};
+use super::{Error, Event, Result, Slice, plan};
 
 /// Attempts of a slice that keeps hitting deadlocks or serialization
 /// failures (each rolls back; the last error is returned).
@@ -74,6 +74,9 @@ pub(crate) struct Walk<'a> {
 /// What the walk did; counts include the resumed attempt's.
 #[derive(Debug, Default)]
 pub(crate) struct Walked {
+    /// Where the last slice ended (its end read from the clock just
+    /// before it ran); None without a last slice.
+    pub end: Option<Timestamp>,
     pub slices_processed: u64,
     pub rows_touched: i64,
     pub slices_total: u64,
@@ -393,7 +396,8 @@ impl Walk<'_> {
             return Err(error);
         }
 
-        if let Some(last) = self.last {
+        let mut end = None;
+        if let Some(mut last) = self.last {
             if any_historical && !self.sleep.is_zero() {
                 tokio::select! {
                     _ = tokio::time::sleep(self.sleep) => {}
@@ -403,6 +407,13 @@ impl Walk<'_> {
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled);
             }
+            // The stamp names where this slice ends, so it ends at the clock
+            // read now, not at the one read before the walk: after a walk of
+            // an hour, a stamp from its start would already trail the newest
+            // event by more than the guard's hour (the same five minutes
+            // before the reading keep gap 5 closed).
+            last.slice.to = last.slice.to.max(plan::walk_end(self.lock.clock().await?));
+            end = Some(last.slice.to);
             let decided = shared.lock().unwrap().decided.clone();
             if let Some(mode) = decided {
                 self.lock.set_plan_cache_mode(mode.as_deref()).await?;
@@ -426,6 +437,7 @@ impl Walk<'_> {
 
         let shared = shared.into_inner().unwrap();
         Ok(Walked {
+            end,
             slices_processed: prefix.processed,
             rows_touched: prefix.rows,
             slices_total: self.total(&shared),

@@ -372,6 +372,16 @@ impl Session {
             .collect())
     }
 
+    /// The database clock: `now()`, the start of a fresh transaction.
+    pub async fn clock(&self) -> Result<Timestamp> {
+        Ok(self
+            .client
+            .query_one("SELECT now()", &[])
+            .await
+            .map_err(|e| self.db_error("reading the database clock", &e))?
+            .get(0))
+    }
+
     /// Reads the range of history and the watermark in one round trip. The
     /// maximum is computed per index (updated_at, and created_at of legacy
     /// rows) instead of MAX(COALESCE(..)), which would scan the table.
@@ -380,12 +390,7 @@ impl Session {
         if !state_table {
             // Nothing else is read: without the rollup schema the source
             // tables may be missing too, and the hook skips anyway.
-            let now = self
-                .client
-                .query_one("SELECT now()", &[])
-                .await
-                .map_err(|e| self.db_error("reading the database clock", &e))?
-                .get(0);
+            let now = self.clock().await?;
             return Ok(Snapshot {
                 state_table,
                 min_event: None,

@@ -326,7 +326,9 @@ impl Run<'_> {
     }
 
     /// Walks up to the instant five minutes before the clock read under the
-    /// lock, and stamps that same instant (gap 5, [`plan::walk_end`]).
+    /// lock, and stamps that same instant (gap 5, [`plan::walk_end`]); the
+    /// last slice reads the clock again before it runs and ends there, so a
+    /// long walk stamps the present.
     async fn walk_and_stamp(&mut self, from: Timestamp, snap: &Snapshot) -> Result<()> {
         let max_event = snap.max_event.expect("a walk is only decided on history");
         let end = plan::walk_end(snap.now);
@@ -370,6 +372,9 @@ impl Run<'_> {
         // session writes the watermark.
         drop(workers);
         let walked = walked?;
+        let end = walked.end.unwrap_or(end);
+        self.outcome.walk_end = Some(end);
+        self.outcome.to = Some(end);
         self.outcome.slices_processed = walked.slices_processed;
         self.outcome.rows_touched = walked.rows_touched;
         self.outcome.slices_total = walked.slices_total;
