@@ -420,10 +420,12 @@ impl LastSlice {
     fn observe(&mut self, event: &Event, committed: u64) {
         match event {
             Event::Planned { to, .. } => self.end = Some(*to),
-            Event::SliceStarted { slice } if Some(slice.to) == self.end => {
+            // The last slice ends at the planned end or, the clock read
+            // again just before it, a little later.
+            Event::SliceStarted { slice } if self.end.is_some_and(|end| slice.to >= end) => {
                 self.committed_at_start = Some(committed)
             }
-            Event::SliceDone { slice, .. } if Some(slice.to) == self.end => {
+            Event::SliceDone { slice, .. } if self.end.is_some_and(|end| slice.to >= end) => {
                 self.committed_at_end = Some(committed)
             }
             _ => {}
