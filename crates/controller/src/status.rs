@@ -257,7 +257,16 @@ pub enum Change {
 /// Folds one engine event into the status of a run in progress.
 pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
     match event {
-        Event::Connected { .. } | Event::SliceStarted { .. } => Change::None,
+        Event::Connected { .. } => Change::None,
+        Event::SliceStarted { slice } => {
+            // The last slice ends at the clock read just before it, after
+            // the end planned at the start: `to` follows, so the cursor it
+            // reports never passes `to`.
+            if s.to.as_ref().is_some_and(|to| to.0 < slice.to) {
+                s.to = Some(time(slice.to));
+            }
+            Change::None
+        }
         Event::WaitingForLock { holder } => {
             s.lock_holder = holder.as_ref().map(Into::into);
             let message = waiting_message(holder.as_ref());
@@ -715,6 +724,15 @@ mod tests {
             [is("False", "Running"), is("True", "Running"), None]
         );
         assert_observed(&s, 4);
+        // The last slice, its end read again just before it: `to` follows.
+        let last = engine::Slice {
+            from: ts("2026-05-01T00:00:00Z"),
+            to: ts("2026-05-10T11:40:00Z"),
+        };
+        let change = apply_event(&mut s, &Event::SliceStarted { slice: last }, ts(T1));
+        assert_eq!(change, Change::None);
+        assert_eq!(s.to, Some(time(last.to)));
+        assert_eq!(s.from, Some(time(ts("2026-01-01T00:00:00Z"))));
     }
 
     #[test]
