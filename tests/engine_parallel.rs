@@ -257,21 +257,30 @@ async fn parallel_slices_give_the_serial_table(level: SchemaLevel) {
     assert!(stats.median_ms <= stats.max_ms && stats.max_ms >= 100);
 }
 
-/// A walk that takes long (an hour at 3M rows on a slow server) must not
-/// stamp the clock it read before it began: the watermark would trail the
-/// newest event by more than the guard's hour straight after the run. The
-/// last slice reads the clock again and ends five minutes before it.
-async fn a_long_walk_ends_at_the_clock_read_before_its_last_slice(level: SchemaLevel) {
+/// The overlapping history walked on 2 sessions, every window call first
+/// sleeping `seconds` (and logged, see [`wrap_window`]).
+async fn slow_windows_on_two_sessions(
+    level: SchemaLevel,
+    seconds: &str,
+) -> (TestDatabase, Client, Outcome, Vec<Event>) {
     let (db, client) = with_history(level, &overlapping()).await;
-    wrap_window(&client, "PERFORM pg_sleep(1);").await;
-    let (outcome, _) = run_perf(
+    wrap_window(&client, &format!("PERFORM pg_sleep({seconds});")).await;
+    let (outcome, events) = run_perf(
         &db,
         &Options::default(),
         &parallel(2),
         &CancellationToken::new(),
     )
     .await;
-    let outcome = outcome.unwrap();
+    (db, client, outcome.unwrap(), events)
+}
+
+/// A walk that takes long (an hour at 3M rows on a slow server) must not
+/// stamp the clock it read before it began: the watermark would trail the
+/// newest event by more than the guard's hour straight after the run. The
+/// last slice reads the clock again and ends five minutes before it.
+async fn a_long_walk_ends_at_the_clock_read_before_its_last_slice(level: SchemaLevel) {
+    let (_db, client, outcome, _) = slow_windows_on_two_sessions(level, "1").await;
     let calls = calls(&client).await;
     assert!(
         calls.len() >= 4,
@@ -308,16 +317,7 @@ async fn a_long_walk_ends_at_the_clock_read_before_its_last_slice(level: SchemaL
 async fn the_slice_reaching_the_present_runs_alone_and_last_on_the_lock_session(
     level: SchemaLevel,
 ) {
-    let (db, client) = with_history(level, &overlapping()).await;
-    wrap_window(&client, "PERFORM pg_sleep(0.15);").await;
-    let (outcome, events) = run_perf(
-        &db,
-        &Options::default(),
-        &parallel(2),
-        &CancellationToken::new(),
-    )
-    .await;
-    let outcome = outcome.unwrap();
+    let (_db, client, outcome, events) = slow_windows_on_two_sessions(level, "0.15").await;
     let calls = calls(&client).await;
     assert_eq!(calls.len() as u64, outcome.slices_processed);
     let last = calls.iter().max_by_key(|c| c.slice.to).expect("slices ran");
