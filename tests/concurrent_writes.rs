@@ -476,7 +476,16 @@ async fn a_walk_beside_the_writing_application_loses_no_update(level: SchemaLeve
         after_catch_up.1,
     );
     assert_eq!(outcome.sessions, 2, "a parallel walk");
-    assert!(outcome.slices_processed >= 4, "{outcome:?}");
+    // Three months of history and the current one; a run in the first five
+    // minutes of a month ends in the previous month (its end is five
+    // minutes before the clock), so the current month is not walked.
+    let current_month = engine::plan::month_floor(outcome.max_event.unwrap());
+    let months = if outcome.walk_end.unwrap() > current_month {
+        4
+    } else {
+        3
+    };
+    assert!(outcome.slices_processed >= months, "{outcome:?}");
     // The last window ends where the stamp begins.
     assert!(outcome.walk_end.is_some());
     assert_eq!(outcome.to, outcome.walk_end);
