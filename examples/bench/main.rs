@@ -30,6 +30,14 @@
 //! The controller's idle RSS is measured on the `usage-backfill controller`
 //! binary against a stub API server ([`idle`]), with 0 and 1000 finished
 //! UsageBackfills.
+//!
+//! `--schema-db URL` measures on a schema that is not the stand-in's: the
+//! variants run on copies of that database (empty tables, for example
+//! migrated by the application itself), on its server, instead of the
+//! stand-in on a throwaway server. The URL's role must be allowed to
+//! `CREATE DATABASE`; the level is read from the schema. This is how the
+//! stand-in is checked against the real schema by hand: nothing here loads
+//! or knows another schema.
 
 mod idle;
 
@@ -42,11 +50,13 @@ use usage_backfill_engine::{
 use usage_backfill_standin::fixture::{self, HistorySpec, SchemaLevel};
 use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
 
-const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--schema hourly-pipeline|current|both] [--only NAME] [--variants LIST] [--repeat N] [--sweep]
+const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--schema hourly-pipeline|current|both] [--schema-db URL] [--only NAME] [--variants LIST] [--repeat N] [--sweep]
   tiny      even 3k, few-agents 1.5k, mixed 2k (with a dirty queue), realistic 3k: correctness smoke
   standard  even 200k, few-agents 20k, realistic 200k (26 months each)
   large     standard + even 3M, realistic 3M (26 months)
   --schema LEVEL  the stand-in's schema level(s) (default both)
+  --schema-db URL run on copies of this database (schema installed, tables empty) on its
+                  own server instead of the stand-in; its role must be able to CREATE DATABASE
   --only NAME     run only the histories whose name contains NAME
   --variants LIST comma-separated subset of reference,p1-off,operator,set-based
   --repeat N      run every variant N times (alternating), report medians
@@ -55,6 +65,7 @@ const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--schema hourly
 struct Args {
     scale: String,
     levels: Vec<SchemaLevel>,
+    schema_db: Option<String>,
     only: Option<String>,
     sweep: bool,
     variants: Option<Vec<String>>,
@@ -65,6 +76,7 @@ fn args() -> Result<Args, String> {
     let mut out = Args {
         scale: "standard".into(),
         levels: SchemaLevel::ALL.to_vec(),
+        schema_db: None,
         only: None,
         sweep: false,
         variants: None,
@@ -82,6 +94,7 @@ fn args() -> Result<Args, String> {
                     one => vec![one.parse::<SchemaLevel>()?],
                 };
             }
+            "--schema-db" => out.schema_db = Some(it.next().ok_or("--schema-db needs a URL")?),
             "--sweep" => out.sweep = true,
             "--variants" => {
                 let list = it.next().ok_or("--variants needs a value")?;
@@ -154,7 +167,13 @@ async fn main() -> std::process::ExitCode {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e}");
+            let mut message = e.to_string();
+            let mut source = e.source();
+            while let Some(cause) = source {
+                message += &format!(": {cause}");
+                source = cause.source();
+            }
+            eprintln!("error: {message}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -162,32 +181,69 @@ async fn main() -> std::process::ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where the databases of a run live, and which one each level copies.
+enum Server {
+    /// A throwaway server with the stand-in installed at every level.
+    Temp(TempPostgres),
+    /// The server of `--schema-db`: its database is the one template.
+    External { url: String, template: String },
+}
+
+impl Server {
+    fn admin_url(&self, dbname: &str) -> String {
+        match self {
+            Server::Temp(pg) => pg.admin_url(dbname),
+            Server::External { url, .. } => with_database(url, dbname),
+        }
+    }
+
+    fn template(&self, level: SchemaLevel) -> String {
+        match self {
+            Server::Temp(_) => template_name(level),
+            Server::External { template, .. } => template.clone(),
+        }
+    }
+}
+
 async fn bench(args: &Args) -> Result<bool, BoxError> {
-    let pg = TempPostgres::start(TempPostgresOptions::default()).await?;
+    let mut levels = args.levels.clone();
+    let pg = match &args.schema_db {
+        None => Server::Temp(TempPostgres::start(TempPostgresOptions::default()).await?),
+        Some(url) => {
+            let template =
+                database_of(url).ok_or("--schema-db needs a URL that names a database")?;
+            levels = vec![fixture::schema_level(&connect(url).await?).await?];
+            Server::External {
+                url: url.clone(),
+                template,
+            }
+        }
+    };
+    let admin = connect(&pg.admin_url("postgres")).await?;
+    let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
     eprintln!(
-        "PostgreSQL {} on 127.0.0.1:{}; {} CPU(s); scale {}",
-        pg.version(),
-        pg.port(),
+        "PostgreSQL {version} ({}); {} CPU(s); scale {}",
+        match &pg {
+            Server::Temp(_) => "throwaway, the stand-in".to_string(),
+            Server::External { template, .. } => format!("copies of {template}"),
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         args.scale
     );
-    let admin = connect(&pg.admin_url("postgres")).await?;
-    for level in &args.levels {
-        let template = template_name(*level);
-        admin
-            .batch_execute(&format!("CREATE DATABASE {template}"))
-            .await?;
-        let c = connect(&pg.admin_url(&template)).await?;
-        fixture::install_at(&c, *level).await?;
-        // Optional: warms every copy's tables before its timed run.
-        if let Err(e) = c.batch_execute("CREATE EXTENSION pg_prewarm").await {
-            eprintln!("pg_prewarm unavailable ({e}): runs start with cold caches");
+    if let Server::Temp(_) = pg {
+        for level in &levels {
+            let template = template_name(*level);
+            admin
+                .batch_execute(&format!("CREATE DATABASE {template}"))
+                .await?;
+            let c = connect(&pg.admin_url(&template)).await?;
+            fixture::install_at(&c, *level).await?;
         }
     }
     let mut rows: Vec<Row> = Vec::new();
     let mut ok = true;
     let mut rss: Vec<(String, u64)> = Vec::new();
-    let runs = args.levels.iter().flat_map(|level| {
+    let runs = levels.iter().flat_map(|level| {
         histories(&args.scale)
             .into_iter()
             .map(move |(name, spec)| (*level, name, spec))
@@ -203,15 +259,24 @@ async fn bench(args: &Args) -> Result<bool, BoxError> {
         let name = format!("{shape_name} {level}");
         let name = name.as_str();
         let source = db_name(name, "source");
+        // A run stopped half-way leaves its copies behind (on `--schema-db`'s
+        // server, which outlives the run): start from fresh ones.
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {source} WITH (FORCE)"))
+            .await?;
         admin
             .batch_execute(&format!(
                 "CREATE DATABASE {source} TEMPLATE {}",
-                template_name(level)
+                pg.template(level)
             ))
             .await?;
         let started = Instant::now();
         let stats = {
             let c = connect(&pg.admin_url(&source)).await?;
+            // Optional: warms every copy's tables before its timed run.
+            if let Err(e) = c.batch_execute("CREATE EXTENSION pg_prewarm").await {
+                eprintln!("pg_prewarm unavailable ({e}): runs start with cold caches");
+            }
             fixture::generate(&c, &spec).await?
         };
         eprintln!(
@@ -274,6 +339,9 @@ async fn bench(args: &Args) -> Result<bool, BoxError> {
             let (variant, how) = &variants[i];
             let variant = *variant;
             let db = db_name(name, variant);
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await?;
             admin
                 .batch_execute(&format!("CREATE DATABASE {db} TEMPLATE {source}"))
                 .await?;
@@ -522,6 +590,25 @@ fn db_name(history: &str, variant: &str) -> String {
 
 fn template_name(level: SchemaLevel) -> String {
     db_name("template", level.name())
+}
+
+/// The database a `postgres://…/DB?…` URL names.
+fn database_of(url: &str) -> Option<String> {
+    let (_, rest) = url.split_once("://")?;
+    let (_, path) = rest.split_once('/')?;
+    let db = path.split('?').next()?;
+    (!db.is_empty()).then(|| db.to_string())
+}
+
+/// `url` with its database replaced by `dbname`.
+fn with_database(url: &str, dbname: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let query = path
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    format!("{scheme}://{authority}/{dbname}{query}")
 }
 
 /// A `Vm…:` line of this process's status, in KiB.
