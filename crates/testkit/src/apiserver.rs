@@ -692,9 +692,16 @@ impl FakeApiServer {
             };
             let meta_only = header(http::header::ACCEPT)
                 .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
-            let (code, response) = this.respond(&rec, &route, meta_only);
-            rec.code = code.as_u16();
-            this.state().requests.push(rec);
+            // Answered and recorded under one lock: a test reading the
+            // requests right after a change of its own (a delete) must not
+            // count as later a write the server applied before it.
+            let (code, response) = {
+                let mut st = this.state();
+                let answer = this.respond(&mut st, &rec, &route, meta_only);
+                rec.code = answer.0.as_u16();
+                st.requests.push(rec);
+                answer
+            };
             Response::builder()
                 .status(code)
                 .header("content-type", "application/json")
@@ -703,8 +710,14 @@ impl FakeApiServer {
         }
     }
 
-    fn respond(&self, r: &Recorded, route: &Route, meta_only: bool) -> (StatusCode, FakeBody) {
-        let mut st = self.state();
+    /// The answer to `r`, computed under the caller's lock on the state.
+    fn respond(
+        &self,
+        st: &mut State,
+        r: &Recorded,
+        route: &Route,
+        meta_only: bool,
+    ) -> (StatusCode, FakeBody) {
         let Some(resource) = route.resource.clone() else {
             return teapot(r);
         };
