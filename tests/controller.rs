@@ -172,7 +172,7 @@ async fn create_goes_pending_running_succeeded_with_the_engines_counts() {
         done.settings,
         [
             ("enable_nestloop".to_owned(), "off".to_owned()),
-            ("work_mem".to_owned(), "4MB".to_owned())
+            ("work_mem".to_owned(), "64MB".to_owned())
         ]
         .into()
     );

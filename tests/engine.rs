@@ -967,7 +967,7 @@ async fn session_settings_apply_to_the_backfill_session(level: SchemaLevel) {
     run(&plain_db, Options::default()).await.0.unwrap();
     let settings = vec![
         ("enable_nestloop".to_string(), "off".to_string()),
-        ("work_mem".to_string(), "64MB".to_string()),
+        ("work_mem".to_string(), "8MB".to_string()),
         ("application_name".to_string(), "tuned-backfill".to_string()),
     ];
     let observer = tuned_db.client().await;

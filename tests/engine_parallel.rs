@@ -648,11 +648,11 @@ async fn tuning_reaches_our_sessions_only_and_the_user_wins(level: SchemaLevel) 
     let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
     assert_eq!(
         outcome.settings,
-        vec![kv("enable_nestloop", "off"), kv("work_mem", "4MB")]
+        vec![kv("enable_nestloop", "off"), kv("work_mem", "64MB")]
     );
     assert_eq!(outcome.tuning.as_ref().unwrap().preset, "default");
     for c in calls(&client).await {
-        assert_eq!((c.nestloop.as_str(), c.work_mem.as_str()), ("off", "4MB"));
+        assert_eq!((c.nestloop.as_str(), c.work_mem.as_str()), ("off", "64MB"));
     }
     let other: String = client
         .query_one("SHOW enable_nestloop", &[])

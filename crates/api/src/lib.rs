@@ -279,7 +279,7 @@ fn default_parallelism() -> i64 {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TuningSpec {
-    /// Tuned: the measured settings (enable_nestloop off, work_mem 4MB, and
+    /// Tuned: the measured settings (enable_nestloop off, work_mem 64MB, and
     /// plan_cache_mode chosen by timing the largest slices), with which the
     /// window function's recompute uses hash joins instead of nested loops.
     /// ServerDefaults: the server's settings, exactly as the reference

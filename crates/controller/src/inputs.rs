@@ -645,7 +645,7 @@ mod tests {
         let o = options(&s.validate().unwrap(), &[], None);
         assert_eq!(
             o.effective_settings(),
-            [kv("work_mem", "4MB"), kv("enable_nestloop", "on")]
+            [kv("work_mem", "64MB"), kv("enable_nestloop", "on")]
         );
     }
 }
