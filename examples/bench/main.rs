@@ -321,11 +321,13 @@ async fn bench(args: &Args) -> Result<bool, BoxError> {
             variants.push((
                 "static-generic-p2",
                 Variant::Engine(Performance {
-                    tuning: Tuning::Custom(vec![
-                        ("enable_nestloop".into(), "off".into()),
-                        ("work_mem".into(), "4MB".into()),
-                        ("plan_cache_mode".into(), "force_generic_plan".into()),
-                    ]),
+                    tuning: Tuning::Custom(
+                        engine::tuning::DEFAULT_SETTINGS
+                            .iter()
+                            .chain(&[("plan_cache_mode", "force_generic_plan")])
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                    ),
                     ..Performance::default()
                 }),
             ));
