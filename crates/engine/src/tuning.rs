@@ -15,8 +15,10 @@
 //!   intermediate rows, a hash that overran `work_mem` to 751 MiB; 105 s),
 //!   at 32MB or more they meet `task_usage` on (hour, provider, model)
 //!   first (5.7M rows; 21-31 s); the whole walk was 3.8x faster and the
-//!   backends' peak memory lower. On the histories that keep one plan at
-//!   every value (200k, even 3M) it changes nothing measurable.
+//!   backends' peak memory lower. It is a trade: on even 3M both plans
+//!   get slower and the walk takes 1.4x as long as at 4MB; on the 200k
+//!   histories it changes nothing measurable. 64MB bounds the worse case
+//!   (1.4x against 3.8x); choosing it per run by measurement is not built.
 //! - `plan_cache_mode`: chosen per run by measurement. The window function
 //!   is PL/pgSQL, so its statement is plan-cached per session, and a generic
 //!   plan (estimates without the slice bounds) picks a much better join
