@@ -414,11 +414,22 @@ async fn a_second_run_waits_for_lock_4246_then_skips(level: SchemaLevel) {
 
     let second = spawn_run(&db, Options::default(), 2, &log);
     wait_for(|| position(&log, 2, |e| matches!(e, Event::WaitingForLock { .. })).is_some()).await;
-    // Run 2 is queued in pg_locks, not granted, while run 1 works.
-    let locks = lock_4246(&client).await;
+    // Run 2 is queued in pg_locks, not granted, while run 1 works. The
+    // event fires before run 2's blocking request reaches the server, so
+    // look until the request shows.
+    let locks = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let locks = lock_4246(&client).await;
+            if locks.iter().any(|(_, g, _)| !g) {
+                break locks;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("run 2's lock request never showed in pg_locks");
     assert!(
-        locks.iter().any(|&(pid, g, _)| pid == holder_pid[0].0 && g)
-            && locks.iter().any(|(_, g, _)| !g),
+        locks.iter().any(|&(pid, g, _)| pid == holder_pid[0].0 && g),
         "{locks:?}"
     );
     let holder = log.lock().unwrap().iter().find_map(|(_, e)| match e {
