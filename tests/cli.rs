@@ -197,7 +197,10 @@ async fn backfill_text_then_json_then_skip() {
         "{}",
         ran.show()
     );
-    assert_eq!(out["slices_processed"].as_u64(), Some(0));
+    // One window, from the watermark to the stamp, before the stamp.
+    assert_eq!(out["slices_processed"].as_u64(), Some(1));
+    assert_eq!(ts(&out["from"]), after, "from the watermark");
+    assert_eq!(ts(&out["watermark_after"]), ts(&out["walk_end"]));
     let ran = run_cli(&["backfill", "--database-url", db.url()]).await;
     ran.expect_code(0);
     assert!(

@@ -37,6 +37,8 @@ use usage_backfill_testkit::{self as testkit, SchemaLevel, TestDatabase, harness
 testkit::at_both_levels!(
     multi_thread: a_walk_beside_the_writing_application_loses_no_update,
     a_controller_run_beside_the_writing_application_loses_no_update,
+    every_sync_rolls_up_to_its_stamp_beside_the_writing_application,
+    a_skip_waits_for_lock_4246_and_rolls_up_what_arrived_meanwhile,
 );
 
 use support::engine::{always, assert_correct};
@@ -96,6 +98,9 @@ struct Writes {
 struct Application {
     stop: CancellationToken,
     committed: Arc<AtomicU64>,
+    /// Held by the ticker around each call of the periodic entry; whoever
+    /// holds it has paused the ticks.
+    ticks: Arc<tokio::sync::Mutex<()>>,
     writer: JoinHandle<Writes>,
     ticker: JoinHandle<u64>,
 }
@@ -105,11 +110,13 @@ impl Application {
     async fn start(url: &str, seed: u64) -> Application {
         let stop = CancellationToken::new();
         let committed = Arc::new(AtomicU64::new(0));
+        let ticks = Arc::new(tokio::sync::Mutex::new(()));
         let writer = tokio::spawn(write(url.to_owned(), seed, stop.clone(), committed.clone()));
-        let ticker = tokio::spawn(tick(url.to_owned(), stop.clone()));
+        let ticker = tokio::spawn(tick(url.to_owned(), stop.clone(), ticks.clone()));
         let app = Application {
             stop,
             committed,
+            ticks,
             writer,
             ticker,
         };
@@ -125,6 +132,12 @@ impl Application {
 
     fn committed(&self) -> u64 {
         self.committed.load(Ordering::SeqCst)
+    }
+
+    /// Pauses the ticks (once a tick under way has returned) until the
+    /// guard is dropped; the writer goes on.
+    async fn pause_ticks(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.ticks.lock().await
     }
 
     /// Stops both; what was written and how many ticks were called.
@@ -347,15 +360,17 @@ async fn write(
 
 /// Calls the periodic entry until stopped (it gets nothing while a backfill
 /// holds lock 4246); returns how many calls it made.
-async fn tick(url: String, stop: CancellationToken) -> u64 {
+async fn tick(url: String, stop: CancellationToken, gate: Arc<tokio::sync::Mutex<()>>) -> u64 {
     let client = testkit::client(&url).await;
     let mut calls = 0;
     while !stop.is_cancelled() {
+        let paused = gate.lock().await;
         // An error (a conflict with the writer, say) is the tick's to log;
         // the next call starts from the same watermark.
         let _ = client
             .query_one("SELECT rollup_task_usage_hourly()", &[])
             .await;
+        drop(paused);
         calls += 1;
         tokio::time::sleep(TICK_PACE).await;
     }
@@ -536,4 +551,254 @@ async fn a_controller_run_beside_the_writing_application_loses_no_update(level: 
     assert_eq!(after_catch_up, (0, 0), "stale buckets (missing, extra)");
     assert_eq!(fixture::dirty_queue_len(&client).await.unwrap(), 0);
     assert_correct(&client).await;
+}
+
+/// A database whose history is rolled up and stamped, as after a backfill
+/// and the application's ticks; its tasks are the writer's to use.
+async fn rolled_up_database(level: SchemaLevel) -> (TestDatabase, Client) {
+    let db = testkit::fresh_database_at(level).await;
+    let client = db.client().await;
+    fixture::generate(
+        &client,
+        &HistorySpec {
+            rows: 2000,
+            months: 2,
+            dirty_queue_entries: 0,
+            ..HistorySpec::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (outcome, _) = support::engine::run(
+        &Database::parse(db.url()).unwrap(),
+        &always(),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(outcome.unwrap().watermark_stamped);
+    (db, client)
+}
+
+/// The application paused for 40 minutes: the watermark stays where its
+/// last tick left it (set 45 minutes back), while `events` usage rows were
+/// written, dated from 39 to 10 minutes ago (updated when created), each
+/// in a bucket of its own (a model of its own). Legacy rows (no
+/// updated_at) when `legacy`. Returns their models.
+async fn paused_application(client: &Client, tag: &str, events: u32, legacy: bool) -> Vec<String> {
+    client
+        .batch_execute(
+            "UPDATE task_usage_hourly_rollup_state
+                SET watermark_at = now() - interval '45 minutes' WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    let task: String = client
+        .query_one(
+            "SELECT id::text FROM agent_task_queue WHERE runtime_id IS NOT NULL ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut models = Vec::new();
+    for k in 0..events {
+        let model = format!("paused-{tag}-{k}");
+        let minutes_ago = f64::from(10 + (29 * k) / events.max(1));
+        client
+            .execute(
+                "INSERT INTO task_usage (task_id, provider, model, input_tokens, output_tokens,
+                                         created_at, updated_at)
+                 SELECT $1::text::uuid, 'paused', $2, 100, 10, t, CASE WHEN $4 THEN NULL ELSE t END
+                   FROM (SELECT now() - $3::float8 * interval '1 minute' AS t) m",
+                &[&task, &model, &minutes_ago, &legacy],
+            )
+            .await
+            .unwrap();
+        models.push(model);
+    }
+    models
+}
+
+/// How many of `models` have their bucket in the hourly table.
+async fn rolled_up(client: &Client, models: &[String]) -> usize {
+    let n: i64 = client
+        .query_one(
+            "SELECT count(*) FROM task_usage_hourly WHERE model = ANY($1)",
+            &[&models],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    n as usize
+}
+
+/// Every GitOps sync runs the hook in `IfLagging` mode; after a pause of
+/// the application's ticks each is a skip within the threshold. A skip
+/// must roll up from the watermark to its stamp before stamping: the tick
+/// starts at the watermark and inserts are not queued, so a stamp that
+/// passes the paused application's events loses them for good. Three
+/// syncs, the writer running throughout and the ticker between syncs.
+async fn every_sync_rolls_up_to_its_stamp_beside_the_writing_application(level: SchemaLevel) {
+    let (db, client) = rolled_up_database(level).await;
+    let database = Database::parse(db.url()).unwrap();
+    let app = Application::start(db.url(), 7).await;
+    for sync in 0..3 {
+        let paused = app.pause_ticks().await;
+        let models = paused_application(&client, &sync.to_string(), 4, false).await;
+        let before = fixture::watermark(&client).await.unwrap().unwrap();
+        let (outcome, _) = support::engine::run(
+            &database,
+            &engine::Options::default(),
+            &CancellationToken::new(),
+        )
+        .await;
+        let outcome = outcome.unwrap();
+        assert_eq!(
+            outcome.skipped,
+            Some(engine::SkipReason::WatermarkWithinThreshold),
+            "sync {sync}: {outcome:?}"
+        );
+        assert!(outcome.watermark_stamped, "sync {sync}");
+        // Before any tick: the stamp passed the paused events, and every
+        // one of them is rolled up.
+        assert_eq!(
+            rolled_up(&client, &models).await,
+            models.len(),
+            "sync {sync}: buckets rolled up of the {} events before the stamp ({outcome:?})",
+            models.len()
+        );
+        assert_eq!(
+            outcome.from,
+            Some(before),
+            "sync {sync}: from the watermark"
+        );
+        assert_eq!(outcome.watermark_after, outcome.walk_end, "sync {sync}");
+        drop(paused);
+        tokio::time::sleep(TICK_PACE * 3).await;
+    }
+    let (writes, ticks) = app.stop().await;
+    catch_up(&client).await;
+    let stale = stale_buckets(&client).await;
+    eprintln!("writes {writes:?}, {ticks} ticks; stale buckets (missing/extra) {stale:?}");
+    assert!(ticks > 0);
+    assert_eq!(stale, (0, 0), "stale buckets (missing, extra)");
+    assert_eq!(fixture::dirty_queue_len(&client).await.unwrap(), 0);
+    assert_correct(&client).await;
+}
+
+/// A skip decided while another session holds lock 4246 (a second
+/// release's backfill, say) waits for the lock, reads the state again
+/// under it, and rolls up what arrived meanwhile before it stamps. Legacy
+/// rows (no updated_at) arriving during the wait; then the same on an
+/// empty history, whose stamp the reference makes at once, unlocked.
+async fn a_skip_waits_for_lock_4246_and_rolls_up_what_arrived_meanwhile(level: SchemaLevel) {
+    let (db, client) = rolled_up_database(level).await;
+    let database = Database::parse(db.url()).unwrap();
+    client
+        .batch_execute(
+            "UPDATE task_usage_hourly_rollup_state
+                SET watermark_at = now() - interval '45 minutes' WHERE id = 1",
+        )
+        .await
+        .unwrap();
+    let (outcome, models) = run_while_locked(&database, &client, "locked").await;
+    assert_eq!(
+        outcome.skipped,
+        Some(engine::SkipReason::WatermarkWithinThreshold),
+        "{outcome:?}"
+    );
+    assert!(outcome.lock_waited_ms > 0);
+    assert!(outcome.watermark_stamped);
+    assert_eq!(rolled_up(&client, &models).await, models.len());
+
+    // An empty history: the skip decided before the lock finds rows under it.
+    client
+        .batch_execute(
+            "TRUNCATE task_usage, task_usage_hourly, task_usage_hourly_dirty;
+             UPDATE task_usage_hourly_rollup_state
+                SET watermark_at = '1970-01-01 00:00:00+00' WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    let (outcome, models) = run_while_locked(&database, &client, "empty").await;
+    assert!(outcome.lock_waited_ms > 0);
+    assert!(outcome.watermark_stamped);
+    assert_eq!(
+        rolled_up(&client, &models).await,
+        models.len(),
+        "{outcome:?}"
+    );
+    catch_up(&client).await;
+    assert_eq!(stale_buckets(&client).await, (0, 0));
+    assert_correct(&client).await;
+}
+
+/// Runs an `IfLagging` backfill while this test's own session holds lock
+/// 4246; once the run waits for it, three legacy rows dated 20 minutes ago
+/// are written, then the lock is released. The outcome, and the rows'
+/// models.
+async fn run_while_locked(
+    database: &Database,
+    client: &Client,
+    tag: &str,
+) -> (Outcome, Vec<String>) {
+    client
+        .query_one("SELECT pg_advisory_lock(4246)", &[])
+        .await
+        .unwrap();
+    let (waiting_tx, waiting_rx) = tokio::sync::oneshot::channel();
+    let database = database.clone();
+    let run = tokio::spawn(async move {
+        let mut waiting = Some(waiting_tx);
+        engine::run(
+            &database,
+            &engine::Options::default(),
+            &CancellationToken::new(),
+            &mut |e: &Event| {
+                if matches!(e, Event::WaitingForLock { .. })
+                    && let Some(tx) = waiting.take()
+                {
+                    let _ = tx.send(());
+                }
+            },
+        )
+        .await
+    });
+    // Err: the run ended (dropping the sender) or never waited in time.
+    let waited = matches!(tokio::time::timeout(WAIT, waiting_rx).await, Ok(Ok(())));
+    let mut models = Vec::new();
+    if waited {
+        let task: String = client
+            .query_one(
+                "SELECT id::text FROM agent_task_queue WHERE runtime_id IS NOT NULL ORDER BY id LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        for k in 0..3 {
+            let model = format!("waited-{tag}-{k}");
+            client
+                .execute(
+                    "INSERT INTO task_usage (task_id, provider, model, input_tokens, output_tokens,
+                                             created_at, updated_at)
+                     VALUES ($1::text::uuid, 'waited', $2, 100, 10,
+                             now() - interval '20 minutes' - $3::int * interval '1 minute', NULL)",
+                    &[&task, &model, &k],
+                )
+                .await
+                .unwrap();
+            models.push(model);
+        }
+    }
+    client
+        .query_one("SELECT pg_advisory_unlock(4246)", &[])
+        .await
+        .unwrap();
+    let outcome = run.await.unwrap().unwrap();
+    assert!(
+        waited,
+        "the run did not wait for lock 4246 before it stamped: {outcome:?}"
+    );
+    (outcome, models)
 }

@@ -208,7 +208,9 @@ async fn lag_threshold_boundary(level: SchemaLevel) {
     )
     .await
     .unwrap();
-    // Lag exactly 1h: within the threshold. Skip, and stamp (as the reference).
+    // Lag exactly 1h: within the threshold. Skip the walk; before the stamp,
+    // roll up the window from the watermark (the row updated at `newest`,
+    // after it: its bucket), not the row updated before the watermark.
     fixture::set_watermark(&client, Some(newest - 1.hour()))
         .await
         .unwrap();
@@ -216,12 +218,15 @@ async fn lag_threshold_boundary(level: SchemaLevel) {
     assert_eq!(outcome.skipped, Some(SkipReason::WatermarkWithinThreshold));
     assert_eq!(outcome.lag_seconds, Some(3600));
     assert!(outcome.watermark_stamped);
+    assert_eq!(outcome.from, Some(newest - 1.hour()));
+    assert_eq!(outcome.watermark_after, outcome.walk_end);
+    assert_eq!((outcome.slices_processed, outcome.slices_total), (1, 1));
     let hourly: i64 = client
         .query_one("SELECT count(*) FROM task_usage_hourly", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(hourly, 0, "nothing rolled up");
+    assert_eq!(hourly, 1, "the window from the watermark to the stamp only");
     // One microsecond more: walk.
     fixture::set_watermark(&client, Some(newest - 1.hour() - 1.microsecond()))
         .await

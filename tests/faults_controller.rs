@@ -613,7 +613,13 @@ async fn two_backfills_on_one_database_run_one_after_the_other() {
         }
     }
     let order: Vec<&str> = blocks.iter().map(|b| b.0).collect();
-    assert_eq!(order, ["backfill-first", "backfill-second"], "{all:?}");
+    // The hook's skip rolls up the one window from the watermark to its
+    // stamp before stamping: a block of its own, last.
+    assert_eq!(
+        order,
+        ["backfill-first", "backfill-second", "backfill-third"],
+        "{all:?}"
+    );
     let stamps = backfill_stamps(&h.pg).await;
     let stamp_of = |app: &str| -> Timestamp {
         let mine: Vec<_> = stamps.iter().filter(|(a, _)| a == app).collect();
@@ -630,6 +636,14 @@ async fn two_backfills_on_one_database_run_one_after_the_other() {
     assert!(
         first_stamp < third_stamp,
         "the hook ran after the first run"
+    );
+    assert!(second_stamp < blocks[2].1 && blocks[2].2 < third_stamp);
+    let third_calls: Vec<_> = all.iter().filter(|c| c.app == "backfill-third").collect();
+    assert_eq!(third_calls.len(), 1, "{all:?}");
+    assert_eq!(
+        Some(secs(third_calls[0].from)),
+        second.watermark_after,
+        "from the watermark the second run stamped"
     );
     assert_eq!(
         all.iter().filter(|c| c.app == "backfill-first").count(),

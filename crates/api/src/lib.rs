@@ -617,7 +617,10 @@ pub struct UsageBackfillStatus {
     /// rollup_state_missing (the rollup state table does not exist yet;
     /// nothing done), task_usage_empty (no events; the watermark was stamped)
     /// or watermark_within_threshold (lag within lagThreshold; the watermark
-    /// was stamped).
+    /// was stamped). A skip that stamps first rolls up, under advisory lock
+    /// 4246, the one window from the old watermark to the stamp (from, to,
+    /// rowsTouched, slices 1/1), so that the stamp passes no event that is
+    /// not rolled up.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(transform = optional_enum)]
     pub skipped: Option<SkipReason>,
@@ -639,7 +642,8 @@ pub struct UsageBackfillStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows_touched: Option<i64>,
 
-    /// Start of the walk (UTC, start of a month).
+    /// Start of the walk (UTC, start of a month; for a skip, the old
+    /// watermark).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<Time>,
 

@@ -445,15 +445,21 @@ fn success_message(outcome: &Outcome, s: &Status) -> String {
         (Some(f), Some(t)) => format!(" from {} to {}", show(f), show(t)),
         _ => String::new(),
     };
+    // A skip that stamps first rolls up the window from the old watermark
+    // to the stamp (the tick's own work), so that no event is passed over.
+    let rolled_up = match outcome.slices_processed {
+        0 => String::new(),
+        _ => format!("rolled up{range} ({} rows), ", outcome.rows_touched),
+    };
     match outcome.skipped {
         Some(engine::SkipReason::RollupStateMissing) => {
             "skipped (rollup_state_missing): table task_usage_hourly_rollup_state does not exist; nothing done".into()
         }
         Some(engine::SkipReason::TaskUsageEmpty) => {
-            format!("skipped (task_usage_empty): task_usage is empty; {stamped}")
+            format!("skipped (task_usage_empty): task_usage is empty; {rolled_up}{stamped}")
         }
         Some(engine::SkipReason::WatermarkWithinThreshold) => format!(
-            "skipped (watermark_within_threshold): the watermark lags the newest event by {}s, within the threshold; {stamped}",
+            "skipped (watermark_within_threshold): the watermark lags the newest event by {}s, within the threshold; {rolled_up}{stamped}",
             outcome.lag_seconds.unwrap_or(0)
         ),
         None if outcome.dry_run => format!(

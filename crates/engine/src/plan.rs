@@ -72,7 +72,9 @@ impl Snapshot {
 /// What to do after looking at a [`Snapshot`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    /// Do not walk; stamp the watermark first when `stamp` is set.
+    /// Do not walk the history. When `stamp` is set, stamp the watermark,
+    /// under the lock, after rolling up the window from the watermark to
+    /// the stamp (a stamp must never pass an event not rolled up).
     Skip { reason: SkipReason, stamp: bool },
     /// Walk from this instant (month-aligned) to the newest event.
     Walk { from: Timestamp },

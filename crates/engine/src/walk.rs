@@ -13,7 +13,7 @@ use super::sizing::{self, Piece};
 use super::tuning::{self, TuningReport};
 use super::{
     Database, Error, Event, MAX_PARALLELISM, Mode, Options, Outcome, Performance, PlannedSlice,
-    Result, SkipReason,
+    Result, Resume, SkipReason,
 };
 
 /// Runs one backfill attempt against `db`.
@@ -95,14 +95,21 @@ impl Run<'_> {
     async fn if_lagging(&mut self, threshold: Duration) -> Result<()> {
         let snap = self.session.snapshot().await?;
         self.observe(&snap);
-        let from = match plan::decide_if_lagging(&snap, threshold)? {
-            Decision::Skip { reason, stamp } => return self.skip(reason, stamp, &snap).await,
-            Decision::Walk { from } => from,
-        };
-        self.refuse_future_events(&snap, threshold).await?;
-        self.require_window_function().await?;
-        if self.opts.dry_run {
-            return self.dry_run(from, &snap).await;
+        match plan::decide_if_lagging(&snap, threshold)? {
+            // A skip that stamps rolls up up to its stamp first, under the
+            // lock (below); one that does not stamp, or a dry run, is done.
+            Decision::Skip { reason, stamp } if !stamp || self.opts.dry_run => {
+                self.outcome.skipped = Some(reason);
+                return Ok(());
+            }
+            Decision::Skip { .. } => self.require_window_function().await?,
+            Decision::Walk { from } => {
+                self.refuse_future_events(&snap, threshold).await?;
+                self.require_window_function().await?;
+                if self.opts.dry_run {
+                    return self.dry_run(from, &snap).await;
+                }
+            }
         }
         self.require_privileges().await?;
         self.acquire().await?;
@@ -209,12 +216,35 @@ impl Run<'_> {
         self.outcome.lag_seconds = snap.lag().map(|l| l.as_secs());
     }
 
+    /// A skip, under the lock. One that stamps first rolls up the window
+    /// from the watermark to the stamp: the application's tick starts at
+    /// the watermark, and inserts and updates are not queued, so a stamp
+    /// passing an event not yet rolled up would lose that event for good
+    /// (the reference's skip does). That window is one tick's work: the
+    /// events in it are at most the lag, which is within the threshold (or
+    /// none, on an empty history). It is the walk's last slice, alone, so
+    /// it ends (and the stamp names) five minutes before the clock read
+    /// just before it, as every walk does.
     async fn skip(&mut self, reason: SkipReason, stamp: bool, snap: &Snapshot) -> Result<()> {
         self.outcome.skipped = Some(reason);
-        if stamp && !self.opts.dry_run {
-            self.stamp(plan::walk_end(snap.now)).await?;
+        if !stamp || self.opts.dry_run {
+            return Ok(());
         }
-        Ok(())
+        // No state row (an empty history only; the stamp then updates
+        // nothing): the window starts where the tick's would, at the epoch.
+        let from = snap.watermark.unwrap_or(Timestamp::UNIX_EPOCH);
+        let end = plan::walk_end(snap.now);
+        if from >= end {
+            // The watermark already stands at (or past) the instant a stamp
+            // would name: nothing lies between, and a stamp would move it back.
+            return Ok(());
+        }
+        let last = Piece {
+            slice: Slice { from, to: end },
+            events: 0,
+        };
+        self.walk_pieces(from, end, Vec::new(), Some(last), None)
+            .await
     }
 
     async fn require_window_function(&mut self) -> Result<()> {
@@ -332,18 +362,31 @@ impl Run<'_> {
     async fn walk_and_stamp(&mut self, from: Timestamp, snap: &Snapshot) -> Result<()> {
         let max_event = snap.max_event.expect("a walk is only decided on history");
         let end = plan::walk_end(snap.now);
-        self.outcome.walk_end = Some(end);
         let all = plan::slices(from, max_event, end);
-        let resume = self.opts.resume.as_ref();
-        let slices = plan::resume_slices(all, resume);
+        let resume = self.opts.resume;
+        let slices = plan::resume_slices(all, resume.as_ref());
+        let (historical, last) = self.size(&slices).await?;
+        self.walk_pieces(from, end, historical, last, resume).await
+    }
+
+    /// Walks sized slices (the last alone, last; counts continue from
+    /// `resume`) and stamps where the last one ended.
+    async fn walk_pieces(
+        &mut self,
+        from: Timestamp,
+        end: Timestamp,
+        historical: Vec<Piece>,
+        last: Option<Piece>,
+        resume: Option<Resume>,
+    ) -> Result<()> {
+        self.outcome.walk_end = Some(end);
         let already = resume.map_or(0, |r| r.slices_processed);
         let already_rows = resume.map_or(0, |r| r.rows_touched);
         self.outcome.slices_processed = already;
         self.outcome.rows_touched = already_rows;
-        let (historical, last) = self.size(&slices).await?;
         let total = already + historical.len() as u64 + u64::from(last.is_some());
         self.announce(from, end, total);
-        self.outcome.cursor = slices.first().map(|s| s.from);
+        self.outcome.cursor = historical.first().or(last.as_ref()).map(|p| p.slice.from);
 
         let wanted = self.perf.parallelism.clamp(1, MAX_PARALLELISM) as usize;
         let extra = wanted.min(historical.len()).saturating_sub(1);
