@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use usage_backfill::cli::controller::ControllerArgs;
 use usage_backfill_api as api;
 
 const CRD_FILE: &str = "usagebackfills.usage.multica.ai.yaml";
@@ -247,7 +248,8 @@ fn chart_rbac_grants_what_the_controller_uses() {
         assert!(rbac.contains(needle), "rbac.yaml lacks {needle:?}");
     }
 
-    // Leader election: Leases in the release namespace.
+    // Leader election: the Lease in the release namespace, read by name
+    // and written by patch (kube-lease-manager), created when missing.
     let lease_rule = rbac
         .split("---")
         .find(|doc| doc.contains("resources: [\"leases\"]"))
@@ -257,10 +259,160 @@ fn chart_rbac_grants_what_the_controller_uses() {
             && lease_rule.contains("namespace: {{ .Release.Namespace }}")
     );
     assert!(lease_rule.contains("apiGroups: [\"coordination.k8s.io\"]"));
-    for verb in ["get", "list", "watch", "create", "update", "patch"] {
+    for verb in ["get", "create", "patch"] {
         assert!(
             lease_rule.contains(&format!("\"{verb}\"")),
             "leases lack {verb}"
         );
     }
+    for verb in ["list", "watch", "update"] {
+        assert!(
+            !lease_rule.contains(&format!("\"{verb}\"")),
+            "the controller does not {verb} Leases"
+        );
+    }
+}
+
+/// The pattern values.schema.json refuses `extraArgs` items with, and the
+/// names it refuses in `extraEnv`.
+fn extra_guards() -> (regex::Regex, BTreeSet<String>) {
+    let schema: serde_json::Value =
+        serde_json::from_str(&read(&chart().join("values.schema.json"))).unwrap();
+    let props = &schema["properties"];
+    let pattern = props["extraArgs"]["items"]["not"]["pattern"]
+        .as_str()
+        .expect("extraArgs items have a `not` pattern");
+    let env = props["extraEnv"]["items"]["properties"]["name"]["not"]["enum"]
+        .as_array()
+        .expect("extraEnv names have a `not` enum")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    (regex::Regex::new(pattern).unwrap(), env)
+}
+
+/// The long flags (`--name=`) and environment variables (`- name: X`)
+/// the chart's Deployment sets for the controller.
+fn deployment_sets() -> (BTreeSet<String>, BTreeSet<String>) {
+    let deployment = read(&chart().join("templates/deployment.yaml"));
+    let flag = regex::Regex::new(r"(?m)^\s*- --([a-z-]+)").unwrap();
+    let env = regex::Regex::new(r"(?m)^\s*- name: ([A-Z_]+)\s*$").unwrap();
+    let flags = flag
+        .captures_iter(&deployment)
+        .map(|c| c[1].to_owned())
+        .collect();
+    let envs = env
+        .captures_iter(&deployment)
+        .map(|c| c[1].to_owned())
+        .collect();
+    (flags, envs)
+}
+
+/// `extraArgs` and `extraEnv` cannot override what the chart sets, in any
+/// spelling clap accepts: RBAC, probes and the Lease follow the chart's
+/// values, so an override would break them quietly.
+#[test]
+fn extra_args_and_env_cannot_override_what_the_chart_sets() {
+    let (refused, refused_env) = extra_guards();
+    let (chart_flags, chart_env) = deployment_sets();
+    for needed in ["namespace", "health-addr", "lease-name", "watch-secrets"] {
+        assert!(
+            chart_flags.contains(needed),
+            "the Deployment passes --{needed}: {chart_flags:?}"
+        );
+    }
+    let command = <ControllerArgs as clap::Args>::augment_args(clap::Command::new("controller"));
+    let mut checked = 0;
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        // Set by the chart as a flag, or through the variable the flag
+        // reads (--lease-namespace: POD_NAMESPACE, where the Lease's Role is).
+        let set_by_chart = chart_flags.contains(long)
+            || arg
+                .get_env()
+                .is_some_and(|e| chart_env.contains(e.to_str().unwrap()));
+        if set_by_chart {
+            let longs = std::iter::once(long).chain(arg.get_all_aliases().unwrap_or_default());
+            for name in longs {
+                for spelling in [format!("--{name}"), format!("--{name}=x")] {
+                    assert!(
+                        refused.is_match(&spelling),
+                        "extraArgs lets {spelling} through"
+                    );
+                }
+            }
+            if let Some(short) = arg.get_short() {
+                for spelling in [
+                    format!("-{short}"),
+                    format!("-{short}x"),
+                    format!("-{short}=x"),
+                ] {
+                    assert!(
+                        refused.is_match(&spelling),
+                        "extraArgs lets {spelling} through"
+                    );
+                }
+            }
+            checked += 1;
+        }
+        if let Some(env) = arg.get_env() {
+            let env = env.to_str().unwrap();
+            assert!(
+                refused_env.contains(env),
+                "extraEnv may set {env}, which --{long} reads: refuse it in values.schema.json"
+            );
+        }
+    }
+    assert!(checked >= 6, "{checked} flags checked");
+    for env in &chart_env {
+        assert!(
+            refused_env.contains(env),
+            "extraEnv may override {env}, which the chart sets"
+        );
+    }
+    for allowed in [
+        "--retry-backoff=30s",
+        "--set=work_mem=64MB",
+        "--lease-duration=20s",
+    ] {
+        assert!(!refused.is_match(allowed), "{allowed} is refused");
+    }
+}
+
+/// Two releases in one namespace get two Leases: the Deployment passes the
+/// release's full name as `--lease-name`, and the leader-election Role
+/// grants get and patch on that name only (create cannot be limited by
+/// name). The rendered result, two releases side by side: .ci/chart-check.
+#[test]
+fn each_release_elects_its_leader_on_a_lease_of_its_own() {
+    let templates = chart().join("templates");
+    let deployment = read(&templates.join("deployment.yaml"));
+    assert!(
+        deployment.contains("- --lease-name={{ include \"usage-backfill-operator.fullname\" . }}"),
+        "the Deployment passes the release's full name as --lease-name"
+    );
+    let helpers = read(&templates.join("_helpers.tpl"));
+    assert!(
+        define(&helpers, "usage-backfill-operator.fullname").contains(".Release.Name"),
+        "the full name is per release"
+    );
+    let rbac = read(&templates.join("rbac.yaml"));
+    assert!(rbac.contains("{{- $fullname := include \"usage-backfill-operator.fullname\" . }}"));
+    let lease_role = rbac
+        .split("---")
+        .find(|doc| doc.contains("resources: [\"leases\"]"))
+        .unwrap();
+    let rules: Vec<&str> = lease_role.split("  - apiGroups:").skip(1).collect();
+    assert_eq!(rules.len(), 2, "{lease_role}");
+    assert!(
+        rules[0].contains("verbs: [\"create\"]") && !rules[0].contains("resourceNames"),
+        "create, unnamed: {}",
+        rules[0]
+    );
+    assert!(
+        rules[1].contains("resourceNames: [{{ $fullname | quote }}]")
+            && rules[1].contains("verbs: [\"get\", \"patch\"]"),
+        "get and patch on the release's Lease only: {}",
+        rules[1]
+    );
 }

@@ -1212,6 +1212,60 @@ async fn two_replicas_elect_one_leader_and_a_stopped_leader_hands_over() {
     );
 }
 
+/// Two installations in one namespace (two Helm releases, each passing its
+/// full name as `--lease-name`): each elects its own leader, so neither
+/// release's watched namespaces go unreconciled while the other leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_installations_with_their_own_lease_names_each_elect_a_leader() {
+    let (client, fake) = FakeApiServer::start();
+    let named = |lease_name: &str, identity: &str| LeaseSettings {
+        name: lease_name.into(),
+        ..lease(identity)
+    };
+    let (shop, billing) = (
+        "shop-usage-backfill-operator",
+        "billing-usage-backfill-operator",
+    );
+    let shop_pods = [
+        Election::start(client.clone(), named(shop, "shop-0")),
+        Election::start(fake.connect().0, named(shop, "shop-1")),
+    ];
+    let billing_pods = [
+        Election::start(fake.connect().0, named(billing, "billing-0")),
+        Election::start(fake.connect().0, named(billing, "billing-1")),
+    ];
+    let leaders = |pods: &[Election; 2]| pods.iter().filter(|e| e.is_leading()).count();
+    until("a leader in each installation", WAIT, || {
+        leaders(&shop_pods) == 1 && leaders(&billing_pods) == 1
+    })
+    .await;
+    // Over two Lease durations, renewals included: still one each.
+    let watch_until = Instant::now() + 2 * LEASE_DURATION;
+    while Instant::now() < watch_until {
+        assert_eq!(
+            (leaders(&shop_pods), leaders(&billing_pods)),
+            (1, 1),
+            "exactly one leader per installation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let holder = |name| fake.lease_holder(LEASE_NS, name).unwrap_or_default();
+    assert!(holder(shop).starts_with("shop-"), "{}", holder(shop));
+    assert!(
+        holder(billing).starts_with("billing-"),
+        "{}",
+        holder(billing)
+    );
+    assert!(
+        fake.lease(LEASE_NS, LEASE_NAME).is_none(),
+        "nobody uses the default name"
+    );
+    assert!(fake.unexpected().is_empty(), "{:?}", fake.unexpected());
+    for e in shop_pods.into_iter().chain(billing_pods) {
+        e.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_election_stops_renewing_its_lease() {
     let (client, fake) = FakeApiServer::start();

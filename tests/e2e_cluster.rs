@@ -942,7 +942,18 @@ fn the_rules_file_splits_into_the_operators_role_and_the_lease_role() {
             .collect()
     };
     let (lease, operator) = (all(Grant::Lease), all(Grant::Operator));
-    assert!(grants(&lease, "coordination.k8s.io", "leases", "update"));
+    for verb in ["get", "create", "patch"] {
+        assert!(
+            grants(&lease, "coordination.k8s.io", "leases", verb),
+            "{verb}"
+        );
+    }
+    // get and patch only on the Lease the replicas use (create cannot be
+    // limited by name): the one of `--lease-name`, here the default.
+    assert!(lease.iter().all(|r| match r.resource_names.as_deref() {
+        Some(names) => names == [LEASE_NAME] && !r.verbs.contains(&"create".to_owned()),
+        None => r.verbs == ["create"],
+    }));
     assert!(
         lease
             .iter()

@@ -61,14 +61,19 @@ pub struct ControllerArgs {
     #[arg(long, default_value_t = false, num_args = 0..=1, require_equals = true,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub watch_secrets: bool,
-    /// Elect a leader among the replicas with the Lease
-    /// `usage-backfill-operator`; only the leader reconciles and runs
-    /// backfills, the others stand by (healthy and ready). Set
+    /// Elect a leader among the replicas with the Lease --lease-name; only
+    /// the leader reconciles and runs backfills, the others stand by (healthy and ready). Set
     /// `--leader-election=false` to run a single replica without a Lease
     /// (local development).
     #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub leader_election: bool,
+    /// Name of the leader Lease. Every installation in a namespace needs
+    /// its own: replicas sharing a Lease elect one leader between them, so
+    /// a second installation would stand by for good (the chart passes the
+    /// release's full name).
+    #[arg(long, default_value = LEASE_NAME)]
+    pub lease_name: String,
     /// Namespace of the leader Lease: the operator's own.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
@@ -93,7 +98,7 @@ impl ControllerArgs {
     /// The leader election settings of these flags.
     pub fn lease_settings(&self) -> std::result::Result<LeaseSettings, String> {
         let settings = LeaseSettings {
-            name: LEASE_NAME.to_owned(),
+            name: self.lease_name.clone(),
             namespace: self.lease_namespace.clone(),
             identity: self
                 .lease_identity
@@ -232,6 +237,11 @@ mod tests {
     fn leader_election_flags() {
         let w = Wrap::try_parse_from(["x"]).unwrap();
         assert!(w.args.leader_election, "on by default");
+        assert_eq!(
+            w.args.lease_settings().unwrap().name,
+            LEASE_NAME,
+            "the name of earlier versions, so an upgrade keeps one Lease"
+        );
         assert_eq!(w.args.lease_duration, Duration::from_secs(15));
         assert_eq!(w.args.lease_grace, Duration::from_secs(5));
         assert!(
@@ -243,6 +253,8 @@ mod tests {
         let w = Wrap::try_parse_from([
             "x",
             "--leader-election=false",
+            "--lease-name",
+            "shop-usage-backfill-operator",
             "--lease-namespace",
             "ops",
             "--lease-identity",
@@ -260,7 +272,7 @@ mod tests {
         assert_eq!(
             w.args.lease_settings().unwrap(),
             LeaseSettings {
-                name: "usage-backfill-operator".into(),
+                name: "shop-usage-backfill-operator".into(),
                 namespace: "ops".into(),
                 identity: "pod-1".into(),
                 duration: Duration::from_secs(4),
@@ -273,6 +285,13 @@ mod tests {
                 .lease_settings()
                 .unwrap_err()
                 .contains("whole seconds")
+        );
+        let w = Wrap::try_parse_from(["x", "--lease-name", "Not_A_Name"]).unwrap();
+        assert!(
+            w.args
+                .lease_settings()
+                .unwrap_err()
+                .contains("--lease-name")
         );
         let w = Wrap::try_parse_from(["x", "--lease-identity", ""]).unwrap();
         assert!(

@@ -25,12 +25,15 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The Lease every replica competes for.
+/// The Lease the replicas compete for unless told another (`--lease-name`):
+/// the name every earlier version used, so an upgrade keeps one Lease.
 pub const LEASE_NAME: &str = "usage-backfill-operator";
 
 /// Where the Lease is, who we are, and its timings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseSettings {
+    /// One per installation: the replicas sharing a Lease elect one leader
+    /// between them, whatever namespaces each of them watches.
     pub name: String,
     pub namespace: String,
     /// Unique per replica: the pod name.
@@ -59,6 +62,15 @@ impl LeaseSettings {
         if self.identity.is_empty() || self.name.is_empty() || self.namespace.is_empty() {
             return Err("the Lease name, namespace and identity must not be empty".into());
         }
+        // Refused here rather than by the API server, which would refuse
+        // every attempt to create the Lease while the replica retries.
+        if !is_dns_subdomain(&self.name) {
+            return Err(format!(
+                "--lease-name {:?} is not a valid object name (lowercase letters, digits, '-' and '.', \
+                 starting and ending with a letter or digit, at most 253 characters)",
+                self.name
+            ));
+        }
         Ok(())
     }
 
@@ -66,6 +78,15 @@ impl LeaseSettings {
     fn margin(&self) -> Duration {
         self.grace / 2
     }
+}
+
+/// An RFC 1123 subdomain: what the API server accepts as a Lease name.
+fn is_dns_subdomain(name: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    name.len() <= 253
+        && name.starts_with(alnum)
+        && name.ends_with(alnum)
+        && name.chars().all(|c| alnum(c) || c == '-' || c == '.')
 }
 
 /// This replica's identity: `POD_NAME`, else the host name (which is the
@@ -385,6 +406,20 @@ mod tests {
         let mut s = settings();
         s.identity.clear();
         assert!(s.validate().is_err());
+        for bad in ["Upper", "-dash", "dash-", "under_score", &"a".repeat(254)] {
+            let s = LeaseSettings {
+                name: bad.to_owned(),
+                ..settings()
+            };
+            assert!(s.validate().unwrap_err().contains("--lease-name"), "{bad}");
+        }
+        for good in ["shop-usage-backfill-operator", "a", "ops.usage-backfill-2"] {
+            let s = LeaseSettings {
+                name: good.to_owned(),
+                ..settings()
+            };
+            assert_eq!(s.validate(), Ok(()), "{good}");
+        }
     }
 
     #[test]
