@@ -4,9 +4,10 @@
 -- in argocd-cm (docs/packaging.md). Argo CD runs it with the live object in
 -- the global `obj` and reads the returned table.
 --
--- Healthy only when Ready=True describes the current generation: a PreSync
--- hook must not pass on a status left over from an older spec, nor on a
--- fresh object the controller has not seen yet (observedGeneration -1).
+-- Healthy only when Ready=True describes the current generation: the sync
+-- wave holding the UsageBackfill (or a hook) must not pass on a status left
+-- over from an older spec (the previous version's runId), nor on a fresh
+-- object the controller has not seen yet (observedGeneration -1).
 -- Degraded on Stalled=True or phase Failed (terminal: fix the spec or the
 -- Secret). Suspended while spec.suspend holds. Progressing otherwise,
 -- including retries (Reconciling=True with a failure reason). Never Unknown:
