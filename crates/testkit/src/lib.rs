@@ -4,8 +4,10 @@
 //! - this module: a PostgreSQL database per test ([`fresh_database`],
 //!   [`fresh_database_at`] a schema level), and [`at_both_levels!`];
 //! - [`apiserver`]: a fake Kubernetes API server at the HTTP level;
+//! - [`application`]: the application writing and ticking beside a backfill;
 //! - [`harness`]: the controller test harness and builder fixtures;
 //! - [`engine`]: engine runs and the independent correctness check;
+//! - [`instrument`]: the window function wrapped, its calls and the stamps logged;
 //! - [`status`]: reading conditions of a UsageBackfill status;
 //! - [`tls`]: a test CA and a TLS PostgreSQL.
 //!
@@ -22,8 +24,10 @@
 //! with what was tried and how to fix it.
 
 pub mod apiserver;
+pub mod application;
 pub mod engine;
 pub mod harness;
+pub mod instrument;
 pub mod status;
 pub mod tls;
 
