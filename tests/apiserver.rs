@@ -909,6 +909,141 @@ async fn what_the_chart_does_not_grant_is_forbidden() {
     .unwrap();
 }
 
+/// The progress records: server-side apply creates and updates, drops what
+/// its manager stops sending and keeps other managers' fields; the
+/// apiserver's validation; get and delete; nothing else is granted.
+#[tokio::test]
+async fn config_maps_are_applied_read_and_deleted_as_the_apiserver_does() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let (client, fake) = FakeApiServer::start();
+    let api: Api<ConfigMap> = Api::namespaced(client, NS);
+    let cm = |name: &str, data: Value| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": { "name": name, "labels": { "app.kubernetes.io/component": "x" } },
+            "data": data,
+        })
+    };
+    let data = |c: &ConfigMap| c.data.clone().unwrap_or_default();
+    let created = api
+        .patch(
+            "rec",
+            &apply("op").force(),
+            &Patch::Apply(cm("rec", json!({ "a": "1", "b": "2" }))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(data(&created).len(), 2);
+    assert!(created.metadata.uid.is_some());
+    // Another manager's key stays when "op" applies without it; "op"'s own
+    // key it stops sending goes.
+    api.patch(
+        "rec",
+        &apply("other"),
+        &Patch::Apply(cm("rec", json!({ "c": "3" }))),
+    )
+    .await
+    .unwrap();
+    let updated = api
+        .patch(
+            "rec",
+            &apply("op").force(),
+            &Patch::Apply(cm("rec", json!({ "a": "10" }))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        data(&updated),
+        [("a", "10"), ("c", "3")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into()
+    );
+    // Changing another manager's field conflicts unless forced.
+    let e = refusal(
+        api.patch(
+            "rec",
+            &apply("op"),
+            &Patch::Apply(cm("rec", json!({ "a": "10", "c": "4" }))),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 409);
+    // What the apiserver refuses.
+    let e = refusal(
+        api.patch(
+            "rec",
+            &apply("op").force(),
+            &Patch::Apply(cm("other-name", json!({}))),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 400, "{}", e.message);
+    let e = refusal(
+        api.patch(
+            "rec",
+            &apply("op").force(),
+            &Patch::Apply(cm("rec", json!({ "not/a key": "x" }))),
+        )
+        .await,
+    );
+    assert_eq!(
+        (e.code, e.reason.as_str()),
+        (422, "Invalid"),
+        "{}",
+        e.message
+    );
+    let e = refusal(
+        api.patch(
+            "rec",
+            &apply("op").force(),
+            &Patch::Apply(cm("rec", json!({ "n": 7 }))),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 400, "{}", e.message);
+    let big = "x".repeat(1024 * 1024);
+    let e = refusal(
+        api.patch(
+            "rec",
+            &apply("op").force(),
+            &Patch::Apply(cm("rec", json!({ "big": big }))),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 422, "{}", e.message);
+    let e = refusal(
+        api.patch(
+            "Not_A_Name",
+            &apply("op").force(),
+            &Patch::Apply(cm("Not_A_Name", json!({}))),
+        )
+        .await,
+    );
+    assert_eq!(e.code, 422, "{}", e.message);
+    assert_eq!(
+        data(&api.get("rec").await.unwrap())
+            .get("a")
+            .map(String::as_str),
+        Some("10"),
+        "refused writes changed nothing"
+    );
+    // Not granted: list, watch, update.
+    assert_eq!(refusal(api.list(&ListParams::default()).await).code, 403);
+    let stored = api.get("rec").await.unwrap();
+    assert_eq!(
+        refusal(api.replace("rec", &PostParams::default(), &stored).await).code,
+        403
+    );
+    api.delete("rec", &Default::default()).await.unwrap();
+    assert!(fake.config_map(NS, "rec").is_none());
+    assert_eq!(
+        refusal(api.delete("rec", &Default::default()).await).code,
+        404
+    );
+    assert!(api.get_opt("rec").await.unwrap().is_none());
+}
+
 // ---------------------------------------------------------------------------
 // Finding 3: a run's writes land only on the object the run is for
 // ---------------------------------------------------------------------------

@@ -95,7 +95,9 @@ fn define<'a>(helpers: &'a str, name: &str) -> &'a str {
 /// namespace: reconcile UsageBackfills (finalizer patch, status by
 /// server-side apply), read the Secrets they name (get; with
 /// `secrets.watch`, also the metadata watch: [`SECRET_WATCH_NEEDS`]),
-/// record Events (kube's Recorder: events.k8s.io, core for older clusters).
+/// record Events (kube's Recorder: events.k8s.io, core for older clusters),
+/// keep the walk's progress records (ConfigMaps: get by name, server-side
+/// apply, which also creates, delete once stamped).
 const WATCH_NEEDS: &[(&str, &str, &[&str])] = &[
     (
         "usage.multica.ai",
@@ -111,6 +113,7 @@ const WATCH_NEEDS: &[(&str, &str, &[&str])] = &[
     ("", "secrets", &["get"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     ("", "events", &["create", "patch"]),
+    ("", "configmaps", &["get", "create", "patch", "delete"]),
 ];
 
 /// Added with `secrets.watch` (`--watch-secrets`): the Secret metadata
@@ -118,7 +121,8 @@ const WATCH_NEEDS: &[(&str, &str, &[&str])] = &[
 const SECRET_WATCH_NEEDS: &[(&str, &str, &[&str])] = &[("", "secrets", &["list", "watch"])];
 
 /// Built-in kinds a controller might start using, with their API group and
-/// resource; a kind of this table imported under `src/` must be granted.
+/// resource; a kind of this table imported under `src/` or
+/// `crates/controller/src/` must be granted.
 const KNOWN_KINDS: &[(&str, &str, &str)] = &[
     ("Secret", "", "secrets"),
     ("ConfigMap", "", "configmaps"),
@@ -143,10 +147,12 @@ fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Kinds of [`KNOWN_KINDS`] that `src/` imports from `k8s_openapi::api`.
+/// Kinds of [`KNOWN_KINDS`] that `src/` or the controller crate imports
+/// from `k8s_openapi::api`.
 fn kinds_used_by_the_crate() -> BTreeSet<&'static str> {
     let mut files = Vec::new();
     rust_sources(&root().join("src"), &mut files);
+    rust_sources(&root().join("crates/controller/src"), &mut files);
     let mut used = BTreeSet::new();
     for file in files {
         let text = read(&file);

@@ -705,6 +705,8 @@ async fn a_failing_slice_aborts_without_stamping_and_a_resume_completes(level: S
     assert_eq!(cursor, third);
     repair_window(&client).await;
     let resume = Resume {
+        from: support::engine::planned_from(&events).unwrap(),
+        database: None,
         cursor,
         slices_processed: processed,
         rows_touched: rows,
@@ -748,8 +750,12 @@ async fn resume_from_a_cursor_gives_the_same_table_as_a_full_run(level: SchemaLe
     let cancel = CancellationToken::new();
     let token = cancel.clone();
     let mut last = None;
+    let mut from = None;
     let database = Database::parse(part_db.url()).unwrap();
     let result = engine::run(&database, &Options::default(), &cancel, &mut |e| {
+        if let Event::Planned { from: f, .. } = e {
+            from = Some(*f);
+        }
         if let Event::SliceDone {
             slices_processed,
             rows_touched,
@@ -758,6 +764,8 @@ async fn resume_from_a_cursor_gives_the_same_table_as_a_full_run(level: SchemaLe
         } = e
         {
             last = Some(Resume {
+                from: from.unwrap(),
+                database: None,
                 cursor: *cursor,
                 slices_processed: *slices_processed,
                 rows_touched: *rows_touched,
@@ -1044,4 +1052,92 @@ async fn wait_for(mut cond: impl FnMut() -> bool) {
     })
     .await
     .expect("condition not reached within 30s");
+}
+
+/// A resume point is used only by the walk it belongs to: the same start,
+/// the same database. Otherwise the walk starts over and says why.
+#[tokio::test]
+async fn a_resume_from_another_walk_or_database_is_not_used() {
+    let (db, client) = with_history(SchemaLevel::HourlyPipeline, small()).await;
+    let (first, events) = run(&db, always()).await;
+    first.unwrap();
+    let database = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Connected { database, .. } => Some(*database),
+            _ => None,
+        })
+        .unwrap();
+    // A role without any grant sees the same identity: PUBLIC may run the
+    // control-data functions (the run itself then fails on privileges).
+    let plain = db.create_role("plain", "plain-Pw-5521", "").await;
+    let plain_db = Database::parse(&plain.url).unwrap();
+    let (_, plain_events) =
+        support::engine::run(&plain_db, &always(), &CancellationToken::new()).await;
+    let seen = plain_events.iter().find_map(|e| match e {
+        Event::Connected { database, .. } => Some(*database),
+        _ => None,
+    });
+    assert_eq!(seen, Some(database));
+    assert!(
+        database.system_identifier.is_some() && database.timeline.is_some(),
+        "{database:?}"
+    );
+    let from = support::engine::planned_from(&events).unwrap();
+    let ours = Resume {
+        from,
+        database: Some(database),
+        cursor: engine::plan::add_months(from, 2),
+        slices_processed: 2,
+        rows_touched: 10,
+    };
+    let first_slice = |events: &[Event]| {
+        events.iter().find_map(|e| match e {
+            Event::SliceStarted { slice } => Some(slice.from),
+            _ => None,
+        })
+    };
+    let cases = [
+        (
+            Resume {
+                from: engine::plan::add_months(from, -1),
+                ..ours
+            },
+            "belongs to a walk from",
+        ),
+        (
+            Resume {
+                database: Some(engine::DatabaseIdentity {
+                    database_oid: database.database_oid + 1,
+                    ..database
+                }),
+                ..ours
+            },
+            "written on another database",
+        ),
+    ];
+    for (resume, why) in cases {
+        let opts = Options {
+            resume: Some(resume),
+            ..always()
+        };
+        let (outcome, events) = run(&db, opts).await;
+        let outcome = outcome.unwrap();
+        assert_eq!(first_slice(&events), Some(from), "walked from the start");
+        assert_eq!(outcome.slices_processed, outcome.slices_total);
+        assert!(
+            outcome.warnings.iter().any(|w| w.contains(why)),
+            "{why}: {:?}",
+            outcome.warnings
+        );
+    }
+    let opts = Options {
+        resume: Some(ours),
+        ..always()
+    };
+    let (outcome, events) = run(&db, opts).await;
+    let outcome = outcome.unwrap();
+    assert_eq!(first_slice(&events), Some(ours.cursor), "resumed");
+    assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
+    assert_correct(&client).await;
 }

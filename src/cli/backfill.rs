@@ -302,7 +302,7 @@ impl Progress {
 
     pub(crate) fn on_event(&mut self, event: &Event) {
         match event {
-            Event::Connected { server_version } => {
+            Event::Connected { server_version, .. } => {
                 tracing::info!(server_version = %server_version, "connected")
             }
             Event::WaitingForLock { holder } => match holder {

@@ -54,8 +54,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 What the controller does in a watched namespace: reconcile UsageBackfills
 (finalizer by patch, status by server-side apply), read the Secrets they
-reference (by name: get only), and record Events (events.k8s.io, core as a
-fallback).
+reference (by name: get only), record Events (events.k8s.io, core as a
+fallback), and keep the walk's progress records (ConfigMaps
+usage-backfill-progress-*, read by name, written by server-side apply,
+deleted once stamped) that a recreated UsageBackfill resumes from.
 */}}
 {{- define "usage-backfill-operator.watchRules" -}}
 - apiGroups: ["usage.multica.ai"]
@@ -76,6 +78,9 @@ fallback).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch", "delete"]
 {{- end }}
 
 {{/*

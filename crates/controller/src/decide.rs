@@ -317,9 +317,13 @@ pub fn retry_due(status: &UsageBackfillStatus, backoff: Backoff) -> Option<Times
     finished.checked_add(delay).ok()
 }
 
-/// Where a status says the next attempt resumes, with the counts so far.
+/// Where a status says the next attempt resumes, with the counts so far,
+/// for the walk from `status.from` (the engine checks that the next walk
+/// starts there too).
 pub fn resume_point(status: &UsageBackfillStatus) -> Option<Resume> {
     Some(Resume {
+        from: status.from.as_ref()?.0,
+        database: None,
         cursor: status.cursor.as_ref()?.0,
         slices_processed: u64::from(status.slices_processed.unwrap_or(0)),
         rows_touched: status.rows_touched.unwrap_or(0),
@@ -479,6 +483,15 @@ mod tests {
         status::apply_event(
             &mut s,
             &engine::Event::LockAcquired { waited_ms: 0 },
+            ts(NOW),
+        );
+        status::apply_event(
+            &mut s,
+            &engine::Event::Planned {
+                from: ts("2025-12-01T00:00:00Z"),
+                to: ts("2026-06-01T00:00:00Z"),
+                slices_total: 6,
+            },
             ts(NOW),
         );
         status::apply_event(
@@ -645,6 +658,8 @@ mod tests {
             assert_eq!(
                 got.resume,
                 Some(Resume {
+                    from: ts("2025-12-01T00:00:00Z"),
+                    database: None,
                     cursor: ts("2026-02-01T00:00:00Z"),
                     slices_processed: 2,
                     rows_touched: 90

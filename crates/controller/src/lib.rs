@@ -22,6 +22,8 @@
 //! - [`health`]: `/healthz`, `/readyz` and `/metrics`.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`leader`]: leader election on a Lease.
+//! - [`progress`]: the walk's progress record per database (a ConfigMap),
+//!   which a recreated object resumes from.
 //!
 //! On SIGTERM the controllers stop taking work, then every run is cancelled
 //! (lock 4246 released, nothing stamped), saves its status with the cursor
@@ -43,6 +45,7 @@ pub mod health;
 pub mod inputs;
 pub mod leader;
 pub mod metrics;
+pub mod progress;
 pub mod reconcile;
 pub mod runner;
 pub mod status;

@@ -16,12 +16,14 @@ use super::decide::{self, Action, Identity, Observed, SecretLookup, TaskView};
 use super::errors::{Error, Result};
 use super::events::EventReason;
 use super::inputs::{self, Inputs};
+use super::progress;
 use super::runner::{CancelReason, ObjectKey, RunSpec};
 use super::status;
 use super::writes;
 use usage_backfill_api::{
     ConditionStatus, ConditionType, Phase, UsageBackfill, UsageBackfillStatus as Status,
 };
+use usage_backfill_engine::Resume;
 
 /// Reconciles one UsageBackfill; the entry point of the controller.
 pub async fn reconcile(obj: Arc<UsageBackfill>, ctx: Arc<Context>) -> Result<Requeue> {
@@ -273,7 +275,15 @@ impl Act<'_> {
                 name: self.key.name.clone(),
                 source,
             })?;
-        let options = inputs::options(&valid, &self.ctx.settings.session_settings, start.resume);
+        let target = database.target();
+        // A run without a cursor of its own continues the progress another
+        // object left for this database, if any (see `progress`).
+        let offered = match start.resume {
+            None if !valid.dry_run => self.offered_progress(&target).await,
+            _ => None,
+        };
+        let resume = start.resume.or(offered.as_ref().map(|(r, _)| *r));
+        let options = inputs::options(&valid, &self.ctx.settings.session_settings, resume);
         let mut new = status::starting(
             self.status,
             self.identity,
@@ -282,6 +292,9 @@ impl Act<'_> {
             &options.effective_settings(),
             self.now,
         );
+        if let Some((_, note)) = &offered {
+            status::offered_progress(&mut new, note, self.now);
+        }
         new.secret_digest = Some(digest.clone());
         self.write_status(&new).await?;
         let note = new.message(ConditionType::Reconciling);
@@ -291,7 +304,18 @@ impl Act<'_> {
             .publish(&regarding, EventReason::Started, note)
             .await;
         tracing::info!(object = %self.key, attempt = start.attempt, kind = ?start.kind,
-            resume = ?start.resume.map(|r| r.cursor), "starting a run");
+            resume = ?resume.map(|r| r.cursor), "starting a run");
+        let (mode, months_back) = progress::plan_of(&options.mode);
+        let progress = (!valid.dry_run).then(|| progress::Plan {
+            target,
+            mode,
+            months_back,
+            writer: progress::Writer {
+                namespace: self.key.namespace.clone(),
+                name: self.key.name.clone(),
+                uid: self.obj.uid().unwrap_or_default(),
+            },
+        });
         self.ctx.runner.start(RunSpec {
             key: self.key.clone(),
             identity: self.identity.clone(),
@@ -301,7 +325,31 @@ impl Act<'_> {
             status: new,
             max_attempts: start.max_attempts,
             redactor: inputs.redactor,
+            progress,
         });
         Ok(())
+    }
+
+    /// The resume the progress record of `target` offers, with how the
+    /// status names it. A record that is missing, unreadable, expired or
+    /// for another target offers none: the run walks from the start.
+    async fn offered_progress(&self, target: &str) -> Option<(Resume, String)> {
+        let records = progress::Records::new(self.ctx.client.clone(), &self.key.namespace);
+        let record = match records.read(target).await {
+            Ok(record) => record?,
+            Err(e) => {
+                tracing::warn!(object = %self.key, error = %e,
+                    "cannot read the progress record; walking from the start");
+                return None;
+            }
+        };
+        match progress::offer(&record, target, Timestamp::now()) {
+            Ok(resume) => Some((resume, record.describe())),
+            Err(why) => {
+                tracing::info!(object = %self.key, writer = %record.writer, reason = %why,
+                    "the progress record is not used; walking from the start");
+                None
+            }
+        }
     }
 }

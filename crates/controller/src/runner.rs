@@ -14,6 +14,10 @@
 //! (the object is going, or the next run writes its own); shutdown writes
 //! the status as it stands, phase included, so that the next controller
 //! resumes from the cursor.
+//!
+//! Beside the status, a run keeps its database's progress record
+//! ([`progress`]) at the same points, once more when it ends unstamped
+//! (whatever the reason), and deletes it when it stamps.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -32,6 +36,7 @@ use tracing::Instrument;
 use super::decide::{self, AfterFailure, Backoff, Identity, TaskView};
 use super::events::{EventReason, Publisher};
 use super::metrics::{Metrics, RunOutcome};
+use super::progress::{self, Keeper};
 use super::status::{self, Change, Redactor};
 use super::writes::{self, Guarded};
 use usage_backfill_api::{ConditionType, UsageBackfill, UsageBackfillStatus as Status};
@@ -108,6 +113,8 @@ pub struct RunSpec {
     pub status: Status,
     pub max_attempts: u32,
     pub redactor: Redactor,
+    /// The progress record to keep; None for a dry run.
+    pub progress: Option<progress::Plan>,
 }
 
 /// The run tasks of this process. Cheap to clone.
@@ -389,8 +396,20 @@ async fn run(
             engine::run(db, opts, &cancel, &mut on_event).await
         }
     };
-    let writer = report_progress(inner, &api, &spec, &mut desired, &mut rx);
+    let mut keeper = spec
+        .progress
+        .clone()
+        .map(|plan| Keeper::new(inner.client.clone(), &spec.key.namespace, plan));
+    let writer = report_progress(inner, &api, &spec, &mut desired, &mut keeper, &mut rx);
     let (result, ()) = tokio::join!(engine_run, writer);
+    // Before the finalizer goes: whoever recreates the object finds the
+    // last committed cursor, or no record once the watermark is stamped.
+    if let Some(keeper) = &mut keeper {
+        match &result {
+            Ok(outcome) if outcome.watermark_stamped => keeper.stamped().await,
+            _ => keeper.save(&desired).await,
+        }
+    }
 
     let why = inner.cancel_reason(&spec.key);
     let now = Timestamp::now();
@@ -536,6 +555,7 @@ async fn report_progress(
     api: &Api<UsageBackfill>,
     spec: &RunSpec,
     desired: &mut Status,
+    keeper: &mut Option<Keeper>,
     rx: &mut mpsc::UnboundedReceiver<Event>,
 ) {
     let settings = &inner.settings;
@@ -562,6 +582,9 @@ async fn report_progress(
                     }
                     _ => {}
                 }
+                if let Some(keeper) = keeper.as_mut() {
+                    keeper.observe(&event);
+                }
                 let change = status::apply_event(desired, &event, Timestamp::now());
                 if let Event::WaitingForLock { .. } = event {
                     let note = desired.message(ConditionType::Reconciling);
@@ -571,7 +594,10 @@ async fn report_progress(
             }
             _ = ticker.tick() => throttle.on_tick(Instant::now()),
         };
-        if write && !orphaned {
+        if !write {
+            continue;
+        }
+        if !orphaned {
             let now = Timestamp::now();
             status::heartbeat(desired, now);
             let uid = spec.regarding.uid.as_deref();
@@ -580,13 +606,18 @@ async fn report_progress(
                 Ok(Guarded::Written | Guarded::Deleting) => {}
                 Ok(outcome) => {
                     tracing::warn!(object = %spec.key, ?outcome,
-                        "the run's object is gone or was replaced; the run writes no more");
+                        "the run's object is gone or was replaced; its status gets no more writes");
                     orphaned = true;
                 }
                 Err(e) => tracing::warn!(object = %spec.key, error = %e, "cannot write progress"),
             }
-            throttle.written(Instant::now());
         }
+        // The record also once the object is gone: its slices are
+        // committed all the same, and a recreated object resumes from them.
+        if let Some(keeper) = keeper.as_mut() {
+            keeper.save(desired).await;
+        }
+        throttle.written(Instant::now());
     }
 }
 

@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::decide::{Identity, SecretProblem, Start, StartKind};
 use usage_backfill_api::{
-    BackfillResult, PerformanceStatus, Phase, Reason, RunState, SpecError,
+    BackfillResult, ConditionType, PerformanceStatus, Phase, Reason, RunState, SpecError,
     UsageBackfillStatus as Status,
 };
 use usage_backfill_engine::{self as engine, Event, Outcome};
@@ -244,6 +244,13 @@ pub fn starting(
     s
 }
 
+/// A starting status whose run is offered the progress another object
+/// left for its database (`note`, [`crate::progress::Record::describe`]).
+pub fn offered_progress(s: &mut Status, note: &str, now: Timestamp) {
+    let message = format!("{}, {note}", s.message(ConditionType::Reconciling));
+    record(s, RunState::Starting, &message, now);
+}
+
 /// How much an engine event changed the status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Change {
@@ -292,6 +299,13 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             slices_total,
         } => {
             s.lock_holder = None;
+            // Another start than the cursor's walk: the engine did not use
+            // that cursor, and the slices before it are not this walk's.
+            if s.from.as_ref().is_some_and(|f| f.0 != *from) {
+                s.cursor = None;
+                s.slices_processed = None;
+                s.rows_touched = None;
+            }
             s.from = Some(time(*from));
             s.to = Some(time(*to));
             let done = s.slices_processed.unwrap_or(0);
@@ -742,6 +756,41 @@ mod tests {
     }
 
     #[test]
+    fn a_walk_from_another_start_drops_the_old_cursor_and_counts() {
+        let plan = |from: &str| Event::Planned {
+            from: ts(from),
+            to: ts("2026-05-10T11:00:00Z"),
+            slices_total: 5,
+        };
+        let mut s = started();
+        apply_event(&mut s, &plan("2026-01-01T00:00:00Z"), ts(T0));
+        apply_event(&mut s, &slice_done(2, "2026-03-01T00:00:00Z"), ts(T0));
+        // The same start again (a retry the engine resumes): kept.
+        apply_event(&mut s, &plan("2026-01-01T00:00:00Z"), ts(T1));
+        assert_eq!(s.cursor, Some(time(ts("2026-03-01T00:00:00Z"))));
+        assert_eq!(s.progress.as_deref(), Some("2/5"));
+        // An older event moved the start back: the engine walks from it,
+        // and a cursor of the other walk must not outlive the plan.
+        apply_event(&mut s, &plan("2025-12-01T00:00:00Z"), ts(T1));
+        assert_eq!(s.cursor, None);
+        assert_eq!(
+            (s.progress.as_deref(), s.rows_touched),
+            (Some("0/5"), Some(0))
+        );
+    }
+
+    #[test]
+    fn an_offered_progress_is_named_in_the_starting_message() {
+        let mut s = started();
+        offered_progress(&mut s, "resuming at 2026-03-01T00:00:00Z with …", ts(T0));
+        assert_eq!(s.phase, Some(Phase::Pending));
+        assert_eq!(
+            s.message(ConditionType::Reconciling),
+            "starting attempt 1 of 3, resuming at 2026-03-01T00:00:00Z with …"
+        );
+    }
+
+    #[test]
     fn success_is_ready_without_reconciling_or_stalled() {
         let mut s = started();
         apply_event(&mut s, &slice_done(2, "2026-03-01T00:00:00Z"), ts(T0));
@@ -1023,6 +1072,12 @@ mod tests {
     #[test]
     fn retries_and_restarts_keep_counts_new_runs_reset_them() {
         let mut s = started();
+        let planned = Event::Planned {
+            from: ts("2026-01-01T00:00:00Z"),
+            to: ts("2026-05-10T11:00:00Z"),
+            slices_total: 3,
+        };
+        apply_event(&mut s, &planned, ts(T0));
         apply_event(&mut s, &slice_done(2, "2026-03-01T00:00:00Z"), ts(T0));
         let resume = decide::resume_point(&s);
         let retry = Start {

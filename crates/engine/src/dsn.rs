@@ -260,6 +260,34 @@ impl Database {
         )
     }
 
+    /// `host:port[,host:port…]/dbname`: where sessions go, without the user
+    /// or the password. The dbname is as the server resolves it (the
+    /// user's name when none is given).
+    pub fn target(&self) -> String {
+        let ports = self.config.get_ports();
+        let hosts: Vec<String> = self
+            .config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                };
+                // One port for every host, or one per host (libpq's rule).
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                format!("{host}:{port}")
+            })
+            .collect();
+        let dbname = self
+            .config
+            .get_dbname()
+            .or(self.config.get_user())
+            .unwrap_or("?");
+        format!("{}/{dbname}", hosts.join(","))
+    }
+
     /// The password, only to scrub it out of server and driver messages.
     pub(crate) fn password(&self) -> Option<String> {
         self.config
@@ -556,6 +584,20 @@ mod tests {
         assert_eq!(db.application_name(), DEFAULT_APPLICATION_NAME);
         assert_eq!(db.connect_timeout(), DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(db.describe(), "app@localhost:5433/usage");
+    }
+
+    #[test]
+    fn the_target_names_hosts_ports_and_database_never_the_user_or_password() {
+        let url = Database::parse("postgres://app:hunter22@db.example:6432/usage").unwrap();
+        assert_eq!(url.target(), "db.example:6432/usage");
+        // The same place spelled as key=value pairs, by another user.
+        let kv = Database::parse("host=db.example port=6432 dbname=usage user=other").unwrap();
+        assert_eq!(kv.target(), url.target());
+        // No dbname: the server takes the user's name.
+        let default = Database::parse("postgres://multica:pw@shop-postgres").unwrap();
+        assert_eq!(default.target(), "shop-postgres:5432/multica");
+        let several = Database::parse("host=a,b port=5432,5433 dbname=d user=u").unwrap();
+        assert_eq!(several.target(), "a:5432,b:5433/d");
     }
 
     #[test]

@@ -66,13 +66,36 @@ impl Default for Mode {
     }
 }
 
-/// Where a previous attempt stopped; counts continue from it.
+/// Where a previous attempt stopped; counts continue from it. The engine
+/// uses it only for the walk it belongs to: one starting at `from`, on the
+/// database `database` (when given); otherwise it walks from the start and
+/// says so in [`Outcome::warnings`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Resume {
+    /// Start of the walk the cursor belongs to.
+    pub from: Timestamp,
+    /// The database the slices before the cursor were committed in, when
+    /// known (a previous object's progress record); None is not checked
+    /// (an attempt resuming its own object's cursor).
+    pub database: Option<DatabaseIdentity>,
     /// Start of the first slice not yet committed.
     pub cursor: Timestamp,
     pub slices_processed: u64,
     pub rows_touched: i64,
+}
+
+/// Which database a session is on, as PostgreSQL itself tells: the
+/// cluster's `system_identifier` (made by initdb, kept by physical copies
+/// and replicas), its timeline (moved on by a point-in-time recovery and by
+/// a promotion), and the database's oid (new when a database is dropped and
+/// created again, or restored from a dump). The first two are None where
+/// the role may not run `pg_control_system()` or `pg_control_checkpoint()`
+/// (PUBLIC may by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DatabaseIdentity {
+    pub system_identifier: Option<i64>,
+    pub timeline: Option<i32>,
+    pub database_oid: u32,
 }
 
 /// How to run.
@@ -199,6 +222,7 @@ pub struct PlannedSlice {
 pub enum Event {
     Connected {
         server_version: String,
+        database: DatabaseIdentity,
     },
     WaitingForLock {
         holder: Option<LockHolder>,

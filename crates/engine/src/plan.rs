@@ -8,7 +8,7 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp, ToSpan};
 use serde::Serialize;
 
-use super::{Error, Mode, Resume, SkipReason};
+use super::{DatabaseIdentity, Error, Mode, Resume, SkipReason};
 
 /// How far behind the database clock a walk ends and its stamp puts the
 /// watermark: the reference's stamp (`now() - interval '5 minutes'`) and
@@ -181,6 +181,43 @@ pub fn slices(from: Timestamp, max_event: Timestamp, end: Timestamp) -> Vec<Slic
         });
     }
     out
+}
+
+/// Why `resume` does not belong to the walk from `from` on `database`:
+/// None when it does. Its cursor says which slices of *its* walk were
+/// committed; a walk starting elsewhere has other slices (an older event
+/// moved the start back, or another monthsBack), and another database
+/// never had them.
+pub fn resume_mismatch(
+    resume: &Resume,
+    from: Timestamp,
+    database: &DatabaseIdentity,
+) -> Option<String> {
+    if resume.from != from {
+        return Some(format!(
+            "it belongs to a walk from {}, this walk starts at {from}",
+            resume.from
+        ));
+    }
+    match &resume.database {
+        Some(theirs) if theirs != database => Some(format!(
+            "it was written on another database ({}), this session is on {}",
+            describe_identity(theirs),
+            describe_identity(database)
+        )),
+        _ => None,
+    }
+}
+
+/// `system <id>, timeline <n>, database oid <oid>`, for messages.
+pub fn describe_identity(d: &DatabaseIdentity) -> String {
+    let unknown = || "?".to_owned();
+    format!(
+        "system {}, timeline {}, database oid {}",
+        d.system_identifier.map_or_else(unknown, |s| s.to_string()),
+        d.timeline.map_or_else(unknown, |t| t.to_string()),
+        d.database_oid
+    )
 }
 
 /// Drops what a previous attempt already committed: slices ending at or
@@ -413,6 +450,8 @@ mod tests {
             walk_end(ts("2026-03-20T00:00:00Z")),
         );
         let resume = Resume {
+            from: ts("2026-01-01T00:00:00Z"),
+            database: None,
             cursor: ts("2026-02-01T00:00:00Z"),
             slices_processed: 1,
             rows_touched: 10,
@@ -432,6 +471,56 @@ mod tests {
             }
         );
         assert_eq!(resume_slices(all.clone(), None), all);
+    }
+
+    #[test]
+    fn a_resume_is_used_only_for_its_own_walk_on_its_own_database() {
+        let db = DatabaseIdentity {
+            system_identifier: Some(7_316_000_000_000_000_001),
+            timeline: Some(1),
+            database_oid: 16_384,
+        };
+        let resume = Resume {
+            from: ts("2026-01-01T00:00:00Z"),
+            database: Some(db),
+            cursor: ts("2026-03-01T00:00:00Z"),
+            slices_processed: 2,
+            rows_touched: 40,
+        };
+        let from = ts("2026-01-01T00:00:00Z");
+        assert_eq!(resume_mismatch(&resume, from, &db), None);
+        // An older event moved the start back: its slices are not ours.
+        let why = resume_mismatch(&resume, ts("2025-12-01T00:00:00Z"), &db).unwrap();
+        assert!(why.contains("walk from 2026-01-01T00:00:00Z"), "{why}");
+        // Another cluster, a recovery to another timeline, a recreated
+        // database: each is another database.
+        for other in [
+            DatabaseIdentity {
+                system_identifier: Some(1),
+                ..db
+            },
+            DatabaseIdentity {
+                timeline: Some(2),
+                ..db
+            },
+            DatabaseIdentity {
+                database_oid: 16_999,
+                ..db
+            },
+        ] {
+            let why = resume_mismatch(&resume, from, &other).unwrap();
+            assert!(why.contains("another database"), "{why}");
+        }
+        // An attempt's own cursor names no database: only the start counts.
+        let own = Resume {
+            database: None,
+            ..resume
+        };
+        let other = DatabaseIdentity {
+            database_oid: 1,
+            ..db
+        };
+        assert_eq!(resume_mismatch(&own, from, &other), None);
     }
 
     #[test]

@@ -17,7 +17,10 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::plan::{Slice, Snapshot};
-use super::{ADVISORY_LOCK_KEY, ConnectFailure, Database, Error, FutureEvents, LockHolder, Result};
+use super::{
+    ADVISORY_LOCK_KEY, ConnectFailure, Database, DatabaseIdentity, Error, FutureEvents, LockHolder,
+    Result,
+};
 
 /// How often, and how many times, a cancel request is sent before the session
 /// is given up for dead (closing it releases the lock server-side). It is
@@ -299,6 +302,35 @@ impl Session {
             .await
             .map_err(|e| self.db_error("reading the server version", &e))?;
         Ok(row.get(0))
+    }
+
+    /// Which database this session is on. The control-data functions are
+    /// optional: where EXECUTE on them is revoked (some managed services),
+    /// the database's oid is all that is known.
+    pub async fn identity(&self) -> Result<DatabaseIdentity> {
+        let database_oid: u32 = self
+            .client
+            .query_one(
+                "SELECT oid FROM pg_database WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db_error("reading the database's oid", &e))?
+            .get(0);
+        let control = self
+            .client
+            .query_one(
+                "SELECT (SELECT system_identifier FROM pg_control_system()),
+                        (SELECT timeline_id FROM pg_control_checkpoint())",
+                &[],
+            )
+            .await
+            .ok();
+        Ok(DatabaseIdentity {
+            system_identifier: control.as_ref().map(|r| r.get(0)),
+            timeline: control.as_ref().map(|r| r.get(1)),
+            database_oid,
+        })
     }
 
     /// Applies `set_config(name, value, false)` for each setting.

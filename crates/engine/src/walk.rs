@@ -12,8 +12,8 @@ use super::session::Session;
 use super::sizing::{self, Piece};
 use super::tuning::{self, TuningReport};
 use super::{
-    Database, Error, Event, MAX_PARALLELISM, Mode, Options, Outcome, Performance, PlannedSlice,
-    Result, Resume, SkipReason,
+    Database, DatabaseIdentity, Error, Event, MAX_PARALLELISM, Mode, Options, Outcome, Performance,
+    PlannedSlice, Result, Resume, SkipReason,
 };
 
 /// Runs one backfill attempt against `db`.
@@ -42,8 +42,10 @@ pub async fn run(
     let session = session?;
     // First, before any other statement: whether lock 4246 can work at all.
     let (pinned_pid, pin_warning) = session.check_pinned(other, db.connect_timeout()).await?;
+    let database = session.identity().await?;
     on_event(&Event::Connected {
         server_version: session.server_version().await?,
+        database,
     });
     session.apply_settings(&settings).await?;
     let mut run = Run {
@@ -55,6 +57,7 @@ pub async fn run(
         cancel,
         on_event,
         pinned_pid,
+        database,
         outcome: Outcome {
             dry_run: opts.dry_run,
             settings: settings.clone(),
@@ -79,6 +82,8 @@ struct Run<'a> {
     on_event: &'a mut (dyn FnMut(&Event) + Send),
     /// Backend pid of the session, as checked by `check_pinned`.
     pinned_pid: i32,
+    /// The database the session is on: a resume from elsewhere is not used.
+    database: DatabaseIdentity,
     outcome: Outcome,
 }
 
@@ -363,7 +368,7 @@ impl Run<'_> {
         let max_event = snap.max_event.expect("a walk is only decided on history");
         let end = plan::walk_end(snap.now);
         let all = plan::slices(from, max_event, end);
-        let resume = self.opts.resume;
+        let resume = self.usable_resume(from);
         let slices = plan::resume_slices(all, resume.as_ref());
         let (historical, last) = self.size(&slices).await?;
         self.walk_pieces(from, end, historical, last, resume).await
@@ -433,6 +438,21 @@ impl Run<'_> {
             return Err(Error::Cancelled);
         }
         self.stamp(end).await
+    }
+
+    /// `opts.resume` when it belongs to this walk ([`plan::resume_mismatch`]);
+    /// otherwise the walk starts over, which is always safe, and says why.
+    fn usable_resume(&mut self, from: Timestamp) -> Option<Resume> {
+        let resume = self.opts.resume?;
+        let Some(why) = plan::resume_mismatch(&resume, from, &self.database) else {
+            return Some(resume);
+        };
+        tracing::warn!(cursor = %resume.cursor, reason = %why, "the resume point is not used; walking from the start");
+        self.outcome.warnings.push(format!(
+            "the resume point {} was not used ({why}); walked from the start",
+            resume.cursor
+        ));
+        None
     }
 
     /// Up to `n` more sessions with the run's settings. A worker that

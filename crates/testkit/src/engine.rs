@@ -32,8 +32,10 @@ pub fn always() -> Options {
     }
 }
 
-/// Where a run would resume after the last slice it reported done.
+/// Where a run would resume after the last slice it reported done (its own
+/// cursor: no database named).
 pub fn last_resume(events: &[Event]) -> Option<Resume> {
+    let from = planned_from(events)?;
     events.iter().rev().find_map(|e| match e {
         Event::SliceDone {
             cursor,
@@ -41,10 +43,20 @@ pub fn last_resume(events: &[Event]) -> Option<Resume> {
             rows_touched,
             ..
         } => Some(Resume {
+            from,
+            database: None,
             cursor: *cursor,
             slices_processed: *slices_processed,
             rows_touched: *rows_touched,
         }),
+        _ => None,
+    })
+}
+
+/// The start of the walk a run planned.
+pub fn planned_from(events: &[Event]) -> Option<jiff::Timestamp> {
+    events.iter().find_map(|e| match e {
+        Event::Planned { from, .. } => Some(*from),
         _ => None,
     })
 }
