@@ -35,8 +35,10 @@ testkit::at_both_levels!(
     a_skip_waits_for_lock_4246_and_rolls_up_what_arrived_meanwhile,
 );
 
-use support::application::{Application, TICK_PACE, catch_up, stale_buckets};
-use support::engine::{always, assert_correct};
+use support::application::{
+    Application, TICK_PACE, catch_up, fall_behind, rolled_up, stale_buckets,
+};
+use support::engine::{always, assert_correct, walk_all};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -216,67 +218,8 @@ async fn rolled_up_database(level: SchemaLevel) -> (TestDatabase, Client) {
     )
     .await
     .unwrap();
-    let (outcome, _) = support::engine::run(
-        &Database::parse(db.url()).unwrap(),
-        &always(),
-        &CancellationToken::new(),
-    )
-    .await;
-    assert!(outcome.unwrap().watermark_stamped);
+    walk_all(db.url()).await;
     (db, client)
-}
-
-/// The application paused for 40 minutes: the watermark stays where its
-/// last tick left it (set 45 minutes back), while `events` usage rows were
-/// written, dated from 39 to 10 minutes ago (updated when created), each
-/// in a bucket of its own (a model of its own). Legacy rows (no
-/// updated_at) when `legacy`. Returns their models.
-async fn paused_application(client: &Client, tag: &str, events: u32, legacy: bool) -> Vec<String> {
-    client
-        .batch_execute(
-            "UPDATE task_usage_hourly_rollup_state
-                SET watermark_at = now() - interval '45 minutes' WHERE id = 1",
-        )
-        .await
-        .unwrap();
-    let task: String = client
-        .query_one(
-            "SELECT id::text FROM agent_task_queue WHERE runtime_id IS NOT NULL ORDER BY id LIMIT 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let mut models = Vec::new();
-    for k in 0..events {
-        let model = format!("paused-{tag}-{k}");
-        let minutes_ago = f64::from(10 + (29 * k) / events.max(1));
-        client
-            .execute(
-                "INSERT INTO task_usage (task_id, provider, model, input_tokens, output_tokens,
-                                         created_at, updated_at)
-                 SELECT $1::text::uuid, 'paused', $2, 100, 10, t, CASE WHEN $4 THEN NULL ELSE t END
-                   FROM (SELECT now() - $3::float8 * interval '1 minute' AS t) m",
-                &[&task, &model, &minutes_ago, &legacy],
-            )
-            .await
-            .unwrap();
-        models.push(model);
-    }
-    models
-}
-
-/// How many of `models` have their bucket in the hourly table.
-async fn rolled_up(client: &Client, models: &[String]) -> usize {
-    let n: i64 = client
-        .query_one(
-            "SELECT count(*) FROM task_usage_hourly WHERE model = ANY($1)",
-            &[&models],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    n as usize
 }
 
 /// Every GitOps sync runs the hook in `IfLagging` mode; after a pause of
@@ -291,8 +234,7 @@ async fn every_sync_rolls_up_to_its_stamp_beside_the_writing_application(level: 
     let app = Application::start(db.url(), 7).await;
     for sync in 0..3 {
         let paused = app.pause_ticks().await;
-        let models = paused_application(&client, &sync.to_string(), 4, false).await;
-        let before = fixture::watermark(&client).await.unwrap().unwrap();
+        let (before, models) = fall_behind(&client, &sync.to_string(), 4).await;
         let (outcome, _) = support::engine::run(
             &database,
             &engine::Options::default(),

@@ -27,15 +27,15 @@ use usage_backfill_testkit as support;
 
 use std::time::Duration;
 
-use jiff::Timestamp;
 use tokio_postgres::Client;
 use usage_backfill_api::{BackfillResult, Phase, SkipReason, TuningPreset, UsageBackfillStatus};
-use usage_backfill_engine::{CancellationToken, Database};
 use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_testkit::{self as testkit, SchemaLevel, TestDatabase};
 
-use support::application::{Application, TICK_PACE, catch_up, stale_buckets};
-use support::engine::{always, assert_correct};
+use support::application::{
+    Application, TICK_PACE, catch_up, fall_behind, rolled_up, stale_buckets,
+};
+use support::engine::{assert_correct, walk_all};
 use support::harness::{Harness, NS, UsageBackfillBuilder};
 use support::instrument::{Call, calls, instrument, slow_window};
 use support::status::secs;
@@ -114,7 +114,7 @@ async fn the_upgrade_lifecycle_loses_nothing_and_leaves_nothing_stuck(level: Sch
     let pg1 = db1.client().await;
     fixture::install_at(&pg1, level).await.unwrap();
     fixture::generate(&pg1, &history(6)).await.unwrap();
-    walk_all(&db1).await;
+    walk_all(db1.url()).await;
     instrument(&pg1).await;
     let shop = Release {
         name: "shop",
@@ -129,9 +129,14 @@ async fn the_upgrade_lifecycle_loses_nothing_and_leaves_nothing_stuck(level: Sch
     // 2. Syncs: each recreates the hook; the ticks fell behind before each.
     for sync in 0..3 {
         let paused = app.pause_ticks().await;
-        let before = fall_behind(&shop.pg).await;
+        let (before, models) = fall_behind(&shop.pg, &format!("sync-{sync}"), 4).await;
         recreate(&h, shop.hook("shop-sync", &format!("sync-{sync}"))).await;
         let done = finished(&h, shop_hook).await;
+        assert_eq!(
+            rolled_up(&shop.pg, &models).await,
+            4,
+            "sync {sync}: before any tick"
+        );
         drop(paused);
         assert_eq!(
             done.skipped,
@@ -191,7 +196,7 @@ async fn the_upgrade_lifecycle_loses_nothing_and_leaves_nothing_stuck(level: Sch
     // 5. A rollback runs no hook: nothing changes for the object; then
     //    another upgrade, a skip.
     let paused = app.pause_ticks().await;
-    fall_behind(&shop.pg).await;
+    fall_behind(&shop.pg, "upgrade-3", 4).await;
     recreate(&h, shop.hook("shop-upgrade", "upgrade-3")).await;
     let done = finished(&h, shop_hook).await;
     drop(paused);
@@ -240,46 +245,6 @@ fn history(months: u32) -> HistorySpec {
         dirty_queue_entries: 0,
         ..HistorySpec::default()
     }
-}
-
-/// One full walk and stamp, standing for the application's ticks since
-/// its history began.
-async fn walk_all(db: &TestDatabase) {
-    let (outcome, _) = support::engine::run(
-        &Database::parse(db.url()).unwrap(),
-        &always(),
-        &CancellationToken::new(),
-    )
-    .await;
-    assert!(outcome.unwrap().watermark_stamped);
-}
-
-/// The application paused for 40 minutes: its watermark stays 45 minutes
-/// back while four events are written, dated 10 to 39 minutes ago. The
-/// watermark before.
-async fn fall_behind(pg: &Client) -> Timestamp {
-    let wm: Timestamp = pg
-        .query_one(
-            "UPDATE task_usage_hourly_rollup_state
-                SET watermark_at = now() - interval '45 minutes' WHERE id = 1
-             RETURNING watermark_at",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    pg.batch_execute(
-        "INSERT INTO task_usage (task_id, provider, model, input_tokens, output_tokens,
-                                 created_at, updated_at)
-         SELECT q.id, 'paused', 'paused-' || gen_random_uuid(), 100, 10, t.at, t.at
-           FROM (SELECT id FROM agent_task_queue WHERE runtime_id IS NOT NULL
-                  ORDER BY id LIMIT 1) q,
-                (SELECT now() - m * interval '1 minute' AS at
-                   FROM unnest(ARRAY[10, 19, 29, 39]) m) t",
-    )
-    .await
-    .unwrap();
-    wm
 }
 
 /// The upgrade to a version that brings the hourly rollup: its table

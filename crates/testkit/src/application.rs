@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use jiff::Timestamp;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{Mutex, MutexGuard};
@@ -402,4 +403,59 @@ pub async fn stale_buckets(client: &Client) -> (i64, i64) {
         .await
         .unwrap();
     (row.get(0), row.get(1))
+}
+
+/// The application paused for 40 minutes: its watermark stays where its
+/// last tick left it (set 45 minutes back) while `events` usage rows are
+/// written, dated from 39 to 10 minutes ago (updated when created), each
+/// in a bucket of its own (a model of its own, named after `tag`). Returns
+/// the watermark and the models.
+pub async fn fall_behind(pg: &Client, tag: &str, events: u32) -> (Timestamp, Vec<String>) {
+    let watermark: Timestamp = pg
+        .query_one(
+            "UPDATE task_usage_hourly_rollup_state
+                SET watermark_at = now() - interval '45 minutes' WHERE id = 1
+             RETURNING watermark_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let task: String = pg
+        .query_one(
+            "SELECT id::text FROM agent_task_queue WHERE runtime_id IS NOT NULL ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut models = Vec::new();
+    for k in 0..events {
+        let model = format!("paused-{tag}-{k}");
+        let minutes_ago = f64::from(10 + (29 * k) / events.max(1));
+        pg.execute(
+            "INSERT INTO task_usage (task_id, provider, model, input_tokens, output_tokens,
+                                     created_at, updated_at)
+             SELECT $1::text::uuid, 'paused', $2, 100, 10, t, t
+               FROM (SELECT now() - $3::float8 * interval '1 minute' AS t) m",
+            &[&task, &model, &minutes_ago],
+        )
+        .await
+        .unwrap();
+        models.push(model);
+    }
+    (watermark, models)
+}
+
+/// How many of `models` have a bucket in the hourly table.
+pub async fn rolled_up(pg: &Client, models: &[String]) -> usize {
+    let n: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM task_usage_hourly WHERE model = ANY($1)",
+            &[&models],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    n as usize
 }

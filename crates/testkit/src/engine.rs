@@ -75,3 +75,15 @@ pub async fn assert_correct(client: &Client) {
         "the migration guard refuses"
     );
 }
+
+/// One full walk and stamp of the database at `url` (an `Always` run),
+/// standing for the application's ticks since its history began.
+pub async fn walk_all(url: &str) {
+    let (outcome, _) = run(
+        &Database::parse(url).unwrap(),
+        &always(),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(outcome.unwrap().watermark_stamped);
+}
