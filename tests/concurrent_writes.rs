@@ -36,7 +36,7 @@ testkit::at_both_levels!(
 );
 
 use support::application::{
-    Application, TICK_PACE, catch_up, fall_behind, rolled_up, stale_buckets,
+    Application, TICK_PACE, a_task, catch_up, fall_behind, rolled_up, stale_buckets,
 };
 use support::engine::{always, assert_correct, walk_all};
 
@@ -357,14 +357,7 @@ async fn run_while_locked(
     let waited = matches!(tokio::time::timeout(WAIT, waiting_rx).await, Ok(Ok(())));
     let mut models = Vec::new();
     if waited {
-        let task: String = client
-            .query_one(
-                "SELECT id::text FROM agent_task_queue WHERE runtime_id IS NOT NULL ORDER BY id LIMIT 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let task = a_task(client).await;
         for k in 0..3 {
             let model = format!("waited-{tag}-{k}");
             client

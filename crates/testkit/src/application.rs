@@ -421,14 +421,7 @@ pub async fn fall_behind(pg: &Client, tag: &str, events: u32) -> (Timestamp, Vec
         .await
         .unwrap()
         .get(0);
-    let task: String = pg
-        .query_one(
-            "SELECT id::text FROM agent_task_queue WHERE runtime_id IS NOT NULL ORDER BY id LIMIT 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let task = a_task(pg).await;
     let mut models = Vec::new();
     for k in 0..events {
         let model = format!("paused-{tag}-{k}");
@@ -458,4 +451,15 @@ pub async fn rolled_up(pg: &Client, models: &[String]) -> usize {
         .unwrap()
         .get(0);
     n as usize
+}
+
+/// A task whose usage rolls up (it has a runtime): the first by id.
+pub async fn a_task(pg: &Client) -> String {
+    pg.query_one(
+        "SELECT id::text FROM agent_task_queue WHERE runtime_id IS NOT NULL ORDER BY id LIMIT 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
