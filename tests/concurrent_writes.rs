@@ -1,4 +1,5 @@
-//! Gap 5: a backfill beside the running application loses no update.
+//! The last-slice drain and the blind skip stamp (docs/contract.md): a
+//! backfill beside the running application loses no update.
 //!
 //! The application keeps writing while a backfill runs (a pre-upgrade hook
 //! runs while the old version still serves): usage rows are inserted,

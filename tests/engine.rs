@@ -832,7 +832,7 @@ async fn row_updated_in_a_later_month_is_counted(level: SchemaLevel) {
     assert_correct(&client).await;
 }
 
-/// Gap 3: a row whose updated_at precedes the month of MIN(created_at).
+/// Early updates: a row whose updated_at precedes the month of MIN(created_at).
 async fn walk_starts_at_the_earliest_of_created_and_updated(level: SchemaLevel) {
     let db = testkit::fresh_database_at(level).await;
     let client = db.client().await;
@@ -878,7 +878,7 @@ async fn stale_bucket_queued_now(client: &tokio_postgres::Client) -> Timestamp {
     now
 }
 
-/// Gap 4: the newest event is months old, but keys queued since (deletes,
+/// The stranded queue: the newest event is months old, but keys queued since (deletes,
 /// re-attributions; here ten minutes ago) must be drained by the backfill.
 async fn dirty_queue_is_drained_up_to_now(level: SchemaLevel) {
     let db = testkit::fresh_database_at(level).await;
@@ -901,7 +901,7 @@ async fn dirty_queue_is_drained_up_to_now(level: SchemaLevel) {
     assert_correct(&client).await;
 }
 
-/// Gaps 4 and 5, during the run: a key queued after the run read the clock
+/// The stranded queue and the last-slice drain, during the run: a key queued after the run read the clock
 /// (a delete committed while the walk goes on) is not drained by the walk,
 /// whose last window ends five minutes before that reading, as the tick's
 /// does; it stays queued, after the stamped watermark, and the
@@ -936,7 +936,7 @@ async fn a_key_queued_while_the_run_goes_on_is_left_for_the_tick(level: SchemaLe
     assert_correct(&client).await;
 }
 
-/// Gap 2: future-dated rows are reported precisely and nothing is walked
+/// Future-dated events: reported precisely and nothing is walked
 /// (a walk could never satisfy the guard, so retries would loop).
 async fn future_dated_events_are_refused_with_a_precise_message(level: SchemaLevel) {
     let (db, client) = with_history(level, small()).await;
@@ -977,7 +977,7 @@ async fn future_dated_events_are_refused_with_a_precise_message(level: SchemaLev
     assert!(outcome.watermark_stamped);
 }
 
-/// Gap 1: session settings reach the backfill's own session only, and the
+/// The nested-loop recompute: session settings reach the backfill's own session only, and the
 /// result is the same.
 async fn session_settings_apply_to_the_backfill_session(level: SchemaLevel) {
     let spec = HistorySpec {

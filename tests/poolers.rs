@@ -1,4 +1,4 @@
-//! Connection poolers (issue 15), against a real PgBouncer in front of the
+//! Connection poolers, against a real PgBouncer in front of the
 //! harness's PostgreSQL: transaction (and statement) pooling is refused
 //! before anything is written, with a small pool (the same server
 //! connection comes back) and a larger one; session pooling runs a full

@@ -1,5 +1,5 @@
 //! The backfill engine: drives the application's rollup pipeline in
-//! PostgreSQL exactly as the reference does (`../shared/contract.md`), and
+//! PostgreSQL exactly as the reference does (`docs/contract.md`), and
 //! closes the reference's known gaps. It knows nothing of Kubernetes: the
 //! controller and the CLI both call [`run`].
 //!
@@ -110,7 +110,8 @@ pub struct Options {
     /// statement_timeout for each window call; None means no limit.
     pub slice_timeout: Option<Duration>,
     /// Session settings (`set_config(name, value, false)`) for the
-    /// backfill's own session only, e.g. planner settings (gap 1).
+    /// backfill's own session only, e.g. planner settings (against the
+    /// nested-loop recompute).
     pub session_settings: Vec<(String, String)>,
     pub resume: Option<Resume>,
     /// How fast: tuning, parallel sessions, slice sizing.
@@ -198,7 +199,7 @@ pub struct LockHolder {
     pub since: Option<Timestamp>,
 }
 
-/// Rows dated beyond what a stamp made now can cover (gap 2).
+/// Rows dated beyond what a stamp made now can cover (future-dated events).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FutureEvents {
     pub rows: i64,
@@ -270,7 +271,8 @@ pub struct Outcome {
     /// The instant the walk ended at, and the watermark it stamped: the
     /// database clock read under the lock just before the last slice, minus
     /// five minutes. Writes committed while the walk ran are after it
-    /// (queued or updated later), for the application's next tick (gap 5).
+    /// (queued or updated later), for the application's next tick (the
+    /// last-slice drain).
     /// None when nothing was walked.
     pub walk_end: Option<Timestamp>,
     pub watermark_stamped: bool,

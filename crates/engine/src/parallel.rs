@@ -411,7 +411,7 @@ impl Walk<'_> {
             // read now, not at the one read before the walk: after a walk of
             // an hour, a stamp from its start would already trail the newest
             // event by more than the guard's hour (the same five minutes
-            // before the reading keep gap 5 closed).
+            // before the reading keep the last-slice drain closed).
             last.slice.to = last.slice.to.max(plan::walk_end(self.lock.clock().await?));
             end = Some(last.slice.to);
             let decided = shared.lock().unwrap().decided.clone();

@@ -31,7 +31,7 @@ pub struct Slice {
 pub struct Snapshot {
     /// Whether `task_usage_hourly_rollup_state` exists.
     pub state_table: bool,
-    /// Earliest of MIN(created_at) and MIN(updated_at) (gap 3).
+    /// Earliest of MIN(created_at) and MIN(updated_at) (early updates).
     pub min_event: Option<Timestamp>,
     /// MAX(COALESCE(updated_at, created_at)).
     pub max_event: Option<Timestamp>,
@@ -47,7 +47,8 @@ pub struct Snapshot {
 /// write committed while the walk runs (its updated_at and enqueued_at are
 /// the time its transaction began) is either seen by the walk or left,
 /// queued or after the watermark, for the application's next tick; only a
-/// transaction open for five minutes escapes, as it does the tick (gap 5).
+/// transaction open for five minutes escapes, as it does the tick (the
+/// last-slice drain).
 pub fn walk_end(now: Timestamp) -> Timestamp {
     now.checked_sub(SignedDuration::try_from(STAMP_OFFSET).unwrap())
         .unwrap_or(now)
@@ -60,7 +61,7 @@ impl Snapshot {
     }
 
     /// Events later than this instant cannot be covered by a stamp made now
-    /// while keeping the lag within `threshold` (gap 2).
+    /// while keeping the lag within `threshold` (future-dated events).
     pub fn future_horizon(&self, threshold: Duration) -> Timestamp {
         let threshold = SignedDuration::try_from(threshold).unwrap_or(SignedDuration::MAX);
         walk_end(self.now)
@@ -155,11 +156,11 @@ pub fn decide(snap: &Snapshot, mode: &Mode) -> Result<Decision, Error> {
 /// from `from` through the month of the newest event, the last one cut at
 /// `end`; when history ends in an earlier month, one tail window from there
 /// to `end`, so the dirty queue is drained up to `end` however old the
-/// newest event is (gap 4). Nothing ends after `end`: the window function
+/// newest event is (the stranded queue). Nothing ends after `end`: the window function
 /// drains the queue in a statement after its recompute, so a window ending
 /// in the future (the reference's last slice ends with the current month)
 /// drains the entries of writes committed while it recomputes without
-/// recomputing them (gap 5). Events after `end` (the last five minutes,
+/// recomputing them (the last-slice drain). Events after `end` (the last five minutes,
 /// rows dated ahead of the clock) stay after the stamped watermark, for the
 /// application's tick.
 pub fn slices(from: Timestamp, max_event: Timestamp, end: Timestamp) -> Vec<Slice> {

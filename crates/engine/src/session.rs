@@ -451,7 +451,7 @@ impl Session {
         })
     }
 
-    /// Rows whose event time lies beyond `horizon` (gap 2), if any.
+    /// Rows whose event time lies beyond `horizon` (future-dated events), if any.
     pub async fn future_events(
         &self,
         horizon: Timestamp,

@@ -75,7 +75,7 @@ pub fn by_counts(pieces: Vec<Piece>, workers: usize, hash_plans: bool) -> Vec<Pi
     // walks its calendar months: a split gains no second worker, and under
     // nested loops a call's fixed part is too small for a merge to pay. This
     // keeps `parallelism 1, tuning off` comparable to the reference, slice
-    // for slice (issue 11: within 2 %).
+    // for slice (measured within 2 %).
     if workers == 1 && !hash_plans {
         return pieces;
     }

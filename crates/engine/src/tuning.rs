@@ -1,4 +1,5 @@
-//! Planner settings for the backfill's own sessions (gap 1 of the contract).
+//! Planner settings for the backfill's own sessions (against the
+//! nested-loop recompute, `docs/contract.md`).
 //!
 //! The application's window function is not ours, its plan is: the reference
 //! runs it with the server's defaults, where the planner underestimates the

@@ -361,7 +361,8 @@ impl Run<'_> {
     }
 
     /// Walks up to the instant five minutes before the clock read under the
-    /// lock, and stamps that same instant (gap 5, [`plan::walk_end`]); the
+    /// lock, and stamps that same instant (the last-slice drain,
+    /// [`plan::walk_end`]); the
     /// last slice reads the clock again before it runs and ends there, so a
     /// long walk stamps the present.
     async fn walk_and_stamp(&mut self, from: Timestamp, snap: &Snapshot) -> Result<()> {

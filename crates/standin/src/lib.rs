@@ -5,7 +5,7 @@
 //! - [`pgbouncer`] starts a throwaway PgBouncer in front of one (tests of
 //!   connection poolers);
 //! - [`fixture`] installs the application's rollup pipeline as
-//!   `shared/contract.md` describes it, and generates synthetic history.
+//!   `docs/contract.md` describes it, and generates synthetic history.
 
 pub mod fixture;
 pub mod pgbouncer;
