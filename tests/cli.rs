@@ -626,6 +626,18 @@ async fn logs_written_to_a_file_carry_no_colour_codes() {
 // Side commands
 // ---------------------------------------------------------------------------
 
+/// The README's exit-code table is the CLI's own, word for word.
+#[test]
+fn the_readme_lists_the_exit_codes_of_the_cli() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = usage_backfill::cli::exit_codes_markdown();
+    assert!(
+        readme.contains(&table),
+        "README.md's exit-code table differs from src/cli/mod.rs EXIT_CODES; it should read:\n{table}"
+    );
+}
+
 #[tokio::test]
 async fn help_lists_the_exit_codes() {
     for args in [&["--help"][..], &["backfill", "--help"][..]] {

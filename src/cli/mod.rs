@@ -40,23 +40,66 @@ pub mod exit {
     pub const INTERRUPTED: u8 = 130;
 }
 
-const EXIT_CODES_HELP: &str = "\
-Exit codes:
-  0    success: backfilled, skipped (nothing to do) or planned (--dry-run)
-  1    retryable failure: connection lost, slice failed, database error
-  2    usage error: bad flags or values
-  3    needs attention: invalid connection string or TLS settings, rollup
-       schema missing, NULL watermark, --months-back refusal, future-dated
-       events, missing privileges
-  4    advisory lock 4246 not acquired within --lock-timeout
-  130  interrupted by SIGINT/SIGTERM (lock released, nothing stamped)";
+/// What each exit code of `backfill` means: the one source of its help
+/// text and of the README's table (a test keeps the README in step).
+pub const EXIT_CODES: [(u8, &str); 6] = [
+    (
+        exit::OK,
+        "backfilled, skipped (nothing to do) or planned (`--dry-run`)",
+    ),
+    (
+        exit::RETRYABLE,
+        "retryable failure: connection lost, slice failed, database error",
+    ),
+    (exit::USAGE, "usage error: bad flags or values"),
+    (
+        exit::NEEDS_ATTENTION,
+        "needs a person: invalid connection string or TLS settings, rollup schema missing, NULL watermark, `--months-back` refusal, future-dated events, missing privileges, a transaction-pooling connection pooler",
+    ),
+    (
+        exit::LOCK_TIMEOUT,
+        "advisory lock 4246 not acquired within `--lock-timeout`",
+    ),
+    (
+        exit::INTERRUPTED,
+        "interrupted by SIGINT/SIGTERM (lock released, nothing stamped)",
+    ),
+];
+
+/// [`EXIT_CODES`] as the help text shows them, wrapped at 78 columns.
+fn exit_codes_help() -> String {
+    let mut text = String::from("Exit codes:");
+    for (code, meaning) in EXIT_CODES {
+        let mut line = format!("\n  {code:<5}");
+        for word in meaning.replace('`', "").split(' ') {
+            if line.len() + 1 + word.len() > 78 {
+                text.push_str(&line);
+                line = format!("\n{:7}", "");
+            } else if !line.ends_with(' ') {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+        text.push_str(&line);
+    }
+    text
+}
+
+/// [`EXIT_CODES`] as the README's Markdown table.
+pub fn exit_codes_markdown() -> String {
+    let mut table = String::from("| exit code | meaning |\n|---|---|\n");
+    for (code, meaning) in EXIT_CODES {
+        table.push_str(&format!("| {code} | {meaning} |\n"));
+    }
+    table
+}
 
 #[derive(Debug, Parser)]
 #[command(
     name = "usage-backfill",
     version,
     about = "Safely runs the usage-rollup backfill of a PostgreSQL-backed application",
-    after_help = EXIT_CODES_HELP
+    after_help = exit_codes_help()
 )]
 pub struct Cli {
     /// Log format on stderr.
@@ -75,7 +118,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the backfill once against a database, then exit.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = exit_codes_help())]
     Backfill(BackfillArgs),
     /// Start a throwaway PostgreSQL with sample history, backfill it, clean up.
     Demo(DemoArgs),
