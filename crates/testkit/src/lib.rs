@@ -11,7 +11,7 @@
 //! - [`status`]: reading conditions of a UsageBackfill status;
 //! - [`tls`]: a test CA and a TLS PostgreSQL.
 //!
-//! This module owns the test harness's server and databases. With
+//! This module owns the test databases and their server. With
 //! `DATABASE_URL` set, tests use that server (its user needs CREATEDB, and
 //! CREATEROLE for [`TestDatabase::create_role`]); otherwise one
 //! [`TempPostgres`] is started lazily per test process and shared by all its
@@ -93,12 +93,12 @@ pub const KEEP_DATABASES_ENV: &str = "TESTKIT_KEEP_DATABASES";
 /// between processes sharing one `DATABASE_URL` server.
 const TESTKIT_LOCK_KEY: i64 = 0x0074_6573_746b_6974; // "testkit"
 
-static HARNESS: OnceLock<Result<Harness, String>> = OnceLock::new();
+static DATABASE_SERVER: OnceLock<Result<DatabaseServer, String>> = OnceLock::new();
 /// CREATE DATABASE … TEMPLATE calls of this process, one at a time.
 static CREATE_DATABASE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static NEXT_DATABASE: AtomicU64 = AtomicU64::new(0);
 
-struct Harness {
+struct DatabaseServer {
     /// `None` when the server comes from `DATABASE_URL`.
     server: Option<TempPostgres>,
     /// URL of the maintenance database, as a user that may create databases.
@@ -107,7 +107,7 @@ struct Harness {
     templates: Vec<String>,
 }
 
-impl Harness {
+impl DatabaseServer {
     fn template(&self, level: SchemaLevel) -> &str {
         let i = SchemaLevel::ALL
             .iter()
@@ -147,12 +147,12 @@ pub async fn fresh_database() -> TestDatabase {
 /// A new database with the fixture installed at `level`. Panics (never
 /// skips) when no server is available.
 pub async fn fresh_database_at(level: SchemaLevel) -> TestDatabase {
-    let harness = harness();
+    let server = database_server();
     let _serial = CREATE_DATABASE.lock().await;
-    let admin = connect(&harness.admin_url)
+    let admin = connect(&server.admin_url)
         .await
         .unwrap_or_else(|e| panic!("testkit: connecting to the admin database: {}", chain(&e)));
-    if harness.server.is_none() {
+    if server.server.is_none() {
         admin
             .execute("SELECT pg_advisory_lock($1)", &[&TESTKIT_LOCK_KEY])
             .await
@@ -166,10 +166,7 @@ pub async fn fresh_database_at(level: SchemaLevel) -> TestDatabase {
             std::process::id(),
             NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
         );
-        let create = format!(
-            "CREATE DATABASE {name} TEMPLATE {}",
-            harness.template(level)
-        );
+        let create = format!("CREATE DATABASE {name} TEMPLATE {}", server.template(level));
         match admin.batch_execute(&create).await {
             Ok(()) => break name,
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
@@ -179,8 +176,8 @@ pub async fn fresh_database_at(level: SchemaLevel) -> TestDatabase {
         }
     };
     TestDatabase {
-        url: with_dbname(&harness.admin_url, &name),
-        admin_url: harness.admin_url.clone(),
+        url: with_dbname(&server.admin_url, &name),
+        admin_url: server.admin_url.clone(),
         name,
         roles: Mutex::new(Vec::new()),
     }
@@ -195,13 +192,13 @@ pub async fn database_with(history: &fixture::HistorySpec) -> (TestDatabase, Cli
     (db, client)
 }
 
-/// The harness's own server, when it started one (not with `DATABASE_URL`).
+/// The test kit's own server, when it started one (not with `DATABASE_URL`).
 ///
 /// It is shared by every test of the process, which run in parallel:
 /// restarting or stopping it breaks the other tests' sessions. Fault tests
 /// that need that should start a [`TempPostgres`] of their own.
 pub fn server() -> Option<&'static TempPostgres> {
-    harness().server.as_ref()
+    database_server().server.as_ref()
 }
 
 /// A new connection to `url` (any server, e.g. a [`TempPostgres`] a fault
@@ -288,7 +285,7 @@ impl TestDatabase {
         self.url.parse().expect("testkit URLs parse")
     }
 
-    /// The harness's own server, when it started one.
+    /// The test kit's own server, when it started one.
     pub fn server(&self) -> Option<&'static TempPostgres> {
         server()
     }
@@ -344,7 +341,7 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        let external = harness_is_external();
+        let external = server_is_external();
         if std::env::var_os(KEEP_DATABASES_ENV).is_some() || (external && std::thread::panicking())
         {
             eprintln!("testkit: kept database {}", self.name);
@@ -389,32 +386,32 @@ impl Drop for TestDatabase {
     }
 }
 
-fn harness_is_external() -> bool {
-    matches!(HARNESS.get(), Some(Ok(h)) if h.server.is_none())
+fn server_is_external() -> bool {
+    matches!(DATABASE_SERVER.get(), Some(Ok(h)) if h.server.is_none())
 }
 
-fn harness() -> &'static Harness {
-    let harness = HARNESS.get_or_init(|| {
+fn database_server() -> &'static DatabaseServer {
+    let server = DATABASE_SERVER.get_or_init(|| {
         // Each #[tokio::test] has its own runtime, which dies with its test,
         // and block_on cannot run inside a runtime: build everything on a
         // plain thread with a runtime of its own. The failure is cached so
         // every test fails at once with the same message.
         std::thread::Builder::new()
             .name("testkit-init".into())
-            .spawn(init_harness)
+            .spawn(init_database_server)
             .map_err(|e| format!("testkit: spawning the init thread: {e}"))
             .and_then(|t| {
                 t.join()
                     .unwrap_or_else(|_| Err("testkit: the init thread panicked".into()))
             })
     });
-    match harness {
+    match server {
         Ok(h) => h,
         Err(message) => panic!("{message}"),
     }
 }
 
-fn init_harness() -> Result<Harness, String> {
+fn init_database_server() -> Result<DatabaseServer, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -436,7 +433,7 @@ fn init_harness() -> Result<Harness, String> {
                  their own server (needs `apt-get install postgresql-15`)."
             )
         })?;
-        return Ok(Harness {
+        return Ok(DatabaseServer {
             server: None,
             admin_url: url,
             templates,
@@ -455,7 +452,7 @@ fn init_harness() -> Result<Harness, String> {
     let admin_url = server.admin_url("postgres");
     rt.block_on(prepare_templates(&admin_url, &templates, false))
         .map_err(|e| format!("testkit: installing the fixture template: {e}"))?;
-    Ok(Harness {
+    Ok(DatabaseServer {
         server: Some(server),
         admin_url,
         templates,
