@@ -263,7 +263,7 @@ pub async fn run_with(
             // The Lease gets a client of its own with short timeouts, so
             // that a hung renewal fails fast and is retried.
             let mut lease_config = config;
-            let timeout = Some(lease.grace.max(Duration::from_secs(1)));
+            let timeout = Some(lease.request_timeout());
             lease_config.connect_timeout = timeout;
             lease_config.read_timeout = timeout;
             lease_config.write_timeout = timeout;

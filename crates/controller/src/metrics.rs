@@ -95,6 +95,7 @@ pub struct Metrics {
     lock_wait: Histogram,
     runs_active: Gauge,
     leader: Gauge,
+    leader_transitions: Counter,
     lag: Arc<ObjectGauges>,
 }
 
@@ -113,6 +114,7 @@ impl Metrics {
         let lock_wait = Histogram::new(exponential_buckets(0.01, 4.0, 10));
         let runs_active = Gauge::default();
         let leader = Gauge::default();
+        let leader_transitions = Counter::default();
         let lag = Arc::new(ObjectGauges::default());
 
         // Counters get their `_total` suffix from the encoder.
@@ -166,6 +168,11 @@ impl Metrics {
             "1 while this replica holds the leader Lease (or runs without leader election), else 0",
             leader.clone(),
         );
+        registry.register(
+            "leader_transitions",
+            "Times this replica started or stopped leading (usage_backfill_leader changed); a handover counts once on each side",
+            leader_transitions.clone(),
+        );
         registry.register_collector(Box::new(lag.clone()));
 
         // Every fixed label value from the start, so that rate() and
@@ -194,6 +201,7 @@ impl Metrics {
             lock_wait,
             runs_active,
             leader,
+            leader_transitions,
             lag,
         })
     }
@@ -248,8 +256,12 @@ impl Metrics {
         self.runs_active.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// Whether this replica leads; a change is counted as a transition.
     pub fn set_leader(&self, leading: bool) {
-        self.leader.set(i64::from(leading));
+        let before = self.leader.set(i64::from(leading));
+        if before != i64::from(leading) {
+            self.leader_transitions.inc();
+        }
     }
 
     /// The caches the lag gauge is read from (the current leadership
@@ -373,6 +385,7 @@ mod tests {
         assert!(text.contains("usage_backfill_runs_total{outcome=\"dry_run\"} 0\n"));
         assert!(text.contains("# TYPE usage_backfill_run_duration_seconds histogram\n"));
         assert!(text.contains("usage_backfill_leader 0\n"));
+        assert!(text.contains("usage_backfill_leader_transitions_total 0\n"));
         assert!(!text.contains("watermark_lag"), "no objects, no series");
         assert!(!text.contains("# EOF"), "Prometheus text, not OpenMetrics");
     }
@@ -391,6 +404,7 @@ mod tests {
         m.lock_acquired(Duration::from_millis(20));
         m.set_runs_active(2);
         m.set_leader(true);
+        m.set_leader(true);
         let text = m.encode();
         for line in [
             "usage_backfill_runs_total{outcome=\"retry\"} 1\n",
@@ -404,6 +418,7 @@ mod tests {
             "usage_backfill_lock_wait_seconds_count 1\n",
             "usage_backfill_runs_active 2\n",
             "usage_backfill_leader 1\n",
+            "usage_backfill_leader_transitions_total 1\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }
