@@ -89,6 +89,7 @@ pub fn settings() -> Settings {
         observe_interval: Duration::from_secs(60),
         secret_recheck_interval: Duration::from_secs(60),
         cancel_recheck_interval: Duration::from_millis(100),
+        refused_recheck_interval: Duration::from_secs(60),
         watch_secrets: false,
     }
 }
@@ -203,6 +204,23 @@ pub enum Outage {
     Forbid,
 }
 
+/// Which writes of a UsageBackfill [`FakeApiServer::refuse_writes`]
+/// refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Writes of the `status` subresource.
+    Status,
+    /// Writes of the main resource (the finalizer's merge patches).
+    Object,
+}
+
+/// A refusal to come: which writes, how many more, the causes.
+struct Refusal {
+    which: Refused,
+    left: usize,
+    causes: Vec<(String, String)>,
+}
+
 #[derive(Default)]
 struct State {
     objects: BTreeMap<Key, Value>,
@@ -229,6 +247,8 @@ struct State {
     next_page: u64,
     /// Answer this many status writes of this phase with a 500.
     fail_status_writes: Option<(String, usize)>,
+    /// Answer writes with a 422 Invalid.
+    refusal: Option<Refusal>,
     /// The RBAC mode of the operator's Secret access.
     secret_access: rbac::SecretAccess,
 }
@@ -493,6 +513,22 @@ impl FakeApiServer {
     /// Answer the next `count` status writes of `phase` with a 500.
     pub fn fail_status_writes(&self, phase: &str, count: usize) {
         self.state().fail_status_writes = Some((phase.to_owned(), count));
+    }
+
+    /// Answer the next `count` writes of `which` with the 422 Invalid a
+    /// Kubernetes without validation ratcheting (before 1.30) gives every
+    /// write to an object stored before a rule it breaks: a Status of
+    /// reason Invalid, one cause per `(field, message)`, and the message
+    /// kube-apiserver builds from them. Nothing is stored.
+    pub fn refuse_writes(&self, which: Refused, count: usize, causes: &[(&str, &str)]) {
+        self.state().refusal = Some(Refusal {
+            which,
+            left: count,
+            causes: causes
+                .iter()
+                .map(|(f, m)| ((*f).to_owned(), (*m).to_owned()))
+                .collect(),
+        });
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -946,6 +982,23 @@ impl FakeApiServer {
                 if resource == "usagebackfills" =>
             {
                 let status_write = sub.is_some();
+                let which = if status_write {
+                    Refused::Status
+                } else {
+                    Refused::Object
+                };
+                if let Some(refusal) = &mut st.refusal
+                    && refusal.which == which
+                    && refusal.left > 0
+                {
+                    refusal.left -= 1;
+                    let causes: Vec<(&str, &str)> = refusal
+                        .causes
+                        .iter()
+                        .map(|(f, m)| (f.as_str(), m.as_str()))
+                        .collect();
+                    return invalid(name, &causes);
+                }
                 if status_write {
                     let phase = r.body.as_ref().and_then(|b| b["status"]["phase"].as_str());
                     if let Some((failing, left)) = &mut st.fail_status_writes
