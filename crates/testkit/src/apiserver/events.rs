@@ -33,7 +33,7 @@ struct Internal<'a> {
 
 fn internal<'a>(ev: &'a Value, namespace: &'a str, strict: bool) -> Internal<'a> {
     let s = |v: &'a Value| v.as_str().unwrap_or_default();
-    let set = |v: &Value| !v.is_null() && *v != Value::from(0) && *v != Value::from("");
+    let set = |v: &Value| !v.is_null() && *v != 0 && *v != "";
     let (involved, message, first, last, count, source) = if strict {
         (
             &ev["regarding"],
