@@ -101,7 +101,7 @@ fn printer_columns() {
         ("Phase", "string", ".status.phase", 0),
         ("Slices", "string", ".status.progress", 0),
         ("Rows", "integer", ".status.rowsTouched", 0),
-        ("Watermark", "string", ".status.watermarkAfter", 0),
+        ("Watermark", "date", ".status.watermarkAfter", 0),
         ("Age", "date", ".metadata.creationTimestamp", 0),
         ("Result", "string", ".status.result", 1),
         (
@@ -827,4 +827,26 @@ fn only_kubernetes_formats_and_no_nullable_enums() {
     let attempts = at(&schema, &format!("{STATUS}/attempts"));
     assert_eq!(attempts["maximum"], json!(f64::from(u32::MAX)));
     assert_eq!(attempts["minimum"], json!(0.0));
+}
+
+/// The CEL rules are written for the oldest Kubernetes the chart claims:
+/// `api::rules::MIN_KUBERNETES_MINOR` is the chart's `kubeVersion`.
+#[test]
+fn the_rules_target_the_charts_oldest_kubernetes() {
+    let chart = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/usage-backfill-operator/Chart.yaml"
+    ))
+    .unwrap();
+    let claim = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeVersion: "))
+        .expect("Chart.yaml claims a kubeVersion");
+    assert_eq!(
+        claim,
+        format!(
+            "\">=1.{}.0-0\"",
+            usage_backfill_api::rules::MIN_KUBERNETES_MINOR
+        )
+    );
 }

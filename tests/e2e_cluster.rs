@@ -560,7 +560,7 @@ impl Replica {
                 namespace: op_ns.to_owned(),
                 identity: identity.clone(),
                 duration: Duration::from_secs(6),
-                grace: Duration::from_secs(2),
+                grace: Duration::from_secs(4),
             }),
         };
         let stop = CancellationToken::new();

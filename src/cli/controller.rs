@@ -86,11 +86,14 @@ pub struct ControllerArgs {
     /// seconds.
     #[arg(long, value_parser = duration::clap_parse, default_value = "15s")]
     pub lease_duration: Duration,
-    /// The leader renews the Lease this long before it expires, and steps
-    /// down half of it before the expiry when it cannot; also the clock
-    /// skew tolerated between nodes. Whole seconds, less than
-    /// --lease-duration.
-    #[arg(long, value_parser = duration::clap_parse, default_value = "5s")]
+    /// The leader renews the Lease this long before it expires, so every
+    /// --lease-duration minus this (and tries again as often when a
+    /// renewal fails). It steps down a third of --lease-duration before
+    /// the expiry when no renewal went through, which is also the clock
+    /// skew tolerated between nodes. Whole seconds, more than a third of
+    /// --lease-duration and less than it. The defaults are client-go's
+    /// (lease 15s, renew deadline 10s, retry period 2s).
+    #[arg(long, value_parser = duration::clap_parse, default_value = "13s")]
     pub lease_grace: Duration,
 }
 
@@ -243,7 +246,7 @@ mod tests {
             "the name of earlier versions, so an upgrade keeps one Lease"
         );
         assert_eq!(w.args.lease_duration, Duration::from_secs(15));
-        assert_eq!(w.args.lease_grace, Duration::from_secs(5));
+        assert_eq!(w.args.lease_grace, Duration::from_secs(13));
         assert!(
             Wrap::try_parse_from(["x", "--leader-election"])
                 .unwrap()
@@ -262,7 +265,7 @@ mod tests {
             "--lease-duration",
             "4s",
             "--lease-grace",
-            "1s",
+            "3s",
             "--http-addr",
             "127.0.0.1:9090",
         ])
@@ -276,7 +279,7 @@ mod tests {
                 namespace: "ops".into(),
                 identity: "pod-1".into(),
                 duration: Duration::from_secs(4),
-                grace: Duration::from_secs(1),
+                grace: Duration::from_secs(3),
             }
         );
         let w = Wrap::try_parse_from(["x", "--lease-grace", "1500ms"]).unwrap();

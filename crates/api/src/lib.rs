@@ -111,9 +111,9 @@ const MIN_MAX_SLICE_DURATION: Duration = Duration::from_secs(1);
     ),
     printcolumn(
         name = "Watermark",
-        type_ = "string",
+        type_ = "date",
         json_path = ".status.watermarkAfter",
-        description = "Rollup watermark read back after the run (UTC)"
+        description = "Rollup watermark read back after the run, shown as its age"
     ),
     printcolumn(
         name = "Age",

@@ -6,9 +6,17 @@
 //! defence (objects stored before the rules existed, servers that skip them).
 //!
 //! The rules use only what Kubernetes 1.26 evaluates (`has`, comparisons,
-//! `duration`), carry only `rule` and `message` (no `messageExpression`,
-//! `reason` or `fieldPath`, which came later), and walk no lists or maps, so
-//! their estimated cost stays far below the API server's limits.
+//! `duration`), carry only `rule` and `message` (no `messageExpression` or
+//! `reason`, which came later), and walk no lists or maps, so their
+//! estimated cost stays far below the API server's limits.
+//!
+//! A rule about one field but attached to its parent (it reads a sibling)
+//! names the field with `fieldPath`, so that the API server's refusal
+//! points at it, once the oldest Kubernetes the chart claims
+//! ([`MIN_KUBERNETES_MINOR`]) has `fieldPath` (1.28,
+//! [`FIELD_PATH_SINCE_MINOR`]): an older API server does not know the key
+//! and refuses the CRD under strict field validation (`kubectl apply`).
+//! Until then the refusal names the parent and the message the field.
 
 use schemars::Schema;
 use serde_json::json;
@@ -127,22 +135,75 @@ pub const CA_NOT_WITH_DISABLE: Rule = Rule {
 /// Rules on `spec.database.tls`.
 pub const TLS_RULES: &[Rule] = &[CA_NOT_WITH_DISABLE];
 
-fn extend(schema: &mut Schema, rules: &[Rule]) {
+/// The oldest Kubernetes minor version the chart claims (its `kubeVersion`,
+/// which tests/crd.rs keeps equal).
+pub const MIN_KUBERNETES_MINOR: u32 = 26;
+
+/// The Kubernetes minor version that added `fieldPath` to CRD validation
+/// rules (its v1.28.0 release notes).
+pub const FIELD_PATH_SINCE_MINOR: u32 = 28;
+
+/// A rule's entry of `x-kubernetes-validations` on the node at `node`
+/// (below `spec`, "" for `spec` itself), for Kubernetes 1.`minor` on.
+pub fn validation(rule: &Rule, node: &str, minor: u32) -> serde_json::Value {
+    let mut entry = json!({ "rule": rule.rule, "message": rule.message() });
+    let below = match node {
+        "" => Some(rule.field),
+        node => rule
+            .field
+            .strip_prefix(node)
+            .and_then(|rest| rest.strip_prefix('.')),
+    };
+    if minor >= FIELD_PATH_SINCE_MINOR
+        && let Some(relative) = below
+    {
+        entry["fieldPath"] = json!(format!(".{relative}"));
+    }
+    entry
+}
+
+fn extend(schema: &mut Schema, rules: &[Rule], node: &str) {
     let list: Vec<_> = rules
         .iter()
-        .map(|r| json!({ "rule": r.rule, "message": r.message() }))
+        .map(|r| validation(r, node, MIN_KUBERNETES_MINOR))
         .collect();
     schema.insert("x-kubernetes-validations".into(), list.into());
 }
 
 pub(crate) fn spec_schema(schema: &mut Schema) {
-    extend(schema, SPEC_RULES);
+    extend(schema, SPEC_RULES, "");
 }
 
 pub(crate) fn database_schema(schema: &mut Schema) {
-    extend(schema, DATABASE_RULES);
+    extend(schema, DATABASE_RULES, "database");
 }
 
 pub(crate) fn tls_schema(schema: &mut Schema) {
-    extend(schema, TLS_RULES);
+    extend(schema, TLS_RULES, "database.tls");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_paths_only_where_the_claimed_version_has_them() {
+        let before = validation(&MONTHS_BACK_ONLY_ALWAYS, "", 27);
+        assert!(before.get("fieldPath").is_none(), "{before}");
+        assert_eq!(
+            validation(&MONTHS_BACK_ONLY_ALWAYS, "", 28)["fieldPath"],
+            ".monthsBack"
+        );
+        assert_eq!(validation(&HOST_ONCE, "database", 28)["fieldPath"], ".host");
+        assert_eq!(
+            validation(&CA_NOT_WITH_DISABLE, "database.tls", 28)["fieldPath"],
+            ".caSecretRef"
+        );
+        // A rule about its own node needs none.
+        assert!(
+            validation(&ONE_FORM, "database", 28)
+                .get("fieldPath")
+                .is_none()
+        );
+    }
 }

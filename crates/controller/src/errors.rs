@@ -58,6 +58,26 @@ impl Error {
     pub fn label(&self) -> &'static str {
         self.into()
     }
+
+    /// The write the API server refused as invalid (422), and its answer:
+    /// `("status" | "finalizer", status)`. Such a refusal is about the
+    /// object as stored (e.g. a Kubernetes without validation ratcheting
+    /// checks a rule added since the object was stored on every write to
+    /// it), so trying again soon changes nothing.
+    pub fn refused_write(&self) -> Option<(&'static str, &kube::core::Status)> {
+        let (write, source) = match self {
+            Error::WriteStatus { source, .. } => ("status", source),
+            Error::Finalizer { source, .. } => ("finalizer", source),
+            _ => return None,
+        };
+        match source {
+            kube::Error::Api(status) if status.code == 422 => Some((write, status.as_ref())),
+            _ => None,
+        }
+    }
 }
+
+/// The writes [`Error::refused_write`] names.
+pub const REFUSABLE_WRITES: [&str; 2] = ["status", "finalizer"];
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

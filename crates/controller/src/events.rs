@@ -28,6 +28,8 @@ pub enum EventReason {
     SecretNotFound,
     SecretKeyMissing,
     Suspended,
+    /// The API server refused a status or finalizer write as invalid.
+    WriteRefused,
 }
 
 impl EventReason {
@@ -46,7 +48,8 @@ impl EventReason {
             | Self::RetryScheduled
             | Self::InvalidSpec
             | Self::SecretNotFound
-            | Self::SecretKeyMissing => EventType::Warning,
+            | Self::SecretKeyMissing
+            | Self::WriteRefused => EventType::Warning,
         }
     }
 }

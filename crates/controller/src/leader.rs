@@ -8,12 +8,32 @@
 //! expired and another replica has taken over. So leadership here is a
 //! fact with a deadline: this replica leads while the manager says it
 //! holds the Lease *and* a read of the Lease showed it as the holder with a
-//! `renewTime + leaseDurationSeconds` more than `grace / 2` ahead. The
+//! `renewTime + leaseDurationSeconds` more than the margin ahead. The
 //! Lease is read once per renewal, just after the manager should have
 //! renewed it; when that read fails or shows no renewal, leadership ends
-//! at `expiry - grace / 2`, before any other replica may take over (it
-//! waits for the expiry, and the Lease times are written with the
-//! holder's clock, so clock skew up to `grace / 2` is tolerated).
+//! at `expiry - margin`, before any other replica may take over.
+//!
+//! The timings follow client-go's leader election (leaseDuration 15 s,
+//! renewDeadline 10 s, retryPeriod 2 s), mapped onto the two parameters
+//! kube-lease-manager has:
+//! - `duration` 15 s is the Lease's `leaseDurationSeconds`: how long a
+//!   standby waits after the last renewal before it takes over;
+//! - `grace` 13 s: the manager renews that long before the expiry, so
+//!   every `duration - grace` = 2 s (the retry period), and a failed
+//!   renewal is tried again after the same pause;
+//! - the margin is `duration / 3` = 5 s: a leader whose renewals have not
+//!   been confirmed for `duration - margin` = 10 s (the renew deadline)
+//!   steps down, 5 s before a standby may take over. That leaves four or
+//!   five tries (a PATCH and the confirming GET each, with a timeout of
+//!   the retry period) to get a renewal through a slow API server, where
+//!   15 s / 5 s left about 2.5 s for one.
+//!
+//! The margin is also the clock skew tolerated between nodes: the manager
+//! of a standby compares the holder's `renewTime` (the holder's clock) with
+//! its own wall clock, and takes over an expired Lease by force, without a
+//! resourceVersion check. A standby whose clock runs ahead of the leader's
+//! by more than the margin would take over while the leader still leads;
+//! nodes must keep their clocks in sync (NTP; see docs/reliability.md).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -41,10 +61,16 @@ pub struct LeaseSettings {
     /// How long the Lease stays valid after a renewal; whole seconds, at
     /// least 2 (the Lease API counts in seconds).
     pub duration: Duration,
-    /// The holder renews this long before the Lease expires; whole
-    /// seconds, at least 1, less than `duration`.
+    /// The holder renews this long before the Lease expires, that is every
+    /// `duration - grace`; whole seconds, more than a third of `duration`
+    /// (the margin) and less than `duration`.
     pub grace: Duration,
 }
+
+/// Client-go's leaseDuration.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+/// Renewals every 2 s, client-go's retryPeriod (see the module doc).
+pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(13);
 
 impl LeaseSettings {
     /// Checks the timings against what the Lease API and the manager accept.
@@ -55,6 +81,13 @@ impl LeaseSettings {
         }
         if self.grace.is_zero() || self.grace >= self.duration {
             return Err("--lease-grace must be at least 1s and less than --lease-duration".into());
+        }
+        if self.grace <= self.margin() {
+            return Err(
+                "--lease-grace must be more than a third of --lease-duration: the leader steps down a third of \
+                 the duration before the expiry, and must have renewed before"
+                    .into(),
+            );
         }
         if self.duration.as_secs() > i32::MAX as u64 {
             return Err("--lease-duration is too long".into());
@@ -74,9 +107,24 @@ impl LeaseSettings {
         Ok(())
     }
 
-    /// Leadership ends this long before the Lease expires.
+    /// Leadership ends this long before the Lease expires: client-go's
+    /// leaseDuration - renewDeadline.
     fn margin(&self) -> Duration {
-        self.grace / 2
+        self.duration / 3
+    }
+
+    /// How often the holder renews, and the pause before it tries again
+    /// after a failure: client-go's retryPeriod.
+    pub fn retry_period(&self) -> Duration {
+        self.duration
+            .saturating_sub(self.grace)
+            .max(Duration::from_millis(100))
+    }
+
+    /// Timeout of each request about the Lease: a hung renewal fails in
+    /// time for another try before the leader has to step down.
+    pub fn request_timeout(&self) -> Duration {
+        self.retry_period().max(Duration::from_secs(1))
     }
 }
 
@@ -144,8 +192,8 @@ impl Election {
         self.leading.clone()
     }
 
-    /// Stops campaigning; a held Lease is released (bounded by the grace
-    /// period), so that another replica takes it over when it looks again
+    /// Stops campaigning; a held Lease is released (within two request
+    /// timeouts), so that another replica takes it over when it looks again
     /// (at the latest when it would have expired) rather than after a forced
     /// takeover.
     pub async fn stop(mut self) {
@@ -179,7 +227,7 @@ async fn campaign(
     let (changes_tx, mut changes) = mpsc::channel(4);
     let driver = tokio::spawn({
         let manager = manager.clone();
-        let pause = (s.grace / 4).max(Duration::from_millis(100));
+        let pause = s.retry_period();
         async move {
             loop {
                 // Stops when the campaign is gone (also when it was aborted):
@@ -237,7 +285,9 @@ async fn campaign(
     driver.abort();
     let _ = driver.await;
     if w.holder {
-        match tokio::time::timeout(s.grace, manager.release()).await {
+        // A read and a patch; bounded, so that a shutdown fits in the pod's
+        // termination grace period.
+        match tokio::time::timeout(s.request_timeout() * 2, manager.release()).await {
             Ok(Ok(())) => tracing::info!(lease = %s.name, "released the leader Lease"),
             Ok(Err(e)) => {
                 tracing::warn!(lease = %s.name, error = %e, "cannot release the leader Lease; it expires on its own")
@@ -272,12 +322,13 @@ impl Watch {
         if self.read_now {
             return Some(now);
         }
-        let retry = now + (s.grace / 8).max(Duration::from_millis(50));
+        let retry = now + s.retry_period() / 2;
         let Some(until) = self.valid_until else {
             return Some(retry);
         };
-        // The manager renews `grace` before the expiry; look a little later.
-        let renewed_by = until.checked_sub(s.grace * 3 / 4).unwrap_or(now);
+        // The manager renews `grace` before the expiry; look half a retry
+        // period later.
+        let renewed_by = (until.checked_sub(s.grace).unwrap_or(now)) + s.retry_period() / 2;
         let step_down = until.checked_sub(s.margin()).unwrap_or(now);
         if renewed_by > now {
             Some(renewed_by.min(step_down))
@@ -299,7 +350,7 @@ async fn sleep_until(t: Option<Instant>) {
 /// Reads the Lease: `Some(Some(expiry))` while it names us, `Some(None)`
 /// when it does not, `None` when it cannot be read in time.
 async fn read_lease(leases: &Api<Lease>, s: &LeaseSettings) -> Option<Option<Instant>> {
-    let read = tokio::time::timeout(s.grace / 4, leases.get_opt(&s.name)).await;
+    let read = tokio::time::timeout(s.request_timeout(), leases.get_opt(&s.name)).await;
     match read {
         Ok(Ok(lease)) => Some(lease.as_ref().and_then(|l| expiry(l, &s.identity))),
         Ok(Err(e)) => {
@@ -388,8 +439,8 @@ mod tests {
             name: LEASE_NAME.into(),
             namespace: "ops".into(),
             identity: "pod-a".into(),
-            duration: Duration::from_secs(15),
-            grace: Duration::from_secs(5),
+            duration: DEFAULT_LEASE_DURATION,
+            grace: DEFAULT_LEASE_GRACE,
         }
     }
 
@@ -403,6 +454,11 @@ mod tests {
         assert!(s.validate().is_err());
         s.grace = Duration::from_millis(1500);
         assert!(s.validate().unwrap_err().contains("whole seconds"));
+        // Renewed after the step-down would be due: refused.
+        s.grace = Duration::from_secs(5);
+        assert!(s.validate().unwrap_err().contains("a third"));
+        s.grace = Duration::from_secs(6);
+        assert_eq!(s.validate(), Ok(()));
         let mut s = settings();
         s.identity.clear();
         assert!(s.validate().is_err());
@@ -423,7 +479,20 @@ mod tests {
     }
 
     #[test]
-    fn leadership_ends_half_a_grace_period_before_the_expiry() {
+    fn the_defaults_are_client_gos_margins() {
+        let s = settings();
+        assert_eq!(s.duration, Duration::from_secs(15), "leaseDuration");
+        assert_eq!(s.retry_period(), Duration::from_secs(2), "retryPeriod");
+        assert_eq!(
+            s.duration - s.margin(),
+            Duration::from_secs(10),
+            "renewDeadline"
+        );
+        assert_eq!(s.request_timeout(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn leadership_ends_at_the_renew_deadline() {
         let s = settings();
         let now = Instant::now();
         let mut w = Watch {
@@ -432,19 +501,19 @@ mod tests {
             read_now: false,
         };
         assert!(w.leading(now, s.margin()));
-        // The Lease is read 1.25 s after the renewal is due.
+        // The renewal is due 2 s after the last one; the Lease is read a
+        // second later.
+        assert_eq!(w.next_wake(now, &s), Some(now + Duration::from_secs(3)));
+        // No renewal seen: read again every second, and step down 10 s
+        // after the last confirmed renewal (expiry - 5 s).
+        let late = now + Duration::from_millis(9_500);
+        assert_eq!(w.next_wake(late, &s), Some(now + Duration::from_secs(10)));
         assert_eq!(
-            w.next_wake(now, &s),
-            Some(now + Duration::from_millis(11_250))
-        );
-        // No renewal seen: read again often, and step down at expiry - 2.5 s.
-        let late = now + Duration::from_millis(12_000);
-        assert_eq!(
-            w.next_wake(late, &s),
-            Some(now + Duration::from_millis(12_500))
+            w.next_wake(now + Duration::from_secs(4), &s),
+            Some(now + Duration::from_secs(5))
         );
         assert!(w.leading(late, s.margin()));
-        assert!(!w.leading(now + Duration::from_millis(12_500), s.margin()));
+        assert!(!w.leading(now + Duration::from_secs(10), s.margin()));
         // Not the holder by the manager's account: not leading, whatever the Lease said.
         w.holder = false;
         assert!(!w.leading(now, s.margin()));

@@ -81,6 +81,11 @@ use usage_backfill_api::UsageBackfill;
 /// per referenced Secret per waiting or Failed object per minute.
 pub const DEFAULT_SECRET_RECHECK_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Default of [`Settings::refused_recheck_interval`]: an edit of the object
+/// is seen at once by the watch; this only paces the retries (one write and
+/// one Warning Event per object per interval) of an object left as it was.
+pub const DEFAULT_REFUSED_RECHECK_INTERVAL: Duration = Duration::from_secs(300);
+
 /// Bounds of [`Settings::secret_recheck_interval`]: often enough to matter,
 /// rare enough not to load the API server with GETs.
 pub const SECRET_RECHECK_BOUNDS: (Duration, Duration) =
@@ -106,6 +111,11 @@ pub struct Settings {
     pub secret_recheck_interval: Duration,
     /// Fallback requeue after cancelling a task.
     pub cancel_recheck_interval: Duration,
+    /// How soon an object is reconciled again after the API server refused
+    /// its status or finalizer write as invalid (422): not the error
+    /// backoff, since only a change (of the object, the CRD or the cluster)
+    /// can end such a refusal.
+    pub refused_recheck_interval: Duration,
     /// Watch Secret metadata (list/watch on Secrets) to react to a created
     /// or rotated Secret at once instead of at the next recheck.
     pub watch_secrets: bool,
@@ -119,6 +129,7 @@ impl Default for Settings {
             observe_interval: Duration::from_secs(300),
             secret_recheck_interval: DEFAULT_SECRET_RECHECK_INTERVAL,
             cancel_recheck_interval: Duration::from_secs(2),
+            refused_recheck_interval: DEFAULT_REFUSED_RECHECK_INTERVAL,
             watch_secrets: false,
         }
     }
@@ -266,7 +277,7 @@ pub async fn run_with(
             // The Lease gets a client of its own with short timeouts, so
             // that a hung renewal fails fast and is retried.
             let mut lease_config = config;
-            let timeout = Some(lease.grace.max(Duration::from_secs(1)));
+            let timeout = Some(lease.request_timeout());
             lease_config.connect_timeout = timeout;
             lease_config.read_timeout = timeout;
             lease_config.write_timeout = timeout;

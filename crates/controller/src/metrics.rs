@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use strum::VariantArray;
 
-use super::errors::Error;
+use super::errors::{Error, REFUSABLE_WRITES};
 use usage_backfill_api::{Phase, UsageBackfill};
 
 /// Content-Type of [`Metrics::encode`]: the Prometheus text format 0.0.4.
@@ -68,6 +68,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WriteLabel {
+    write: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ObjectLabels {
     namespace: String,
     name: String,
@@ -95,6 +100,8 @@ pub struct Metrics {
     lock_wait: Histogram,
     runs_active: Gauge,
     leader: Gauge,
+    leader_transitions: Counter,
+    write_refusals: Family<WriteLabel, Counter>,
     lag: Arc<ObjectGauges>,
 }
 
@@ -113,6 +120,8 @@ impl Metrics {
         let lock_wait = Histogram::new(exponential_buckets(0.01, 4.0, 10));
         let runs_active = Gauge::default();
         let leader = Gauge::default();
+        let leader_transitions = Counter::default();
+        let write_refusals = Family::<WriteLabel, Counter>::default();
         let lag = Arc::new(ObjectGauges::default());
 
         // Counters get their `_total` suffix from the encoder.
@@ -166,6 +175,16 @@ impl Metrics {
             "1 while this replica holds the leader Lease (or runs without leader election), else 0",
             leader.clone(),
         );
+        registry.register(
+            "leader_transitions",
+            "Times this replica started or stopped leading (usage_backfill_leader changed); a handover counts once on each side",
+            leader_transitions.clone(),
+        );
+        registry.register(
+            "write_refusals",
+            "Status or finalizer writes the API server refused as invalid (422), by write (status, finalizer): the object is retried slowly, with a Warning Event WriteRefused",
+            write_refusals.clone(),
+        );
         registry.register_collector(Box::new(lag.clone()));
 
         // Every fixed label value from the start, so that rate() and
@@ -175,6 +194,9 @@ impl Metrics {
         }
         for reason in Error::RECONCILE_LABELS {
             let _ = reconcile_failures.get_or_create(&ReasonLabel { reason });
+        }
+        for write in REFUSABLE_WRITES {
+            let _ = write_refusals.get_or_create(&WriteLabel { write });
         }
         for &outcome in RunOutcome::VARIANTS {
             let _ = runs.get_or_create(&OutcomeLabel {
@@ -194,6 +216,8 @@ impl Metrics {
             lock_wait,
             runs_active,
             leader,
+            leader_transitions,
+            write_refusals,
             lag,
         })
     }
@@ -248,8 +272,20 @@ impl Metrics {
         self.runs_active.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// Whether this replica leads; a change is counted as a transition.
     pub fn set_leader(&self, leading: bool) {
-        self.leader.set(i64::from(leading));
+        let before = self.leader.set(i64::from(leading));
+        if before != i64::from(leading) {
+            self.leader_transitions.inc();
+        }
+    }
+
+    /// The API server refused a `write` (one of [`REFUSABLE_WRITES`]) as
+    /// invalid.
+    pub fn write_refused(&self, write: &'static str) {
+        self.write_refusals
+            .get_or_create(&WriteLabel { write })
+            .inc();
     }
 
     /// The caches the lag gauge is read from (the current leadership
@@ -373,6 +409,9 @@ mod tests {
         assert!(text.contains("usage_backfill_runs_total{outcome=\"dry_run\"} 0\n"));
         assert!(text.contains("# TYPE usage_backfill_run_duration_seconds histogram\n"));
         assert!(text.contains("usage_backfill_leader 0\n"));
+        assert!(text.contains("usage_backfill_leader_transitions_total 0\n"));
+        assert!(text.contains("usage_backfill_write_refusals_total{write=\"status\"} 0\n"));
+        assert!(text.contains("usage_backfill_write_refusals_total{write=\"finalizer\"} 0\n"));
         assert!(!text.contains("watermark_lag"), "no objects, no series");
         assert!(!text.contains("# EOF"), "Prometheus text, not OpenMetrics");
     }
@@ -391,6 +430,8 @@ mod tests {
         m.lock_acquired(Duration::from_millis(20));
         m.set_runs_active(2);
         m.set_leader(true);
+        m.set_leader(true);
+        m.write_refused("finalizer");
         let text = m.encode();
         for line in [
             "usage_backfill_runs_total{outcome=\"retry\"} 1\n",
@@ -404,6 +445,9 @@ mod tests {
             "usage_backfill_lock_wait_seconds_count 1\n",
             "usage_backfill_runs_active 2\n",
             "usage_backfill_leader 1\n",
+            "usage_backfill_leader_transitions_total 1\n",
+            "usage_backfill_write_refusals_total{write=\"finalizer\"} 1\n",
+            "usage_backfill_write_refusals_total{write=\"status\"} 0\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }

@@ -45,16 +45,48 @@ pub async fn reconcile(obj: Arc<UsageBackfill>, ctx: Arc<Context>) -> Result<Req
     match &result {
         Ok(_) => ctx.forget_failures(&key),
         Err(e) => {
-            tracing::warn!(object = %key, error = %usage_backfill_engine::error_chain(e), "reconcile failed")
+            tracing::warn!(object = %key, error = %usage_backfill_engine::error_chain(e), "reconcile failed");
+            if let Some((write, refusal)) = e.refused_write() {
+                report_refusal(&ctx, &obj, write, refusal).await;
+            }
         }
     }
     result
 }
 
+/// A status or finalizer write refused as invalid (422) would otherwise
+/// fail every reconcile with nothing on the object to say why: count it
+/// and say it in a Warning Event, with the API server's message (which
+/// names the field and the rule; it can quote values of the spec or of the
+/// status sent, neither of which holds a secret value).
+async fn report_refusal(
+    ctx: &Context,
+    obj: &UsageBackfill,
+    write: &'static str,
+    refusal: &kube::core::Status,
+) {
+    ctx.metrics.write_refused(write);
+    let retry = usage_backfill_engine::duration::format(ctx.settings.refused_recheck_interval);
+    let note = format!(
+        "The API server refused the {write} write as invalid: {}. Only a change of the object, \
+         its CRD or the cluster ends this; tried again every {retry}",
+        refusal.message.trim_end_matches('.')
+    );
+    ctx.events
+        .publish(&obj.object_ref(&()), EventReason::WriteRefused, note)
+        .await;
+}
+
 /// On a reconcile error (the API server, not a run): retry with a
-/// per-object exponential backoff, 1 s doubling up to 2 min.
-pub fn error_policy(obj: Arc<UsageBackfill>, _error: &Error, ctx: Arc<Context>) -> Requeue {
+/// per-object exponential backoff, 1 s doubling up to 2 min; a write
+/// refused as invalid is tried again only every
+/// `refused_recheck_interval` (retrying sooner cannot succeed).
+pub fn error_policy(obj: Arc<UsageBackfill>, error: &Error, ctx: Arc<Context>) -> Requeue {
     let key = ObjectKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
+    if error.refused_write().is_some() {
+        ctx.forget_failures(&key);
+        return Requeue::requeue(ctx.settings.refused_recheck_interval);
+    }
     Requeue::requeue(ctx.next_failure_delay(&key))
 }
 

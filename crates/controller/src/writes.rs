@@ -17,7 +17,7 @@ use serde_json::json;
 
 use usage_backfill_api::{UsageBackfill, UsageBackfillStatus};
 
-/// The field manager of every status write.
+/// The field manager of every write: the status and the finalizer.
 pub const FIELD_MANAGER: &str = "usage-backfill-operator";
 
 /// Present only while a run task is active: its cleanup cancels the run so
@@ -165,11 +165,14 @@ async fn patch_finalizers(
             "finalizers": finalizers,
         }
     });
-    api.patch(
-        &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    // Under our field manager, so that managedFields name the operator as
+    // the holder of the finalizer (without one, the API server makes up a
+    // manager from the client's User-Agent).
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    };
+    api.patch(&obj.name_any(), &params, &Patch::Merge(&patch))
+        .await?;
     Ok(())
 }

@@ -28,7 +28,13 @@
 //! - Events are created under their name: 409 AlreadyExists on a clash;
 //! - per-verb RBAC from the rules the chart grants ([`rbac`]), with get
 //!   only or also list/watch on Secrets
-//!   ([`FakeApiServer::set_secret_access`]): 403 for anything else.
+//!   ([`FakeApiServer::set_secret_access`]), bound cluster-wide or in the
+//!   watched namespaces only ([`FakeApiServer::set_rbac_scope`]): 403 for
+//!   anything else;
+//! - Events validated as the apiserver validates them ([`events`]): 422
+//!   for a missing reportingController, an eventTime-less events.k8s.io
+//!   Event, a namespace mismatch, a changed note on a series update;
+//! - a create keeps no `status` (the status subresource drops it).
 //!
 //! ConfigMaps (the operator's progress records): get, create, patch by
 //! server-side apply (which creates a missing one, and then needs the
@@ -54,6 +60,7 @@
 //! assert what requests mean, not how kube spells them.
 
 pub mod cel;
+pub mod events;
 pub mod over_http;
 pub mod rbac;
 pub mod schema;
@@ -96,6 +103,7 @@ pub fn settings() -> Settings {
         observe_interval: Duration::from_secs(60),
         secret_recheck_interval: Duration::from_secs(60),
         cancel_recheck_interval: Duration::from_millis(100),
+        refused_recheck_interval: Duration::from_secs(60),
         watch_secrets: false,
     }
 }
@@ -210,6 +218,23 @@ pub enum Outage {
     Forbid,
 }
 
+/// Which writes of a UsageBackfill [`FakeApiServer::refuse_writes`]
+/// refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Writes of the `status` subresource.
+    Status,
+    /// Writes of the main resource (the finalizer's merge patches).
+    Object,
+}
+
+/// A refusal to come: which writes, how many more, the causes.
+struct Refusal {
+    which: Refused,
+    left: usize,
+    causes: Vec<(String, String)>,
+}
+
 #[derive(Default)]
 struct State {
     objects: BTreeMap<Key, Value>,
@@ -236,8 +261,12 @@ struct State {
     next_page: u64,
     /// Answer this many status writes of this phase with a 500.
     fail_status_writes: Option<(String, usize)>,
+    /// Answer writes with a 422 Invalid.
+    refusal: Option<Refusal>,
     /// The RBAC mode of the operator's Secret access.
     secret_access: rbac::SecretAccess,
+    /// Where the operator's Roles and ClusterRoles apply.
+    rbac_scope: rbac::Scope,
 }
 
 /// The fake API server; cheap to clone.
@@ -295,6 +324,13 @@ impl FakeApiServer {
     /// mode (get only, the default, or also list and watch).
     pub fn set_secret_access(&self, access: rbac::SecretAccess) {
         self.state().secret_access = access;
+    }
+
+    /// Binds the operator's rules as the chart does in `scope`: by default
+    /// a ClusterRole (every namespace) and the Lease's Role wherever the
+    /// Lease is; [`rbac::Scope::namespaced`] for `watchNamespaces`.
+    pub fn set_rbac_scope(&self, scope: rbac::Scope) {
+        self.state().rbac_scope = scope;
     }
 
     /// Requests hanging because their client is cut off.
@@ -560,6 +596,22 @@ impl FakeApiServer {
         self.state().fail_status_writes = Some((phase.to_owned(), count));
     }
 
+    /// Answer the next `count` writes of `which` with the 422 Invalid a
+    /// Kubernetes without validation ratcheting (before 1.30) gives every
+    /// write to an object stored before a rule it breaks: a Status of
+    /// reason Invalid, one cause per `(field, message)`, and the message
+    /// kube-apiserver builds from them. Nothing is stored.
+    pub fn refuse_writes(&self, which: Refused, count: usize, causes: &[(&str, &str)]) {
+        self.state().refusal = Some(Refusal {
+            which,
+            left: count,
+            causes: causes
+                .iter()
+                .map(|(f, m)| ((*f).to_owned(), (*m).to_owned()))
+                .collect(),
+        });
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state().requests.clone()
     }
@@ -802,18 +854,29 @@ impl FakeApiServer {
             Some(sub) => format!("{resource}/{sub}"),
             None => resource.clone(),
         };
-        if !rbac::allowed(st.secret_access, &route.group, &rbac_resource, verb) {
+        if !rbac::allowed(
+            st.secret_access,
+            &st.rbac_scope,
+            route.namespace.as_deref(),
+            &route.group,
+            &rbac_resource,
+            verb,
+        ) {
             let group = if route.group.is_empty() {
                 String::new()
             } else {
                 format!(" in API group \"{}\"", route.group)
+            };
+            let scope = match &route.namespace {
+                Some(ns) => format!(" in the namespace \"{ns}\""),
+                None => " at the cluster scope".to_owned(),
             };
             return status_error(
                 403,
                 "Forbidden",
                 &format!(
                     "{resource} is forbidden: User \"system:serviceaccount:usage-system:usage-backfill\" \
-                     cannot {verb} resource \"{rbac_resource}\"{group}"
+                     cannot {verb} resource \"{rbac_resource}\"{group}{scope}"
                 ),
             );
         }
@@ -1006,6 +1069,12 @@ impl FakeApiServer {
                     );
                 }
                 v["metadata"]["name"] = json!(name);
+                let namespace = route.namespace.clone().unwrap_or_default();
+                let causes = events::validate_create(&v, &namespace, &route.group);
+                if !causes.is_empty() {
+                    return invalid_event(&name, &route.group, &causes);
+                }
+                v["metadata"]["name"] = json!(name);
                 v["metadata"]["namespace"] = json!(route.namespace.clone().unwrap_or_default());
                 st.uid += 1;
                 v["metadata"]["uid"] = json!(format!("00000000-0000-0000-0003-{:012}", st.uid));
@@ -1016,7 +1085,13 @@ impl FakeApiServer {
                 let Some(mut v) = st.objects.get(&key(name)).cloned() else {
                     return not_found(&resource, name);
                 };
+                let old = v.clone();
                 merge(&mut v, r.body.as_ref().unwrap_or(&Value::Null));
+                let namespace = route.namespace.clone().unwrap_or_default();
+                let causes = events::validate_update(&v, &old, &namespace, &route.group);
+                if !causes.is_empty() {
+                    return invalid_event(name, &route.group, &causes);
+                }
                 st.store(key(name), v.clone(), "MODIFIED");
                 ok(&v)
             }
@@ -1024,6 +1099,23 @@ impl FakeApiServer {
                 if resource == "usagebackfills" =>
             {
                 let status_write = sub.is_some();
+                let which = if status_write {
+                    Refused::Status
+                } else {
+                    Refused::Object
+                };
+                if let Some(refusal) = &mut st.refusal
+                    && refusal.which == which
+                    && refusal.left > 0
+                {
+                    refusal.left -= 1;
+                    let causes: Vec<(&str, &str)> = refusal
+                        .causes
+                        .iter()
+                        .map(|(f, m)| (f.as_str(), m.as_str()))
+                        .collect();
+                    return invalid(name, &causes);
+                }
                 if status_write {
                     let phase = r.body.as_ref().and_then(|b| b["status"]["phase"].as_str());
                     if let Some((failing, left)) = &mut st.fail_status_writes
@@ -1221,6 +1313,11 @@ fn patch_usage_backfill(
 /// CEL rules run (ratcheted per node, see [`cel`]).
 fn admitted(mut v: Value, old: Option<&Value>) -> Result<Value, Vec<schema::FieldError>> {
     let schema = Structural::usage_backfill();
+    if old.is_none() {
+        // With the status subresource, a create sets no status: the
+        // strategy's PrepareForCreate drops it (`status` writes it later).
+        drop_status(&mut v);
+    }
     schema.normalize(&mut v);
     let desired = |o: &Value| {
         let mut o = o.clone();
@@ -1260,6 +1357,12 @@ fn admitted(mut v: Value, old: Option<&Value>) -> Result<Value, Vec<schema::Fiel
     }
 }
 
+fn drop_status(v: &mut Value) {
+    if let Some(m) = v.as_object_mut() {
+        m.remove("status");
+    }
+}
+
 /// 422 Invalid with one cause per field.
 fn invalid(name: &str, causes: &[(&str, &str)]) -> (StatusCode, FakeBody) {
     (
@@ -1268,10 +1371,32 @@ fn invalid(name: &str, causes: &[(&str, &str)]) -> (StatusCode, FakeBody) {
     )
 }
 
+/// 422 Invalid for an Event of API group `group`.
+fn invalid_event(name: &str, group: &str, causes: &[(String, String)]) -> (StatusCode, FakeBody) {
+    let causes: Vec<(&str, &str)> = causes
+        .iter()
+        .map(|(f, m)| (f.as_str(), m.as_str()))
+        .collect();
+    let group = if group.is_empty() {
+        ""
+    } else {
+        "events.k8s.io"
+    };
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        full(&invalid_status_of("Event", group, name, &causes)),
+    )
+}
+
+/// The Status of a 422 Invalid of a UsageBackfill.
+fn invalid_status(name: &str, causes: &[(&str, &str)]) -> Value {
+    invalid_status_of("UsageBackfill", "usage.multica.ai", name, causes)
+}
+
 /// The Status of a 422 Invalid, as apimachinery's `NewInvalid` builds it:
 /// one cause per field error, and a message listing them as its error
 /// aggregate does (one bare, several in brackets, each text once).
-fn invalid_status(name: &str, causes: &[(&str, &str)]) -> Value {
+fn invalid_status_of(kind: &str, group: &str, name: &str, causes: &[(&str, &str)]) -> Value {
     let mut text: Vec<String> = Vec::new();
     for (f, m) in causes {
         let t = format!("{f}: {m}");
@@ -1283,24 +1408,40 @@ fn invalid_status(name: &str, causes: &[(&str, &str)]) -> Value {
         [one] => one.clone(),
         _ => format!("[{}]", text.join(", ")),
     };
+    let qualified = if group.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}.{group}")
+    };
     json!({
         "apiVersion": "v1",
         "kind": "Status",
         "status": "Failure",
-        "message": format!("UsageBackfill.usage.multica.ai \"{name}\" is invalid: {listed}"),
+        "message": format!("{qualified} \"{name}\" is invalid: {listed}"),
         "reason": "Invalid",
         "code": 422,
         "details": {
             "name": name,
-            "group": "usage.multica.ai",
-            "kind": "UsageBackfill",
+            "group": group,
+            "kind": kind,
             "causes": causes.iter().map(|(f, m)| json!({
-                "reason": "FieldValueInvalid",
+                "reason": cause_reason(m),
                 "message": m,
                 "field": f,
             })).collect::<Vec<_>>(),
         },
     })
+}
+
+/// A cause's reason, from the start of its message as field.Error prints it.
+fn cause_reason(message: &str) -> &'static str {
+    if message.starts_with("Required value") {
+        "FieldValueRequired"
+    } else if message.starts_with("Forbidden") {
+        "FieldValueForbidden"
+    } else {
+        "FieldValueInvalid"
+    }
 }
 
 impl State {
@@ -1686,7 +1827,16 @@ impl State {
                 let old = self.objects.get(&key(name)).cloned();
                 // An apply that creates is also a create: the apiserver
                 // authorizes both verbs.
-                if old.is_none() && !rbac::allowed(self.secret_access, "", "configmaps", "create") {
+                if old.is_none()
+                    && !rbac::allowed(
+                        self.secret_access,
+                        &self.rbac_scope,
+                        route.namespace.as_deref(),
+                        "",
+                        "configmaps",
+                        "create",
+                    )
+                {
                     return Some(status_error(
                         403,
                         "Forbidden",

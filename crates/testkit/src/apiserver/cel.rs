@@ -11,16 +11,17 @@
 //!   (CRDValidationRatcheting, on by default since Kubernetes 1.30; older
 //!   servers refuse even an untouched node, e.g. a status write to an
 //!   object stored before a rule existed);
-//! - a broken rule is a `FieldValueInvalid` cause at the node's path,
-//!   whose message is `Invalid value: <message>` (the value itself is
-//!   omitted for objects and lists).
+//! - a broken rule is a `FieldValueInvalid` cause at the node's path, or
+//!   at the field its `fieldPath` names below the node, whose message is
+//!   `Invalid value: <message>` (the value itself is omitted for objects
+//!   and lists).
 //!
 //! The interpreter (cel-interpreter) is not Kubernetes' CEL: it lacks the
 //! optional syntax (`self.?x`), the Kubernetes string, list, regex and URL
 //! libraries, and `µs` in `duration()`, and it does not type-check. So
 //! whatever it cannot do fails loudly, never passes: a rule that does not
 //! parse, reads a variable other than `self`/`oldSelf`, carries a key
-//! other than `rule` and `message`, sits at the resource root or in a
+//! other than `rule`, `message` and `fieldPath` (only `.a.b` paths), sits at the resource root or in a
 //! list's items or a map's values (not modelled here), fails to evaluate
 //! or gives something other than a bool panics (in the test server, that
 //! is the test).
@@ -41,6 +42,9 @@ pub struct Rule {
     pub message: String,
     /// Keys of the validation entry, as the CRD states it.
     pub keys: Vec<String>,
+    /// Property names from the node to the field the rule is about
+    /// (`fieldPath`), when given.
+    pub field_path: Vec<String>,
     /// Reads `oldSelf`.
     pub transition: bool,
     program: Program,
@@ -126,10 +130,20 @@ fn compile(entry: &Value, path: &[String]) -> Rule {
         .to_owned();
     for key in &keys {
         assert!(
-            ["rule", "message"].contains(&key.as_str()),
+            ["rule", "message", "fieldPath"].contains(&key.as_str()),
             "the fake API server does not implement {key} of a CEL rule: {rule}"
         );
     }
+    let field_path: Vec<String> = match entry["fieldPath"].as_str() {
+        None => Vec::new(),
+        Some(p) => {
+            assert!(
+                p.starts_with('.') && !p.contains(['[', ']', '\'']),
+                "the fake API server reads only .a.b field paths: {p}"
+            );
+            p[1..].split('.').map(str::to_owned).collect()
+        }
+    };
     // At the root, `self` would be the object with only apiVersion, kind,
     // metadata.name and metadata.generateName: not modelled here.
     assert!(
@@ -155,6 +169,7 @@ fn compile(entry: &Value, path: &[String]) -> Rule {
         rule,
         message,
         keys,
+        field_path,
         program,
     }
 }
@@ -179,7 +194,13 @@ pub fn broken<'a>(rules: &'a [Rule], obj: &Value, old: Option<&Value>) -> Vec<Br
         }
         out.push(Broken {
             rule,
-            field: rule.path.join("."),
+            field: rule
+                .path
+                .iter()
+                .chain(&rule.field_path)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("."),
             value: node.clone(),
         });
     }
@@ -268,6 +289,20 @@ mod tests {
         );
         assert!(messages(&rules, &bad, Some(&bad)).is_empty());
         assert_eq!(messages(&rules, &worse, Some(&bad)).len(), 1);
+    }
+
+    #[test]
+    fn a_field_path_moves_the_cause_to_the_field() {
+        let rules = rules(&schema(json!([{
+            "rule": "!has(self.y) || has(self.x)",
+            "message": "y needs x",
+            "fieldPath": ".y",
+        }])));
+        let broken = broken(&rules, &json!({"spec": {"y": 1}}), None);
+        let e = broken[0].field_error();
+        assert_eq!(e.field, "spec.y");
+        // The value is the node's (an object: not shown), not the field's.
+        assert_eq!(e.message, "Invalid value: y needs x");
     }
 
     #[test]

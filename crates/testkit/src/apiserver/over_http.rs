@@ -123,17 +123,33 @@ impl FakeApiServer {
         name: &str,
         spec: Value,
     ) -> Result<(), Box<kube::core::Status>> {
-        let obj = json!({
+        self.try_create_object(json!({
             "apiVersion": UBF_API,
             "kind": "UsageBackfill",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "generation": 1,
-                "creationTimestamp": "2026-01-01T00:00:00Z",
-            },
+            "metadata": { "name": name, "namespace": namespace },
             "spec": spec,
-        });
+        }))
+    }
+
+    /// Creates a whole UsageBackfill as `kubectl create -f` sends it
+    /// (metadata.name and metadata.namespace set), or the apiserver's 422:
+    /// pruned, defaulted, validated, generation 1, a uid, and without the
+    /// `status` it may carry (dropped on create, as the status subresource
+    /// makes the apiserver do).
+    pub fn try_create_object(&self, object: Value) -> Result<(), Box<kube::core::Status>> {
+        let mut obj = object;
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let namespace = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        obj["metadata"]["generation"] = json!(1);
+        obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+        let name = name.as_str();
+        let namespace = namespace.as_str();
         let mut obj = admitted(obj, None).map_err(|errors| {
             let causes: Vec<(&str, &str)> = errors
                 .iter()

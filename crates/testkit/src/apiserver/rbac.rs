@@ -3,6 +3,12 @@
 //! rendered chart's in both Secret access modes). Every client of the fake
 //! is the operator's ServiceAccount: a request the rules do not allow gets
 //! the apiserver's 403 Forbidden.
+//!
+//! Rules apply where the chart binds them ([`Scope`]): the watch rules in
+//! a ClusterRole (every namespace, and cluster-wide lists and watches) or,
+//! with `watchNamespaces`, in a Role per watched namespace (that namespace
+//! only, so a request elsewhere or across all namespaces is denied); the
+//! leader-election rules in a Role of the release namespace.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
@@ -50,41 +56,75 @@ impl SecretAccess {
     }
 }
 
+/// Where the chart binds its rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// The watched namespaces (`watchNamespaces`), each with a Role of the
+    /// watch rules; empty: a ClusterRole (the chart's default).
+    pub watched: Vec<String>,
+    /// The namespace of the leader-election Role (the release namespace);
+    /// `None` stands for whichever namespace a test puts its Lease in.
+    pub lease_namespace: Option<String>,
+}
+
+impl Scope {
+    /// A namespaced install: Roles in `watched`, the Lease's in `release`.
+    pub fn namespaced(watched: &[&str], release: &str) -> Self {
+        Scope {
+            watched: watched.iter().map(|n| (*n).to_owned()).collect(),
+            lease_namespace: Some(release.to_owned()),
+        }
+    }
+}
+
 /// (apiGroup, resource[/subresource]) -> verbs.
 pub type Grants = BTreeMap<(String, String), BTreeSet<String>>;
 
-/// What the chart grants the operator (watched namespaces and the
-/// leader-election Lease together) with `access` to Secrets.
-pub fn grants(access: SecretAccess) -> &'static Grants {
-    static GET: OnceLock<Grants> = OnceLock::new();
-    static WATCH: OnceLock<Grants> = OnceLock::new();
+/// The watch rules (with `access` to Secrets) and the leader-election
+/// rules, apart: they are bound in different places.
+fn rule_sets(access: SecretAccess) -> &'static (Grants, Grants) {
+    static GET: OnceLock<(Grants, Grants)> = OnceLock::new();
+    static WATCH: OnceLock<(Grants, Grants)> = OnceLock::new();
     let build = |access| {
         let file: RulesFile = serde_saphyr::from_str(RULES_YAML).expect("rbac-rules.yaml parses");
         let extra = match access {
             SecretAccess::Get => &[][..],
             SecretAccess::Watch => &file.secret_watch_rules[..],
         };
-        let mut out = Grants::new();
-        for r in file
-            .watch_rules
-            .iter()
-            .chain(extra)
-            .chain(&file.lease_rules)
-        {
-            for g in &r.api_groups {
-                for res in &r.resources {
-                    out.entry((g.clone(), res.clone()))
-                        .or_default()
-                        .extend(r.verbs.iter().cloned());
-                }
-            }
-        }
-        out
+        (
+            grants_of(file.watch_rules.iter().chain(extra)),
+            grants_of(file.lease_rules.iter()),
+        )
     };
     match access {
         SecretAccess::Get => GET.get_or_init(|| build(access)),
         SecretAccess::Watch => WATCH.get_or_init(|| build(access)),
     }
+}
+
+fn grants_of<'a>(rules: impl Iterator<Item = &'a Rule>) -> Grants {
+    let mut out = Grants::new();
+    for r in rules {
+        for g in &r.api_groups {
+            for res in &r.resources {
+                out.entry((g.clone(), res.clone()))
+                    .or_default()
+                    .extend(r.verbs.iter().cloned());
+            }
+        }
+    }
+    out
+}
+
+/// What the chart grants the operator (watched namespaces and the
+/// leader-election Lease together) with `access` to Secrets, wherever.
+pub fn grants(access: SecretAccess) -> Grants {
+    let (watch, lease) = rule_sets(access);
+    let mut out = watch.clone();
+    for (k, v) in lease {
+        out.entry(k.clone()).or_default().extend(v.iter().cloned());
+    }
+    out
 }
 
 /// The RBAC verb of a request, as the apiserver's request-info resolver
@@ -103,12 +143,34 @@ pub fn verb(method: &str, has_name: bool, watch: bool) -> &'static str {
     }
 }
 
-/// Whether the chart's rules, with `access` to Secrets, allow `verb` on
-/// `group`/`resource`.
-pub fn allowed(access: SecretAccess, group: &str, resource: &str, verb: &str) -> bool {
-    grants(access)
-        .get(&(group.to_owned(), resource.to_owned()))
-        .is_some_and(|v| v.contains(verb) || v.contains("*"))
+/// Whether the chart's rules, with `access` to Secrets and bound as in
+/// `scope`, allow `verb` on `group`/`resource` in `namespace` (`None`: a
+/// cluster-wide request, which only a ClusterRole can allow).
+pub fn allowed(
+    access: SecretAccess,
+    scope: &Scope,
+    namespace: Option<&str>,
+    group: &str,
+    resource: &str,
+    verb: &str,
+) -> bool {
+    let grant = |g: &Grants| {
+        g.get(&(group.to_owned(), resource.to_owned()))
+            .is_some_and(|v| v.contains(verb) || v.contains("*"))
+    };
+    let (watch, lease) = rule_sets(access);
+    let watched = match namespace {
+        _ if scope.watched.is_empty() => true,
+        Some(ns) => scope.watched.iter().any(|w| w == ns),
+        None => false,
+    };
+    let lease_ns = namespace.is_some_and(|ns| {
+        scope
+            .lease_namespace
+            .as_deref()
+            .is_none_or(|release| release == ns)
+    });
+    (watched && grant(watch)) || (lease_ns && grant(lease))
 }
 
 #[cfg(test)]
@@ -117,13 +179,17 @@ mod tests {
 
     #[test]
     fn secrets_are_get_only_unless_watched() {
+        let all = Scope::default();
         for verb in ["get", "list", "watch"] {
             assert_eq!(
-                allowed(SecretAccess::Get, "", "secrets", verb),
+                allowed(SecretAccess::Get, &all, Some("shop"), "", "secrets", verb),
                 verb == "get",
                 "{verb}"
             );
-            assert!(allowed(SecretAccess::Watch, "", "secrets", verb), "{verb}");
+            assert!(
+                allowed(SecretAccess::Watch, &all, Some("shop"), "", "secrets", verb),
+                "{verb}"
+            );
         }
         let (get, watch) = (grants(SecretAccess::Get), grants(SecretAccess::Watch));
         let others = |g: &Grants| {
@@ -132,6 +198,48 @@ mod tests {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(others(get), others(watch), "only Secrets differ");
+        assert_eq!(others(&get), others(&watch), "only Secrets differ");
+    }
+
+    #[test]
+    fn roles_grant_in_their_namespace_only() {
+        let a = SecretAccess::Get;
+        let ns = Scope::namespaced(&["shop"], "ops");
+        let ubf = |scope: &Scope, namespace, verb| {
+            allowed(
+                a,
+                scope,
+                namespace,
+                "usage.multica.ai",
+                "usagebackfills",
+                verb,
+            )
+        };
+        assert!(ubf(&ns, Some("shop"), "watch"));
+        assert!(!ubf(&ns, Some("other"), "watch"), "a namespace not watched");
+        assert!(!ubf(&ns, None, "watch"), "across all namespaces");
+        assert!(
+            !ubf(&ns, Some("ops"), "get"),
+            "the release namespace is not watched"
+        );
+        let lease = |scope: &Scope, namespace| {
+            allowed(
+                a,
+                scope,
+                namespace,
+                "coordination.k8s.io",
+                "leases",
+                "create",
+            )
+        };
+        assert!(lease(&ns, Some("ops")));
+        assert!(
+            !lease(&ns, Some("shop")),
+            "the Lease Role is in the release namespace"
+        );
+        assert!(!lease(&ns, None));
+        // A ClusterRole: everywhere, cluster-wide requests included.
+        let cluster = Scope::default();
+        assert!(ubf(&cluster, None, "watch") && ubf(&cluster, Some("other"), "watch"));
     }
 }
