@@ -335,7 +335,7 @@ pub struct DatabaseSpec {
     pub secret_ref: Option<DatabaseSecretRef>,
 
     /// Connection in parts: host name or address of the server, e.g. the
-    /// application chart's built-in database, Service <release>-postgres.
+    /// application chart's built-in database, Service `<release>-postgres`.
     /// Or hostFrom.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = MAX_HOST_LEN))]

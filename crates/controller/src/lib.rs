@@ -12,7 +12,7 @@
 //! every Secret of the watched namespaces (see the threat model in
 //! docs/reliability.md).
 //!
-//! - [`reconcile`]: the pipeline fetch → decide → act → status.
+//! - [`mod@reconcile`]: the pipeline fetch → decide → act → status.
 //! - [`decide`]: the pure decision, including the retry table.
 //! - [`status`]: pure status builders following kstatus.
 //! - [`runner`]: the background run tasks.

@@ -3,7 +3,7 @@
 //!
 //! tokio-postgres understands most libpq options but not `sslmode=verify-ca`,
 //! `verify-full` or `sslrootcert`, so those are taken out here and handled by
-//! [`super::tls`]. Everything this module reports is free of the password:
+//! module `tls`. Everything this module reports is free of the password:
 //! [`Database`]'s `Debug` redacts it and parse errors are scrubbed of it.
 
 use std::fmt;

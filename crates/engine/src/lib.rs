@@ -16,7 +16,7 @@
 //!
 //! How fast it goes is [`Performance`]: planner settings for our sessions
 //! ([`tuning`]), historical slices on several sessions at once while the
-//! lock session holds lock 4246 ([`parallel`]), and slice widths from counts
+//! lock session holds lock 4246 (module `parallel`), and slice widths from counts
 //! and measured times ([`sizing`]). `docs/performance.md` has the figures.
 
 pub mod dsn;

@@ -68,7 +68,7 @@ pub const PROBE_PARTS: i64 = 8;
 
 /// Step 1: widths from counts. `pieces` are contiguous calendar months.
 /// `hash_plans`: the sessions run with nested loops off (tuned), where a
-/// call's fixed part is large enough to make [`merge_thin`] pay; under the
+/// call's fixed part is large enough to make `merge_thin` pay; under the
 /// server's nested loops the per-key part dominates and the months stay.
 pub fn by_counts(pieces: Vec<Piece>, workers: usize, hash_plans: bool) -> Vec<Piece> {
     // One session under the server's plans is the reference's own walk, and
