@@ -17,8 +17,6 @@
 //! month) so that writes commit while it recomputes; the test checks that
 //! they did, so it cannot pass without exercising the race.
 
-use usage_backfill_testkit as support;
-
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -36,10 +34,10 @@ testkit::at_both_levels!(
     a_skip_waits_for_lock_4246_and_rolls_up_what_arrived_meanwhile,
 );
 
-use support::application::{
+use testkit::application::{
     Application, TICK_PACE, a_task, catch_up, fall_behind, rolled_up, stale_buckets,
 };
-use support::engine::{always, assert_correct, walk_all};
+use testkit::engine::{always, assert_correct, walk_all};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -236,7 +234,7 @@ async fn every_sync_rolls_up_to_its_stamp_beside_the_writing_application(level: 
     for sync in 0..3 {
         let paused = app.pause_ticks().await;
         let (before, models) = fall_behind(&client, &sync.to_string(), 4).await;
-        let (outcome, _) = support::engine::run(
+        let (outcome, _) = testkit::engine::run(
             &database,
             &engine::Options::default(),
             &CancellationToken::new(),

@@ -5,8 +5,6 @@
 //! recorded requests (resource, subresource, field manager, status JSON),
 //! never exact query strings; every wait has a timeout.
 
-use usage_backfill_testkit as support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,11 +20,11 @@ use usage_backfill_controller::{
 use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_testkit as testkit;
 
-use support::harness::{Harness, NS, SECRET, UsageBackfillBuilder, WAIT};
-use support::status::{
+use testkit::harness::{Harness, NS, SECRET, UsageBackfillBuilder, WAIT};
+use testkit::status::{
     cond, conds, in_progress, is, message, ready, retry_scheduled, secs, stalled,
 };
-use support::{FakeApiServer, Outage, settings};
+use testkit::{FakeApiServer, Outage, settings};
 
 fn small() -> HistorySpec {
     HistorySpec {

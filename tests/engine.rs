@@ -2,8 +2,6 @@
 //! correctness (an independent recompute), locking, cancellation, resume,
 //! and one scenario per closed reference gap.
 
-use usage_backfill_testkit as support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +14,7 @@ use usage_backfill_engine::{
 use usage_backfill_standin::fixture::{self, HistorySpec, Scenario, SchemaLevel, UsageRow};
 use usage_backfill_testkit::{self as testkit, TestDatabase, lock_4246};
 
-use support::engine::{always, assert_correct};
+use testkit::engine::{always, assert_correct};
 
 // Every scenario below runs at both schema levels of the stand-in.
 testkit::at_both_levels!(
@@ -51,7 +49,7 @@ async fn run_engine(
     opts: &Options,
     cancel: &CancellationToken,
 ) -> (Result<Outcome, Error>, Vec<Event>) {
-    support::engine::run(&Database::parse(db.url()).unwrap(), opts, cancel).await
+    testkit::engine::run(&Database::parse(db.url()).unwrap(), opts, cancel).await
 }
 
 async fn run(db: &TestDatabase, opts: Options) -> (Result<Outcome, Error>, Vec<Event>) {
@@ -705,7 +703,7 @@ async fn a_failing_slice_aborts_without_stamping_and_a_resume_completes(level: S
     assert_eq!(cursor, third);
     repair_window(&client).await;
     let resume = Resume {
-        from: support::engine::planned_from(&events).unwrap(),
+        from: testkit::engine::planned_from(&events).unwrap(),
         database: None,
         cursor,
         slices_processed: processed,
@@ -1073,7 +1071,7 @@ async fn a_resume_from_another_walk_or_database_is_not_used() {
     let plain = db.create_role("plain", "plain-Pw-5521", "").await;
     let plain_db = Database::parse(&plain.url).unwrap();
     let (_, plain_events) =
-        support::engine::run(&plain_db, &always(), &CancellationToken::new()).await;
+        testkit::engine::run(&plain_db, &always(), &CancellationToken::new()).await;
     let seen = plain_events.iter().find_map(|e| match e {
         Event::Connected { database, .. } => Some(*database),
         _ => None,
@@ -1083,7 +1081,7 @@ async fn a_resume_from_another_walk_or_database_is_not_used() {
         database.system_identifier.is_some() && database.timeline.is_some(),
         "{database:?}"
     );
-    let from = support::engine::planned_from(&events).unwrap();
+    let from = testkit::engine::planned_from(&events).unwrap();
     let ours = Resume {
         from,
         database: Some(database),

@@ -6,8 +6,6 @@
 //! for TLS, against throwaway servers started with certificates from a test
 //! CA generated here.
 
-use usage_backfill_testkit as support;
-
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -22,8 +20,8 @@ use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_standin::pgtemp::{ServerTls, TempPostgres};
 use usage_backfill_testkit::{self as testkit, TestDatabase, TestRole, lock_4246_held};
 
-use support::engine::always;
-use support::tls::{self, TestCa};
+use testkit::engine::always;
+use testkit::tls::{self, TestCa};
 
 /// The distinctive password of the backfill role in these tests.
 const PASSWORD: &str = "Pw-7f3c-SECRET";
@@ -89,7 +87,7 @@ async fn state(client: &Client) -> State {
 
 /// One engine run, with every event it reported.
 async fn run(db: &Database, opts: &Options) -> (Result<Outcome, Error>, Vec<Event>) {
-    support::engine::run(db, opts, &CancellationToken::new()).await
+    testkit::engine::run(db, opts, &CancellationToken::new()).await
 }
 
 /// `secret` is in no error text and no event.

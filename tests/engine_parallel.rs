@@ -4,8 +4,6 @@
 //! out-of-order interruption, conflicts are retried, tuning reaches our
 //! sessions only, and slice sizing follows measured times.
 
-use usage_backfill_testkit as support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +16,7 @@ use usage_backfill_engine::{
 use usage_backfill_standin::fixture::{self, HistorySpec, SchemaLevel};
 use usage_backfill_testkit::{self as testkit, TestDatabase};
 
-use support::engine::{assert_correct, last_resume};
+use testkit::engine::{assert_correct, last_resume};
 
 // Every scenario below runs at both schema levels of the stand-in.
 testkit::at_both_levels!(
@@ -45,7 +43,7 @@ async fn run_perf(
         performance: perf.clone(),
         ..opts.clone()
     };
-    support::engine::run(&database, &opts, cancel).await
+    testkit::engine::run(&database, &opts, cancel).await
 }
 
 fn parallel(n: u32) -> Performance {

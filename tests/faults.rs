@@ -3,8 +3,6 @@
 //! released and the watermark stamped exactly once (by the run that
 //! finished).
 
-use usage_backfill_testkit as support;
-
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -14,7 +12,7 @@ use usage_backfill_standin::fixture::{self, HistorySpec, SchemaLevel};
 use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
 use usage_backfill_testkit::{self as testkit, TestDatabase};
 
-use support::engine::{assert_correct, last_resume};
+use testkit::engine::{assert_correct, last_resume};
 
 // Every scenario below runs at both schema levels of the stand-in.
 testkit::at_both_levels!(
@@ -39,7 +37,7 @@ async fn assert_recovered(client: &Client) {
 
 async fn run(url: &str, opts: &Options) -> (Result<Outcome, Error>, Vec<Event>) {
     let db = Database::parse(url).unwrap();
-    support::engine::run(&db, opts, &CancellationToken::new()).await
+    testkit::engine::run(&db, opts, &CancellationToken::new()).await
 }
 
 /// A test database with history and a login role (password [`PASSWORD`])

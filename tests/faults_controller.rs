@@ -13,8 +13,6 @@
 //! released and the watermark stamped exactly once per finished run. Every
 //! wait has a timeout; sleeps only pace polling.
 
-use usage_backfill_testkit as support;
-
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -34,17 +32,17 @@ use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
 use usage_backfill_testkit::{self as testkit, lock_4246};
 
-use support::FakeApiServer;
-use support::engine::assert_correct;
-use support::harness::{Harness, NS, SECRET, UsageBackfillBuilder, WAIT, password_of};
-use support::instrument::{
+use testkit::FakeApiServer;
+use testkit::engine::assert_correct;
+use testkit::harness::{Harness, NS, SECRET, UsageBackfillBuilder, WAIT, password_of};
+use testkit::instrument::{
     Call, backfill_stamps, calls, instrument, slow_window, stall_window_from,
 };
-use support::status::{cond, conds, in_progress, is, message, retry_scheduled, secs, stalled};
-use support::tls::{self, TestCa};
+use testkit::status::{cond, conds, in_progress, is, message, retry_scheduled, secs, stalled};
+use testkit::tls::{self, TestCa};
 
 // ---------------------------------------------------------------------------
-// Database instrumentation: the test kit's (`support::instrument`)
+// Database instrumentation: the test kit's (`testkit::instrument`)
 // ---------------------------------------------------------------------------
 
 /// The database clock.
@@ -111,12 +109,12 @@ async fn watermark_text(pg: &PgClient) -> String {
 // The controller, driven reconcile by reconcile
 // ---------------------------------------------------------------------------
 
-/// [`support::settings`] (every slice is written, so that a fault can be
+/// [`testkit::settings`] (every slice is written, so that a fault can be
 /// timed on it), with frequent heartbeats and a session setting.
 fn settings() -> Settings {
     let mut settings = Settings {
         session_settings: vec![("enable_nestloop".into(), "off".into())],
-        ..support::settings()
+        ..testkit::settings()
     };
     settings.runner.heartbeat_interval = Duration::from_millis(500);
     settings
@@ -150,7 +148,7 @@ struct Operator {
 
 impl Operator {
     fn start(
-        server: &support::apiserver::over_http::HttpServer,
+        server: &testkit::apiserver::over_http::HttpServer,
         dir: &Path,
         tag: &str,
     ) -> Operator {
@@ -1247,7 +1245,7 @@ async fn a_controller_that_never_synced_stops_when_cancelled() {
     let (client, fake) = FakeApiServer::start();
     // The API server does not answer the client start() returned
     // (client 0): a partition at startup.
-    fake.cut(0, Some(support::Outage::Hang));
+    fake.cut(0, Some(testkit::Outage::Hang));
     let ctx = Context::new(client, settings());
     let cancel = tokio_util::sync::CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
@@ -1340,7 +1338,7 @@ async fn a_status_write_refused_as_invalid_is_reported_and_retried_slowly() {
     use usage_backfill_testkit::apiserver::Refused;
 
     let (client, fake) = FakeApiServer::start();
-    let ctx = Context::new(client, support::settings());
+    let ctx = Context::new(client, testkit::settings());
     // monthsBack in mode Once: what the CRD's rules refuse now.
     let mut spec = UsageBackfillSpec::new(SECRET);
     spec.months_back = 3;
@@ -1412,7 +1410,7 @@ async fn a_finalizer_write_refused_as_invalid_starts_no_run_and_is_reported() {
     use usage_backfill_testkit::apiserver::Refused;
 
     let (client, fake) = FakeApiServer::start();
-    let ctx = Context::new(client, support::settings());
+    let ctx = Context::new(client, testkit::settings());
     fake.put_secret(
         NS,
         SECRET,

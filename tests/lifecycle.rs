@@ -23,8 +23,6 @@
 //! event that was not rolled up), lock 4246 is free, and every object is
 //! finished for its generation with no finalizer left.
 
-use usage_backfill_testkit as support;
-
 use std::time::Duration;
 
 use tokio_postgres::Client;
@@ -32,13 +30,13 @@ use usage_backfill_api::{BackfillResult, Phase, SkipReason, TuningPreset, UsageB
 use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_testkit::{self as testkit, SchemaLevel, TestDatabase};
 
-use support::application::{
+use testkit::application::{
     Application, TICK_PACE, catch_up, fall_behind, rolled_up, stale_buckets,
 };
-use support::engine::{assert_correct, walk_all};
-use support::harness::{Harness, NS, UsageBackfillBuilder};
-use support::instrument::{Call, calls, instrument, slow_window};
-use support::status::secs;
+use testkit::engine::{assert_correct, walk_all};
+use testkit::harness::{Harness, NS, UsageBackfillBuilder};
+use testkit::instrument::{Call, calls, instrument, slow_window};
+use testkit::status::secs;
 
 testkit::at_both_levels!(multi_thread: the_upgrade_lifecycle_loses_nothing_and_leaves_nothing_stuck);
 
@@ -95,8 +93,8 @@ async fn the_upgrade_lifecycle_loses_nothing_and_leaves_nothing_stuck(level: Sch
         })
         .await;
     assert_eq!(
-        support::status::cond(&retrying, usage_backfill_api::ConditionType::Ready),
-        support::status::is("False", "RetryScheduled"),
+        testkit::status::cond(&retrying, usage_backfill_api::ConditionType::Ready),
+        testkit::status::is("False", "RetryScheduled"),
         "{retrying:?}"
     );
     admin

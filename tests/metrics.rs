@@ -6,8 +6,6 @@
 //! the `reconcile{namespace,usagebackfill}` span and the engine's `slice`
 //! spans inside `run{namespace,usagebackfill}`.
 
-use usage_backfill_testkit as support;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -21,7 +19,7 @@ use usage_backfill_controller::{Metrics, Replica, Settings, health, metrics::wat
 use usage_backfill_standin::fixture::HistorySpec;
 use usage_backfill_testkit as testkit;
 
-use support::FakeApiServer;
+use testkit::FakeApiServer;
 
 const NS: &str = "tenant-a";
 const WAIT: Duration = Duration::from_secs(30);
@@ -29,7 +27,7 @@ const WAIT: Duration = Duration::from_secs(30);
 fn settings() -> Settings {
     Settings {
         session_settings: vec![("enable_nestloop".into(), "off".into())],
-        ..support::settings()
+        ..testkit::settings()
     }
 }
 

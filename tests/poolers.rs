@@ -8,8 +8,6 @@
 //!
 //! PgBouncer is required (no skip): `.ci/run` installs Debian's `pgbouncer`.
 
-use usage_backfill_testkit as support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,9 +22,9 @@ use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_standin::pgbouncer::{PgBouncerOptions, PoolMode, TempPgBouncer};
 use usage_backfill_testkit::{self as testkit, TestDatabase};
 
-use support::engine::{always, assert_correct};
-use support::status::{conds, is, message};
-use support::{FakeApiServer, settings};
+use testkit::engine::{always, assert_correct};
+use testkit::status::{conds, is, message};
+use testkit::{FakeApiServer, settings};
 
 fn small() -> HistorySpec {
     HistorySpec {
@@ -51,7 +49,7 @@ fn bouncer(db: &TestDatabase, mode: PoolMode, pool_size: u32) -> TempPgBouncer {
 }
 
 async fn run(url: &str, opts: &Options) -> (Result<Outcome, Error>, Vec<Event>) {
-    support::engine::run(
+    testkit::engine::run(
         &Database::parse(url).unwrap(),
         opts,
         &CancellationToken::new(),

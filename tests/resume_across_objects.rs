@@ -7,9 +7,8 @@
 //! against the fake API server and a real PostgreSQL whose window function
 //! logs every committed call.
 
-use usage_backfill_testkit as support;
-
 use std::collections::BTreeMap;
+use usage_backfill_testkit as testkit;
 
 use jiff::{Timestamp, ToSpan};
 use serde_json::Value;
@@ -20,8 +19,8 @@ use usage_backfill_engine::Database;
 use usage_backfill_engine::plan::add_months;
 use usage_backfill_standin::fixture::HistorySpec;
 
-use support::harness::{Harness, NS, UsageBackfillBuilder};
-use support::status::message;
+use testkit::harness::{Harness, NS, UsageBackfillBuilder};
+use testkit::status::message;
 
 /// Eight months of history: nine slices or so.
 fn history() -> HistorySpec {

@@ -10,9 +10,8 @@
 //! - `--watch-secrets`: a created Secret is reacted to at once, and the
 //!   watch's initial list comes in pages.
 
-use usage_backfill_testkit as support;
-
 use std::time::{Duration, Instant};
+use usage_backfill_testkit as testkit;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, WatchParams};
@@ -23,9 +22,9 @@ use usage_backfill_standin::fixture::HistorySpec;
 use usage_backfill_testkit::apiserver::Recorded;
 use usage_backfill_testkit::apiserver::rbac::SecretAccess;
 
-use support::harness::{Harness, NS, SECRET, UsageBackfillBuilder, WAIT};
-use support::status::{cond, is, stalled};
-use support::{FakeApiServer, settings};
+use testkit::harness::{Harness, NS, SECRET, UsageBackfillBuilder, WAIT};
+use testkit::status::{cond, is, stalled};
+use testkit::{FakeApiServer, settings};
 use tokio_util::sync::CancellationToken;
 
 /// The recheck interval of the default-mode tests: short, so that a test
@@ -179,7 +178,7 @@ async fn by_default_only_a_changed_secret_value_restarts_a_failed_run() {
         })
         .await;
     assert_eq!(
-        support::status::conds(&failed),
+        testkit::status::conds(&failed),
         stalled("BackoffLimitExceeded")
     );
     assert!(failed.secret_digest.is_some());

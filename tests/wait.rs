@@ -2,11 +2,10 @@
 //! statuses a controller writes are set directly, and the outcome, the exit
 //! code and the progress lines are checked. Every wait is bounded.
 
-use usage_backfill_testkit as support;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use usage_backfill_testkit as testkit;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +15,7 @@ use usage_backfill_api::{
     UsageBackfillStatus,
 };
 
-use support::{FakeApiServer, Outage};
+use testkit::{FakeApiServer, Outage};
 
 const NS: &str = "tenant-a";
 
