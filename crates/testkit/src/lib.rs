@@ -4,6 +4,8 @@
 //! - this module: a PostgreSQL database per test ([`fresh_database`],
 //!   [`fresh_database_at`] a schema level), and [`at_both_levels!`];
 //! - [`apiserver`]: a fake Kubernetes API server at the HTTP level;
+//! - [`cluster`]: a real etcd and kube-apiserver, built from Go modules,
+//!   started per test process;
 //! - [`harness`]: the controller test harness and builder fixtures;
 //! - [`engine`]: engine runs and the independent correctness check;
 //! - [`status`]: reading conditions of a UsageBackfill status;
@@ -22,6 +24,7 @@
 //! with what was tried and how to fix it.
 
 pub mod apiserver;
+pub mod cluster;
 pub mod engine;
 pub mod harness;
 pub mod status;
