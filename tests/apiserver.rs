@@ -148,11 +148,11 @@ fn causes(e: &Status) -> Vec<(String, String)> {
 }
 
 /// A refusal by one broken rule, as the apiserver words it: the cause at
-/// the rule's node, `Invalid value: <message>` (an object's value is not
-/// shown), and the same in the Status message.
+/// the rule's node, `Invalid value: "object": <message>` (the node's type,
+/// not its value), and the same in the Status message.
 fn assert_refused_by(e: &Status, name: &str, field: &str, rule: rules::Rule) {
     assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"), "{e:?}");
-    let body = format!("Invalid value: {}", rule.message());
+    let body = format!("Invalid value: \"object\": {}", rule.message());
     assert_eq!(causes(e), [(field.to_owned(), body.clone())]);
     assert_eq!(
         e.message,
@@ -336,7 +336,7 @@ async fn a_schema_error_of_a_blocking_kind_stops_the_rules_and_says_so() {
     assert_eq!(
         found[1],
         (
-            String::new(),
+            "<nil>".to_owned(),
             "Invalid value: null: some validation rules were not checked because the object \
              was invalid; correct the existing errors to complete validation"
                 .to_owned()

@@ -1079,7 +1079,10 @@ fn patch_usage_backfill(
             new.as_object_mut().unwrap().remove("status");
         }
         if new["metadata"]["uid"] != old["metadata"]["uid"] {
-            return Err(invalid(name, &[("metadata.uid", "field is immutable")]));
+            return Err(invalid(
+                name,
+                &[("metadata.uid", "FieldValueInvalid", "field is immutable")],
+            ));
         }
         if !old["metadata"]["deletionTimestamp"].is_null() {
             let before: Vec<&Value> = old["metadata"]["finalizers"]
@@ -1099,6 +1102,7 @@ fn patch_usage_backfill(
                     name,
                     &[(
                         "metadata.finalizers",
+                        "FieldValueForbidden",
                         &format!(
                             "Forbidden: no new finalizers can be added if the object is being deleted, \
                              found new finalizers [{}]",
@@ -1128,9 +1132,9 @@ fn patch_usage_backfill(
     });
     ssa::set_owners(&mut new, &owners, UBF_API);
     admitted(new, Some(old)).map_err(|errors| {
-        let causes: Vec<(&str, &str)> = errors
+        let causes: Vec<(&str, &str, &str)> = errors
             .iter()
-            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .map(|e| (e.field.as_str(), e.reason, e.message.as_str()))
             .collect();
         invalid(name, &causes)
     })
@@ -1182,8 +1186,8 @@ fn admitted(mut v: Value, old: Option<&Value>) -> Result<Value, Vec<schema::Fiel
     }
 }
 
-/// 422 Invalid with one cause per field.
-fn invalid(name: &str, causes: &[(&str, &str)]) -> (StatusCode, FakeBody) {
+/// 422 Invalid with one cause per field: (field, reason, message).
+fn invalid(name: &str, causes: &[(&str, &str, &str)]) -> (StatusCode, FakeBody) {
     (
         StatusCode::UNPROCESSABLE_ENTITY,
         full(&invalid_status(name, causes)),
@@ -1193,9 +1197,9 @@ fn invalid(name: &str, causes: &[(&str, &str)]) -> (StatusCode, FakeBody) {
 /// The Status of a 422 Invalid, as apimachinery's `NewInvalid` builds it:
 /// one cause per field error, and a message listing them as its error
 /// aggregate does (one bare, several in brackets, each text once).
-fn invalid_status(name: &str, causes: &[(&str, &str)]) -> Value {
+fn invalid_status(name: &str, causes: &[(&str, &str, &str)]) -> Value {
     let mut text: Vec<String> = Vec::new();
-    for (f, m) in causes {
+    for (f, _, m) in causes {
         let t = format!("{f}: {m}");
         if !text.contains(&t) {
             text.push(t);
@@ -1216,8 +1220,8 @@ fn invalid_status(name: &str, causes: &[(&str, &str)]) -> Value {
             "name": name,
             "group": "usage.multica.ai",
             "kind": "UsageBackfill",
-            "causes": causes.iter().map(|(f, m)| json!({
-                "reason": "FieldValueInvalid",
+            "causes": causes.iter().map(|(f, r, m)| json!({
+                "reason": r,
                 "message": m,
                 "field": f,
             })).collect::<Vec<_>>(),
