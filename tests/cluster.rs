@@ -12,9 +12,13 @@
 //!   server as from the fake one (`usage_backfill_testkit::apiserver`): the
 //!   stored spec and status of a valid object, pruned and defaulted; the
 //!   code, reason, message and causes of a refusal, CEL rules and schema
-//!   errors alike;
+//!   errors alike; and the outcome of each step of a sequence of writes
+//!   (spec and status apart, server-side apply conflicts, stale
+//!   resourceVersions, finalizers and deletion);
 //! - the whole controller (`run_controllers`) runs a backfill against the
-//!   real API server and the test kit's PostgreSQL to Succeeded.
+//!   real API server and the test kit's PostgreSQL to Succeeded;
+//! - the real `helm` (built from `helm.sh/helm/v4`) installs the chart,
+//!   upgrades it to namespaced mode and uninstalls it.
 //!
 //! Where the two servers answer differently, the test prints every
 //! difference before it fails.
@@ -46,7 +50,9 @@ on_both_versions!(
     the_crd_is_established_with_its_printer_columns,
     valid_objects_are_stored_as_the_fake_stores_them,
     refusals_match_the_fake_api_server,
+    write_sequences_match_the_fake_api_server,
     the_controller_runs_a_backfill_to_success,
+    the_chart_installs_upgrades_and_uninstalls_with_helm,
 );
 
 /// Polls `check` every 200 ms until it gives `Some`, or panics after [`WAIT`].
@@ -362,6 +368,148 @@ async fn refusals_match_the_fake_api_server(version: &str) {
     assert_no_differences(version, &differences);
 }
 
+/// The outcome of one step, for comparing servers: a refusal as
+/// [`refusal_of`] gives it, or what the object holds after it.
+fn outcome(result: kube::Result<UsageBackfill>) -> Value {
+    match result {
+        Ok(o) => json!({
+            "generation": o.metadata.generation,
+            "finalizers": o.metadata.finalizers,
+            "deleting": o.metadata.deletion_timestamp.is_some(),
+            "spec": o.spec,
+            "status": o.status,
+        }),
+        Err(kube::Error::Api(s)) => refusal_of(&s),
+        Err(e) => json!({"error": e.to_string()}),
+    }
+}
+
+/// The writes the controller and its tests make, in order, on both
+/// servers: each step's outcome (the object after it, or the refusal)
+/// must be the same. (A PUT of a UsageBackfill is not among them: the fake
+/// does not serve it.)
+async fn write_sequences_match_the_fake_api_server(version: &str) {
+    let (_plane, client) = with_crd(version).await;
+    let ns = namespace(&client, "sequences").await;
+    let (fake_client, fake) = FakeApiServer::start();
+    create_raw(
+        &client,
+        &ns,
+        "s",
+        &serde_json::to_value(UsageBackfillSpec::new("app-db")).unwrap(),
+    )
+    .await
+    .unwrap();
+    fake.create(&ns, "s", UsageBackfillSpec::new("app-db"));
+    let servers = [
+        (
+            "kube-apiserver",
+            Api::<UsageBackfill>::namespaced(client.clone(), &ns),
+        ),
+        ("fake", Api::<UsageBackfill>::namespaced(fake_client, &ns)),
+    ];
+    let mut outcomes: Vec<Vec<(String, Value)>> = vec![Vec::new(), Vec::new()];
+    for (i, (_, api)) in servers.iter().enumerate() {
+        let mut step = |what: &str, result: kube::Result<UsageBackfill>| {
+            outcomes[i].push((what.to_owned(), outcome(result)));
+        };
+        let status = |manager: &str, phase: &str| {
+            (
+                PatchParams::apply(manager),
+                Patch::Apply(json!({
+                    "apiVersion": "usage.multica.ai/v1alpha1",
+                    "kind": "UsageBackfill",
+                    "status": {"phase": phase},
+                })),
+            )
+        };
+        step("get a missing object", api.get("missing").await);
+        step(
+            "a spec change moves the generation",
+            api.patch(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"backoffLimit": 2}})),
+            )
+            .await,
+        );
+        let (params, patch) = status("controller", "Running");
+        step(
+            "a status apply",
+            api.patch_status("s", &params, &patch).await,
+        );
+        let (params, patch) = status("intruder", "Failed");
+        step(
+            "a status apply conflicting with another manager",
+            api.patch_status("s", &params, &patch).await,
+        );
+        step(
+            "a main-resource write ignores the status",
+            api.patch(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": "Failed"}})),
+            )
+            .await,
+        );
+        step(
+            "a status write ignores the spec",
+            api.patch_status(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"backoffLimit": 5}})),
+            )
+            .await,
+        );
+        step(
+            "a finalizer added",
+            api.patch(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": ["usage.multica.ai/run"]}})),
+            )
+            .await,
+        );
+        // The fake's client is the operator's ServiceAccount, which may not
+        // delete: its test deletes as `kubectl` would, in the store.
+        let deleted = if i == 0 {
+            api.delete("s", &Default::default())
+                .await
+                .map(|d| d.left().expect("the object, waiting for its finalizer"))
+        } else {
+            fake.delete(&ns, "s");
+            api.get("s").await
+        };
+        step("a delete waits for the finalizer", deleted);
+        step(
+            "no finalizer may be added while deleting",
+            api.patch(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": ["usage.multica.ai/run", "x/y"]}})),
+            )
+            .await,
+        );
+        step(
+            "the last finalizer removed",
+            api.patch(
+                "s",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await,
+        );
+        step("then the object is gone", api.get("s").await);
+    }
+    let differences: Vec<(String, Value, Value)> = outcomes[0]
+        .iter()
+        .zip(&outcomes[1])
+        .filter(|((_, real), (_, fake))| real != fake)
+        .map(|((what, real), (_, fake))| (what.clone(), real.clone(), fake.clone()))
+        .collect();
+    assert_no_differences(version, &differences);
+}
+
 // ---------------------------------------------------------------------------
 // The controller
 // ---------------------------------------------------------------------------
@@ -438,4 +586,126 @@ async fn the_controller_runs_a_backfill_to_success(version: &str) {
         .expect("the controller stops")
         .expect("the controller does not panic");
     assert_eq!(left, 0, "no run left behind");
+}
+
+// ---------------------------------------------------------------------------
+// The chart, with the real helm
+// ---------------------------------------------------------------------------
+
+/// Runs the built `helm` against `plane` as its admin, with Helm's own
+/// directories in `home`; panics with its output when it fails.
+async fn helm(plane: &ControlPlane, home: &std::path::Path, args: &[&str]) -> String {
+    let bin = usage_backfill_testkit::cluster::helm_binary().unwrap_or_else(|e| panic!("{e}"));
+    let output = tokio::process::Command::new(bin)
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(plane.kubeconfig())
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .output()
+        .await
+        .expect("running helm");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "helm {} failed ({}):\n{text}",
+        args.join(" "),
+        output.status
+    );
+    text
+}
+
+/// `helm install`, `upgrade` (to namespaced mode, two replicas) and
+/// `uninstall` of the chart: every object it renders is accepted by the
+/// API server (schemas, RBAC escalation checks: the admin holds what the
+/// roles grant), the release records its revisions. No kubelet runs the
+/// Deployment: what a pod would do is the e2e test's part.
+async fn the_chart_installs_upgrades_and_uninstalls_with_helm(version: &str) {
+    let (plane, client) = with_crd(version).await;
+    let home = tempfile::tempdir().unwrap();
+    let release_ns = namespace(&client, "helm").await;
+    let watched = [
+        namespace(&client, "team").await,
+        namespace(&client, "team").await,
+    ];
+    let chart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/usage-backfill-operator"
+    );
+    let release = format!("ubf-{}", &release_ns[release_ns.len() - 5..]);
+    let ns_flag = ["--namespace", release_ns.as_str()];
+
+    let installed = helm(
+        plane,
+        home.path(),
+        &[&["install", &release, chart], &ns_flag[..]].concat(),
+    )
+    .await;
+    assert!(installed.contains("STATUS: deployed"), "{installed}");
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), &release_ns);
+    let deployment = deployments.get(&release).await.expect("the Deployment");
+    assert_eq!(deployment.spec.unwrap().replicas, Some(1));
+    let cluster_roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(client.clone());
+    cluster_roles
+        .get(&release)
+        .await
+        .expect("the cluster-wide mode's ClusterRole");
+
+    let watch = format!("watchNamespaces={{{},{}}}", watched[0], watched[1]);
+    let upgraded = helm(
+        plane,
+        home.path(),
+        &[
+            &[
+                "upgrade",
+                &release,
+                chart,
+                "--set",
+                &watch,
+                "--set",
+                "replicaCount=2",
+            ],
+            &ns_flag[..],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(upgraded.contains("REVISION: 2"), "{upgraded}");
+    let deployment = deployments.get(&release).await.expect("the Deployment");
+    assert_eq!(deployment.spec.unwrap().replicas, Some(2));
+    for ns in &watched {
+        Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), ns)
+            .get(&release)
+            .await
+            .unwrap_or_else(|e| panic!("the namespaced mode's Role in {ns}: {e}"));
+    }
+    assert!(
+        cluster_roles.get_opt(&release).await.unwrap().is_none(),
+        "the upgrade removed the cluster-wide ClusterRole"
+    );
+
+    let history = helm(
+        plane,
+        home.path(),
+        &[&["history", &release], &ns_flag[..]].concat(),
+    )
+    .await;
+    assert_eq!(
+        history.lines().count(),
+        3,
+        "a header and two revisions:\n{history}"
+    );
+    helm(
+        plane,
+        home.path(),
+        &[&["uninstall", &release], &ns_flag[..]].concat(),
+    )
+    .await;
+    assert!(deployments.get_opt(&release).await.unwrap().is_none());
 }

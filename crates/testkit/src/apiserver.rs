@@ -1027,22 +1027,8 @@ fn patch_usage_backfill(
                 subresource: subresource.clone(),
             };
             let force = r.query.get("force").map(String::as_str) == Some("true");
-            let applied =
-                ssa::apply(old, &applied, &manager, force, schema).map_err(|conflicts| {
-                    let list: Vec<String> = conflicts
-                        .iter()
-                        .map(|c| format!("conflict with \"{}\": {}", c.manager, c.field))
-                        .collect();
-                    status_error(
-                        409,
-                        "Conflict",
-                        &format!(
-                            "Apply failed with {} conflict(s): {}",
-                            list.len(),
-                            list.join(", ")
-                        ),
-                    )
-                })?;
+            let applied = ssa::apply(old, &applied, &manager, force, schema)
+                .map_err(|conflicts| apply_conflict(name, &conflicts))?;
             (applied.0, Some(applied.1))
         }
         Some("application/merge-patch+json") => {
@@ -1098,18 +1084,19 @@ fn patch_usage_backfill(
                 .map(|f| f.to_string())
                 .collect();
             if !added.is_empty() {
-                return Err(invalid(
-                    name,
-                    &[(
-                        "metadata.finalizers",
-                        "FieldValueForbidden",
-                        &format!(
-                            "Forbidden: no new finalizers can be added if the object is being deleted, \
-                             found new finalizers [{}]",
-                            added.join(" ")
-                        ),
-                    )],
-                ));
+                // Go's %#v of a []string. kube-apiserver 1.34 and 1.37 list
+                // this cause twice (the message, deduplicated, once).
+                let message = format!(
+                    "Forbidden: no new finalizers can be added if the object is being deleted, \
+                     found new finalizers []string{{{}}}",
+                    added.join(", ")
+                );
+                let cause = (
+                    "metadata.finalizers",
+                    "FieldValueForbidden",
+                    message.as_str(),
+                );
+                return Err(invalid(name, &[cause, cause]));
             }
         }
         new["metadata"]["deletionTimestamp"] = old["metadata"]["deletionTimestamp"].clone();
@@ -1569,8 +1556,52 @@ fn status_error(code: u16, reason: &str, message: &str) -> (StatusCode, FakeBody
     (StatusCode::from_u16(code).unwrap(), full(&body))
 }
 
+/// 404, naming the resource with its group as the apiserver does
+/// (`usagebackfills.usage.multica.ai "x" not found`; core resources bare).
 fn not_found(resource: &str, name: &str) -> (StatusCode, FakeBody) {
-    status_error(404, "NotFound", &format!("{resource} \"{name}\" not found"))
+    let qualified = match resource {
+        "usagebackfills" => "usagebackfills.usage.multica.ai",
+        "leases" => "leases.coordination.k8s.io",
+        other => other,
+    };
+    status_error(
+        404,
+        "NotFound",
+        &format!("{qualified} \"{name}\" not found"),
+    )
+}
+
+/// 409 of a server-side apply that conflicts, as the apiserver words it:
+/// `Apply failed with 1 conflict: conflict with "m" with subresource
+/// "status": .status.phase`, and one FieldManagerConflict cause each.
+fn apply_conflict(name: &str, conflicts: &[ssa::Conflict]) -> (StatusCode, FakeBody) {
+    let listed: Vec<String> = conflicts
+        .iter()
+        .map(|c| format!("{}: {}", c.owner(), c.field))
+        .collect();
+    let count = match conflicts.len() {
+        1 => "1 conflict".to_owned(),
+        n => format!("{n} conflicts"),
+    };
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "Status",
+        "status": "Failure",
+        "message": format!("Apply failed with {count}: {}", listed.join("\n")),
+        "reason": "Conflict",
+        "code": 409,
+        "details": {
+            "name": name,
+            "group": "usage.multica.ai",
+            "kind": "usagebackfills",
+            "causes": conflicts.iter().map(|c| json!({
+                "reason": "FieldManagerConflict",
+                "message": c.owner(),
+                "field": c.field,
+            })).collect::<Vec<_>>(),
+        },
+    });
+    (StatusCode::CONFLICT, full(&body))
 }
 
 /// What the fake does not implement: 418, and recorded as unexpected.

@@ -118,6 +118,19 @@ pub fn binaries(version: &str) -> Result<PathBuf, String> {
     ))
 }
 
+/// The `helm` that `tests/cluster/build.sh` built, or what to run to build it.
+pub fn helm_binary() -> Result<PathBuf, String> {
+    let path = cache_dir().join("helm/helm");
+    if path.is_file() {
+        return Ok(path);
+    }
+    Err(format!(
+        "helm is not built ({} is missing): run `bash tests/cluster/build.sh helm` once \
+         (needs Go 1.26; `.ci/run` does it), or set {CACHE_ENV} to where it was built",
+        path.display()
+    ))
+}
+
 /// A running throwaway control plane. Stopped and deleted on drop.
 pub struct ControlPlane {
     version: String,
