@@ -148,11 +148,11 @@ fn causes(e: &Status) -> Vec<(String, String)> {
 }
 
 /// A refusal by one broken rule, as the apiserver words it: the cause at
-/// the rule's node, `Invalid value: "object": <message>` (the node's type,
-/// not its value), and the same in the Status message.
+/// the rule's node, `Invalid value: <message>` (an object's value is not
+/// shown), and the same in the Status message.
 fn assert_refused_by(e: &Status, name: &str, field: &str, rule: rules::Rule) {
     assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"), "{e:?}");
-    let body = format!("Invalid value: \"object\": {}", rule.message());
+    let body = format!("Invalid value: {}", rule.message());
     assert_eq!(causes(e), [(field.to_owned(), body.clone())]);
     assert_eq!(
         e.message,
