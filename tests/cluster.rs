@@ -652,6 +652,8 @@ async fn the_chart_installs_upgrades_and_uninstalls_with_helm(version: &str) {
         "/charts/usage-backfill-operator"
     );
     let release = format!("ubf-{}", &release_ns[release_ns.len() - 5..]);
+    // The chart's fullname: `<release>-<chart>`.
+    let fullname = format!("{release}-usage-backfill-operator");
     let ns_flag = ["--namespace", release_ns.as_str()];
 
     let installed = helm(
@@ -663,11 +665,11 @@ async fn the_chart_installs_upgrades_and_uninstalls_with_helm(version: &str) {
     assert!(installed.contains("STATUS: deployed"), "{installed}");
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(client.clone(), &release_ns);
-    let deployment = deployments.get(&release).await.expect("the Deployment");
+    let deployment = deployments.get(&fullname).await.expect("the Deployment");
     assert_eq!(deployment.spec.unwrap().replicas, Some(1));
     let cluster_roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(client.clone());
     cluster_roles
-        .get(&release)
+        .get(&fullname)
         .await
         .expect("the cluster-wide mode's ClusterRole");
 
@@ -691,16 +693,16 @@ async fn the_chart_installs_upgrades_and_uninstalls_with_helm(version: &str) {
     )
     .await;
     assert!(upgraded.contains("REVISION: 2"), "{upgraded}");
-    let deployment = deployments.get(&release).await.expect("the Deployment");
+    let deployment = deployments.get(&fullname).await.expect("the Deployment");
     assert_eq!(deployment.spec.unwrap().replicas, Some(2));
     for ns in &watched {
         Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), ns)
-            .get(&release)
+            .get(&fullname)
             .await
             .unwrap_or_else(|e| panic!("the namespaced mode's Role in {ns}: {e}"));
     }
     assert!(
-        cluster_roles.get_opt(&release).await.unwrap().is_none(),
+        cluster_roles.get_opt(&fullname).await.unwrap().is_none(),
         "the upgrade removed the cluster-wide ClusterRole"
     );
 
@@ -721,5 +723,5 @@ async fn the_chart_installs_upgrades_and_uninstalls_with_helm(version: &str) {
         &[&["uninstall", &release], &ns_flag[..]].concat(),
     )
     .await;
-    assert!(deployments.get_opt(&release).await.unwrap().is_none());
+    assert!(deployments.get_opt(&fullname).await.unwrap().is_none());
 }

@@ -45,6 +45,17 @@
 //! Every request is recorded (method, resource, namespace, name,
 //! subresource, query, content type, JSON body, response code) so tests
 //! assert what requests mean, not how kube spells them.
+//!
+//! `tests/cluster.rs` compares this server with a real kube-apiserver (1.34
+//! and 1.37): stored objects, refusals (code, reason, message, causes) and
+//! the outcome of each step of the controller's writes must match. Not
+//! modelled, deliberately: 1.34's wording of a CEL refusal (`Invalid
+//! value: "object": ...`; this server words it as 1.37 does), the order of
+//! a refusal's causes (the real one follows Go's map iteration; this one
+//! sorts them by field), a PUT of a UsageBackfill (the controller never
+//! replaces one), and the `details` of a Status beyond its causes. What a
+//! real server cannot be made to do on demand stays this server's job:
+//! 410 Gone at a chosen moment, cut or slow connections, Lease clock skew.
 
 pub mod cel;
 pub mod over_http;
