@@ -336,7 +336,7 @@ async fn a_schema_error_of_a_blocking_kind_stops_the_rules_and_says_so() {
     assert_eq!(
         found[1],
         (
-            String::new(),
+            "<nil>".to_owned(),
             "Invalid value: null: some validation rules were not checked because the object \
              was invalid; correct the existing errors to complete validation"
                 .to_owned()

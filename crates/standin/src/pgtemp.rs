@@ -122,10 +122,10 @@ pub struct TempPostgresOptions {
 
 /// The OS account the server runs as when we are root.
 #[derive(Debug, Clone)]
-pub(crate) struct ServerUser {
-    pub(crate) name: String,
-    pub(crate) uid: u32,
-    pub(crate) gid: u32,
+pub struct ServerUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A running throwaway PostgreSQL server. Stopped and deleted on drop.
@@ -635,7 +635,7 @@ fn server_version(bindir: &Path) -> Result<String> {
 
 /// Effective uid, from the `Uid:` line of /proc/self/status (real, effective,
 /// saved, fs), falling back to the owner of /proc/self.
-pub(crate) fn effective_uid() -> Result<u32> {
+pub fn effective_uid() -> Result<u32> {
     if let Ok(status) = fs::read_to_string("/proc/self/status") {
         let euid = status
             .lines()
@@ -661,19 +661,21 @@ fn passwd_entries() -> Vec<Vec<String>> {
 }
 
 pub(crate) fn find_server_user() -> Result<ServerUser> {
+    ["postgres", "nobody"]
+        .into_iter()
+        .find_map(os_user)
+        .ok_or(Error::NoServerUser)
+}
+
+/// The OS account `name`, from /etc/passwd.
+pub fn os_user(name: &str) -> Option<ServerUser> {
     let entries = passwd_entries();
-    for wanted in ["postgres", "nobody"] {
-        if let Some(fields) = entries.iter().find(|f| f[0] == wanted)
-            && let (Ok(uid), Ok(gid)) = (fields[2].parse(), fields[3].parse())
-        {
-            return Ok(ServerUser {
-                name: wanted.to_owned(),
-                uid,
-                gid,
-            });
-        }
-    }
-    Err(Error::NoServerUser)
+    let fields = entries.iter().find(|f| f[0] == name)?;
+    Some(ServerUser {
+        name: name.to_owned(),
+        uid: fields[2].parse().ok()?,
+        gid: fields[3].parse().ok()?,
+    })
 }
 
 fn passwd_home(user: &str) -> Option<String> {

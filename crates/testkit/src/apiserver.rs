@@ -58,6 +58,17 @@
 //! Every request is recorded (method, resource, namespace, name,
 //! subresource, query, content type, JSON body, response code) so tests
 //! assert what requests mean, not how kube spells them.
+//!
+//! `tests/cluster.rs` compares this server with a real kube-apiserver (1.34
+//! and 1.37): stored objects, refusals (code, reason, message, causes) and
+//! the outcome of each step of the controller's writes must match. Not
+//! modelled, deliberately: 1.34's wording of a CEL refusal (`Invalid
+//! value: "object": ...`; this server words it as 1.37 does), the order of
+//! a refusal's causes (the real one follows Go's map iteration; this one
+//! sorts them by field), a PUT of a UsageBackfill (the controller never
+//! replaces one), and the `details` of a Status beyond its causes. What a
+//! real server cannot be made to do on demand stays this server's job:
+//! 410 Gone at a chosen moment, cut or slow connections, Lease clock skew.
 
 pub mod cel;
 pub mod events;
@@ -1109,10 +1120,10 @@ impl FakeApiServer {
                     && refusal.left > 0
                 {
                     refusal.left -= 1;
-                    let causes: Vec<(&str, &str)> = refusal
+                    let causes: Vec<(&str, &str, &str)> = refusal
                         .causes
                         .iter()
-                        .map(|(f, m)| (f.as_str(), m.as_str()))
+                        .map(|(f, m)| (f.as_str(), cause_reason(m), m.as_str()))
                         .collect();
                     return invalid(name, &causes);
                 }
@@ -1197,22 +1208,8 @@ fn patch_usage_backfill(
                 subresource: subresource.clone(),
             };
             let force = r.query.get("force").map(String::as_str) == Some("true");
-            let applied =
-                ssa::apply(old, &applied, &manager, force, schema).map_err(|conflicts| {
-                    let list: Vec<String> = conflicts
-                        .iter()
-                        .map(|c| format!("conflict with \"{}\": {}", c.manager, c.field))
-                        .collect();
-                    status_error(
-                        409,
-                        "Conflict",
-                        &format!(
-                            "Apply failed with {} conflict(s): {}",
-                            list.len(),
-                            list.join(", ")
-                        ),
-                    )
-                })?;
+            let applied = ssa::apply(old, &applied, &manager, force, schema)
+                .map_err(|conflicts| apply_conflict(name, &conflicts))?;
             (applied.0, Some(applied.1))
         }
         Some("application/merge-patch+json") => {
@@ -1249,7 +1246,10 @@ fn patch_usage_backfill(
             new.as_object_mut().unwrap().remove("status");
         }
         if new["metadata"]["uid"] != old["metadata"]["uid"] {
-            return Err(invalid(name, &[("metadata.uid", "field is immutable")]));
+            return Err(invalid(
+                name,
+                &[("metadata.uid", "FieldValueInvalid", "field is immutable")],
+            ));
         }
         if !old["metadata"]["deletionTimestamp"].is_null() {
             let before: Vec<&Value> = old["metadata"]["finalizers"]
@@ -1265,17 +1265,19 @@ fn patch_usage_backfill(
                 .map(|f| f.to_string())
                 .collect();
             if !added.is_empty() {
-                return Err(invalid(
-                    name,
-                    &[(
-                        "metadata.finalizers",
-                        &format!(
-                            "Forbidden: no new finalizers can be added if the object is being deleted, \
-                             found new finalizers [{}]",
-                            added.join(" ")
-                        ),
-                    )],
-                ));
+                // Go's %#v of a []string. kube-apiserver 1.34 and 1.37 list
+                // this cause twice (the message, deduplicated, once).
+                let message = format!(
+                    "Forbidden: no new finalizers can be added if the object is being deleted, \
+                     found new finalizers []string{{{}}}",
+                    added.join(", ")
+                );
+                let cause = (
+                    "metadata.finalizers",
+                    "FieldValueForbidden",
+                    message.as_str(),
+                );
+                return Err(invalid(name, &[cause, cause]));
             }
         }
         new["metadata"]["deletionTimestamp"] = old["metadata"]["deletionTimestamp"].clone();
@@ -1298,9 +1300,9 @@ fn patch_usage_backfill(
     });
     ssa::set_owners(&mut new, &owners, UBF_API);
     admitted(new, Some(old)).map_err(|errors| {
-        let causes: Vec<(&str, &str)> = errors
+        let causes: Vec<(&str, &str, &str)> = errors
             .iter()
-            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .map(|e| (e.field.as_str(), e.reason, e.message.as_str()))
             .collect();
         invalid(name, &causes)
     })
@@ -1363,8 +1365,8 @@ fn drop_status(v: &mut Value) {
     }
 }
 
-/// 422 Invalid with one cause per field.
-fn invalid(name: &str, causes: &[(&str, &str)]) -> (StatusCode, FakeBody) {
+/// 422 Invalid with one cause per field: (field, reason, message).
+fn invalid(name: &str, causes: &[(&str, &str, &str)]) -> (StatusCode, FakeBody) {
     (
         StatusCode::UNPROCESSABLE_ENTITY,
         full(&invalid_status(name, causes)),
@@ -1373,9 +1375,9 @@ fn invalid(name: &str, causes: &[(&str, &str)]) -> (StatusCode, FakeBody) {
 
 /// 422 Invalid for an Event of API group `group`.
 fn invalid_event(name: &str, group: &str, causes: &[(String, String)]) -> (StatusCode, FakeBody) {
-    let causes: Vec<(&str, &str)> = causes
+    let causes: Vec<(&str, &str, &str)> = causes
         .iter()
-        .map(|(f, m)| (f.as_str(), m.as_str()))
+        .map(|(f, m)| (f.as_str(), cause_reason(m), m.as_str()))
         .collect();
     let group = if group.is_empty() {
         ""
@@ -1389,16 +1391,16 @@ fn invalid_event(name: &str, group: &str, causes: &[(String, String)]) -> (Statu
 }
 
 /// The Status of a 422 Invalid of a UsageBackfill.
-fn invalid_status(name: &str, causes: &[(&str, &str)]) -> Value {
+fn invalid_status(name: &str, causes: &[(&str, &str, &str)]) -> Value {
     invalid_status_of("UsageBackfill", "usage.multica.ai", name, causes)
 }
 
 /// The Status of a 422 Invalid, as apimachinery's `NewInvalid` builds it:
 /// one cause per field error, and a message listing them as its error
 /// aggregate does (one bare, several in brackets, each text once).
-fn invalid_status_of(kind: &str, group: &str, name: &str, causes: &[(&str, &str)]) -> Value {
+fn invalid_status_of(kind: &str, group: &str, name: &str, causes: &[(&str, &str, &str)]) -> Value {
     let mut text: Vec<String> = Vec::new();
-    for (f, m) in causes {
+    for (f, _, m) in causes {
         let t = format!("{f}: {m}");
         if !text.contains(&t) {
             text.push(t);
@@ -1424,8 +1426,8 @@ fn invalid_status_of(kind: &str, group: &str, name: &str, causes: &[(&str, &str)
             "name": name,
             "group": group,
             "kind": kind,
-            "causes": causes.iter().map(|(f, m)| json!({
-                "reason": cause_reason(m),
+            "causes": causes.iter().map(|(f, r, m)| json!({
+                "reason": r,
                 "message": m,
                 "field": f,
             })).collect::<Vec<_>>(),
@@ -2171,8 +2173,52 @@ fn status_error(code: u16, reason: &str, message: &str) -> (StatusCode, FakeBody
     (StatusCode::from_u16(code).unwrap(), full(&body))
 }
 
+/// 404, naming the resource with its group as the apiserver does
+/// (`usagebackfills.usage.multica.ai "x" not found`; core resources bare).
 fn not_found(resource: &str, name: &str) -> (StatusCode, FakeBody) {
-    status_error(404, "NotFound", &format!("{resource} \"{name}\" not found"))
+    let qualified = match resource {
+        "usagebackfills" => "usagebackfills.usage.multica.ai",
+        "leases" => "leases.coordination.k8s.io",
+        other => other,
+    };
+    status_error(
+        404,
+        "NotFound",
+        &format!("{qualified} \"{name}\" not found"),
+    )
+}
+
+/// 409 of a server-side apply that conflicts, as the apiserver words it:
+/// `Apply failed with 1 conflict: conflict with "m" with subresource
+/// "status": .status.phase`, and one FieldManagerConflict cause each.
+fn apply_conflict(name: &str, conflicts: &[ssa::Conflict]) -> (StatusCode, FakeBody) {
+    let listed: Vec<String> = conflicts
+        .iter()
+        .map(|c| format!("{}: {}", c.owner(), c.field))
+        .collect();
+    let count = match conflicts.len() {
+        1 => "1 conflict".to_owned(),
+        n => format!("{n} conflicts"),
+    };
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "Status",
+        "status": "Failure",
+        "message": format!("Apply failed with {count}: {}", listed.join("\n")),
+        "reason": "Conflict",
+        "code": 409,
+        "details": {
+            "name": name,
+            "group": "usage.multica.ai",
+            "kind": "usagebackfills",
+            "causes": conflicts.iter().map(|c| json!({
+                "reason": "FieldManagerConflict",
+                "message": c.owner(),
+                "field": c.field,
+            })).collect::<Vec<_>>(),
+        },
+    });
+    (StatusCode::CONFLICT, full(&body))
 }
 
 /// What the fake does not implement: 418, and recorded as unexpected.

@@ -5,6 +5,8 @@
 //!   [`fresh_database_at`] a schema level), and [`at_both_levels!`];
 //! - [`apiserver`]: a fake Kubernetes API server at the HTTP level;
 //! - [`application`]: the application writing and ticking beside a backfill;
+//! - [`cluster`]: a real etcd and kube-apiserver, built from Go modules,
+//!   started per test process;
 //! - [`harness`]: the controller test harness and builder fixtures;
 //! - [`engine`]: engine runs and the independent correctness check;
 //! - [`instrument`]: the window function wrapped, its calls and the stamps logged;
@@ -25,6 +27,7 @@
 
 pub mod apiserver;
 pub mod application;
+pub mod cluster;
 pub mod engine;
 pub mod harness;
 pub mod instrument;

@@ -14,7 +14,9 @@
 //! - a broken rule is a `FieldValueInvalid` cause at the node's path, or
 //!   at the field its `fieldPath` names below the node, whose message is
 //!   `Invalid value: <message>` (the value itself is omitted for objects
-//!   and lists).
+//!   and lists), as kube-apiserver 1.37 words it. Not modelled: 1.34
+//!   shows the node's schema type there instead (`Invalid value:
+//!   "object": <message>`); `tests/cluster.rs` knows.
 //!
 //! The interpreter (cel-interpreter) is not Kubernetes' CEL: it lacks the
 //! optional syntax (`self.?x`), the Kubernetes string, list, regex and URL
@@ -69,6 +71,7 @@ impl Broken<'_> {
         };
         FieldError {
             field: self.field.clone(),
+            reason: "FieldValueInvalid",
             message: format!("Invalid value{shown}: {}", self.rule.message),
             blocks_rules: false,
         }

@@ -151,9 +151,9 @@ impl FakeApiServer {
         let name = name.as_str();
         let namespace = namespace.as_str();
         let mut obj = admitted(obj, None).map_err(|errors| {
-            let causes: Vec<(&str, &str)> = errors
+            let causes: Vec<(&str, &str, &str)> = errors
                 .iter()
-                .map(|e| (e.field.as_str(), e.message.as_str()))
+                .map(|e| (e.field.as_str(), e.reason, e.message.as_str()))
                 .collect();
             Box::new(
                 serde_json::from_value(invalid_status(name, &causes))

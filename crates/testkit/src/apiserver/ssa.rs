@@ -36,7 +36,21 @@ pub type Owners = BTreeMap<Manager, BTreeSet<Path>>;
 /// A conflict: the field and the manager owning it.
 pub struct Conflict {
     pub manager: String,
+    /// The owner's subresource (`status`), or empty.
+    pub subresource: String,
     pub field: String,
+}
+
+impl Conflict {
+    /// `conflict with "m" with subresource "status"`, as the apiserver
+    /// words an owner (its cause's message; the Status message adds
+    /// `: <field>`).
+    pub fn owner(&self) -> String {
+        match self.subresource.as_str() {
+            "" => format!("conflict with {:?}", self.manager),
+            sub => format!("conflict with {:?} with subresource {sub:?}", self.manager),
+        }
+    }
 }
 
 /// Reads `metadata.managedFields`.
@@ -304,6 +318,7 @@ pub fn apply(
         } else {
             conflicts.extend(clashing.iter().map(|p| Conflict {
                 manager: other.name.clone(),
+                subresource: other.subresource.clone(),
                 field: display(p),
             }));
         }
