@@ -1483,7 +1483,14 @@ async fn a_run_that_outlives_its_leadership_makes_the_replica_exit() {
         let (ra, leading, cancel) = (ra.clone(), ea.subscribe(), cancel.clone());
         async move { ra.lead_while_elected(leading, cancel).await }
     });
-    h.apply(UsageBackfillBuilder::new("stuck").sleep_between_slices("700ms"));
+    // One session, so that the walk (seven slices, a second apart) still
+    // has slices to go when leadership ends two seconds after the cut: two
+    // sessions could finish and stamp first.
+    h.apply(
+        UsageBackfillBuilder::new("stuck")
+            .sleep_between_slices("1s")
+            .edit(|s| s.parallelism = 1),
+    );
     h.wait_running("stuck", 1).await;
     let watermark = h.watermark().await;
 
