@@ -1324,7 +1324,7 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
     // Other changes to the same object do not stop the run's writes.
     fake.edit_spec(NS, "hook", |s| s.run_id = "2".into());
     assert_eq!(
-        writes::apply_status_of(&api, "hook", &uid, &running)
+        writes::apply_status_of(&api, "hook", &uid, &running, &mut None)
             .await
             .unwrap(),
         Guarded::Written
@@ -1357,7 +1357,7 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
     fake.delete(NS, "hook");
     // Held by the finalizer, being deleted: no status is written to it.
     assert_eq!(
-        writes::apply_status_of(&api, "hook", &uid, &running)
+        writes::apply_status_of(&api, "hook", &uid, &running, &mut None)
             .await
             .unwrap(),
         Guarded::Deleting
@@ -1371,7 +1371,7 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
     .unwrap();
     assert!(fake.get_raw(NS, "hook").is_none());
     assert_eq!(
-        writes::apply_status_of(&api, "hook", &uid, &running)
+        writes::apply_status_of(&api, "hook", &uid, &running, &mut None)
             .await
             .unwrap(),
         Guarded::Gone
@@ -1386,13 +1386,13 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
     .unwrap();
     let before = fake.get_raw(NS, "hook").unwrap();
     assert_eq!(
-        writes::apply_status_of(&api, "hook", &uid, &running)
+        writes::apply_status_of(&api, "hook", &uid, &running, &mut None)
             .await
             .unwrap(),
         Guarded::Recreated
     );
     assert!(
-        !writes::remove_finalizer_of(&api, "hook", Some(&uid))
+        !writes::remove_finalizer_of(&api, "hook", Some(&uid), &mut None)
             .await
             .unwrap(),
         "the new object's finalizer is not the old run's to remove"
