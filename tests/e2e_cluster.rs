@@ -553,7 +553,13 @@ impl Replica {
             },
             concurrency: 2,
             health_addr: health,
-            settings: Settings::default(),
+            // Every slice's progress (as the other tests): the handover
+            // and deletion steps are timed on progress seen mid-run.
+            settings: {
+                let mut s = Settings::default();
+                s.runner.progress_interval = Duration::ZERO;
+                s
+            },
             shutdown_timeout: Duration::from_secs(25),
             lease: Some(LeaseSettings {
                 name: LEASE_NAME.into(),
