@@ -968,8 +968,8 @@ fn the_rules_file_splits_into_the_operators_role_and_the_lease_role() {
     );
     for (resource, verb) in [
         ("usagebackfills", "watch"),
+        ("usagebackfills", "patch"),
         ("usagebackfills/status", "patch"),
-        ("usagebackfills/finalizers", "update"),
     ] {
         assert!(
             grants(&operator, "usage.multica.ai", resource, verb),
