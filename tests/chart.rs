@@ -92,27 +92,21 @@ fn define<'a>(helpers: &'a str, name: &str) -> &'a str {
 }
 
 /// What the controller does with each resource it touches, per watched
-/// namespace: reconcile UsageBackfills (finalizer patch, status by
-/// server-side apply), read the Secrets they name (get; with
-/// `secrets.watch`, also the metadata watch: [`SECRET_WATCH_NEEDS`]),
-/// record Events (kube's Recorder: events.k8s.io, core for older clusters),
-/// keep the walk's progress records (ConfigMaps: get by name, server-side
-/// apply, which also creates, delete once stamped).
+/// namespace: reconcile UsageBackfills (list and watch, get before acting,
+/// finalizer patch, status by server-side apply), read the Secrets they
+/// name (get; with `secrets.watch`, also the metadata watch:
+/// [`SECRET_WATCH_NEEDS`]), create Events (kube's Recorder: events.k8s.io
+/// only), keep the walk's progress records (ConfigMaps: get by name,
+/// server-side apply, which also creates, delete once stamped).
 const WATCH_NEEDS: &[(&str, &str, &[&str])] = &[
     (
         "usage.multica.ai",
         "usagebackfills",
-        &["get", "list", "watch", "patch", "update"],
+        &["get", "list", "watch", "patch"],
     ),
-    (
-        "usage.multica.ai",
-        "usagebackfills/status",
-        &["get", "patch", "update"],
-    ),
-    ("usage.multica.ai", "usagebackfills/finalizers", &["update"]),
+    ("usage.multica.ai", "usagebackfills/status", &["patch"]),
     ("", "secrets", &["get"]),
-    ("events.k8s.io", "events", &["create", "patch"]),
-    ("", "events", &["create", "patch"]),
+    ("events.k8s.io", "events", &["create"]),
     ("", "configmaps", &["get", "create", "patch", "delete"]),
 ];
 

@@ -167,6 +167,10 @@ impl Operator {
                 "200ms",
                 "--shutdown-timeout",
                 "10s",
+                // Every slice's progress, as in the other tests: the kill
+                // is timed on progress recorded mid-run.
+                "--progress-interval",
+                "0s",
             ])
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "trace")

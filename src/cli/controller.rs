@@ -13,6 +13,10 @@ use usage_backfill_engine::duration;
 
 use super::exit;
 
+/// Longest `--progress-interval`: beyond the heartbeat (15s) it changes
+/// nothing, and a larger value is more likely a unit mistake.
+const PROGRESS_INTERVAL_MAX: Duration = Duration::from_secs(15 * 60);
+
 /// Flags of `usage-backfill controller`.
 #[derive(Debug, Clone, Args)]
 pub struct ControllerArgs {
@@ -48,6 +52,12 @@ pub struct ControllerArgs {
     /// save their cursor.
     #[arg(long, value_parser = duration::clap_parse, default_value = "25s")]
     pub shutdown_timeout: Duration,
+    /// A run writes its slice progress (status and progress record) at
+    /// most this often; phase changes and the final status go out at once,
+    /// and a heartbeat every 15s carries the progress too. 0s writes every
+    /// slice. At most 15m.
+    #[arg(long, value_parser = duration::clap_parse, default_value = "5s")]
+    pub progress_interval: Duration,
     /// How often a UsageBackfill waiting for its Secret or a retry, or
     /// Failed, reads its Secrets again (a created Secret starts the run, a
     /// changed value restarts a Failed one): the longest such reaction
@@ -138,6 +148,13 @@ impl ControllerArgs {
             ));
         }
         settings.secret_recheck_interval = self.secret_recheck_interval;
+        if self.progress_interval > PROGRESS_INTERVAL_MAX {
+            return Err(format!(
+                "--progress-interval must be at most {}",
+                duration::format(PROGRESS_INTERVAL_MAX)
+            ));
+        }
+        settings.runner.progress_interval = self.progress_interval;
         settings.watch_secrets = self.watch_secrets;
         Ok(Config {
             namespaces: self.namespaces.clone(),
@@ -188,6 +205,11 @@ mod tests {
         assert!(w.args.session_settings.is_empty());
         let s = w.args.config().unwrap().settings;
         assert_eq!(s.runner.backoff.base, Duration::from_secs(10));
+        assert_eq!(
+            s.runner.progress_interval,
+            usage_backfill_controller::DEFAULT_PROGRESS_INTERVAL
+        );
+        assert_eq!(s.runner.progress_interval, Duration::from_secs(5));
         assert_eq!(s.runner.backoff.max, Duration::from_secs(300));
 
         let w = Wrap::try_parse_from([
@@ -208,6 +230,13 @@ mod tests {
             [("work_mem".to_owned(), "64MB".to_owned())]
         );
         assert!(Wrap::try_parse_from(["x", "--concurrency", "0"]).is_err());
+
+        let config = |flag: &str| Wrap::try_parse_from(["x", flag]).unwrap().args.config();
+        let every = |flag| config(flag).unwrap().settings.runner.progress_interval;
+        assert_eq!(every("--progress-interval=30s"), Duration::from_secs(30));
+        assert_eq!(every("--progress-interval=0s"), Duration::ZERO);
+        let e = config("--progress-interval=1h").unwrap_err();
+        assert!(e.contains("--progress-interval"), "{e}");
     }
 
     #[test]

@@ -52,32 +52,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-What the controller does in a watched namespace: reconcile UsageBackfills
-(finalizer by patch, status by server-side apply), read the Secrets they
-reference (by name: get only), record Events (events.k8s.io, core as a
-fallback), and keep the walk's progress records (ConfigMaps
-usage-backfill-progress-*, read by name, written by server-side apply,
-deleted once stamped) that a recreated UsageBackfill resumes from.
+What the controller does in a watched namespace, verb by verb: watch
+UsageBackfills (list, watch), read one before acting on it (get), patch its
+finalizer, apply its status (patch), read the Secrets they reference (by
+name: get only), create Events (events.k8s.io only), and keep the walk's
+progress records (ConfigMaps usage-backfill-progress-*, read by name,
+written by server-side apply, which creates, deleted once stamped) that a
+recreated UsageBackfill resumes from. Nothing is ever updated (PUT).
 */}}
 {{- define "usage-backfill-operator.watchRules" -}}
 - apiGroups: ["usage.multica.ai"]
   resources: ["usagebackfills"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["usage.multica.ai"]
   resources: ["usagebackfills/status"]
-  verbs: ["get", "patch", "update"]
-- apiGroups: ["usage.multica.ai"]
-  resources: ["usagebackfills/finalizers"]
-  verbs: ["update"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch", "delete"]

@@ -71,7 +71,7 @@ pub use errors::{Error, Result};
 pub use leader::{Election, LeaseSettings};
 pub use metrics::Metrics;
 pub use reconcile::{error_policy, reconcile};
-pub use runner::{ObjectKey, Runner, RunnerSettings};
+pub use runner::{DEFAULT_PROGRESS_INTERVAL, ObjectKey, Runner, RunnerSettings};
 
 use usage_backfill_api::UsageBackfill;
 

@@ -1,7 +1,15 @@
-//! One reconcile: fetch (the object, fresh, and its Secrets) → decide
+//! One reconcile: fetch (the object and its Secrets) → decide
 //! ([`decide`], pure) → act (start, cancel or observe a run task; add or
 //! remove the finalizer) → status (server-side apply, only when it
 //! changed, with an Event on each change). It never waits for a backfill.
+//!
+//! The object is the reflector's copy the controller hands over, which can
+//! lag behind the API server (a write of this process not yet back through
+//! the watch). A decision that leaves everything as it is (observe a run,
+//! wait, nothing to do) is safe on it: a newer version of the object
+//! brings another reconcile. Anything else (a write, a cancel, a start) is
+//! decided again on a fresh GET before it is done. So the reconcile each
+//! progress write of a run triggers through the watch makes no request.
 
 use std::sync::Arc;
 
@@ -40,7 +48,7 @@ pub async fn reconcile(obj: Arc<UsageBackfill>, ctx: Arc<Context>) -> Result<Req
     // Not `name`: the JSON log format writes the span's own name under that key.
     let span =
         tracing::info_span!("reconcile", namespace = %key.namespace, usagebackfill = %key.name);
-    let result = reconcile_key(&key, &ctx).instrument(span).await;
+    let result = reconcile_key(&key, &obj, &ctx).instrument(span).await;
     ctx.metrics.reconciled(result.as_ref().map(drop));
     match &result {
         Ok(_) => ctx.forget_failures(&key),
@@ -90,48 +98,181 @@ pub fn error_policy(obj: Arc<UsageBackfill>, error: &Error, ctx: Arc<Context>) -
     Requeue::requeue(ctx.next_failure_delay(&key))
 }
 
-async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
+/// What a reconcile decided from one read of the object.
+struct Plan {
+    identity: Identity,
+    status: Status,
+    deleting: bool,
+    has_finalizer: bool,
+    valid: bool,
+    inputs: Inputs,
+    now: Timestamp,
+    action: Action,
+    /// The status to write and the Event to publish of a report action.
+    report: Option<(Status, EventReason)>,
+}
+
+impl Plan {
+    /// Reads the Secrets `obj` needs (unless a task runs or it is being
+    /// deleted) and decides.
+    async fn of(
+        ctx: &Context,
+        key: &ObjectKey,
+        obj: &UsageBackfill,
+        task: &TaskView,
+    ) -> Result<Plan> {
+        let identity = Identity::new(
+            obj.meta().generation.unwrap_or_default(),
+            obj.spec.run_id.clone(),
+        );
+        let status = obj.status.clone().unwrap_or_default();
+        let deleting = obj.meta().deletion_timestamp.is_some();
+        let has_finalizer = writes::has_finalizer(obj);
+        let valid = obj.spec.validate();
+        let inputs = match &valid {
+            Ok(v) if !deleting && !matches!(task, TaskView::Active { .. }) => {
+                inputs::read(&ctx.client, &key.namespace, &obj.spec, v).await?
+            }
+            _ => Inputs::not_read(),
+        };
+        let now = Timestamp::now();
+        let action = decide::decide(&Observed {
+            identity: identity.clone(),
+            spec: valid.as_ref(),
+            status: &status,
+            deleting,
+            has_finalizer,
+            task,
+            secret: &inputs.lookup,
+            now,
+            backoff: ctx.settings.runner.backoff,
+        });
+        let report = report_of(&action, &status, &identity, &inputs, now);
+        Ok(Plan {
+            identity,
+            status,
+            deleting,
+            has_finalizer,
+            valid: valid.is_ok(),
+            inputs,
+            now,
+            action,
+            report,
+        })
+    }
+
+    /// Whether acting on this plan makes no request and changes nothing,
+    /// so that the reflector's copy of the object may be out of date.
+    fn is_quiet(&self, ctx: &Context, key: &ObjectKey, task: &TaskView) -> bool {
+        let acts = match &self.action {
+            Action::NothingToDo | Action::Observe | Action::WaitBackoff(_) => false,
+            Action::ReportInvalid(_)
+            | Action::ReportSecretProblem(_)
+            | Action::ReportUnusableSecret(_)
+            | Action::Suspended => self
+                .report
+                .as_ref()
+                .is_some_and(|(new, _)| *new != self.status),
+            Action::StartRun(_)
+            | Action::CancelObsolete
+            | Action::CancelForDeletion
+            | Action::RemoveFinalizer
+            | Action::SettleFinished => true,
+        };
+        // An unsettled task is settled or forgotten by its identity, and a
+        // finalizer without a run is removed: both by what the object is now.
+        !acts
+            && !matches!(task, TaskView::Unsettled { .. })
+            && !self.drops_stray_finalizer(ctx, key)
+    }
+
+    /// A finalizer with no run behind it (a crash between the final status
+    /// and its removal) only blocks deletion: it is dropped.
+    fn drops_stray_finalizer(&self, ctx: &Context, key: &ObjectKey) -> bool {
+        self.has_finalizer && !self.deleting && !ctx.runner.is_active(key)
+    }
+}
+
+/// The status and Event of a report action (and of Suspended).
+fn report_of(
+    action: &Action,
+    status: &Status,
+    identity: &Identity,
+    inputs: &Inputs,
+    now: Timestamp,
+) -> Option<(Status, EventReason)> {
+    match action {
+        Action::ReportInvalid(e) => Some((
+            status::invalid_spec(status, identity, e, now),
+            EventReason::InvalidSpec,
+        )),
+        Action::ReportSecretProblem(p) => {
+            let reason = match p.reason() {
+                usage_backfill_api::Reason::SecretNotFound => EventReason::SecretNotFound,
+                _ => EventReason::SecretKeyMissing,
+            };
+            Some((status::secret_problem(status, identity, p, now), reason))
+        }
+        Action::ReportUnusableSecret(e) => {
+            let (versions, digest) = match &inputs.lookup {
+                SecretLookup::Unusable {
+                    versions, digest, ..
+                } => (versions.as_str(), Some(digest.clone())),
+                _ => ("", None),
+            };
+            let mut new =
+                status::unusable_secret(status, identity, e, versions, &inputs.redactor, now);
+            new.secret_digest = digest;
+            Some((new, EventReason::Failed))
+        }
+        Action::Suspended => Some((
+            status::suspended(status, identity, now),
+            EventReason::Suspended,
+        )),
+        _ => None,
+    }
+}
+
+async fn reconcile_key(key: &ObjectKey, cached: &UsageBackfill, ctx: &Context) -> Result<Requeue> {
     let api: Api<UsageBackfill> = Api::namespaced(ctx.client.clone(), &key.namespace);
     // The task first, the object second: a task that ends in between has
-    // written its final status before leaving, so the read sees it.
+    // written its final status before leaving, so the fresh read sees it
+    // (and a stale copy never decides more than to wait).
     let task = ctx.runner.view(key);
-    let read = |source| Error::Read {
-        kind: "UsageBackfill",
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-        source,
+    let plan = Plan::of(ctx, key, cached, &task).await?;
+    let (obj, plan) = if plan.is_quiet(ctx, key, &task) {
+        (cached.clone(), plan)
+    } else {
+        let read = |source| Error::Read {
+            kind: "UsageBackfill",
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            source,
+        };
+        let Some(fresh) = api.get_opt(&key.name).await.map_err(read)? else {
+            ctx.runner.cancel(key, CancelReason::Deletion);
+            ctx.runner.forget(key);
+            return Ok(Requeue::await_change());
+        };
+        // The same version decides the same: no second read of the Secrets.
+        let plan = if fresh.resource_version() == cached.resource_version() {
+            plan
+        } else {
+            Plan::of(ctx, key, &fresh, &task).await?
+        };
+        (fresh, plan)
     };
-    let Some(obj) = api.get_opt(&key.name).await.map_err(read)? else {
-        ctx.runner.cancel(key, CancelReason::Deletion);
-        ctx.runner.forget(key);
-        return Ok(Requeue::await_change());
-    };
-    let identity = Identity::new(
-        obj.meta().generation.unwrap_or_default(),
-        obj.spec.run_id.clone(),
-    );
-    let status = obj.status.clone().unwrap_or_default();
-    let deleting = obj.meta().deletion_timestamp.is_some();
-    let has_finalizer = writes::has_finalizer(&obj);
-    let valid = obj.spec.validate();
-    let inputs = match &valid {
-        Ok(v) if !deleting && !matches!(task, TaskView::Active { .. }) => {
-            inputs::read(&ctx.client, &key.namespace, &obj.spec, v).await?
-        }
-        _ => Inputs::not_read(),
-    };
-    let now = Timestamp::now();
-    let action = decide::decide(&Observed {
-        identity: identity.clone(),
-        spec: valid.as_ref(),
-        status: &status,
+    let Plan {
+        identity,
+        status,
         deleting,
         has_finalizer,
-        task: &task,
-        secret: &inputs.lookup,
+        valid,
+        inputs,
         now,
-        backoff: ctx.settings.runner.backoff,
-    });
+        action,
+        report,
+    } = plan;
     tracing::debug!(object = %key, ?action, "decided");
     if matches!(task, TaskView::Unsettled { .. }) && action != Action::SettleFinished {
         ctx.runner.forget(key);
@@ -150,7 +291,7 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
         // A Failed run restarts when its Secret's value changes: read it
         // again on the recheck schedule (decide() compares the digest, so
         // an unchanged value changes nothing, and writes nothing).
-        Action::NothingToDo if status.phase == Some(Phase::Failed) && valid.is_ok() => {
+        Action::NothingToDo if status.phase == Some(Phase::Failed) && valid => {
             Requeue::requeue(ctx.settings.secret_recheck_interval)
         }
         Action::NothingToDo => Requeue::await_change(),
@@ -164,39 +305,19 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
             act.start(start, inputs).await?;
             Requeue::requeue(ctx.settings.observe_interval)
         }
-        Action::ReportInvalid(e) => {
-            let new = status::invalid_spec(&status, &identity, &e, now);
-            act.report(new, EventReason::InvalidSpec).await?;
+        Action::ReportInvalid(_) | Action::Suspended => {
+            if let Some((new, reason)) = report {
+                act.report(new, reason).await?;
+            }
             Requeue::await_change()
         }
-        Action::ReportSecretProblem(p) => {
-            let new = status::secret_problem(&status, &identity, &p, now);
-            let reason = match p.reason() {
-                usage_backfill_api::Reason::SecretNotFound => EventReason::SecretNotFound,
-                _ => EventReason::SecretKeyMissing,
-            };
-            act.report(new, reason).await?;
-            // Without the Secret watch, this is what brings us back.
+        // Without the Secret watch, this is what brings us back; an
+        // unusable Secret stays Failed until it (or the spec) changes.
+        Action::ReportSecretProblem(_) | Action::ReportUnusableSecret(_) => {
+            if let Some((new, reason)) = report {
+                act.report(new, reason).await?;
+            }
             Requeue::requeue(ctx.settings.secret_recheck_interval)
-        }
-        Action::ReportUnusableSecret(e) => {
-            let (versions, digest) = match &inputs.lookup {
-                SecretLookup::Unusable {
-                    versions, digest, ..
-                } => (versions.as_str(), Some(digest.clone())),
-                _ => ("", None),
-            };
-            let mut new =
-                status::unusable_secret(&status, &identity, &e, versions, &inputs.redactor, now);
-            new.secret_digest = digest;
-            act.report(new, EventReason::Failed).await?;
-            // Failed until the Secret (or the spec) changes.
-            Requeue::requeue(ctx.settings.secret_recheck_interval)
-        }
-        Action::Suspended => {
-            let new = status::suspended(&status, &identity, now);
-            act.report(new, EventReason::Suspended).await?;
-            Requeue::await_change()
         }
         Action::CancelObsolete => {
             ctx.runner.cancel(key, CancelReason::Obsolete);
@@ -214,7 +335,9 @@ async fn reconcile_key(key: &ObjectKey, ctx: &Context) -> Result<Requeue> {
         Action::SettleFinished => {
             if let TaskView::Unsettled { final_status, .. } = &task {
                 let uid = ctx.runner.run_uid(key);
-                super::runner::settle(&api, &key.name, uid.as_deref(), final_status.as_deref())
+                let mut seen = Some(obj.clone());
+                let final_status = final_status.as_deref();
+                super::runner::settle(&api, &key.name, uid.as_deref(), final_status, &mut seen)
                     .await
                     .map_err(|source| Error::WriteStatus {
                         namespace: key.namespace.clone(),
@@ -245,7 +368,8 @@ struct Act<'a> {
 }
 
 impl Act<'_> {
-    async fn write_status(&self, new: &Status) -> Result<()> {
+    /// Writes `new`; returns the object as written.
+    async fn write_status(&self, new: &Status) -> Result<UsageBackfill> {
         writes::apply_status(self.api, &self.key.name, new)
             .await
             .map_err(|source| Error::WriteStatus {
@@ -280,8 +404,11 @@ impl Act<'_> {
         Ok(())
     }
 
+    /// Removes the finalizer, guarded by the object as read (a 409 reads
+    /// it again).
     async fn remove_finalizer(&self) -> Result<()> {
-        writes::remove_finalizer(self.api, &self.key.name)
+        let mut seen = Some(self.obj.clone());
+        writes::remove_finalizer_of(self.api, &self.key.name, None, &mut seen)
             .await
             .map(drop)
             .map_err(|source| Error::Finalizer {
@@ -328,7 +455,7 @@ impl Act<'_> {
             status::offered_progress(&mut new, note, self.now);
         }
         new.secret_digest = Some(digest.clone());
-        self.write_status(&new).await?;
+        let written = self.write_status(&new).await?;
         let note = new.message(ConditionType::Reconciling);
         let regarding = self.obj.object_ref(&());
         self.ctx
@@ -358,6 +485,7 @@ impl Act<'_> {
             max_attempts: start.max_attempts,
             redactor: inputs.redactor,
             progress,
+            object: Some(written),
         });
         Ok(())
     }

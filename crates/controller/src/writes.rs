@@ -7,9 +7,15 @@
 //! while a run for the old one is still writing. The apiserver ignores a
 //! UID sent to the `status` subresource (its status strategy copies the
 //! stored metadata over the request's), so the guard is the
-//! resourceVersion it does honour: read the object, check its UID, and
-//! write with that resourceVersion; a 409 (anything changed since) reads
-//! again. A write can then only land on the object whose UID was checked.
+//! resourceVersion it does honour: check the UID of the object as last
+//! seen, and write with that object's resourceVersion; a 409 (anything
+//! changed since) reads it again. A write can then only land on the object
+//! whose UID was checked.
+//!
+//! The object "as last seen" is the answer to the caller's previous write
+//! (or the reflector's copy), never a GET made just for the write: during
+//! a run nothing else writes the object, so a write costs one request, and
+//! only a change made by someone else (a 409) costs a read.
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
@@ -28,12 +34,13 @@ pub const FINALIZER: &str = "usage.multica.ai/run-cleanup";
 const CONFLICT_RETRIES: usize = 5;
 
 /// Applies the complete status. Server-side apply removes whatever this
-/// manager stops sending, so `status` must be the whole status.
+/// manager stops sending, so `status` must be the whole status. Returns
+/// the object as written.
 pub async fn apply_status(
     api: &Api<UsageBackfill>,
     name: &str,
     status: &UsageBackfillStatus,
-) -> kube::Result<()> {
+) -> kube::Result<UsageBackfill> {
     let patch = json!({
         "apiVersion": UsageBackfill::api_version(&()),
         "kind": UsageBackfill::kind(&()),
@@ -44,8 +51,7 @@ pub async fn apply_status(
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// What became of a write guarded by the object's UID.
@@ -60,17 +66,33 @@ pub enum Guarded {
     Recreated,
 }
 
+/// The object of `name` as last seen, taken out of `seen`; read when
+/// there is none. `None` when it is gone.
+async fn last_seen(
+    api: &Api<UsageBackfill>,
+    name: &str,
+    seen: &mut Option<UsageBackfill>,
+) -> kube::Result<Option<UsageBackfill>> {
+    match seen.take() {
+        Some(obj) => Ok(Some(obj)),
+        None => api.get_opt(name).await,
+    }
+}
+
 /// Applies the complete status to `name` only while it is the object
-/// with `uid` (see the module doc).
+/// with `uid` (see the module doc). `seen` is the object as last seen
+/// (`None`: read it first); it is left holding the object as written, for
+/// the next write, or `None` when the next write has to read it.
 pub async fn apply_status_of(
     api: &Api<UsageBackfill>,
     name: &str,
     uid: &str,
     status: &UsageBackfillStatus,
+    seen: &mut Option<UsageBackfill>,
 ) -> kube::Result<Guarded> {
     let mut tries = 0;
     loop {
-        let Some(obj) = api.get_opt(name).await? else {
+        let Some(obj) = last_seen(api, name, seen).await? else {
             return Ok(Guarded::Gone);
         };
         if obj.uid().as_deref() != Some(uid) {
@@ -93,7 +115,10 @@ pub async fn apply_status_of(
             )
             .await;
         match written {
-            Ok(_) => return Ok(Guarded::Written),
+            Ok(written) => {
+                *seen = Some(written);
+                return Ok(Guarded::Written);
+            }
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Guarded::Gone),
             Err(kube::Error::Api(e)) if e.code == 409 && tries < CONFLICT_RETRIES => tries += 1,
             Err(e) => return Err(e),
@@ -112,25 +137,27 @@ pub async fn add_finalizer(api: &Api<UsageBackfill>, obj: &UsageBackfill) -> kub
     }
     let mut finalizers = obj.finalizers().to_vec();
     finalizers.push(FINALIZER.to_owned());
-    patch_finalizers(api, obj, finalizers).await
+    patch_finalizers(api, obj, finalizers).await.map(drop)
 }
 
 /// Removes the finalizer, reading the object first; retried on conflicts.
 /// Returns false when the object is gone.
 pub async fn remove_finalizer(api: &Api<UsageBackfill>, name: &str) -> kube::Result<bool> {
-    remove_finalizer_of(api, name, None).await
+    remove_finalizer_of(api, name, None, &mut None).await
 }
 
-/// As [`remove_finalizer`], only from the object with `uid` when given:
-/// another object under the name counts as gone.
+/// As [`remove_finalizer`], only from the object with `uid` when given
+/// (another object under the name counts as gone), and from `seen`, the
+/// object as last seen, when there is one (see [`apply_status_of`]).
 pub async fn remove_finalizer_of(
     api: &Api<UsageBackfill>,
     name: &str,
     uid: Option<&str>,
+    seen: &mut Option<UsageBackfill>,
 ) -> kube::Result<bool> {
     let mut tries = 0;
     loop {
-        let Some(obj) = api.get_opt(name).await? else {
+        let Some(obj) = last_seen(api, name, seen).await? else {
             return Ok(false);
         };
         if uid.is_some_and(|u| obj.uid().as_deref() != Some(u)) {
@@ -146,7 +173,10 @@ pub async fn remove_finalizer_of(
             .cloned()
             .collect();
         match patch_finalizers(api, &obj, rest).await {
-            Ok(()) => return Ok(true),
+            Ok(written) => {
+                *seen = Some(written);
+                return Ok(true);
+            }
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
             Err(kube::Error::Api(e)) if e.code == 409 && tries < CONFLICT_RETRIES => tries += 1,
             Err(e) => return Err(e),
@@ -158,7 +188,7 @@ async fn patch_finalizers(
     api: &Api<UsageBackfill>,
     obj: &UsageBackfill,
     finalizers: Vec<String>,
-) -> kube::Result<()> {
+) -> kube::Result<UsageBackfill> {
     let patch = json!({
         "metadata": {
             "resourceVersion": obj.resource_version(),
@@ -173,6 +203,5 @@ async fn patch_finalizers(
         ..PatchParams::default()
     };
     api.patch(&obj.name_any(), &params, &Patch::Merge(&patch))
-        .await?;
-    Ok(())
+        .await
 }

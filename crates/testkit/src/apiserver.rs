@@ -865,7 +865,7 @@ impl FakeApiServer {
             Some(sub) => format!("{resource}/{sub}"),
             None => resource.clone(),
         };
-        if !rbac::allowed(
+        if !rbac::authorize(
             st.secret_access,
             &st.rbac_scope,
             route.namespace.as_deref(),
@@ -1830,7 +1830,7 @@ impl State {
                 // An apply that creates is also a create: the apiserver
                 // authorizes both verbs.
                 if old.is_none()
-                    && !rbac::allowed(
+                    && !rbac::authorize(
                         self.secret_access,
                         &self.rbac_scope,
                         route.namespace.as_deref(),

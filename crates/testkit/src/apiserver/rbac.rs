@@ -9,9 +9,15 @@
 //! with `watchNamespaces`, in a Role per watched namespace (that namespace
 //! only, so a request elsewhere or across all namespaces is denied); the
 //! leader-election rules in a Role of the release namespace.
+//!
+//! Every request allowed is also noted, when [`LOG_ENV`] names a file, as
+//! one line of its Secret mode, scope, group, resource and verb: the
+//! whole suite's union of them shows which granted verbs the code uses
+//! (`tests/rbac_verbs.rs` compares it with the rules).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::OnceLock;
+use std::io::Write;
+use std::sync::{Mutex, OnceLock};
 
 use serde::Deserialize;
 
@@ -125,6 +131,115 @@ pub fn grants(access: SecretAccess) -> Grants {
         out.entry(k.clone()).or_default().extend(v.iter().cloned());
     }
     out
+}
+
+/// The environment variable naming the file allowed requests are noted in
+/// (appended to, one tab-separated line per distinct use; see
+/// [`Use::line`]).
+pub const LOG_ENV: &str = "USAGE_BACKFILL_RBAC_LOG";
+
+/// One use of a granted verb, as noted in the [`LOG_ENV`] file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Use {
+    /// `get` or `watch` ([`SecretAccess`]).
+    pub secrets: String,
+    /// `cluster` (a ClusterRole) or `namespaced` (`watchNamespaces`).
+    pub scope: String,
+    pub group: String,
+    pub resource: String,
+    pub verb: String,
+}
+
+impl Use {
+    fn new(access: SecretAccess, scope: &Scope, group: &str, resource: &str, verb: &str) -> Self {
+        Use {
+            secrets: secrets_name(access).to_owned(),
+            scope: scope_name(scope).to_owned(),
+            group: group.to_owned(),
+            resource: resource.to_owned(),
+            verb: verb.to_owned(),
+        }
+    }
+
+    /// `secrets<TAB>scope<TAB>group<TAB>resource<TAB>verb`.
+    pub fn line(&self) -> String {
+        [
+            &self.secrets,
+            &self.scope,
+            &self.group,
+            &self.resource,
+            &self.verb,
+        ]
+        .map(String::as_str)
+        .join("\t")
+    }
+
+    pub fn parse(line: &str) -> Option<Use> {
+        let mut f = line.split('\t').map(str::to_owned);
+        let u = Use {
+            secrets: f.next()?,
+            scope: f.next()?,
+            group: f.next()?,
+            resource: f.next()?,
+            verb: f.next()?,
+        };
+        f.next().is_none().then_some(u)
+    }
+}
+
+/// How the [`LOG_ENV`] file names a Secret mode.
+pub fn secrets_name(access: SecretAccess) -> &'static str {
+    match access {
+        SecretAccess::Get => "get",
+        SecretAccess::Watch => "watch",
+    }
+}
+
+/// How the [`LOG_ENV`] file names a scope.
+pub fn scope_name(scope: &Scope) -> &'static str {
+    if scope.watched.is_empty() {
+        "cluster"
+    } else {
+        "namespaced"
+    }
+}
+
+/// Notes `u` in the [`LOG_ENV`] file, once per process. Lines are short
+/// appends, whole even with several test processes writing.
+fn note(u: Use) {
+    static NOTED: Mutex<BTreeSet<Use>> = Mutex::new(BTreeSet::new());
+    let Some(path) = std::env::var_os(LOG_ENV) else {
+        return;
+    };
+    let mut noted = NOTED.lock().unwrap_or_else(|p| p.into_inner());
+    if noted.contains(&u) {
+        return;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{LOG_ENV}={}: {e}", path.to_string_lossy()));
+    file.write_all(format!("{}\n", u.line()).as_bytes())
+        .unwrap_or_else(|e| panic!("{LOG_ENV}={}: {e}", path.to_string_lossy()));
+    noted.insert(u);
+}
+
+/// [`allowed`], noting an allowed request (see [`LOG_ENV`]): what the fake
+/// API server asks for every request it authorizes.
+pub fn authorize(
+    access: SecretAccess,
+    scope: &Scope,
+    namespace: Option<&str>,
+    group: &str,
+    resource: &str,
+    verb: &str,
+) -> bool {
+    let ok = allowed(access, scope, namespace, group, resource, verb);
+    if ok {
+        note(Use::new(access, scope, group, resource, verb));
+    }
+    ok
 }
 
 /// The RBAC verb of a request, as the apiserver's request-info resolver
