@@ -148,8 +148,9 @@ fn causes(e: &Status) -> Vec<(String, String)> {
 }
 
 /// A refusal by one broken rule, as the apiserver words it: the cause at
-/// the rule's node, `Invalid value: <message>` (an object's value is not
-/// shown), and the same in the Status message.
+/// the field the rule's `fieldPath` names (else its node), `Invalid value:
+/// <message>` (an object's value is not shown), and the same in the Status
+/// message.
 fn assert_refused_by(e: &Status, name: &str, field: &str, rule: rules::Rule) {
     assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"), "{e:?}");
     let body = format!("Invalid value: {}", rule.message());
@@ -176,7 +177,7 @@ async fn a_spec_breaking_a_cel_rule_is_refused_on_create_with_the_rules_message(
             json!({ "database": external(), "monthsBack": 3 }),
         )
         .unwrap_err();
-    assert_refused_by(&e, "bad", "spec", rules::MONTHS_BACK_ONLY_ALWAYS);
+    assert_refused_by(&e, "bad", "spec.monthsBack", rules::MONTHS_BACK_ONLY_ALWAYS);
     assert!(fake.get_raw(NS, "bad").is_none(), "nothing is stored");
     // A rule on a nested node speaks at that node.
     let e = fake
@@ -189,7 +190,12 @@ async fn a_spec_breaking_a_cel_rule_is_refused_on_create_with_the_rules_message(
             } }),
         )
         .unwrap_err();
-    assert_refused_by(&e, "bad", "spec.database.tls", rules::CA_NOT_WITH_DISABLE);
+    assert_refused_by(
+        &e,
+        "bad",
+        "spec.database.tls.caSecretRef",
+        rules::CA_NOT_WITH_DISABLE,
+    );
 }
 
 #[tokio::test]
@@ -206,7 +212,12 @@ async fn a_merge_patch_breaking_a_cel_rule_is_refused_and_changes_nothing() {
             )
             .await,
     );
-    assert_refused_by(&e, "x", "spec", rules::FORCE_PARTIAL_NEEDS_MONTHS_BACK);
+    assert_refused_by(
+        &e,
+        "x",
+        "spec.forcePartial",
+        rules::FORCE_PARTIAL_NEEDS_MONTHS_BACK,
+    );
     assert_eq!(fake.get_raw(NS, "x").unwrap(), before);
 }
 
@@ -306,7 +317,7 @@ async fn a_node_left_as_stored_is_ratcheted_and_a_changed_one_is_checked() {
         )
         .await,
     );
-    assert_refused_by(&e, "old", "spec", rules::MONTHS_BACK_ONLY_ALWAYS);
+    assert_refused_by(&e, "old", "spec.monthsBack", rules::MONTHS_BACK_ONLY_ALWAYS);
     api.patch(
         "old",
         &PatchParams::default(),
@@ -352,7 +363,7 @@ async fn a_schema_error_of_a_blocking_kind_stops_the_rules_and_says_so() {
         .await,
     );
     let fields: Vec<String> = causes(&e).into_iter().map(|c| c.0).collect();
-    assert_eq!(fields, ["spec.backoffLimit", "spec"]);
+    assert_eq!(fields, ["spec.backoffLimit", "spec.monthsBack"]);
     assert!(
         e.message
             .contains(&rules::MONTHS_BACK_ONLY_ALWAYS.message()),

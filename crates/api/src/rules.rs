@@ -5,7 +5,7 @@
 //! checks the same conditions with the same words, as the second line of
 //! defence (objects stored before the rules existed, servers that skip them).
 //!
-//! The rules use only what Kubernetes 1.26 evaluates (`has`, comparisons,
+//! The rules use only what every Kubernetes since 1.26 evaluates (`has`, comparisons,
 //! `duration`), carry only `rule` and `message` (no `messageExpression` or
 //! `reason`, which came later), and walk no lists or maps, so their
 //! estimated cost stays far below the API server's limits.
@@ -16,7 +16,8 @@
 //! ([`MIN_KUBERNETES_MINOR`]) has `fieldPath` (1.28,
 //! [`FIELD_PATH_SINCE_MINOR`]): an older API server does not know the key
 //! and refuses the CRD under strict field validation (`kubectl apply`).
-//! Until then the refusal names the parent and the message the field.
+//! (The chart claims 1.34, the oldest version tested against a real API
+//! server, so the rules carry `fieldPath`.)
 
 use schemars::Schema;
 use serde_json::json;
@@ -137,7 +138,7 @@ pub const TLS_RULES: &[Rule] = &[CA_NOT_WITH_DISABLE];
 
 /// The oldest Kubernetes minor version the chart claims (its `kubeVersion`,
 /// which tests/crd.rs keeps equal).
-pub const MIN_KUBERNETES_MINOR: u32 = 26;
+pub const MIN_KUBERNETES_MINOR: u32 = 34;
 
 /// The Kubernetes minor version that added `fieldPath` to CRD validation
 /// rules (its v1.28.0 release notes).
