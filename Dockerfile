@@ -6,7 +6,9 @@
 #
 # .ci/chart-check keeps the cargo command below identical to one CI runs.
 
-FROM rust:1-bookworm AS build
+# The builder is pinned to the toolchain CI builds and tests with (the
+# workspace's rust-version, which .ci/run checks).
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
 # glibc build: the musl target is not available where CI checks this
