@@ -622,7 +622,7 @@ async fn missing_state_row_or_null_watermark() {
         "missing state row",
         result,
         &events,
-        "WatermarkMissing",
+        "ManualInterventionRequired",
         "manual intervention required",
         PASSWORD,
     );
@@ -642,7 +642,7 @@ async fn missing_state_row_or_null_watermark() {
         "NULL watermark",
         result,
         &events,
-        "WatermarkMissing",
+        "ManualInterventionRequired",
         "watermark is NULL",
         PASSWORD,
     );
@@ -733,7 +733,7 @@ async fn months_back_that_skips_history_is_refused() {
         "months-back 1",
         result,
         &events,
-        "MonthsBackSkipsHistory",
+        "PartialRangeRefused",
         "force-partial",
         PASSWORD,
     );

@@ -87,36 +87,12 @@ impl From<&engine::FutureEvents> for FutureEvents {
 }
 
 /// The condition reason of a failure: the engine's fixed name
-/// ([`engine::Error::reason`]), except where the API has words of its own.
+/// ([`engine::Error::reason`]), the one vocabulary of failure reasons.
 impl From<&engine::Error> for Reason {
     fn from(e: &engine::Error) -> Self {
-        use engine::{ConnectFailure as C, Error as E};
-        match e {
-            E::InvalidConnectionString(_) => Reason::InvalidConnectionString,
-            E::Tls(_) => Reason::InvalidTlsConfig,
-            E::Connect { kind, .. } => match kind {
-                C::Authentication => Reason::AuthenticationFailed,
-                C::DatabaseNotFound => Reason::DatabaseNotFound,
-                C::Unreachable => Reason::DatabaseUnreachable,
-                C::Timeout => Reason::ConnectTimeout,
-                C::Tls => Reason::TlsHandshakeFailed,
-                C::Other => Reason::ConnectFailed,
-            },
-            E::InvalidSetting { .. } => Reason::InvalidSessionSetting,
-            E::RollupStateMissing => Reason::RollupStateMissing,
-            E::SchemaMissing { .. } => Reason::SchemaMissing,
-            E::PermissionDenied { .. } => Reason::PermissionDenied,
-            E::WatermarkMissing => Reason::ManualInterventionRequired,
-            E::MonthsBackSkipsHistory { .. } => Reason::PartialRangeRefused,
-            E::FutureDatedEvents(_) => Reason::FutureDatedEvents,
-            E::LockTimeout { .. } => Reason::LockTimeout,
-            E::Cancelled => Reason::Cancelled,
-            E::LockLost { .. } => Reason::LockLost,
-            E::SliceTimeout { .. } => Reason::SliceTimeout,
-            E::Slice { .. } => Reason::SliceFailed,
-            E::TransactionPooling { .. } => Reason::TransactionPooling,
-            E::Database { .. } => Reason::DatabaseError,
-        }
+        e.reason()
+            .parse()
+            .expect("every engine failure reason is a condition reason (tested)")
     }
 }
 
@@ -133,7 +109,7 @@ mod tests {
     }
 
     #[test]
-    fn failure_reasons_are_the_engines_names_but_two() {
+    fn every_failure_reason_is_the_engines_name() {
         let at = ts("2026-01-01T00:00:00Z");
         let slice = engine::Slice { from: at, to: at };
         let connect = |kind| engine::Error::Connect {
@@ -191,6 +167,7 @@ mod tests {
         for e in &errors {
             assert_eq!(Reason::from(e).as_str(), e.reason(), "{e:?}");
         }
+        // The two whose names once differed between metrics and conditions.
         assert_eq!(
             Reason::from(&engine::Error::WatermarkMissing),
             Reason::ManualInterventionRequired

@@ -389,8 +389,9 @@ pub enum Error {
 }
 
 impl Error {
-    /// A fixed, CamelCase name per failure: condition reasons and metric
-    /// labels come from here, never from message text.
+    /// A fixed, CamelCase name per failure, the one vocabulary of failure
+    /// reasons: condition reasons (the API's `Reason`, parsed from it) and
+    /// metric labels come from here, never from message text.
     pub fn reason(&self) -> &'static str {
         match self {
             Error::InvalidConnectionString(_) => "InvalidConnectionString",
@@ -407,8 +408,8 @@ impl Error {
             Error::RollupStateMissing => "RollupStateMissing",
             Error::SchemaMissing { .. } => "SchemaMissing",
             Error::PermissionDenied { .. } => "PermissionDenied",
-            Error::WatermarkMissing => "WatermarkMissing",
-            Error::MonthsBackSkipsHistory { .. } => "MonthsBackSkipsHistory",
+            Error::WatermarkMissing => "ManualInterventionRequired",
+            Error::MonthsBackSkipsHistory { .. } => "PartialRangeRefused",
             Error::FutureDatedEvents(_) => "FutureDatedEvents",
             Error::LockTimeout { .. } => "LockTimeout",
             Error::Cancelled => "Cancelled",
