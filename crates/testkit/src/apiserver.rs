@@ -4,7 +4,7 @@
 //! `kube::Client::new` runs over a tower-test mock service; a task answers
 //! each request from an in-memory store of UsageBackfills, Secrets, Events
 //! and Leases. The rules it holds, each shown by a test of
-//! `tests/apiserver.rs`:
+//! `tests/apiserver/`:
 //! - UsageBackfills are pruned, defaulted and validated by the CRD's own
 //!   schema ([`schema`]) and its CEL rules ([`cel`]); an invalid write
 //!   gets 422 with field paths;
