@@ -531,12 +531,7 @@ impl FakeApiServer {
             namespace: namespace.into(),
             name: name.into(),
         };
-        let verb = if st.objects.contains_key(&k) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        st.store(k, obj, verb);
+        st.upsert(k, obj);
     }
 
     /// The Lease `namespace/name`, as stored.
@@ -607,13 +602,8 @@ impl FakeApiServer {
             namespace: namespace.into(),
             name: name.into(),
         };
-        let verb = if st.objects.contains_key(&k) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
         st.owners.remove(&k);
-        st.store(k, obj, verb);
+        st.upsert(k, obj);
     }
 
     /// Answer the next `count` status writes of `phase` with a 500.

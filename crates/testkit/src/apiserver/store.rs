@@ -33,14 +33,19 @@ impl State {
             self.objects.remove(&key);
             gone
         } else {
-            let verb = if self.objects.contains_key(&key) {
-                "MODIFIED"
-            } else {
-                "ADDED"
-            };
-            self.store(key.clone(), v, verb);
+            self.upsert(key.clone(), v);
             self.objects[&key].clone()
         }
+    }
+
+    /// Stores `v` as ADDED or MODIFIED, whichever it is.
+    pub(super) fn upsert(&mut self, key: Key, v: Value) {
+        let verb = if self.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.store(key, v, verb);
     }
 
     /// Keeps the change for watches to come and sends it to open ones.
