@@ -35,7 +35,7 @@ use testkit::application::{
 };
 use testkit::engine::{assert_correct, walk_all};
 use testkit::harness::{Harness, NS, UsageBackfillBuilder};
-use testkit::instrument::{Call, calls, instrument, slow_window};
+use testkit::instrument::{Call, calls, instrument, overlapping, slow_window};
 use testkit::status::secs;
 
 testkit::at_both_levels!(multi_thread: the_upgrade_lifecycle_loses_nothing_and_leaves_nothing_stuck);
@@ -327,13 +327,4 @@ async fn backfill_calls(pg: &Client, application_name: &str) -> Vec<Call> {
         .into_iter()
         .filter(|c| c.app == application_name)
         .collect()
-}
-
-/// Calls of `later` whose range overlaps a call of `earlier`: slices
-/// walked twice.
-fn overlapping(earlier: &[Call], later: &[Call]) -> usize {
-    later
-        .iter()
-        .filter(|l| earlier.iter().any(|e| l.from < e.to && e.from < l.to))
-        .count()
 }

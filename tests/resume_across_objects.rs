@@ -5,14 +5,13 @@
 //! (`usage_backfill_controller::progress`); a record that does not belong
 //! to the new walk is not used; success removes it. The controller runs
 //! against the fake API server and a real PostgreSQL whose window function
-//! logs every committed call.
+//! logs every committed call (the test kit's instrumentation).
 
 use std::collections::BTreeMap;
 use usage_backfill_testkit as testkit;
 
 use jiff::{Timestamp, ToSpan};
 use serde_json::Value;
-use tokio_postgres::Client as PgClient;
 use usage_backfill_api::{BackfillResult, ConditionType, Mode, Phase};
 use usage_backfill_controller::progress::{self, LABELS};
 use usage_backfill_engine::Database;
@@ -20,6 +19,7 @@ use usage_backfill_engine::plan::add_months;
 use usage_backfill_standin::fixture::HistorySpec;
 
 use testkit::harness::{Harness, NS, UsageBackfillBuilder};
+use testkit::instrument::{calls, instrument, overlapping};
 use testkit::status::message;
 
 /// Eight months of history: nine slices or so.
@@ -29,43 +29,6 @@ fn history() -> HistorySpec {
         months: 8,
         ..HistorySpec::default()
     }
-}
-
-/// Logs every committed window call (a cancelled one rolls back with its
-/// log row).
-const LOG_WINDOW_CALLS: &str = "
-    CREATE TABLE window_calls (
-        id     bigserial PRIMARY KEY,
-        p_from timestamptz NOT NULL,
-        p_to   timestamptz NOT NULL
-    );
-    ALTER FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz) RENAME TO real_window;
-    CREATE FUNCTION rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
-    RETURNS bigint LANGUAGE plpgsql AS $$
-    DECLARE v_rows bigint;
-    BEGIN
-        v_rows := real_window(p_from, p_to);
-        INSERT INTO window_calls (p_from, p_to) VALUES (p_from, p_to);
-        RETURN v_rows;
-    END $$;";
-
-/// The committed window calls, in commit order.
-async fn window_calls(pg: &PgClient) -> Vec<(Timestamp, Timestamp)> {
-    pg.query("SELECT p_from, p_to FROM window_calls ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
-
-/// Calls of `later` whose window overlaps one of `earlier`: slices walked
-/// twice.
-fn redone(earlier: &[(Timestamp, Timestamp)], later: &[(Timestamp, Timestamp)]) -> usize {
-    later
-        .iter()
-        .filter(|(f, t)| earlier.iter().any(|(ef, et)| f < et && ef < t))
-        .count()
 }
 
 /// The harness's database, as the progress record keys it.
@@ -92,7 +55,7 @@ fn walk(name: &str) -> UsageBackfillBuilder {
 
 async fn harness() -> Harness {
     let h = Harness::new(Some(history())).await;
-    h.pg.batch_execute(LOG_WINDOW_CALLS).await.unwrap();
+    instrument(&h.pg).await;
     h.put_secret();
     h
 }
@@ -110,15 +73,15 @@ async fn a_recreated_object_continues_the_deleted_ones_walk_without_redoing_a_sl
     h.fake.delete(NS, "first");
     h.reconcile_deletion("first").await;
     assert_eq!(h.watermark().await, watermark, "nothing stamped");
-    let before = window_calls(&h.pg).await;
+    let before = calls(&h.pg).await;
     let stored = record(&h).expect("the deleted object's run left a progress record");
     let data = record_data(&stored);
     // Its cursor is where the committed slices end, contiguous from the start.
     let from: Timestamp = data["from"].parse().unwrap();
     let cursor: Timestamp = data["cursor"].parse().unwrap();
     let mut end = from;
-    while let Some((_, to)) = before.iter().find(|(f, _)| *f == end) {
-        end = *to;
+    while let Some(c) = before.iter().find(|c| c.from == end) {
+        end = c.to;
     }
     assert_eq!(cursor, end, "the last committed cursor: {before:?}");
     assert_eq!(data["slicesProcessed"], before.len().to_string());
@@ -143,9 +106,13 @@ async fn a_recreated_object_continues_the_deleted_ones_walk_without_redoing_a_sl
     let second = h.apply(walk("second"));
     assert_ne!(second.metadata.uid, first.metadata.uid);
     let done = h.run_to_end("second").await;
-    let after = window_calls(&h.pg).await[before.len()..].to_vec();
-    assert_eq!(redone(&before, &after), 0, "slices walked twice: {after:?}");
-    assert_eq!(after.first().map(|c| c.0), Some(cursor), "{after:?}");
+    let after = calls(&h.pg).await[before.len()..].to_vec();
+    assert_eq!(
+        overlapping(&before, &after),
+        0,
+        "slices walked twice: {after:?}"
+    );
+    assert_eq!(after.first().map(|c| c.from), Some(cursor), "{after:?}");
     let starting = h
         .fake
         .statuses("second")
@@ -206,7 +173,7 @@ async fn run_fresh(
     h: &Harness,
     name: &str,
 ) -> (Timestamp, usage_backfill_api::UsageBackfillStatus) {
-    let seen = window_calls(&h.pg).await.len();
+    let seen = calls(&h.pg).await.len();
     h.apply(
         UsageBackfillBuilder::new(name)
             .mode(Mode::Always)
@@ -214,7 +181,7 @@ async fn run_fresh(
     );
     let done = h.run_to_end(name).await;
     assert_eq!(done.result, Some(BackfillResult::Backfilled));
-    (window_calls(&h.pg).await[seen].0, done)
+    (calls(&h.pg).await[seen].from, done)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

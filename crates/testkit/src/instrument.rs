@@ -135,3 +135,12 @@ pub async fn backfill_stamps(pg: &Client) -> Vec<(String, Timestamp)> {
     .map(|r| (r.get(0), r.get(1)))
     .collect()
 }
+
+/// Calls of `later` whose range overlaps a call of `earlier`: slices
+/// walked twice.
+pub fn overlapping(earlier: &[Call], later: &[Call]) -> usize {
+    later
+        .iter()
+        .filter(|l| earlier.iter().any(|e| l.from < e.to && e.from < l.to))
+        .count()
+}
