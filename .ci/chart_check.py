@@ -663,7 +663,7 @@ with tempfile.TemporaryDirectory() as tmp:
             check(hooks["UsageBackfill"].get("helm.sh/hook-delete-policy") == "before-hook-creation",
                   f"{label}: UsageBackfill delete policy before-hook-creation")
             # `usage-backfill wait` GETs the object by name and nothing else
-            # (src/cli/wait.rs; tests/wait.rs counts its requests).
+            # (src/cli/wait.rs; tests/controller/wait.rs counts its requests).
             wait_rules = [r for d in recipe_docs if d["kind"] == "Role" for r in d.get("rules", [])]
             check(wait_rules == [{"apiGroups": ["usage.multica.ai"], "resources": ["usagebackfills"], "verbs": ["get"]}],
                   f"{label}: the wait Job's Role grants get on UsageBackfills only", json.dumps(wait_rules))

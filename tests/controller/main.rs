@@ -4,6 +4,21 @@
 //! run, restart safety, shutdown and leader election. Assertions read the meaning of the
 //! recorded requests (resource, subresource, field manager, status JSON),
 //! never exact query strings; every wait has a timeout.
+//!
+//! One test binary for everything that drives the controller, so that the
+//! kube and PostgreSQL stacks are linked once; besides the tests here and
+//! in [`leader`] and [`whole`], each module is what a test binary of its
+//! own used to be:
+//!
+//! - [`faults_controller`]: faults and bad input as a user sees them in the
+//!   status and the Events, the operator process killed and restarted.
+//! - [`secrets_access`]: Secrets by `get` with rechecks, or watched.
+//! - [`resume_across_objects`]: a recreated object resumes the walk.
+//! - [`lifecycle`]: one application's upgrade lifecycle, end to end.
+//! - [`wait`]: the `usage-backfill wait` command of the hook Job.
+//! - [`apiserver`]: the test API server refuses what a real one refuses.
+//! - [`api_requests`], [`rbac_verbs`]: opt-in measurement and the RBAC
+//!   granted-vs-used check `.ci/run` runs after the suite.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1055,5 +1070,13 @@ async fn a_failed_final_write_is_settled_by_the_next_reconcile() {
     assert_eq!(h.ctx.runner.view(&key), controller::decide::TaskView::None);
 }
 
+mod api_requests;
+mod apiserver;
+mod faults_controller;
 mod leader;
+mod lifecycle;
+mod rbac_verbs;
+mod resume_across_objects;
+mod secrets_access;
+mod wait;
 mod whole;

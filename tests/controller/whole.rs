@@ -9,7 +9,7 @@ use super::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_reacts_to_secrets_and_shuts_down_gracefully() {
     // With the Secret watch (--watch-secrets); the default, get-only mode:
-    // tests/secrets_access.rs.
+    // tests/controller/secrets_access.rs.
     let mut settings = settings();
     settings.watch_secrets = true;
     let h = Harness::with_settings(Some(slow_history()), settings).await;

@@ -1,6 +1,6 @@
 //! The UsageBackfill specs that keep or break the CRD's CEL rules, shared
-//! by the fake API server's rule tests (`tests/cel.rs`) and the real
-//! kube-apiserver's (`tests/cluster.rs`), so that both judge the same
+//! by the fake API server's rule tests (`tests/packaging/cel.rs`) and the real
+//! kube-apiserver's (`tests/control_plane/cluster.rs`), so that both judge the same
 //! objects.
 
 use serde_json::{Value, json};

@@ -1,7 +1,7 @@
 //! The `UsageBackfill` custom resource (`usage.multica.ai/v1alpha1`).
 //!
 //! The Rust types are the source of truth: the CRD under `crds/` is generated
-//! from them by [`crd_yaml`], and `tests/crd.rs` fails when the two drift.
+//! from them by [`crd_yaml`], and `tests/packaging/crd.rs` fails when the two drift.
 //! Field doc comments are what `kubectl explain usagebackfill.spec` shows,
 //! so they are written for operators of the resource, not for Rust readers.
 //!

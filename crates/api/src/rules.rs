@@ -137,7 +137,7 @@ pub const CA_NOT_WITH_DISABLE: Rule = Rule {
 pub const TLS_RULES: &[Rule] = &[CA_NOT_WITH_DISABLE];
 
 /// The oldest Kubernetes minor version the chart claims (its `kubeVersion`,
-/// which tests/crd.rs keeps equal).
+/// which tests/packaging/crd.rs keeps equal).
 pub const MIN_KUBERNETES_MINOR: u32 = 34;
 
 /// The Kubernetes minor version that added `fieldPath` to CRD validation

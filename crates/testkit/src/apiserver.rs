@@ -4,7 +4,7 @@
 //! `kube::Client::new` runs over a tower-test mock service; a task answers
 //! each request from an in-memory store of UsageBackfills, Secrets, Events
 //! and Leases. The rules it holds, each shown by a test of
-//! `tests/apiserver/`:
+//! `tests/controller/apiserver/`:
 //! - UsageBackfills are pruned, defaulted and validated by the CRD's own
 //!   schema ([`schema`]) and its CEL rules ([`cel`]); an invalid write
 //!   gets 422 with field paths;
@@ -65,7 +65,7 @@
 //! `errors` the refusal bodies; `schema`, `cel`, `ssa` and `rbac` the
 //! apiserver's rules; `over_http` the same server on a TCP port.
 //!
-//! `tests/cluster.rs` compares this server with a real kube-apiserver (1.34
+//! `tests/control_plane/cluster.rs` compares this server with a real kube-apiserver (1.34
 //! and 1.37): stored objects, refusals (code, reason, message, causes) and
 //! the outcome of each step of the controller's writes must match. Not
 //! modelled, deliberately: 1.34's wording of a CEL refusal (`Invalid

@@ -16,7 +16,7 @@
 //!   `Invalid value: <message>` (the value itself is omitted for objects
 //!   and lists), as kube-apiserver 1.37 words it. Not modelled: 1.34
 //!   shows the node's schema type there instead (`Invalid value:
-//!   "object": <message>`); `tests/cluster.rs` knows.
+//!   "object": <message>`); `tests/control_plane/cluster.rs` knows.
 //!
 //! The interpreter (cel-interpreter) is not Kubernetes' CEL: it lacks the
 //! optional syntax (`self.?x`), the Kubernetes string, list, regex and URL

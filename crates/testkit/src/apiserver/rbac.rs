@@ -13,7 +13,7 @@
 //! Every request allowed is also noted, when [`LOG_ENV`] names a file, as
 //! one line of its Secret mode, scope, group, resource and verb: the
 //! whole suite's union of them shows which granted verbs the code uses
-//! (`tests/rbac_verbs.rs` compares it with the rules).
+//! (`tests/controller/rbac_verbs.rs` compares it with the rules).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;

@@ -11,7 +11,7 @@
 use serde_json::{Value, json};
 use usage_backfill_api::{UsageBackfillSpec, rules};
 
-#[path = "support/cel_cases.rs"]
+#[path = "../support/cel_cases.rs"]
 mod cel_cases;
 use cel_cases::{invalid_specs, valid_specs};
 use usage_backfill_testkit::apiserver::cel::{self, Rule};

@@ -3,7 +3,7 @@
 //! API server while a slow, many-slice walk runs, and a real PostgreSQL.
 //!
 //! The figures per minute are a measurement (wall-clock rates vary with
-//! the machine): `cargo test --test api_requests -- --ignored --nocapture`
+//! the machine): `cargo test --test controller api_requests -- --ignored --nocapture`
 //! prints them. The checks that always run count requests per slice and
 //! per write, which no timing changes.
 

@@ -3,7 +3,7 @@
 //! (Rendering, schema validation and the rest: `.ci/chart-check`.)
 //!
 //! Sync the copy with `cp crds/*.yaml charts/usage-backfill-operator/crds/`,
-//! or `UPDATE_CRDS=1 cargo test --test chart`.
+//! or `UPDATE_CRDS=1 cargo test --test packaging chart`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use usage_backfill_api as api;
 
 const CRD_FILE: &str = "usagebackfills.usage.multica.ai.yaml";
 const SYNC: &str = "cp crds/*.yaml charts/usage-backfill-operator/crds/ \
-                    (or UPDATE_CRDS=1 cargo test --test chart)";
+                    (or UPDATE_CRDS=1 cargo test --test packaging chart)";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,7 +32,7 @@ fn read(path: &Path) -> String {
 fn chart_crd_is_the_generated_crd() {
     let copy = chart().join("crds").join(CRD_FILE);
     if std::env::var("UPDATE_CRDS").as_deref() == Ok("1") {
-        // From the generator, not from crds/: tests/crd.rs may rewrite that
+        // From the generator, not from crds/: tests/packaging/crd.rs may rewrite that
         // file after this test has run.
         std::fs::write(&copy, api::crd_yaml()).unwrap();
         return;

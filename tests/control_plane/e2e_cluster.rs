@@ -36,9 +36,9 @@
 //!
 //! ```sh
 //! bash tests/cluster/build.sh                       # once per machine
-//! cargo test --test e2e_cluster                     # on the built control planes
+//! cargo test --test control_plane                   # on the built control planes
 //! kind create cluster --name ubf-e2e                # or on a cluster of your own:
-//! cargo test --test e2e_cluster -- --ignored --nocapture
+//! cargo test --test control_plane e2e_cluster -- --ignored --nocapture
 //! kind delete cluster --name ubf-e2e
 //! ```
 
@@ -79,7 +79,7 @@ const RELEASE: &str = "usage-backfill-operator";
 const TIMEOUT: Duration = Duration::from_secs(180);
 /// How long the cleanup may take before it gives up (and says what is left).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
-const RULES_YAML: &str = include_str!("../crates/testkit/src/rbac-rules.yaml");
+const RULES_YAML: &str = include_str!("../../crates/testkit/src/rbac-rules.yaml");
 /// Rule sets of the rules file that the default install does not grant
 /// (opt-ins); every other set is granted, see [`Grant::of`].
 const OPT_IN_RULE_SETS: &[&str] = &["secretWatchRules"];

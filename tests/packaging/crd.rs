@@ -2,7 +2,7 @@
 //! apiserver will accept (structural, defaults valid), and manifests users
 //! write deserialize with the documented defaults.
 //!
-//! Regenerate the committed CRD with `UPDATE_CRDS=1 cargo test --test crd`.
+//! Regenerate the committed CRD with `UPDATE_CRDS=1 cargo test --test packaging crd`.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -18,7 +18,7 @@ const CRD_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/crds/usagebackfills.usage.multica.ai.yaml"
 );
-const REGENERATE: &str = "UPDATE_CRDS=1 cargo test --test crd";
+const REGENERATE: &str = "UPDATE_CRDS=1 cargo test --test packaging crd";
 
 #[test]
 fn committed_crd_matches_the_rust_types() {
@@ -226,7 +226,7 @@ fn enums_minimums_and_required_fields() {
         &json!(["database"])
     );
     // secretRef or the connection in parts: the choice is a CEL rule
-    // (tests/cel.rs), so no database field is required by the schema.
+    // (tests/packaging/cel.rs), so no database field is required by the schema.
     assert!(
         at(&schema, &format!("{SPEC}/database"))
             .get("required")

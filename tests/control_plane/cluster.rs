@@ -40,7 +40,7 @@ use usage_backfill_standin::fixture::HistorySpec;
 use usage_backfill_testkit::cluster::ControlPlane;
 use usage_backfill_testkit::{self as testkit, FakeApiServer, on_both_versions};
 
-#[path = "support/cel_cases.rs"]
+#[path = "../support/cel_cases.rs"]
 mod cel_cases;
 
 const MANAGER: &str = "usage-backfill-cluster-test";

@@ -1,0 +1,12 @@
+//! Tests on a real etcd and kube-apiserver (Kubernetes 1.34 and 1.37) and
+//! the real helm, built from the Go modules of `tests/cluster/` by
+//! `tests/cluster/build.sh` (one test binary, which shares each version's
+//! control plane between its modules: `testkit::cluster::ControlPlane::shared`).
+//!
+//! - [`cluster`]: the CRD applied for real, the controller's API semantics,
+//!   the chart installed and upgraded with helm.
+//! - [`e2e_cluster`]: the whole operator end to end, on these control planes
+//!   or on a disposable cluster of yours.
+
+mod cluster;
+mod e2e_cluster;
