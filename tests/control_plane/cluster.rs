@@ -34,10 +34,10 @@ use kube::core::{ApiResource, Status};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
+use testkit::cluster::ControlPlane;
 use usage_backfill_api::{self as api, BackfillResult, Phase, UsageBackfill, UsageBackfillSpec};
 use usage_backfill_controller::{self as controller, Context};
 use usage_backfill_standin::fixture::HistorySpec;
-use usage_backfill_testkit::cluster::ControlPlane;
 use usage_backfill_testkit::{self as testkit, FakeApiServer, on_both_versions};
 
 #[path = "../support/cel_cases.rs"]
@@ -609,7 +609,7 @@ async fn the_controller_runs_a_backfill_to_success(version: &str) {
 /// Runs the built `helm` against `plane` as its admin, with Helm's own
 /// directories in `home`; panics with its output when it fails.
 async fn helm(plane: &ControlPlane, home: &std::path::Path, args: &[&str]) -> String {
-    let bin = usage_backfill_testkit::cluster::helm_binary().unwrap_or_else(|e| panic!("{e}"));
+    let bin = testkit::cluster::helm_binary().unwrap_or_else(|e| panic!("{e}"));
     let output = tokio::process::Command::new(bin)
         .args(args)
         .arg("--kubeconfig")

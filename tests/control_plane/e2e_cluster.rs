@@ -58,6 +58,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use testkit::cluster::ControlPlane;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -68,7 +69,6 @@ use usage_backfill_api::{
 use usage_backfill_controller::leader::LEASE_NAME;
 use usage_backfill_controller::{self as controller, LeaseSettings, Settings, writes};
 use usage_backfill_standin::fixture::{self, HistorySpec};
-use usage_backfill_testkit::cluster::ControlPlane;
 use usage_backfill_testkit::{self as testkit, on_both_versions};
 
 const MANAGER: &str = "usage-backfill-e2e";

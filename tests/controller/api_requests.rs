@@ -7,19 +7,19 @@
 //! prints them. The checks that always run count requests per slice and
 //! per write, which no timing changes.
 
-use usage_backfill_testkit as support;
+use usage_backfill_testkit as testkit;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use testkit::apiserver::{Recorded, rbac};
 use usage_backfill_api::{Mode, Phase, TuningPreset, UsageBackfillSpec};
 use usage_backfill_controller::{RunnerSettings, Settings, writes};
 use usage_backfill_standin::fixture::HistorySpec;
-use usage_backfill_testkit::apiserver::{Recorded, rbac};
 
-use support::harness::{Harness, NS, UsageBackfillBuilder, WAIT};
-use support::instrument::{instrument, slow_window};
-use support::settings;
+use testkit::harness::{Harness, NS, UsageBackfillBuilder, WAIT};
+use testkit::instrument::{instrument, slow_window};
+use testkit::settings;
 
 /// How long the measurement counts requests.
 const WINDOW: Duration = Duration::from_secs(30);

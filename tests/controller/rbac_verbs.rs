@@ -15,19 +15,19 @@
 //! included, so that the table does not depend on which other tests
 //! happen to run in which mode.
 
-use usage_backfill_testkit as support;
+use usage_backfill_testkit as testkit;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use testkit::apiserver::rbac::{self, Scope, SecretAccess, Use};
 use usage_backfill_api::Phase;
 use usage_backfill_controller::{Election, LeaseSettings, Metrics, Replica, health};
 use usage_backfill_standin::fixture::HistorySpec;
-use usage_backfill_testkit::apiserver::rbac::{self, Scope, SecretAccess, Use};
 
-use support::harness::{Harness, NS, UsageBackfillBuilder, WAIT};
-use support::settings;
+use testkit::harness::{Harness, NS, UsageBackfillBuilder, WAIT};
+use testkit::settings;
 
 /// The release namespace of the namespaced install (the Lease's Role).
 const RELEASE_NS: &str = "ops";

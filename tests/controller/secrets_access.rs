@@ -15,12 +15,12 @@ use usage_backfill_testkit as testkit;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, WatchParams};
+use testkit::apiserver::Recorded;
+use testkit::apiserver::rbac::SecretAccess;
 use usage_backfill_api::{BackfillResult, ConditionType, Phase, UsageBackfillStatus};
 use usage_backfill_controller::decide::Backoff;
 use usage_backfill_controller::{self as controller, SECRET_LIST_PAGE_SIZE, Settings};
 use usage_backfill_standin::fixture::HistorySpec;
-use usage_backfill_testkit::apiserver::Recorded;
-use usage_backfill_testkit::apiserver::rbac::SecretAccess;
 
 use testkit::harness::{Harness, NS, SECRET, UsageBackfillBuilder, WAIT};
 use testkit::status::{cond, is, stalled};
