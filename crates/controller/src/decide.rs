@@ -351,7 +351,7 @@ pub fn after_failure(
 ) -> AfterFailure {
     if !error.is_retryable() {
         return AfterFailure::Terminal {
-            reason: Reason::from(error),
+            reason: super::convert::reason(error),
         };
     }
     if attempt >= max_attempts {

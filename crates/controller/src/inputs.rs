@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
+use super::convert;
 use super::decide::{SecretLookup, SecretProblem};
 use super::errors::{Error, Result};
 use super::status::Redactor;
@@ -295,7 +296,7 @@ fn configure(
         ));
     }
     if let Some(mode) = valid.tls_mode {
-        db = db.with_tls_mode(mode.into());
+        db = db.with_tls_mode(convert::tls_mode(mode));
     }
     if let Some(pem) = ca_pem {
         db = db.with_ca_pem(pem);
@@ -314,7 +315,7 @@ pub fn options(
     resume: Option<Resume>,
 ) -> Options {
     Options {
-        mode: valid.mode.into(),
+        mode: convert::mode(valid.mode),
         dry_run: valid.dry_run,
         sleep_between_slices: valid.sleep_between_slices,
         lock_timeout: valid.lock_timeout,
@@ -322,7 +323,7 @@ pub fn options(
         session_settings: engine::tuning::effective(session_settings, &valid.tuning_settings),
         resume,
         performance: Performance {
-            tuning: valid.tuning.into(),
+            tuning: convert::tuning(valid.tuning),
             parallelism: valid.parallelism,
             max_slice_duration: valid.max_slice_duration,
         },

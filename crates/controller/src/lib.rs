@@ -38,6 +38,7 @@
 //! (the Deployment restarts it, as a standby), so that no backfill outlives
 //! its leadership: PostgreSQL ends a dead process's session and its lock.
 
+mod convert;
 pub mod decide;
 pub mod errors;
 pub mod events;
@@ -266,7 +267,7 @@ pub async fn run_with(
     tracing::info!(?namespaces, concurrency,
         http = %health_addr, leader_election = lease.is_some(),
         watch_secrets = replica.settings.watch_secrets,
-        secret_recheck = %usage_backfill_engine::duration::format(replica.settings.secret_recheck_interval),
+        secret_recheck = %usage_backfill_limits::duration::format(replica.settings.secret_recheck_interval),
         "controller starting");
     let result = match lease {
         None => {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::convert;
 use super::decide::{Identity, SecretProblem, Start, StartKind};
 use usage_backfill_api::{
     BackfillResult, ConditionType, PerformanceStatus, Phase, Reason, RunState, SpecError,
@@ -182,7 +183,7 @@ pub fn unusable_secret(
     s.last_error = Some(redactor.message(&error.to_string()));
     s.secret_resource_versions = Some(versions.to_owned());
     s.finished_at = Some(time(now));
-    terminal(&mut s, Reason::from(error), &message, now);
+    terminal(&mut s, convert::reason(error), &message, now);
     s
 }
 
@@ -275,7 +276,7 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             Change::None
         }
         Event::WaitingForLock { holder } => {
-            s.lock_holder = holder.as_ref().map(Into::into);
+            s.lock_holder = holder.as_ref().map(convert::lock_holder);
             let message = waiting_message(holder.as_ref());
             record(s, RunState::WaitingForLock, &message, now);
             Change::Phase
@@ -285,7 +286,7 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             let message = if *waited_ms > 0 {
                 format!(
                     "advisory lock 4246 acquired after {}",
-                    usage_backfill_engine::duration::format(Duration::from_millis(*waited_ms))
+                    usage_backfill_limits::duration::format(Duration::from_millis(*waited_ms))
                 )
             } else {
                 "advisory lock 4246 acquired".to_owned()
@@ -387,7 +388,7 @@ pub fn heartbeat(s: &mut Status, now: Timestamp) {
 /// The status of a successful run.
 pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
     let mut s = prev.clone();
-    let skipped = outcome.skipped.map(Into::into);
+    let skipped = outcome.skipped.map(convert::skip_reason);
     let result = match (skipped, outcome.dry_run) {
         (Some(_), _) => BackfillResult::Skipped,
         (None, true) => BackfillResult::DryRun,
@@ -421,7 +422,7 @@ pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
         .map(time);
     s.max_event = outcome.max_event.map(time);
     s.lag_seconds = outcome.lag_seconds;
-    s.future_events = outcome.future_events.as_ref().map(Into::into);
+    s.future_events = outcome.future_events.as_ref().map(convert::future_events);
     s.settings = outcome.settings.iter().cloned().collect();
     s.performance = performance(outcome);
     s.warnings = outcome.warnings.clone();
@@ -503,11 +504,11 @@ pub fn retry_scheduled(
     s.heartbeat_time = Some(time(now));
     let message = redactor.message(&format!(
         "attempt {attempt} failed, retrying in {}: {error}",
-        usage_backfill_engine::duration::format(delay)
+        usage_backfill_limits::duration::format(delay)
     ));
     record(
         s,
-        RunState::RetryScheduled(Reason::from(error)),
+        RunState::RetryScheduled(convert::reason(error)),
         &message,
         now,
     );
@@ -529,7 +530,7 @@ pub fn failed(
         format!(
             "{max_attempts} attempts failed (backoffLimit {}); last error ({}): {error}",
             max_attempts.saturating_sub(1),
-            Reason::from(error)
+            convert::reason(error)
         )
     } else {
         error.to_string()

@@ -20,7 +20,6 @@
 //! and measured times ([`sizing`]). `docs/performance.md` has the figures.
 
 pub mod dsn;
-pub mod duration;
 mod parallel;
 pub mod plan;
 mod session;
@@ -34,6 +33,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::Serialize;
 pub use tokio_util::sync::CancellationToken;
+use usage_backfill_limits::{DEFAULT_PARALLELISM, MAX_PARALLELISM, duration};
 
 pub use dsn::{ConnectionParts, Database, Password, TlsMode};
 pub use plan::Slice;
@@ -125,14 +125,6 @@ impl Options {
         tuning::effective(&self.performance.tuning.settings(), &self.session_settings)
     }
 }
-
-/// Sessions running window calls at once unless told otherwise: measured
-/// best on 2 cores (`docs/performance.md`).
-pub const DEFAULT_PARALLELISM: u32 = 2;
-
-/// Upper bound of `Performance::parallelism` (connections are a shared,
-/// limited resource of the database).
-pub const MAX_PARALLELISM: u32 = 16;
 
 /// How fast a run goes; none of it changes what a run writes.
 #[derive(Debug, Clone, PartialEq)]

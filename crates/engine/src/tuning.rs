@@ -153,18 +153,6 @@ pub fn effective(tuning: &[(String, String)], user: &[(String, String)]) -> Vec<
         .collect()
 }
 
-/// Setting names are PostgreSQL identifiers, optionally dotted
-/// (`enable_nestloop`, `work_mem`, `pg_hint_plan.enable_hint`): anything
-/// else is refused before it reaches the server.
-pub fn is_setting_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-        && !name.starts_with('.')
-}
-
 /// One slice run under one `plan_cache_mode`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PlanProbe {
@@ -234,16 +222,6 @@ mod tests {
             ])
         );
         assert_eq!(effective(&Tuning::Off.settings(), &user), user);
-    }
-
-    #[test]
-    fn setting_names() {
-        for ok in ["enable_nestloop", "work_mem", "pg_hint_plan.enable_hint"] {
-            assert!(is_setting_name(ok), "{ok}");
-        }
-        for bad in ["", "work mem", "x;drop", ".a", &"a".repeat(64)] {
-            assert!(!is_setting_name(bad), "{bad}");
-        }
     }
 
     #[test]
