@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use usage_backfill_api::Phase;
-use usage_backfill_controller::{Election, LeaseSettings, Metrics, Replica, health};
+use usage_backfill_controller::{Election, HealthState, LeaseSettings, Metrics, Replica};
 use usage_backfill_standin::fixture::HistorySpec;
 use usage_backfill_testkit::apiserver::rbac::{self, Scope, SecretAccess, Use};
 
@@ -64,7 +64,7 @@ async fn one_run(access: SecretAccess, scope: Scope) {
         namespaces: scope.watched.clone(),
         concurrency: 4,
         shutdown_timeout: WAIT,
-        state: health::State::new(true, Metrics::new()),
+        state: HealthState::new(true, Metrics::new()),
     });
     let election = Election::start(
         h.ctx.client.clone(),
@@ -87,8 +87,8 @@ async fn one_run(access: SecretAccess, scope: Scope) {
         .wait_for(&format!("{label}: Succeeded"), WAIT, |f| {
             let o = f.get(NS, "every-verb")?;
             let s = o.status.clone()?;
-            let finished = s.phase == Some(Phase::Succeeded)
-                && !usage_backfill_controller::writes::has_finalizer(&o);
+            let finished =
+                s.phase == Some(Phase::Succeeded) && !usage_backfill_controller::has_finalizer(&o);
             finished.then_some(s)
         })
         .await;

@@ -242,7 +242,7 @@ impl BackfillArgs {
     }
 }
 
-pub async fn run(args: BackfillArgs, cancel: CancellationToken) -> u8 {
+pub(super) async fn run(args: BackfillArgs, cancel: CancellationToken) -> u8 {
     let opts = match args.options() {
         Ok(o) => o,
         Err(msg) => {

@@ -20,7 +20,7 @@ use usage_backfill_engine::{
 
 /// The Secrets, resolved.
 #[derive(Debug, Clone)]
-pub struct Inputs {
+pub(crate) struct Inputs {
     pub lookup: SecretLookup,
     /// Present when `lookup` is `Found`.
     pub database: Option<Database>,
@@ -29,7 +29,7 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    pub fn not_read() -> Self {
+    pub(crate) fn not_read() -> Self {
         Inputs {
             lookup: SecretLookup::NotRead,
             database: None,
@@ -40,7 +40,7 @@ impl Inputs {
 
 /// Reads every Secret the spec references (connection string or parts,
 /// CA bundle), one GET each.
-pub async fn read(
+pub(crate) async fn read(
     client: &Client,
     namespace: &str,
     spec: &UsageBackfillSpec,
@@ -63,11 +63,15 @@ pub async fn read(
 }
 
 /// The referenced Secrets that exist, by name.
-pub type Secrets = BTreeMap<String, Secret>;
+pub(crate) type Secrets = BTreeMap<String, Secret>;
 
 /// Turns the Secrets into a [`Database`]: the first missing Secret or key,
 /// in spec order, is the problem reported.
-pub fn resolve(explicit_application_name: bool, valid: &ValidSpec, secrets: &Secrets) -> Inputs {
+pub(crate) fn resolve(
+    explicit_application_name: bool,
+    valid: &ValidSpec,
+    secrets: &Secrets,
+) -> Inputs {
     let problem = |p| Inputs {
         lookup: SecretLookup::Problem(p),
         ..Inputs::not_read()
@@ -309,7 +313,7 @@ fn configure(
 
 /// The engine options of a run of `valid`. `session_settings` are the
 /// controller's (`--set`); spec.tuning.settings win over them.
-pub fn options(
+pub(crate) fn options(
     valid: &ValidSpec,
     session_settings: &[(String, String)],
     resume: Option<Resume>,
@@ -320,7 +324,7 @@ pub fn options(
         sleep_between_slices: valid.sleep_between_slices,
         lock_timeout: valid.lock_timeout,
         slice_timeout: valid.slice_timeout,
-        session_settings: engine::tuning::effective(session_settings, &valid.tuning_settings),
+        session_settings: engine::effective_settings(session_settings, &valid.tuning_settings),
         resume,
         performance: Performance {
             tuning: convert::tuning(valid.tuning),
