@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use usage_backfill_api::{Phase, UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
-use usage_backfill_controller::{Metrics, Replica, Settings, health, metrics::watermark_lag};
+use usage_backfill_controller::{
+    HealthState, Metrics, Replica, Settings, serve_health, watermark_lag,
+};
 use usage_backfill_standin::fixture::HistorySpec;
 use usage_backfill_testkit as testkit;
 
@@ -155,11 +157,11 @@ async fn a_scrape_after_runs_shows_every_series_and_logs_carry_the_spans() {
         "postgres://app:secret@127.0.0.1:1/app?connect_timeout=2",
     );
 
-    let state = health::State::new(false, Metrics::new());
+    let state = HealthState::new(false, Metrics::new());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cancel = CancellationToken::new();
-    let server = tokio::spawn(health::serve(listener, state.clone(), cancel.clone()));
+    let server = tokio::spawn(serve_health(listener, state.clone(), cancel.clone()));
     assert_eq!(get(addr, "/healthz").await.0, 200);
     assert_eq!(get(addr, "/readyz").await.0, 503, "not synced yet");
 

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{BoxError, proc_status_kib};
 
 /// What one idle measurement saw.
-pub struct Idle {
+pub(crate) struct Idle {
     pub objects: usize,
     pub rss_kib: u64,
     pub peak_kib: u64,
@@ -28,7 +28,7 @@ pub struct Idle {
 /// Starts the controller against a stub holding `objects` finished
 /// UsageBackfills, waits for `/readyz`, lets it settle for `settle`, and
 /// reads its VmRSS and VmHWM.
-pub async fn controller_idle(objects: usize, settle: Duration) -> Result<Idle, BoxError> {
+pub(crate) async fn controller_idle(objects: usize, settle: Duration) -> Result<Idle, BoxError> {
     let binary = controller_binary()?;
     let stub = TcpListener::bind("127.0.0.1:0").await?;
     let api = stub.local_addr()?;

@@ -322,7 +322,7 @@ async fn bench(args: &Args) -> Result<bool, BoxError> {
                 "static-generic-p2",
                 Variant::Engine(Performance {
                     tuning: Tuning::Custom(
-                        engine::tuning::DEFAULT_SETTINGS
+                        engine::DEFAULT_TUNING_SETTINGS
                             .iter()
                             .chain(&[("plan_cache_mode", "force_generic_plan")])
                             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -544,7 +544,7 @@ async fn reference_walk(url: &str) -> Result<u64, BoxError> {
     let mut cursor = from;
     let mut slices = 0;
     while cursor < to {
-        let next = engine::plan::add_months(cursor, 1);
+        let next = engine::add_months(cursor, 1);
         c.query_one(
             "SELECT rollup_task_usage_hourly_window($1, $2)",
             &[&cursor, &next],

@@ -10,11 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use super::exit;
-use usage_backfill_engine::duration;
 use usage_backfill_engine::{
     self as engine, ConnectionParts, Database, Error, Event, Mode, Options, Outcome, Password,
     Performance, TlsMode, Tuning,
 };
+use usage_backfill_limits::duration;
 
 #[derive(Debug, Clone, Args)]
 pub struct BackfillArgs {
@@ -84,12 +84,13 @@ pub struct BackfillArgs {
     #[arg(long, default_value = "default", value_parser = |s: &str| s.parse::<Tuning>())]
     pub tuning: Tuning,
     /// Sessions running historical slices at once (1 = serial).
-    #[arg(long, default_value_t = engine::DEFAULT_PARALLELISM, allow_negative_numbers = true,
-          value_parser = clap::value_parser!(u32).range(1..=i64::from(engine::MAX_PARALLELISM)))]
+    #[arg(long, default_value_t = usage_backfill_limits::DEFAULT_PARALLELISM, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(usage_backfill_limits::MAX_PARALLELISM)))]
     pub parallelism: u32,
     /// Target duration of one window call (transaction): slices predicted
-    /// longer, from measured times, are split (default: no target).
-    #[arg(long, value_parser = duration::clap_parse)]
+    /// longer, from measured times, are split (default: no target). At
+    /// least 1s, as spec.maxSliceDuration.
+    #[arg(long, value_parser = |s: &str| usage_backfill_limits::parse_max_slice_duration(s).map_err(|e| e.to_string()))]
     pub max_slice_duration: Option<Duration>,
     /// Result format on stdout.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
@@ -241,7 +242,7 @@ impl BackfillArgs {
     }
 }
 
-pub async fn run(args: BackfillArgs, cancel: CancellationToken) -> u8 {
+pub(super) async fn run(args: BackfillArgs, cancel: CancellationToken) -> u8 {
     let opts = match args.options() {
         Ok(o) => o,
         Err(msg) => {

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use usage_backfill_controller::decide::Backoff;
-use usage_backfill_controller::leader::{LEASE_NAME, default_identity};
+use usage_backfill_controller::Backoff;
 use usage_backfill_controller::{Config, LeaseSettings, SECRET_RECHECK_BOUNDS, Settings};
-use usage_backfill_engine::duration;
+use usage_backfill_controller::{LEASE_NAME, default_identity};
+use usage_backfill_limits::duration;
 
 use super::exit;
 

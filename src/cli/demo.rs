@@ -25,7 +25,7 @@ pub struct DemoArgs {
     pub seed: u64,
 }
 
-pub async fn run(args: DemoArgs, cancel: CancellationToken) -> u8 {
+pub(super) async fn run(args: DemoArgs, cancel: CancellationToken) -> u8 {
     match demo(args, cancel).await {
         Ok(code) => code,
         Err(DemoError::Engine(e)) => report_error(&e),

@@ -3,6 +3,10 @@
 
 mod backfill;
 pub mod controller;
+#[cfg(feature = "demo")]
+mod demo;
+#[cfg(not(feature = "demo"))]
+#[path = "demo_absent.rs"]
 mod demo;
 pub mod wait;
 
@@ -120,7 +124,14 @@ pub enum Command {
     /// Run the backfill once against a database, then exit.
     #[command(after_help = exit_codes_help())]
     Backfill(BackfillArgs),
-    /// Start a throwaway PostgreSQL with sample history, backfill it, clean up.
+    #[cfg_attr(
+        feature = "demo",
+        doc = "Start a throwaway PostgreSQL with sample history, backfill it, clean up."
+    )]
+    #[cfg_attr(
+        not(feature = "demo"),
+        doc = "Not in this build (built without the `demo` feature, as the production image is); `cargo run -- demo` from the source tree."
+    )]
     Demo(DemoArgs),
     /// Print the UsageBackfill CustomResourceDefinition (YAML).
     Crd,

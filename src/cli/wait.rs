@@ -22,7 +22,7 @@ use super::exit;
 use usage_backfill_api::{
     ConditionStatus, ConditionType, Phase, UsageBackfill, UsageBackfillStatus,
 };
-use usage_backfill_engine::duration;
+use usage_backfill_limits::duration;
 
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:

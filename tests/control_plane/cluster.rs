@@ -574,7 +574,7 @@ async fn the_controller_runs_a_backfill_to_success(version: &str) {
             let s = o.status.as_ref()?;
             let current = Some(s.observed_generation) == o.metadata.generation;
             let finished = current && s.phase.is_some_and(Phase::is_finished);
-            (finished && !controller::writes::has_finalizer(&o)).then_some(o)
+            (finished && !controller::has_finalizer(&o)).then_some(o)
         }
     })
     .await;
@@ -592,7 +592,7 @@ async fn the_controller_runs_a_backfill_to_success(version: &str) {
         .filter(|m| m.subresource.as_deref() == Some("status"))
         .filter_map(|m| m.manager.as_deref())
         .collect();
-    assert_eq!(status_managers, [controller::writes::FIELD_MANAGER]);
+    assert_eq!(status_managers, [controller::FIELD_MANAGER]);
 
     cancel.cancel();
     let left = tokio::time::timeout(WAIT, run)

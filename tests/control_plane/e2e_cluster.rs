@@ -66,8 +66,8 @@ use usage_backfill_api::{
     self as api, BackfillResult, ConditionStatus, ConditionType, Phase, UsageBackfill,
     UsageBackfillSpec, UsageBackfillStatus,
 };
-use usage_backfill_controller::leader::LEASE_NAME;
-use usage_backfill_controller::{self as controller, LeaseSettings, Settings, writes};
+use usage_backfill_controller::LEASE_NAME;
+use usage_backfill_controller::{self as controller, LeaseSettings, Settings};
 use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_testkit::{self as testkit, on_both_versions};
 
@@ -368,7 +368,7 @@ async fn scenario(admin: &Client, admin_config: &kube::Config, run: &str, scope:
             let s = o.status.as_ref()?;
             let ready = s.condition_status(ConditionType::Ready) == Some(ConditionStatus::True);
             let current = Some(s.observed_generation) == o.metadata.generation;
-            (ready && current && !writes::has_finalizer(&o)).then_some(o)
+            (ready && current && !controller::has_finalizer(&o)).then_some(o)
         }
     })
     .await;
@@ -405,7 +405,7 @@ async fn scenario(admin: &Client, admin_config: &kube::Config, run: &str, scope:
         .filter_map(|m| m.manager.clone())
         .collect();
     assert!(
-        managers.iter().any(|m| m == writes::FIELD_MANAGER),
+        managers.iter().any(|m| m == controller::FIELD_MANAGER),
         "{managers:?}"
     );
     let reasons = event_reasons(admin, &app_ns, "handover").await;
@@ -422,7 +422,10 @@ async fn scenario(admin: &Client, admin_config: &kube::Config, run: &str, scope:
         "the run holds lock 4246: {locks:?}"
     );
     let running = objects.get("doomed").await.unwrap();
-    assert!(writes::has_finalizer(&running), "a run holds a finalizer");
+    assert!(
+        controller::has_finalizer(&running),
+        "a run holds a finalizer"
+    );
     objects
         .delete("doomed", &DeleteParams::default())
         .await
@@ -470,7 +473,7 @@ async fn scenario(admin: &Client, admin_config: &kube::Config, run: &str, scope:
             Some(-1),
             "an unwatched namespace is left alone"
         );
-        assert!(!writes::has_finalizer(&b));
+        assert!(!controller::has_finalizer(&b));
     }
 
     // The last replica stops cleanly and releases the Lease.
@@ -1133,10 +1136,10 @@ async fn the_cleanup_runs_when_an_assertion_fails() {
     let (client, fake) = testkit::FakeApiServer::start();
     let server = fake.serve_http().await;
     let stuck = fake.create("x", "stuck", UsageBackfillSpec::new("db"));
-    writes::add_finalizer(&Api::namespaced(client, "x"), &stuck)
+    controller::add_finalizer(&Api::namespaced(client, "x"), &stuck)
         .await
         .unwrap();
-    assert!(writes::has_finalizer(&fake.get("x", "stuck").unwrap()));
+    assert!(controller::has_finalizer(&fake.get("x", "stuck").unwrap()));
     let config = kube::Config::new(server.url().parse().unwrap());
     let replica = CancellationToken::new();
     let failing = tokio::spawn({
@@ -1153,7 +1156,7 @@ async fn the_cleanup_runs_when_an_assertion_fails() {
     assert!(failing.await.unwrap_err().is_panic());
     assert!(replica.is_cancelled(), "the replicas are stopped");
     assert!(
-        !writes::has_finalizer(&fake.get("x", "stuck").unwrap()),
+        !controller::has_finalizer(&fake.get("x", "stuck").unwrap()),
         "the finalizer is dropped"
     );
     let deletes: Vec<(String, Option<String>)> = fake

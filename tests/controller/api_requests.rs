@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use testkit::apiserver::{Recorded, rbac};
 use usage_backfill_api::{Mode, Phase, TuningPreset, UsageBackfillSpec};
-use usage_backfill_controller::{RunnerSettings, Settings, writes};
+use usage_backfill_controller::{RunnerSettings, Settings, has_finalizer};
 use usage_backfill_standin::fixture::HistorySpec;
 
 use testkit::harness::{Harness, NS, UsageBackfillBuilder, WAIT};
@@ -223,7 +223,7 @@ async fn a_runs_writes_read_the_object_only_after_a_conflict() {
         h.fake.describe_requests()
     );
     let obj = h.fake.get(NS, "guarded").unwrap();
-    assert!(!writes::has_finalizer(&obj), "the finalizer is gone");
+    assert!(!has_finalizer(&obj), "the finalizer is gone");
 }
 
 /// Under the whole controller, each progress write comes back through the

@@ -265,7 +265,7 @@ async fn operator_sigkilled_mid_run_resumes_from_the_cursor_when_restarted() {
     drop(first_server);
     let saved = fake.get(NS, "killed").unwrap();
     assert!(
-        controller::writes::has_finalizer(&saved),
+        controller::has_finalizer(&saved),
         "a killed process removes nothing"
     );
     let saved = saved.status.unwrap();
@@ -288,7 +288,7 @@ async fn operator_sigkilled_mid_run_resumes_from_the_cursor_when_restarted() {
             if let Some(o) = fake.get(NS, "killed")
                 && let Some(s) = o.status.clone()
                 && s.phase.is_some_and(Phase::is_finished)
-                && !controller::writes::has_finalizer(&o)
+                && !controller::has_finalizer(&o)
             {
                 return s;
             }

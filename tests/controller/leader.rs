@@ -239,7 +239,7 @@ fn replica(client: kube::Client, shutdown_timeout: Duration) -> Arc<Replica> {
         namespaces: Vec::new(),
         concurrency: 4,
         shutdown_timeout,
-        state: health::State::new(true, Metrics::new()),
+        state: HealthState::new(true, Metrics::new()),
     })
 }
 

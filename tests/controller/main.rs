@@ -29,8 +29,8 @@ use usage_backfill_api::{
     UsageBackfill, UsageBackfillStatus, ValueFrom,
 };
 use usage_backfill_controller::{
-    self as controller, Election, Error as ControllerError, LeaseSettings, Metrics, Replica,
-    health, leader::LEASE_NAME, writes::FIELD_MANAGER, writes::FINALIZER,
+    self as controller, Election, Error as ControllerError, FIELD_MANAGER, FINALIZER, HealthState,
+    LEASE_NAME, LeaseSettings, Metrics, Replica,
 };
 use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_testkit as testkit;
@@ -50,7 +50,7 @@ fn small() -> HistorySpec {
 }
 
 fn writes_has_finalizer(obj: &UsageBackfill) -> bool {
-    controller::writes::has_finalizer(obj)
+    controller::has_finalizer(obj)
 }
 
 /// What `kubectl get ubf` prints for it (the CRD's printer columns).
@@ -1062,12 +1062,12 @@ async fn a_failed_final_write_is_settled_by_the_next_reconcile() {
         .unwrap();
     assert!(matches!(
         h.ctx.runner.view(&key),
-        controller::decide::TaskView::Unsettled { .. }
+        controller::TaskView::Unsettled { .. }
     ));
     assert_ne!(h.status("unsettled").phase, Some(Phase::Succeeded));
     let done = h.run_to_end("unsettled").await;
     assert_eq!(done.skipped, Some(SkipReason::TaskUsageEmpty));
-    assert_eq!(h.ctx.runner.view(&key), controller::decide::TaskView::None);
+    assert_eq!(h.ctx.runner.view(&key), controller::TaskView::None);
 }
 
 mod api_requests;

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use testkit::apiserver::rbac::{self, Scope, SecretAccess, Use};
 use usage_backfill_api::Phase;
-use usage_backfill_controller::{Election, LeaseSettings, Metrics, Replica, health};
+use usage_backfill_controller::{Election, HealthState, LeaseSettings, Metrics, Replica};
 use usage_backfill_standin::fixture::HistorySpec;
 
 use testkit::harness::{Harness, NS, UsageBackfillBuilder, WAIT};
@@ -64,7 +64,7 @@ async fn one_run(access: SecretAccess, scope: Scope) {
         namespaces: scope.watched.clone(),
         concurrency: 4,
         shutdown_timeout: WAIT,
-        state: health::State::new(true, Metrics::new()),
+        state: HealthState::new(true, Metrics::new()),
     });
     let election = Election::start(
         h.ctx.client.clone(),
@@ -87,8 +87,8 @@ async fn one_run(access: SecretAccess, scope: Scope) {
         .wait_for(&format!("{label}: Succeeded"), WAIT, |f| {
             let o = f.get(NS, "every-verb")?;
             let s = o.status.clone()?;
-            let finished = s.phase == Some(Phase::Succeeded)
-                && !usage_backfill_controller::writes::has_finalizer(&o);
+            let finished =
+                s.phase == Some(Phase::Succeeded) && !usage_backfill_controller::has_finalizer(&o);
             finished.then_some(s)
         })
         .await;

@@ -13,9 +13,9 @@ use usage_backfill_testkit as testkit;
 use jiff::{Timestamp, ToSpan};
 use serde_json::Value;
 use usage_backfill_api::{BackfillResult, ConditionType, Mode, Phase};
-use usage_backfill_controller::progress::{self, LABELS};
+use usage_backfill_controller::{PROGRESS_LABELS as LABELS, progress_record_name};
 use usage_backfill_engine::Database;
-use usage_backfill_engine::plan::add_months;
+use usage_backfill_engine::add_months;
 use usage_backfill_standin::fixture::HistorySpec;
 
 use testkit::harness::{Harness, NS, UsageBackfillBuilder};
@@ -37,7 +37,7 @@ fn target(h: &Harness) -> String {
 }
 
 fn record(h: &Harness) -> Option<Value> {
-    h.fake.config_map(NS, &progress::name_for(&target(h)))
+    h.fake.config_map(NS, &progress_record_name(&target(h)))
 }
 
 fn record_data(v: &Value) -> BTreeMap<String, String> {
@@ -164,7 +164,7 @@ fn put_record(h: &Harness, base: &BTreeMap<String, String>, edit: &[(&str, Strin
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     h.fake
-        .put_config_map(NS, &progress::name_for(&target(h)), &labels, &data);
+        .put_config_map(NS, &progress_record_name(&target(h)), &labels, &data);
 }
 
 /// Runs a new `Always` object to the end: its first window call and its

@@ -18,7 +18,7 @@ use kube::api::{Api, ListParams, WatchParams};
 use testkit::apiserver::Recorded;
 use testkit::apiserver::rbac::SecretAccess;
 use usage_backfill_api::{BackfillResult, ConditionType, Phase, UsageBackfillStatus};
-use usage_backfill_controller::decide::Backoff;
+use usage_backfill_controller::Backoff;
 use usage_backfill_controller::{self as controller, SECRET_LIST_PAGE_SIZE, Settings};
 use usage_backfill_standin::fixture::HistorySpec;
 
@@ -103,8 +103,7 @@ async fn wait_succeeded(h: &Harness, name: &str) -> UsageBackfillStatus {
         .wait_for(&format!("{name} Succeeded"), WAIT, |f| {
             let o = f.get(NS, name)?;
             let s = o.status.clone()?;
-            (s.phase == Some(Phase::Succeeded) && !controller::writes::has_finalizer(&o))
-                .then_some(s)
+            (s.phase == Some(Phase::Succeeded) && !controller::has_finalizer(&o)).then_some(s)
         })
         .await
 }
@@ -174,7 +173,7 @@ async fn by_default_only_a_changed_secret_value_restarts_a_failed_run() {
         .wait_for("Failed", WAIT, |f| {
             let o = f.get(NS, "rotated")?;
             let s = o.status.clone()?;
-            (s.phase == Some(Phase::Failed) && !controller::writes::has_finalizer(&o)).then_some(s)
+            (s.phase == Some(Phase::Failed) && !controller::has_finalizer(&o)).then_some(s)
         })
         .await;
     assert_eq!(

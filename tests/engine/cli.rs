@@ -682,6 +682,7 @@ async fn crd_prints_the_custom_resource_definition() {
     assert!(ran.stdout.contains("UsageBackfill"), "{}", ran.show());
 }
 
+#[cfg(feature = "demo")]
 #[tokio::test]
 async fn demo_runs_end_to_end() {
     let ran = run_cli(&["demo", "--rows", "300", "--months", "2"]).await;
@@ -694,4 +695,25 @@ async fn demo_runs_end_to_end() {
         "{}",
         ran.show()
     );
+}
+
+/// Without the `demo` feature (the production image) the subcommand says
+/// why it is absent, a usage error, whatever its arguments
+/// (`cargo test --no-default-features --test cli`).
+#[cfg(not(feature = "demo"))]
+#[tokio::test]
+async fn demo_without_the_feature_names_it() {
+    for args in [&["demo"][..], &["demo", "--rows", "300"]] {
+        let ran = run_cli(args).await;
+        ran.expect_code(2);
+        assert!(
+            ran.stderr.contains("without the `demo` feature"),
+            "{}",
+            ran.show()
+        );
+        assert!(ran.stderr.contains("cargo run -- demo"), "{}", ran.show());
+    }
+    let help = run_cli(&["--help"]).await;
+    help.expect_code(0);
+    assert!(help.stdout.contains("Not in this build"), "{}", help.show());
 }

@@ -142,7 +142,7 @@ async fn a_walk_beside_the_writing_application_loses_no_update(level: SchemaLeve
     // Three months of history and the current one; a run in the first five
     // minutes of a month ends in the previous month (its end is five
     // minutes before the clock), so the current month is not walked.
-    let current_month = engine::plan::month_floor(outcome.max_event.unwrap());
+    let current_month = engine::month_floor(outcome.max_event.unwrap());
     let months = if outcome.walk_end.unwrap() > current_month {
         4
     } else {

@@ -311,7 +311,7 @@ async fn months_back_refuses_unless_forced(level: SchemaLevel) {
         ..Options::default()
     };
     let outcome = run(&db, forced).await.0.unwrap();
-    let start = engine::plan::add_months(engine::plan::month_floor(now), -2);
+    let start = engine::add_months(engine::month_floor(now), -2);
     assert_eq!(outcome.from, Some(start));
     assert!(outcome.watermark_stamped);
     // A months-back reaching before the history is not partial.
@@ -670,7 +670,7 @@ async fn repair_window(client: &Client) {
 async fn a_failing_slice_aborts_without_stamping_and_a_resume_completes(level: SchemaLevel) {
     let (db, client) = with_history(level, small()).await;
     let now = db_now(&client).await;
-    let third = engine::plan::add_months(engine::plan::month_floor(now), -2);
+    let third = engine::add_months(engine::month_floor(now), -2);
     break_window_from(&client, third).await;
     let wm = fixture::watermark(&client).await.unwrap();
     let (result, events) = run(&db, Options::default()).await;
@@ -854,7 +854,7 @@ async fn walk_starts_at_the_earliest_of_created_and_updated(level: SchemaLevel) 
 async fn stale_bucket_queued_now(client: &tokio_postgres::Client) -> Timestamp {
     let s = Scenario::create(client).await.unwrap();
     let now = db_now(client).await;
-    let old = engine::plan::add_months(engine::plan::month_floor(now), -3) + 48.hours();
+    let old = engine::add_months(engine::month_floor(now), -3) + 48.hours();
     s.usage(client, UsageRow::new(old)).await.unwrap();
     let gone = s
         .usage(client, UsageRow::new(old + 1.hour()))
@@ -1085,7 +1085,7 @@ async fn a_resume_from_another_walk_or_database_is_not_used() {
     let ours = Resume {
         from,
         database: Some(database),
-        cursor: engine::plan::add_months(from, 2),
+        cursor: engine::add_months(from, 2),
         slices_processed: 2,
         rows_touched: 10,
     };
@@ -1098,7 +1098,7 @@ async fn a_resume_from_another_walk_or_database_is_not_used() {
     let cases = [
         (
             Resume {
-                from: engine::plan::add_months(from, -1),
+                from: engine::add_months(from, -1),
                 ..ours
             },
             "belongs to a walk from",

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use proptest::prelude::*;
 use tokio_postgres::Client;
-use usage_backfill_engine::duration;
 use usage_backfill_engine::{
     CancellationToken, ConnectFailure, ConnectionParts, Database, Error, Event, Mode, Options,
     Outcome, Password, SkipReason, TlsMode,
 };
+use usage_backfill_limits::duration;
 use usage_backfill_standin::fixture::{self, HistorySpec};
 use usage_backfill_standin::pgtemp::{ServerTls, TempPostgres};
 use usage_backfill_testkit::{self as testkit, TestDatabase, TestRole, lock_4246_held};

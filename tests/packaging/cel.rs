@@ -181,3 +181,75 @@ fn a_duration_rule_reads_strings_of_bounded_length() {
         );
     }
 }
+
+/// `--max-slice-duration` and `spec.maxSliceDuration` accept exactly the
+/// same values, from one rule (`usage_backfill_limits`): the CLI's parser,
+/// the controller's `validate()`, and the API server (schema pattern and
+/// length, then the CEL rule) agree value by value.
+#[test]
+fn max_slice_duration_the_cli_and_the_resource_accept_the_same_values() {
+    use clap::Parser;
+    use usage_backfill::cli::Cli;
+
+    let at_most_long = "1s".repeat(32); // 64 characters: 64 seconds
+    let too_long = "1s".repeat(33);
+    let cases: &[(&str, bool)] = &[
+        // below the minimum
+        ("0", false),
+        ("0s", false),
+        ("150ms", false),
+        ("300ms", false),
+        ("999ms", false),
+        ("999999999ns", false),
+        ("0.5s", false),
+        // at it
+        ("1s", true),
+        ("1000ms", true),
+        ("1000000us", true),
+        ("0.0167m", true),
+        // above it; there is no maximum
+        ("1.5s", true),
+        ("2m30s", true),
+        ("1000h", true),
+        (&at_most_long, true),
+        // too long a string (the bound of the CEL rule's cost)
+        (&too_long, false),
+        // malformed
+        ("", false),
+        ("1", false),
+        ("1x", false),
+        ("1d", false),
+        ("1 s", false),
+        ("-1s", false),
+        ("1.s", false),
+        ("s", false),
+    ];
+    for &(value, accepted) in cases {
+        let cli =
+            Cli::try_parse_from(["usage-backfill", "backfill", "--max-slice-duration", value]);
+        let spec = json!({
+            "database": {"secretRef": {"name": "app-db"}},
+            "maxSliceDuration": value,
+        });
+        let mut obj = object(spec.clone());
+        schema().normalize(&mut obj);
+        let schema_errors = schema().validate(&obj);
+        let apiserver = schema_errors.is_empty() && cel::broken(all_rules(), &obj, None).is_empty();
+        assert_eq!(
+            cli.is_ok(),
+            accepted,
+            "CLI, {value:?}: {:?}",
+            cli.err().map(|e| e.to_string())
+        );
+        assert_eq!(
+            validate(&spec).is_ok(),
+            accepted,
+            "validate(), {value:?}: {:?}",
+            validate(&spec)
+        );
+        assert_eq!(
+            apiserver, accepted,
+            "API server, {value:?}: {schema_errors:?}"
+        );
+    }
+}

@@ -12,7 +12,7 @@ use usage_backfill_api::{
     self as api, BackfillResult, DatabaseSecretRef, Mode, ModeSettings, Phase, SkipReason, TlsMode,
     UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
 };
-use usage_backfill_engine::duration;
+use usage_backfill_limits::duration;
 
 const CRD_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

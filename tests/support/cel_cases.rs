@@ -8,7 +8,7 @@ use usage_backfill_api::rules;
 
 /// The application chart's default install: built-in PostgreSQL, only the
 /// password in Secret multica-secrets.
-pub fn builtin() -> Value {
+pub(crate) fn builtin() -> Value {
     json!({
         "host": "shop-postgres",
         "user": "multica",
@@ -18,11 +18,11 @@ pub fn builtin() -> Value {
     })
 }
 
-pub fn external() -> Value {
+pub(crate) fn external() -> Value {
     json!({"secretRef": {"name": "multica-secrets", "key": "DATABASE_URL"}})
 }
 
-pub fn valid_specs() -> Vec<(&'static str, Value)> {
+pub(crate) fn valid_specs() -> Vec<(&'static str, Value)> {
     vec![
         (
             "minimal secretRef",
@@ -74,7 +74,7 @@ pub fn valid_specs() -> Vec<(&'static str, Value)> {
 }
 
 /// Invalid specs and the one message each must be refused with.
-pub fn invalid_specs() -> Vec<(&'static str, Value, rules::Rule)> {
+pub(crate) fn invalid_specs() -> Vec<(&'static str, Value, rules::Rule)> {
     let with = |extra: Value| {
         let mut db = builtin();
         db.as_object_mut()

@@ -19,7 +19,7 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use usage_backfill_engine::duration;
+use usage_backfill_limits::{MAX_DURATION_LEN, MAX_PARALLELISM, duration};
 
 /// `as_str()` of enums whose names strum derives (spelled as serde spells
 /// them, which the tests check).
@@ -33,7 +33,6 @@ macro_rules! as_str {
     )+};
 }
 
-mod convert;
 pub mod run_state;
 
 pub use run_state::{ConditionStatus, ConditionType, Reason, RunState};
@@ -63,18 +62,12 @@ pub const DEFAULT_APPLICATION_NAME: &str = "usage-backfill";
 const MAX_APPLICATION_NAME_LEN: usize = 63;
 /// Longest Secret name or key Kubernetes accepts.
 const MAX_SECRET_NAME_LEN: usize = 253;
-/// Longest duration string of a field a CEL rule reads (bounds the rule's cost).
-const MAX_DURATION_LEN: usize = 64;
 /// Longest DNS name.
 const MAX_HOST_LEN: usize = 253;
 /// PostgreSQL keeps at most NAMEDATALEN - 1 bytes of a role or database name.
 const MAX_IDENTIFIER_LEN: usize = 63;
 /// Default of spec.parallelism (the engine's measured default).
-pub const DEFAULT_PARALLELISM: u32 = usage_backfill_engine::DEFAULT_PARALLELISM;
-/// Largest spec.parallelism (the engine's bound).
-const MAX_PARALLELISM: u32 = usage_backfill_engine::MAX_PARALLELISM;
-/// Shortest spec.maxSliceDuration: shorter targets split every slice.
-const MIN_MAX_SLICE_DURATION: Duration = Duration::from_secs(1);
+pub const DEFAULT_PARALLELISM: u32 = usage_backfill_limits::DEFAULT_PARALLELISM;
 
 mod crd;
 mod spec;

@@ -67,8 +67,16 @@ pub const SLICE_TIMEOUT_MIN: Rule = Rule {
 };
 pub const MAX_SLICE_DURATION_MIN: Rule = Rule {
     field: "maxSliceDuration",
-    problem: "must be at least 1s (omit the field for no target)",
-    rule: "!has(self.maxSliceDuration) || duration(self.maxSliceDuration) >= duration('1s')",
+    problem: concat!(
+        "must be at least ",
+        usage_backfill_limits::min_max_slice_duration!(),
+        " (omit the field for no target)"
+    ),
+    rule: concat!(
+        "!has(self.maxSliceDuration) || duration(self.maxSliceDuration) >= duration('",
+        usage_backfill_limits::min_max_slice_duration!(),
+        "')"
+    ),
 };
 
 /// Rules on `spec`.

@@ -54,8 +54,8 @@ impl ConditionStatus {
 as_str!(ConditionType, ConditionStatus, Reason);
 
 /// Condition reasons: a fixed set, also used as metric labels. The
-/// failures of an attempt are named after the engine's errors (see
-/// `From<&engine::Error>` in `convert.rs`).
+/// failures of an attempt are named after the engine's errors (the
+/// controller's `convert.rs` maps one to the other).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, Display, IntoStaticStr, EnumString, VariantArray,
 )]

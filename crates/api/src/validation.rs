@@ -203,7 +203,7 @@ impl UsageBackfillSpec {
         if let Some(name) = tuning
             .settings
             .keys()
-            .find(|name| !usage_backfill_engine::tuning::is_setting_name(name))
+            .find(|name| !usage_backfill_limits::is_setting_name(name))
         {
             return Err(invalid(
                 "tuning.settings",
@@ -228,11 +228,8 @@ impl UsageBackfillSpec {
         let max_slice_duration = self
             .max_slice_duration
             .as_deref()
-            .map(|s| parse_duration("maxSliceDuration", s))
+            .map(parse_max_slice_duration)
             .transpose()?;
-        if max_slice_duration.is_some_and(|d| d < MIN_MAX_SLICE_DURATION) {
-            return Err(broken(rules::MAX_SLICE_DURATION_MIN));
-        }
 
         Ok(ValidSpec {
             connection,
@@ -407,6 +404,20 @@ pub(crate) fn count(field: &'static str, value: i64) -> Result<u32, SpecError> {
             field,
             format!("must be a whole number from 0 to {}, not {value}", u32::MAX),
         )
+    })
+}
+
+/// spec.maxSliceDuration by the rule the command line applies too.
+fn parse_max_slice_duration(value: &str) -> Result<Duration, SpecError> {
+    use usage_backfill_limits::SliceTargetError;
+    const FIELD: &str = "maxSliceDuration";
+    usage_backfill_limits::parse_max_slice_duration(value).map_err(|e| match e {
+        SliceTargetError::Duration(error) => SpecError::Duration {
+            field: FIELD,
+            error,
+        },
+        SliceTargetError::TooShort => broken(rules::MAX_SLICE_DURATION_MIN),
+        SliceTargetError::TooLong => invalid(FIELD, e.to_string()),
     })
 }
 

@@ -111,7 +111,7 @@ pub enum TaskView {
 /// Why a referenced Secret (connection string, a part of the connection in
 /// parts, CA bundle) cannot be used yet. Names the Secret and key, never a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SecretProblem {
+pub(crate) enum SecretProblem {
     #[error("Secret {name:?} does not exist in this namespace")]
     NotFound { name: String },
     #[error("Secret {name:?} has no key {key:?}")]
@@ -123,7 +123,7 @@ pub enum SecretProblem {
 }
 
 impl SecretProblem {
-    pub fn reason(&self) -> Reason {
+    pub(crate) fn reason(&self) -> Reason {
         match self {
             SecretProblem::NotFound { .. } => Reason::SecretNotFound,
             _ => Reason::SecretKeyMissing,
@@ -133,7 +133,7 @@ impl SecretProblem {
 
 /// What reading the referenced Secrets gave.
 #[derive(Debug, Clone)]
-pub enum SecretLookup {
+pub(crate) enum SecretLookup {
     /// Not read: the spec is invalid or the object is being deleted.
     NotRead,
     /// Usable; `versions` and `digest` as in `status.secretResourceVersions`
@@ -164,7 +164,7 @@ impl SecretLookup {
 
 /// Everything a decision depends on.
 #[derive(Debug, Clone)]
-pub struct Observed<'a> {
+pub(crate) struct Observed<'a> {
     /// metadata.generation and spec.runId now.
     pub identity: Identity,
     pub spec: Result<&'a ValidSpec, &'a SpecError>,
@@ -179,7 +179,7 @@ pub struct Observed<'a> {
 
 /// How a run starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartKind {
+pub(crate) enum StartKind {
     /// First attempt for this generation/runId.
     New,
     /// After a failed attempt's backoff.
@@ -192,7 +192,7 @@ pub enum StartKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Start {
+pub(crate) struct Start {
     pub kind: StartKind,
     /// 1-based attempt number, as stored in status.attempts.
     pub attempt: u32,
@@ -203,7 +203,7 @@ pub struct Start {
 
 /// What a reconcile does.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Finished for this generation/runId, or nothing observable changed.
     NothingToDo,
     /// This process runs the current run; it reports by itself.
@@ -226,7 +226,7 @@ pub enum Action {
 }
 
 /// The decision. See the module documentation for the rules.
-pub fn decide(o: &Observed<'_>) -> Action {
+pub(crate) fn decide(o: &Observed<'_>) -> Action {
     if o.deleting {
         return match o.task {
             TaskView::Active { .. } => Action::CancelForDeletion,
@@ -311,7 +311,7 @@ pub fn decide(o: &Observed<'_>) -> Action {
 }
 
 /// When the next attempt of a status waiting for its retry is due.
-pub fn retry_due(status: &UsageBackfillStatus, backoff: Backoff) -> Option<Timestamp> {
+pub(crate) fn retry_due(status: &UsageBackfillStatus, backoff: Backoff) -> Option<Timestamp> {
     let finished = status.finished_at.as_ref()?.0;
     let delay = SignedDuration::try_from(backoff.delay(status.attempts.unwrap_or(1))).ok()?;
     finished.checked_add(delay).ok()
@@ -320,7 +320,7 @@ pub fn retry_due(status: &UsageBackfillStatus, backoff: Backoff) -> Option<Times
 /// Where a status says the next attempt resumes, with the counts so far,
 /// for the walk from `status.from` (the engine checks that the next walk
 /// starts there too).
-pub fn resume_point(status: &UsageBackfillStatus) -> Option<Resume> {
+pub(crate) fn resume_point(status: &UsageBackfillStatus) -> Option<Resume> {
     Some(Resume {
         from: status.from.as_ref()?.0,
         database: None,
@@ -332,7 +332,7 @@ pub fn resume_point(status: &UsageBackfillStatus) -> Option<Resume> {
 
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterFailure {
+pub(crate) enum AfterFailure {
     Retry {
         delay: Duration,
     },
@@ -343,7 +343,7 @@ pub enum AfterFailure {
 }
 
 /// Classifies a failed attempt (number `attempt` of `max_attempts`).
-pub fn after_failure(
+pub(crate) fn after_failure(
     error: &engine::Error,
     attempt: u32,
     max_attempts: u32,
@@ -351,7 +351,7 @@ pub fn after_failure(
 ) -> AfterFailure {
     if !error.is_retryable() {
         return AfterFailure::Terminal {
-            reason: Reason::from(error),
+            reason: super::convert::reason(error),
         };
     }
     if attempt >= max_attempts {

@@ -78,6 +78,6 @@ impl Error {
 }
 
 /// The writes [`Error::refused_write`] names.
-pub const REFUSABLE_WRITES: [&str; 2] = ["status", "finalizer"];
+pub(crate) const REFUSABLE_WRITES: [&str; 2] = ["status", "finalizer"];
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,7 +7,7 @@ use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 /// The reporting controller of every Event.
-pub const REPORTER: &str = "usage-backfill-operator";
+pub(crate) const REPORTER: &str = "usage-backfill-operator";
 
 /// Why an Event was published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]

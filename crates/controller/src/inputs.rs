@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
+use super::convert;
 use super::decide::{SecretLookup, SecretProblem};
 use super::errors::{Error, Result};
 use super::status::Redactor;
@@ -19,7 +20,7 @@ use usage_backfill_engine::{
 
 /// The Secrets, resolved.
 #[derive(Debug, Clone)]
-pub struct Inputs {
+pub(crate) struct Inputs {
     pub lookup: SecretLookup,
     /// Present when `lookup` is `Found`.
     pub database: Option<Database>,
@@ -28,7 +29,7 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    pub fn not_read() -> Self {
+    pub(crate) fn not_read() -> Self {
         Inputs {
             lookup: SecretLookup::NotRead,
             database: None,
@@ -39,7 +40,7 @@ impl Inputs {
 
 /// Reads every Secret the spec references (connection string or parts,
 /// CA bundle), one GET each.
-pub async fn read(
+pub(crate) async fn read(
     client: &Client,
     namespace: &str,
     spec: &UsageBackfillSpec,
@@ -62,11 +63,15 @@ pub async fn read(
 }
 
 /// The referenced Secrets that exist, by name.
-pub type Secrets = BTreeMap<String, Secret>;
+pub(crate) type Secrets = BTreeMap<String, Secret>;
 
 /// Turns the Secrets into a [`Database`]: the first missing Secret or key,
 /// in spec order, is the problem reported.
-pub fn resolve(explicit_application_name: bool, valid: &ValidSpec, secrets: &Secrets) -> Inputs {
+pub(crate) fn resolve(
+    explicit_application_name: bool,
+    valid: &ValidSpec,
+    secrets: &Secrets,
+) -> Inputs {
     let problem = |p| Inputs {
         lookup: SecretLookup::Problem(p),
         ..Inputs::not_read()
@@ -295,7 +300,7 @@ fn configure(
         ));
     }
     if let Some(mode) = valid.tls_mode {
-        db = db.with_tls_mode(mode.into());
+        db = db.with_tls_mode(convert::tls_mode(mode));
     }
     if let Some(pem) = ca_pem {
         db = db.with_ca_pem(pem);
@@ -308,21 +313,21 @@ fn configure(
 
 /// The engine options of a run of `valid`. `session_settings` are the
 /// controller's (`--set`); spec.tuning.settings win over them.
-pub fn options(
+pub(crate) fn options(
     valid: &ValidSpec,
     session_settings: &[(String, String)],
     resume: Option<Resume>,
 ) -> Options {
     Options {
-        mode: valid.mode.into(),
+        mode: convert::mode(valid.mode),
         dry_run: valid.dry_run,
         sleep_between_slices: valid.sleep_between_slices,
         lock_timeout: valid.lock_timeout,
         slice_timeout: valid.slice_timeout,
-        session_settings: engine::tuning::effective(session_settings, &valid.tuning_settings),
+        session_settings: engine::effective_settings(session_settings, &valid.tuning_settings),
         resume,
         performance: Performance {
-            tuning: valid.tuning.into(),
+            tuning: convert::tuning(valid.tuning),
             parallelism: valid.parallelism,
             max_slice_duration: valid.max_slice_duration,
         },

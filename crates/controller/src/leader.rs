@@ -67,10 +67,12 @@ pub struct LeaseSettings {
     pub grace: Duration,
 }
 
-/// Client-go's leaseDuration.
-pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+/// Client-go's leaseDuration (the CLI's `--lease-duration` default).
+#[cfg(test)]
+const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
 /// Renewals every 2 s, client-go's retryPeriod (see the module doc).
-pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(13);
+#[cfg(test)]
+const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(13);
 
 impl LeaseSettings {
     /// Checks the timings against what the Lease API and the manager accept.

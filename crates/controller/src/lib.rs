@@ -12,18 +12,21 @@
 //! every Secret of the watched namespaces (see the threat model in
 //! docs/reliability.md).
 //!
-//! - [`mod@reconcile`]: the pipeline fetch → decide → act → status.
-//! - [`decide`]: the pure decision, including the retry table.
-//! - [`status`]: pure status builders following kstatus.
-//! - [`runner`]: the background run tasks.
-//! - [`inputs`]: Secrets → engine database and options.
-//! - [`writes`]: status by server-side apply, the finalizer.
-//! - [`events`]: Kubernetes Events.
-//! - [`health`]: `/healthz`, `/readyz` and `/metrics`.
-//! - [`metrics`]: the Prometheus metrics.
-//! - [`leader`]: leader election on a Lease.
-//! - [`progress`]: the walk's progress record per database (a ConfigMap),
+//! Its modules (private; the crate root re-exports what other crates use):
+//!
+//! - `reconcile`: the pipeline fetch → decide → act → status.
+//! - `decide`: the pure decision, including the retry table.
+//! - `status`: pure status builders following kstatus.
+//! - `runner`: the background run tasks.
+//! - `inputs`: Secrets → engine database and options.
+//! - `writes`: status by server-side apply, the finalizer.
+//! - `events`: Kubernetes Events.
+//! - `health`: `/healthz`, `/readyz` and `/metrics`.
+//! - `metrics`: the Prometheus metrics.
+//! - `leader`: leader election on a Lease.
+//! - `progress`: the walk's progress record per database (a ConfigMap),
 //!   which a recreated object resumes from.
+//! - `convert`: the API's types to the engine's and back.
 //!
 //! On SIGTERM the controllers stop taking work, then every run is cancelled
 //! (lock 4246 released, nothing stamped), saves its status with the cursor
@@ -38,18 +41,19 @@
 //! (the Deployment restarts it, as a standby), so that no backfill outlives
 //! its leadership: PostgreSQL ends a dead process's session and its lock.
 
-pub mod decide;
-pub mod errors;
-pub mod events;
-pub mod health;
-pub mod inputs;
-pub mod leader;
-pub mod metrics;
-pub mod progress;
-pub mod reconcile;
-pub mod runner;
-pub mod status;
-pub mod writes;
+mod convert;
+mod decide;
+mod errors;
+mod events;
+mod health;
+mod inputs;
+mod leader;
+mod metrics;
+mod progress;
+mod reconcile;
+mod runner;
+mod status;
+mod writes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -67,11 +71,20 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+// What the binary, the test kit, the tests and the benchmark use; the
+// rest stays inside the crate.
+pub use decide::{Backoff, TaskView};
 pub use errors::{Error, Result};
-pub use leader::{Election, LeaseSettings};
-pub use metrics::Metrics;
+pub use health::{State as HealthState, serve as serve_health};
+pub use leader::{Election, LEASE_NAME, LeaseSettings, default_identity};
+pub use metrics::{Metrics, watermark_lag};
+pub use progress::{LABELS as PROGRESS_LABELS, name_for as progress_record_name};
 pub use reconcile::{error_policy, reconcile};
 pub use runner::{DEFAULT_PROGRESS_INTERVAL, ObjectKey, Runner, RunnerSettings};
+pub use writes::{
+    FIELD_MANAGER, FINALIZER, Guarded, add_finalizer, apply_status_of, has_finalizer,
+    remove_finalizer, remove_finalizer_of,
+};
 
 use usage_backfill_api::UsageBackfill;
 
@@ -266,7 +279,7 @@ pub async fn run_with(
     tracing::info!(?namespaces, concurrency,
         http = %health_addr, leader_election = lease.is_some(),
         watch_secrets = replica.settings.watch_secrets,
-        secret_recheck = %usage_backfill_engine::duration::format(replica.settings.secret_recheck_interval),
+        secret_recheck = %usage_backfill_limits::duration::format(replica.settings.secret_recheck_interval),
         "controller starting");
     let result = match lease {
         None => {

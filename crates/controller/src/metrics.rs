@@ -25,7 +25,7 @@ use super::errors::{Error, REFUSABLE_WRITES};
 use usage_backfill_api::{Phase, UsageBackfill};
 
 /// Content-Type of [`Metrics::encode`]: the Prometheus text format 0.0.4.
-pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// How a run (one attempt) ended: the `outcome` label of
 /// `usage_backfill_runs_total`.
@@ -280,7 +280,7 @@ impl Metrics {
         }
     }
 
-    /// The API server refused a `write` (one of [`REFUSABLE_WRITES`]) as
+    /// The API server refused a `write` (one of `REFUSABLE_WRITES`) as
     /// invalid.
     pub fn write_refused(&self, write: &'static str) {
         self.write_refusals

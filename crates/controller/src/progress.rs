@@ -28,7 +28,7 @@
 //!   the engine only when younger than [`EXPIRY`] and written for the same
 //!   target ([`offer`]); the engine uses it only when its walk starts at
 //!   the record's `from` on the database it names
-//!   ([`usage_backfill_engine::plan::resume_mismatch`]).
+//!   (`resume_mismatch` in the engine's plan).
 //!
 //! Why resuming is safe beside the running application: docs/reliability.md.
 
@@ -51,10 +51,10 @@ use usage_backfill_engine::{DatabaseIdentity, Event, Mode, Resume};
 /// weekend's pause, and bounds how long a record can matter for a database
 /// restored in place from a volume snapshot taken before its slices ran
 /// (same cluster identity and timeline, so the engine cannot tell).
-pub const EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Prefix of every record's name.
-pub const NAME_PREFIX: &str = "usage-backfill-progress-";
+pub(crate) const NAME_PREFIX: &str = "usage-backfill-progress-";
 
 /// Labels of every record: `kubectl get cm -l app.kubernetes.io/component=backfill-progress`.
 pub const LABELS: [(&str, &str); 2] = [
@@ -91,7 +91,7 @@ impl fmt::Display for Writer {
 
 /// One record, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
+pub(crate) struct Record {
     /// [`usage_backfill_engine::Database::target`].
     pub target: String,
     pub database: DatabaseIdentity,
@@ -109,7 +109,7 @@ pub struct Record {
 
 impl Record {
     /// The ConfigMap's data.
-    pub fn to_data(&self) -> BTreeMap<String, String> {
+    pub(crate) fn to_data(&self) -> BTreeMap<String, String> {
         let mut data = BTreeMap::new();
         let mut put = |k: &str, v: String| data.insert(k.to_owned(), v);
         put("database", self.target.clone());
@@ -137,7 +137,7 @@ impl Record {
 
     /// Reads [`Record::to_data`] back; names the first key that is missing
     /// or does not parse.
-    pub fn from_data(data: &BTreeMap<String, String>) -> Result<Record, String> {
+    pub(crate) fn from_data(data: &BTreeMap<String, String>) -> Result<Record, String> {
         fn get<'a>(data: &'a BTreeMap<String, String>, key: &str) -> Result<&'a str, String> {
             data.get(key)
                 .map(String::as_str)
@@ -187,7 +187,7 @@ impl Record {
     }
 
     /// How the status and the Event name it.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "resuming at {} with the progress {} left for this database on {} (walk from {})",
             show(self.cursor),
@@ -204,7 +204,7 @@ fn show(ts: Timestamp) -> String {
 }
 
 /// The plan a record notes: the mode's name and monthsBack.
-pub fn plan_of(mode: &Mode) -> (&'static str, u32) {
+pub(crate) fn plan_of(mode: &Mode) -> (&'static str, u32) {
     match mode {
         Mode::IfLagging { .. } => ("IfLagging", 0),
         Mode::Always { months_back, .. } => ("Always", *months_back),
@@ -212,7 +212,7 @@ pub fn plan_of(mode: &Mode) -> (&'static str, u32) {
 }
 
 /// The resume `record` offers a run on `target` at `now`, or why none.
-pub fn offer(record: &Record, target: &str, now: Timestamp) -> Result<Resume, String> {
+pub(crate) fn offer(record: &Record, target: &str, now: Timestamp) -> Result<Resume, String> {
     if record.target != target {
         return Err(format!(
             "it was written for {}, this run connects to {target}",
@@ -248,7 +248,7 @@ pub struct Plan {
 /// Keeps one run's record: written as its progress is, deleted when it
 /// stamps. Failures are logged (the first as a warning) and cost only the
 /// resume.
-pub struct Keeper {
+pub(crate) struct Keeper {
     records: Records,
     plan: Plan,
     /// As the engine read it after connecting: nothing is written before.
@@ -259,7 +259,7 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    pub fn new(client: Client, namespace: &str, plan: Plan) -> Self {
+    pub(crate) fn new(client: Client, namespace: &str, plan: Plan) -> Self {
         Keeper {
             records: Records::new(client, namespace),
             plan,
@@ -270,7 +270,7 @@ impl Keeper {
     }
 
     /// Notes what the run's events tell about the database.
-    pub fn observe(&mut self, event: &Event) {
+    pub(crate) fn observe(&mut self, event: &Event) {
         if let Event::Connected { database, .. } = event {
             self.database = Some(*database);
         }
@@ -278,7 +278,7 @@ impl Keeper {
 
     /// Writes the progress of `status` (the run's, as it stands) when its
     /// cursor moved since the last write.
-    pub async fn save(&mut self, status: &Status) {
+    pub(crate) async fn save(&mut self, status: &Status) {
         let (Some(database), Some(from), Some(cursor)) =
             (self.database, status.from.as_ref(), status.cursor.as_ref())
         else {
@@ -307,7 +307,7 @@ impl Keeper {
     }
 
     /// The run stamped the watermark: the walk is done, nothing to resume.
-    pub async fn stamped(&mut self) {
+    pub(crate) async fn stamped(&mut self) {
         if let Err(e) = self.records.delete(&self.plan.target).await {
             self.failed("cannot delete the progress record", &e);
         }
@@ -327,12 +327,12 @@ impl Keeper {
 
 /// The records of one namespace.
 #[derive(Clone)]
-pub struct Records {
+pub(crate) struct Records {
     api: Api<ConfigMap>,
 }
 
 impl Records {
-    pub fn new(client: Client, namespace: &str) -> Self {
+    pub(crate) fn new(client: Client, namespace: &str) -> Self {
         Records {
             api: Api::namespaced(client, namespace),
         }
@@ -340,7 +340,7 @@ impl Records {
 
     /// The record for `target`. None when there is none; an unreadable
     /// record is an error (the run then walks from the start).
-    pub async fn read(&self, target: &str) -> Result<Option<Record>, String> {
+    pub(crate) async fn read(&self, target: &str) -> Result<Option<Record>, String> {
         let name = name_for(target);
         let cm = self
             .api
@@ -356,7 +356,7 @@ impl Records {
 
     /// Creates or replaces the record of `record.target` (server-side
     /// apply: one request either way).
-    pub async fn write(&self, record: &Record) -> kube::Result<()> {
+    pub(crate) async fn write(&self, record: &Record) -> kube::Result<()> {
         let name = name_for(&record.target);
         let labels: BTreeMap<&str, &str> = LABELS.into_iter().collect();
         let cm = json!({
@@ -376,7 +376,7 @@ impl Records {
     }
 
     /// Deletes the record of `target`; one that is not there is fine.
-    pub async fn delete(&self, target: &str) -> kube::Result<()> {
+    pub(crate) async fn delete(&self, target: &str) -> kube::Result<()> {
         match self
             .api
             .delete(&name_for(target), &DeleteParams::default())

@@ -74,7 +74,7 @@ async fn report_refusal(
     refusal: &kube::core::Status,
 ) {
     ctx.metrics.write_refused(write);
-    let retry = usage_backfill_engine::duration::format(ctx.settings.refused_recheck_interval);
+    let retry = usage_backfill_limits::duration::format(ctx.settings.refused_recheck_interval);
     let note = format!(
         "The API server refused the {write} write as invalid: {}. Only a change of the object, \
          its CRD or the cluster ends this; tried again every {retry}",

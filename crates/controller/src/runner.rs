@@ -649,7 +649,7 @@ async fn report_progress(
 /// When to write a run's status: phase changes at once, progress at most
 /// every `progress`, something at least every `heartbeat`.
 #[derive(Debug, Clone)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     last: Instant,
     dirty: bool,
     progress: Duration,
@@ -657,7 +657,7 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    pub fn new(last_write: Instant, progress: Duration, heartbeat: Duration) -> Self {
+    pub(crate) fn new(last_write: Instant, progress: Duration, heartbeat: Duration) -> Self {
         Throttle {
             last: last_write,
             dirty: false,
@@ -667,7 +667,7 @@ impl Throttle {
     }
 
     /// Whether to write now, after an event made `change`.
-    pub fn on_change(&mut self, change: Change, now: Instant) -> bool {
+    pub(crate) fn on_change(&mut self, change: Change, now: Instant) -> bool {
         match change {
             Change::None => false,
             Change::Phase => true,
@@ -679,12 +679,12 @@ impl Throttle {
     }
 
     /// Whether to write now, on a timer tick.
-    pub fn on_tick(&mut self, now: Instant) -> bool {
+    pub(crate) fn on_tick(&mut self, now: Instant) -> bool {
         let since = now.duration_since(self.last);
         (self.dirty && since >= self.progress) || since >= self.heartbeat
     }
 
-    pub fn written(&mut self, now: Instant) {
+    pub(crate) fn written(&mut self, now: Instant) {
         self.last = now;
         self.dirty = false;
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::convert;
 use super::decide::{Identity, SecretProblem, Start, StartKind};
 use usage_backfill_api::{
     BackfillResult, ConditionType, PerformanceStatus, Phase, Reason, RunState, SpecError,
@@ -44,7 +45,7 @@ impl Redactor {
     /// password, the raw and percent-decoded URL password, the raw and
     /// unquoted `password=` value. Works on DSNs that do not parse, too.
     pub fn for_dsn(dsn: &str) -> Self {
-        let mut words = engine::dsn::password_candidates(dsn);
+        let mut words = engine::password_candidates(dsn);
         // Longest first, so that no shorter word splits a longer one.
         words.sort_by_key(|w| std::cmp::Reverse(w.len()));
         words.dedup();
@@ -135,7 +136,12 @@ fn terminal(s: &mut Status, reason: Reason, message: &str, now: Timestamp) {
 }
 
 /// The spec failed validation: terminal until the spec changes.
-pub fn invalid_spec(prev: &Status, id: &Identity, error: &SpecError, now: Timestamp) -> Status {
+pub(crate) fn invalid_spec(
+    prev: &Status,
+    id: &Identity,
+    error: &SpecError,
+    now: Timestamp,
+) -> Status {
     let mut s = fresh(prev, id);
     terminal(
         &mut s,
@@ -147,7 +153,7 @@ pub fn invalid_spec(prev: &Status, id: &Identity, error: &SpecError, now: Timest
 }
 
 /// A Secret is missing or lacks its key: waiting, not failing.
-pub fn secret_problem(
+pub(crate) fn secret_problem(
     prev: &Status,
     id: &Identity,
     problem: &SecretProblem,
@@ -167,7 +173,7 @@ pub fn secret_problem(
 
 /// The Secret's connection string or TLS settings cannot be used: terminal
 /// until the spec or the Secret changes.
-pub fn unusable_secret(
+pub(crate) fn unusable_secret(
     prev: &Status,
     id: &Identity,
     error: &engine::Error,
@@ -182,12 +188,12 @@ pub fn unusable_secret(
     s.last_error = Some(redactor.message(&error.to_string()));
     s.secret_resource_versions = Some(versions.to_owned());
     s.finished_at = Some(time(now));
-    terminal(&mut s, Reason::from(error), &message, now);
+    terminal(&mut s, convert::reason(error), &message, now);
     s
 }
 
 /// spec.suspend: no run starts.
-pub fn suspended(prev: &Status, id: &Identity, now: Timestamp) -> Status {
+pub(crate) fn suspended(prev: &Status, id: &Identity, now: Timestamp) -> Status {
     let mut s = fresh(prev, id);
     let message = "spec.suspend is true: no run starts until it is false";
     record(&mut s, RunState::Suspended, message, now);
@@ -195,7 +201,7 @@ pub fn suspended(prev: &Status, id: &Identity, now: Timestamp) -> Status {
 }
 
 /// The status written just before a run task starts.
-pub fn starting(
+pub(crate) fn starting(
     prev: &Status,
     id: &Identity,
     start: &Start,
@@ -246,14 +252,14 @@ pub fn starting(
 
 /// A starting status whose run is offered the progress another object
 /// left for its database (`note`, [`crate::progress::Record::describe`]).
-pub fn offered_progress(s: &mut Status, note: &str, now: Timestamp) {
+pub(crate) fn offered_progress(s: &mut Status, note: &str, now: Timestamp) {
     let message = format!("{}, {note}", s.message(ConditionType::Reconciling));
     record(s, RunState::Starting, &message, now);
 }
 
 /// How much an engine event changed the status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Change {
+pub(crate) enum Change {
     None,
     /// Counts moved: worth a (throttled) write.
     Progress,
@@ -262,7 +268,7 @@ pub enum Change {
 }
 
 /// Folds one engine event into the status of a run in progress.
-pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
+pub(crate) fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
     match event {
         Event::Connected { .. } => Change::None,
         Event::SliceStarted { slice } => {
@@ -275,7 +281,7 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             Change::None
         }
         Event::WaitingForLock { holder } => {
-            s.lock_holder = holder.as_ref().map(Into::into);
+            s.lock_holder = holder.as_ref().map(convert::lock_holder);
             let message = waiting_message(holder.as_ref());
             record(s, RunState::WaitingForLock, &message, now);
             Change::Phase
@@ -285,7 +291,7 @@ pub fn apply_event(s: &mut Status, event: &Event, now: Timestamp) -> Change {
             let message = if *waited_ms > 0 {
                 format!(
                     "advisory lock 4246 acquired after {}",
-                    usage_backfill_engine::duration::format(Duration::from_millis(*waited_ms))
+                    usage_backfill_limits::duration::format(Duration::from_millis(*waited_ms))
                 )
             } else {
                 "advisory lock 4246 acquired".to_owned()
@@ -380,14 +386,14 @@ fn waiting_message(holder: Option<&engine::LockHolder>) -> String {
 }
 
 /// Refreshes heartbeatTime; every write of a run in progress does.
-pub fn heartbeat(s: &mut Status, now: Timestamp) {
+pub(crate) fn heartbeat(s: &mut Status, now: Timestamp) {
     s.heartbeat_time = Some(time(now));
 }
 
 /// The status of a successful run.
-pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
+pub(crate) fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
     let mut s = prev.clone();
-    let skipped = outcome.skipped.map(Into::into);
+    let skipped = outcome.skipped.map(convert::skip_reason);
     let result = match (skipped, outcome.dry_run) {
         (Some(_), _) => BackfillResult::Skipped,
         (None, true) => BackfillResult::DryRun,
@@ -421,7 +427,7 @@ pub fn succeeded(prev: &Status, outcome: &Outcome, now: Timestamp) -> Status {
         .map(time);
     s.max_event = outcome.max_event.map(time);
     s.lag_seconds = outcome.lag_seconds;
-    s.future_events = outcome.future_events.as_ref().map(Into::into);
+    s.future_events = outcome.future_events.as_ref().map(convert::future_events);
     s.settings = outcome.settings.iter().cloned().collect();
     s.performance = performance(outcome);
     s.warnings = outcome.warnings.clone();
@@ -489,7 +495,7 @@ fn success_message(outcome: &Outcome, s: &Status) -> String {
 }
 
 /// A failed attempt that will be retried after `delay`.
-pub fn retry_scheduled(
+pub(crate) fn retry_scheduled(
     s: &mut Status,
     error: &engine::Error,
     delay: Duration,
@@ -503,18 +509,18 @@ pub fn retry_scheduled(
     s.heartbeat_time = Some(time(now));
     let message = redactor.message(&format!(
         "attempt {attempt} failed, retrying in {}: {error}",
-        usage_backfill_engine::duration::format(delay)
+        usage_backfill_limits::duration::format(delay)
     ));
     record(
         s,
-        RunState::RetryScheduled(Reason::from(error)),
+        RunState::RetryScheduled(convert::reason(error)),
         &message,
         now,
     );
 }
 
 /// A failed attempt that is final: `reason` from [`crate::decide::after_failure`].
-pub fn failed(
+pub(crate) fn failed(
     s: &mut Status,
     error: &engine::Error,
     reason: Reason,
@@ -529,7 +535,7 @@ pub fn failed(
         format!(
             "{max_attempts} attempts failed (backoffLimit {}); last error ({}): {error}",
             max_attempts.saturating_sub(1),
-            Reason::from(error)
+            convert::reason(error)
         )
     } else {
         error.to_string()
@@ -539,7 +545,7 @@ pub fn failed(
 
 /// The controller stops while the run is in flight: the phase stays, so
 /// that the next controller resumes from the cursor.
-pub fn interrupted(s: &mut Status, now: Timestamp) {
+pub(crate) fn interrupted(s: &mut Status, now: Timestamp) {
     s.heartbeat_time = Some(time(now));
     s.lock_holder = None;
     let at = match &s.cursor {
@@ -819,7 +825,7 @@ mod tests {
         let o = Outcome {
             sessions: 2,
             slice_retries: 1,
-            slice_stats: engine::sizing::stats(&[40, 10, 25]),
+            slice_stats: engine::slice_stats(&[40, 10, 25]),
             tuning: Some(engine::TuningReport {
                 preset: "default".into(),
                 plan_cache_mode: Some("force_generic_plan".into()),

@@ -36,7 +36,7 @@ const CONFLICT_RETRIES: usize = 5;
 /// Applies the complete status. Server-side apply removes whatever this
 /// manager stops sending, so `status` must be the whole status. Returns
 /// the object as written.
-pub async fn apply_status(
+pub(crate) async fn apply_status(
     api: &Api<UsageBackfill>,
     name: &str,
     status: &UsageBackfillStatus,

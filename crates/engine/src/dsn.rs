@@ -15,9 +15,9 @@ use super::Error;
 
 /// The application name our sessions announce unless the DSN or the caller
 /// says otherwise; it is how DBAs (and `lockHolder`) recognise us.
-pub const DEFAULT_APPLICATION_NAME: &str = "usage-backfill";
+pub(crate) const DEFAULT_APPLICATION_NAME: &str = "usage-backfill";
 /// Connect timeout unless the DSN sets `connect_timeout`.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How TLS is used, with libpq's meanings.
 #[derive(

@@ -5,7 +5,7 @@
 //!
 //! Shape of a run: connect one dedicated session → check that it keeps one
 //! server session to itself (no transaction-pooling pooler) → apply session
-//! settings → read a [`plan::Snapshot`] → decide ([`plan`], pure) → check
+//! settings → read a snapshot → decide (module `plan`, pure) → check
 //! the role's privileges → take advisory lock 4246 → walk the slices, one
 //! window call (one transaction) each, each checking where the lock is, the
 //! last ending five minutes before the database clock read under the lock →
@@ -15,18 +15,18 @@
 //! ([`Resume`]).
 //!
 //! How fast it goes is [`Performance`]: planner settings for our sessions
-//! ([`tuning`]), historical slices on several sessions at once while the
+//! (module `tuning`), historical slices on several sessions at once while the
 //! lock session holds lock 4246 (module `parallel`), and slice widths from counts
-//! and measured times ([`sizing`]). `docs/performance.md` has the figures.
+//! and measured times (module `sizing`). `docs/performance.md` has the figures.
+//! The modules are private: the crate root re-exports what other crates use.
 
-pub mod dsn;
-pub mod duration;
+mod dsn;
 mod parallel;
-pub mod plan;
+mod plan;
 mod session;
-pub mod sizing;
+mod sizing;
 mod tls;
-pub mod tuning;
+mod tuning;
 mod walk;
 
 use std::time::Duration;
@@ -34,11 +34,17 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::Serialize;
 pub use tokio_util::sync::CancellationToken;
+use usage_backfill_limits::{DEFAULT_PARALLELISM, MAX_PARALLELISM, duration};
 
-pub use dsn::{ConnectionParts, Database, Password, TlsMode};
-pub use plan::Slice;
-pub use sizing::SliceStats;
-pub use tuning::{PlanProbe, Tuning, TuningReport};
+// What the binary, the controller, the tests and the benchmark use; the
+// plan, sizing and session internals stay inside the crate.
+pub use dsn::{ConnectionParts, Database, Password, TlsMode, password_candidates};
+pub use plan::{Slice, add_months, month_floor};
+pub use sizing::{SliceStats, stats as slice_stats};
+pub use tuning::{
+    DEFAULT_SETTINGS as DEFAULT_TUNING_SETTINGS, PlanProbe, Tuning, TuningReport,
+    effective as effective_settings,
+};
 pub use walk::run;
 
 /// The advisory lock every writer of `task_usage_hourly` takes.
@@ -125,14 +131,6 @@ impl Options {
         tuning::effective(&self.performance.tuning.settings(), &self.session_settings)
     }
 }
-
-/// Sessions running window calls at once unless told otherwise: measured
-/// best on 2 cores (`docs/performance.md`).
-pub const DEFAULT_PARALLELISM: u32 = 2;
-
-/// Upper bound of `Performance::parallelism` (connections are a shared,
-/// limited resource of the database).
-pub const MAX_PARALLELISM: u32 = 16;
 
 /// How fast a run goes; none of it changes what a run writes.
 #[derive(Debug, Clone, PartialEq)]

@@ -41,7 +41,7 @@ use super::{Error, Event, Result, Slice, plan};
 
 /// Attempts of a slice that keeps hitting deadlocks or serialization
 /// failures (each rolls back; the last error is returned).
-pub const CONFLICT_ATTEMPTS: u32 = 5;
+pub(crate) const CONFLICT_ATTEMPTS: u32 = 5;
 const CONFLICT_BACKOFF: Duration = Duration::from_millis(100);
 /// How often the lock session's connection is looked at.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
@@ -317,7 +317,7 @@ struct Prefix {
 }
 
 impl Walk<'_> {
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         cancel: &CancellationToken,
         emit: &mut (dyn FnMut(&Event) + Send),

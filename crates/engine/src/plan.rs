@@ -13,11 +13,11 @@ use super::{DatabaseIdentity, Error, Mode, Resume, SkipReason};
 /// How far behind the database clock a walk ends and its stamp puts the
 /// watermark: the reference's stamp (`now() - interval '5 minutes'`) and
 /// the periodic tick's own margin.
-pub const STAMP_OFFSET: Duration = Duration::from_secs(5 * 60);
+pub(crate) const STAMP_OFFSET: Duration = Duration::from_secs(5 * 60);
 
 /// The migration guard's own tolerance: it refuses while the watermark is
 /// more than one hour behind the newest event.
-pub const GUARD_TOLERANCE: Duration = Duration::from_secs(3600);
+pub(crate) const GUARD_TOLERANCE: Duration = Duration::from_secs(3600);
 
 /// One window `[from, to)` of the walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -28,7 +28,7 @@ pub struct Slice {
 
 /// What the database says before a walk: read in one round trip.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Whether `task_usage_hourly_rollup_state` exists.
     pub state_table: bool,
     /// Earliest of MIN(created_at) and MIN(updated_at) (early updates).
@@ -49,20 +49,20 @@ pub struct Snapshot {
 /// queued or after the watermark, for the application's next tick; only a
 /// transaction open for five minutes escapes, as it does the tick (the
 /// last-slice drain).
-pub fn walk_end(now: Timestamp) -> Timestamp {
+pub(crate) fn walk_end(now: Timestamp) -> Timestamp {
     now.checked_sub(SignedDuration::try_from(STAMP_OFFSET).unwrap())
         .unwrap_or(now)
 }
 
 impl Snapshot {
     /// max_event - watermark, when both exist.
-    pub fn lag(&self) -> Option<SignedDuration> {
+    pub(crate) fn lag(&self) -> Option<SignedDuration> {
         Some(self.max_event?.duration_since(self.watermark?))
     }
 
     /// Events later than this instant cannot be covered by a stamp made now
     /// while keeping the lag within `threshold` (future-dated events).
-    pub fn future_horizon(&self, threshold: Duration) -> Timestamp {
+    pub(crate) fn future_horizon(&self, threshold: Duration) -> Timestamp {
         let threshold = SignedDuration::try_from(threshold).unwrap_or(SignedDuration::MAX);
         walk_end(self.now)
             .checked_add(threshold)
@@ -72,7 +72,7 @@ impl Snapshot {
 
 /// What to do after looking at a [`Snapshot`].
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Do not walk the history. When `stamp` is set, stamp the watermark,
     /// under the lock, after rolling up the window from the watermark to
     /// the stamp (a stamp must never pass an event not rolled up).
@@ -82,7 +82,7 @@ pub enum Decision {
 }
 
 /// The migration-time hook (`IfLagging`): reference steps 1-5, in order.
-pub fn decide_if_lagging(snap: &Snapshot, threshold: Duration) -> Result<Decision, Error> {
+pub(crate) fn decide_if_lagging(snap: &Snapshot, threshold: Duration) -> Result<Decision, Error> {
     if !snap.state_table {
         return Ok(Decision::Skip {
             reason: SkipReason::RollupStateMissing,
@@ -109,7 +109,7 @@ pub fn decide_if_lagging(snap: &Snapshot, threshold: Duration) -> Result<Decisio
 
 /// The operator command (`Always`): no lag check; months-back may move the
 /// start later, which abandons older buckets, hence the refusal.
-pub fn decide_always(
+pub(crate) fn decide_always(
     snap: &Snapshot,
     months_back: u32,
     force_partial: bool,
@@ -142,7 +142,7 @@ pub fn decide_always(
 }
 
 /// Dispatches on the mode.
-pub fn decide(snap: &Snapshot, mode: &Mode) -> Result<Decision, Error> {
+pub(crate) fn decide(snap: &Snapshot, mode: &Mode) -> Result<Decision, Error> {
     match *mode {
         Mode::IfLagging { lag_threshold } => decide_if_lagging(snap, lag_threshold),
         Mode::Always {
@@ -163,7 +163,7 @@ pub fn decide(snap: &Snapshot, mode: &Mode) -> Result<Decision, Error> {
 /// recomputing them (the last-slice drain). Events after `end` (the last five minutes,
 /// rows dated ahead of the clock) stay after the stamped watermark, for the
 /// application's tick.
-pub fn slices(from: Timestamp, max_event: Timestamp, end: Timestamp) -> Vec<Slice> {
+pub(crate) fn slices(from: Timestamp, max_event: Timestamp, end: Timestamp) -> Vec<Slice> {
     let history_end = add_months(month_floor(max_event), 1).min(end);
     let mut out = Vec::new();
     let mut cursor = from;
@@ -189,7 +189,7 @@ pub fn slices(from: Timestamp, max_event: Timestamp, end: Timestamp) -> Vec<Slic
 /// committed; a walk starting elsewhere has other slices (an older event
 /// moved the start back, or another monthsBack), and another database
 /// never had them.
-pub fn resume_mismatch(
+pub(crate) fn resume_mismatch(
     resume: &Resume,
     from: Timestamp,
     database: &DatabaseIdentity,
@@ -211,7 +211,7 @@ pub fn resume_mismatch(
 }
 
 /// `system <id>, timeline <n>, database oid <oid>`, for messages.
-pub fn describe_identity(d: &DatabaseIdentity) -> String {
+pub(crate) fn describe_identity(d: &DatabaseIdentity) -> String {
     let unknown = || "?".to_owned();
     format!(
         "system {}, timeline {}, database oid {}",
@@ -223,7 +223,7 @@ pub fn describe_identity(d: &DatabaseIdentity) -> String {
 
 /// Drops what a previous attempt already committed: slices ending at or
 /// before the cursor go, a slice containing it starts at it.
-pub fn resume_slices(all: Vec<Slice>, resume: Option<&Resume>) -> Vec<Slice> {
+pub(crate) fn resume_slices(all: Vec<Slice>, resume: Option<&Resume>) -> Vec<Slice> {
     let Some(resume) = resume else { return all };
     all.into_iter()
         .filter(|s| s.to > resume.cursor)

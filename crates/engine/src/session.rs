@@ -80,7 +80,7 @@ enum Raced<T> {
 }
 
 impl Session {
-    pub async fn connect(db: &Database) -> Result<Session> {
+    pub(crate) async fn connect(db: &Database) -> Result<Session> {
         let (tls, ssl_mode) = super::tls::connector(db)?;
         let mut config = db.config.clone();
         config.ssl_mode(ssl_mode);
@@ -142,7 +142,7 @@ impl Session {
     /// every path. Returns this session's backend pid, and a warning when
     /// the second connection could not be used (the checks of every window
     /// call remain).
-    pub async fn check_pinned(
+    pub(crate) async fn check_pinned(
         &self,
         other: Result<Session>,
         wait: Duration,
@@ -295,7 +295,7 @@ impl Session {
         }
     }
 
-    pub async fn server_version(&self) -> Result<String> {
+    pub(crate) async fn server_version(&self) -> Result<String> {
         let row = self
             .client
             .query_one("SHOW server_version", &[])
@@ -307,7 +307,7 @@ impl Session {
     /// Which database this session is on. The control-data functions are
     /// optional: where EXECUTE on them is revoked (some managed services),
     /// the database's oid is all that is known.
-    pub async fn identity(&self) -> Result<DatabaseIdentity> {
+    pub(crate) async fn identity(&self) -> Result<DatabaseIdentity> {
         let database_oid: u32 = self
             .client
             .query_one(
@@ -334,7 +334,7 @@ impl Session {
     }
 
     /// Applies `set_config(name, value, false)` for each setting.
-    pub async fn apply_settings(&self, settings: &[(String, String)]) -> Result<()> {
+    pub(crate) async fn apply_settings(&self, settings: &[(String, String)]) -> Result<()> {
         for (name, value) in settings {
             self.client
                 .query_one("SELECT set_config($1, $2, false)", &[name, value])
@@ -359,7 +359,7 @@ impl Session {
     }
 
     /// Whether the state table and the window function exist.
-    pub async fn schema(&self) -> Result<(bool, bool)> {
+    pub(crate) async fn schema(&self) -> Result<(bool, bool)> {
         let row = self
             .client
             .query_one(
@@ -380,7 +380,7 @@ impl Session {
     /// not stamp fails before writing anything. What the function needs
     /// beyond that depends on how it is defined (SECURITY INVOKER or
     /// DEFINER) and shows when it runs.
-    pub async fn missing_privileges(&self) -> Result<Vec<&'static str>> {
+    pub(crate) async fn missing_privileges(&self) -> Result<Vec<&'static str>> {
         let row = self
             .client
             .query_one(
@@ -405,7 +405,7 @@ impl Session {
     }
 
     /// The database clock: `now()`, the start of a fresh transaction.
-    pub async fn clock(&self) -> Result<Timestamp> {
+    pub(crate) async fn clock(&self) -> Result<Timestamp> {
         Ok(self
             .client
             .query_one("SELECT now()", &[])
@@ -417,7 +417,7 @@ impl Session {
     /// Reads the range of history and the watermark in one round trip. The
     /// maximum is computed per index (updated_at, and created_at of legacy
     /// rows) instead of MAX(COALESCE(..)), which would scan the table.
-    pub async fn snapshot(&self) -> Result<Snapshot> {
+    pub(crate) async fn snapshot(&self) -> Result<Snapshot> {
         let (state_table, _) = self.schema().await?;
         if !state_table {
             // Nothing else is read: without the rollup schema the source
@@ -452,7 +452,7 @@ impl Session {
     }
 
     /// Rows whose event time lies beyond `horizon` (future-dated events), if any.
-    pub async fn future_events(
+    pub(crate) async fn future_events(
         &self,
         horizon: Timestamp,
         now: Timestamp,
@@ -480,7 +480,7 @@ impl Session {
     }
 
     /// Events and queued keys a slice would pick up (dry-run estimate).
-    pub async fn estimate(&self, slice: &Slice) -> Result<i64> {
+    pub(crate) async fn estimate(&self, slice: &Slice) -> Result<i64> {
         let row = self
             .client
             .query_one(
@@ -510,12 +510,12 @@ impl Session {
     }
 
     /// The server backend pid that took lock 4246, while this session holds it.
-    pub fn lock_pid(&self) -> Option<i32> {
+    pub(crate) fn lock_pid(&self) -> Option<i32> {
         Some(self.lock_pid.load(Ordering::Relaxed)).filter(|pid| *pid != 0)
     }
 
     /// Who holds lock 4246 in this database, if anyone visible does.
-    pub async fn lock_holder(&self) -> Result<Option<LockHolder>> {
+    pub(crate) async fn lock_holder(&self) -> Result<Option<LockHolder>> {
         // A bigint advisory key is stored as classid = high half, objid = low
         // half, objsubid = 1.
         let row = self
@@ -545,7 +545,7 @@ impl Session {
     /// Takes lock 4246, waiting in PostgreSQL's lock queue (fair, and
     /// visible in pg_locks) for at most `timeout`. `on_wait` is told who
     /// holds it before the wait begins. Returns how long it waited.
-    pub async fn lock(
+    pub(crate) async fn lock(
         &self,
         timeout: Option<Duration>,
         cancel: &CancellationToken,
@@ -602,7 +602,7 @@ impl Session {
     /// Releases lock 4246, on the backend that took it. Never cancellable:
     /// it runs on every exit path. If it fails the session is dead, and so
     /// is the lock.
-    pub async fn unlock(&self) {
+    pub(crate) async fn unlock(&self) {
         let pid = self.lock_pid.swap(0, Ordering::Relaxed);
         if pid == 0 {
             return;
@@ -616,7 +616,7 @@ impl Session {
         }
     }
 
-    pub async fn set(&self, name: &str, value: &str) -> Result<()> {
+    pub(crate) async fn set(&self, name: &str, value: &str) -> Result<()> {
         self.client
             .query_one("SELECT set_config($1, $2, false)", &[&name, &value])
             .await
@@ -626,13 +626,13 @@ impl Session {
 
     /// Whether the connection is gone (no round trip: usable while a
     /// statement of this session is running).
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
 
     /// Events per UTC calendar month from `from` on, in one scan: the
     /// slice sizes, by the same rule as [`Session::estimate`].
-    pub async fn month_counts(&self, from: Timestamp) -> Result<Vec<(Timestamp, i64)>> {
+    pub(crate) async fn month_counts(&self, from: Timestamp) -> Result<Vec<(Timestamp, i64)>> {
         let rows = self
             .client
             .query(
@@ -652,7 +652,7 @@ impl Session {
 
     /// Sets (or, with None, resets to the server's default) the plan cache
     /// mode of this session.
-    pub async fn set_plan_cache_mode(&self, mode: Option<&str>) -> Result<()> {
+    pub(crate) async fn set_plan_cache_mode(&self, mode: Option<&str>) -> Result<()> {
         match mode {
             Some(m) => self.set("plan_cache_mode", m).await,
             None => self
@@ -669,7 +669,7 @@ impl Session {
     /// by a pooler) or after the lock session lost it (a worker). The error
     /// says whether the slice may simply be run again (deadlock,
     /// serialization failure).
-    pub async fn rollup_attempt(
+    pub(crate) async fn rollup_attempt(
         &self,
         slice: &Slice,
         timeout: Option<Duration>,
@@ -769,7 +769,7 @@ impl Session {
     /// Stamps the watermark with `at`, an instant of the database clock read
     /// by the run ([`super::plan::walk_end`]), returning the new value (None
     /// when no state row exists).
-    pub async fn stamp(&self, at: Timestamp) -> Result<Option<Timestamp>> {
+    pub(crate) async fn stamp(&self, at: Timestamp) -> Result<Option<Timestamp>> {
         let row = self
             .client
             .query_opt(

@@ -45,32 +45,32 @@ use super::plan::Slice;
 /// A slice with its estimated number of events (rows whose
 /// `COALESCE(updated_at, created_at)` falls in it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Piece {
+pub(crate) struct Piece {
     pub slice: Slice,
     pub events: i64,
 }
 
 /// A month below this share of the median month is cheap (merged).
-pub const MERGE_BELOW: f64 = 0.25;
+pub(crate) const MERGE_BELOW: f64 = 0.25;
 /// A month above this multiple of the median month is outsized (split).
-pub const SPLIT_ABOVE: f64 = 3.0;
+pub(crate) const SPLIT_ABOVE: f64 = 3.0;
 /// A walk of many thin months is merged into about this many slices.
-pub const THIN_SLICES: i64 = 12;
+pub(crate) const THIN_SLICES: i64 = 12;
 /// Count-based splits leave smaller slices alone: their cost is mostly the
 /// fixed part, which splitting multiplies.
-pub const SPLIT_MIN_EVENTS: i64 = 20_000;
+pub(crate) const SPLIT_MIN_EVENTS: i64 = 20_000;
 /// No slice is made narrower than this.
-pub const MIN_WIDTH: SignedDuration = SignedDuration::from_hours(1);
+pub(crate) const MIN_WIDTH: SignedDuration = SignedDuration::from_hours(1);
 /// Upper bound of parts one slice is split into at a time.
-pub const MAX_PARTS: i64 = 64;
+pub(crate) const MAX_PARTS: i64 = 64;
 /// The first slice is cut into this many parts when a cap is set.
-pub const PROBE_PARTS: i64 = 8;
+pub(crate) const PROBE_PARTS: i64 = 8;
 
 /// Step 1: widths from counts. `pieces` are contiguous calendar months.
 /// `hash_plans`: the sessions run with nested loops off (tuned), where a
 /// call's fixed part is large enough to make `merge_thin` pay; under the
 /// server's nested loops the per-key part dominates and the months stay.
-pub fn by_counts(pieces: Vec<Piece>, workers: usize, hash_plans: bool) -> Vec<Piece> {
+pub(crate) fn by_counts(pieces: Vec<Piece>, workers: usize, hash_plans: bool) -> Vec<Piece> {
     // One session under the server's plans is the reference's own walk, and
     // walks its calendar months: a split gains no second worker, and under
     // nested loops a call's fixed part is too small for a merge to pay. This
@@ -159,7 +159,7 @@ fn balance(mut pieces: Vec<Piece>, workers: usize) -> Vec<Piece> {
 }
 
 /// Two adjacent pieces as one.
-pub fn join(a: Piece, b: Piece) -> Piece {
+pub(crate) fn join(a: Piece, b: Piece) -> Piece {
     debug_assert_eq!(a.slice.to, b.slice.from, "only adjacent pieces join");
     Piece {
         slice: Slice {
@@ -179,7 +179,7 @@ fn max_parts(p: &Piece) -> i64 {
 /// `p` cut into `parts` slices of equal width (boundaries on whole
 /// seconds, never narrower than [`MIN_WIDTH`]), the events shared out in
 /// proportion (their sum is kept).
-pub fn split_even(p: Piece, parts: i64) -> Vec<Piece> {
+pub(crate) fn split_even(p: Piece, parts: i64) -> Vec<Piece> {
     let parts = parts.clamp(1, max_parts(&p));
     if parts == 1 {
         return vec![p];
@@ -207,7 +207,7 @@ pub fn split_even(p: Piece, parts: i64) -> Vec<Piece> {
 
 /// With a cap: the first piece cut into [`PROBE_PARTS`], so the first
 /// measurement is cheap.
-pub fn probe_first(mut pieces: Vec<Piece>) -> Vec<Piece> {
+pub(crate) fn probe_first(mut pieces: Vec<Piece>) -> Vec<Piece> {
     if let Some(first) = pieces.first().copied() {
         let parts = split_even(first, PROBE_PARTS);
         pieces.splice(0..1, parts);
@@ -217,7 +217,7 @@ pub fn probe_first(mut pieces: Vec<Piece>) -> Vec<Piece> {
 
 /// The measured cost of committed slices.
 #[derive(Debug, Clone, Default)]
-pub struct Model {
+pub(crate) struct Model {
     /// (events, milliseconds), the most recent last.
     observed: Vec<(f64, f64)>,
 }
@@ -226,7 +226,7 @@ pub struct Model {
 const MODEL_WINDOW: usize = 16;
 
 impl Model {
-    pub fn observe(&mut self, events: i64, elapsed: Duration) {
+    pub(crate) fn observe(&mut self, events: i64, elapsed: Duration) {
         if self.observed.len() == MODEL_WINDOW {
             self.observed.remove(0);
         }
@@ -236,7 +236,7 @@ impl Model {
 
     /// (fixed ms per slice, ms per event). With slices of one size only,
     /// the fixed part cannot be told apart and counts as zero.
-    pub fn fit(&self) -> Option<(f64, f64)> {
+    pub(crate) fn fit(&self) -> Option<(f64, f64)> {
         let n = self.observed.len() as f64;
         if n == 0.0 {
             return None;
@@ -281,7 +281,8 @@ impl Model {
         ))
     }
 
-    pub fn predict_ms(&self, events: i64) -> Option<f64> {
+    #[cfg(test)]
+    pub(crate) fn predict_ms(&self, events: i64) -> Option<f64> {
         self.fit()
             .map(|(fixed, per_event)| fixed + per_event * events.max(0) as f64)
     }
@@ -289,7 +290,7 @@ impl Model {
 
 /// Step 2: with a cap, split pending pieces predicted above it and merge
 /// adjacent ones predicted together below half of it.
-pub fn fit_cap(pending: Vec<Piece>, model: &Model, cap: Duration) -> Vec<Piece> {
+pub(crate) fn fit_cap(pending: Vec<Piece>, model: &Model, cap: Duration) -> Vec<Piece> {
     let Some((fixed, per_event)) = model.fit() else {
         return pending;
     };
@@ -358,7 +359,7 @@ fn median(values: impl Iterator<Item = i64>) -> i64 {
 
 /// A piece's events from per-month counts: the events of the months that
 /// start inside it.
-pub fn events_from_months(slice: &Slice, months: &[(Timestamp, i64)]) -> i64 {
+pub(crate) fn events_from_months(slice: &Slice, months: &[(Timestamp, i64)]) -> i64 {
     months
         .iter()
         .filter(|(m, _)| *m >= slice.from && *m < slice.to)

@@ -10,7 +10,7 @@ use super::parallel::Walk;
 use super::plan::{self, Decision, GUARD_TOLERANCE, Slice, Snapshot};
 use super::session::Session;
 use super::sizing::{self, Piece};
-use super::tuning::{self, TuningReport};
+use super::tuning::TuningReport;
 use super::{
     Database, DatabaseIdentity, Error, Event, MAX_PARALLELISM, Mode, Options, Outcome, Performance,
     PlannedSlice, Result, Resume, SkipReason,
@@ -505,7 +505,7 @@ impl Run<'_> {
 }
 
 fn validate_setting_name(name: &str) -> Result<()> {
-    if tuning::is_setting_name(name) {
+    if usage_backfill_limits::is_setting_name(name) {
         Ok(())
     } else {
         Err(Error::InvalidSetting {

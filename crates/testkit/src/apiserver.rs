@@ -102,36 +102,11 @@ use http_body::Frame;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use usage_backfill_api::{UsageBackfill, UsageBackfillSpec, UsageBackfillStatus};
-use usage_backfill_controller::decide::Backoff;
-use usage_backfill_controller::{RunnerSettings, Settings};
 
 use errors::*;
 use schema::Structural;
 use store::*;
 use usage_backfills::*;
-
-/// Controller settings for tests: every slice's progress is written (so
-/// short runs show it), retries come quickly, no session settings.
-pub fn settings() -> Settings {
-    Settings {
-        runner: RunnerSettings {
-            progress_interval: Duration::ZERO,
-            heartbeat_interval: Duration::from_secs(15),
-            backoff: Backoff {
-                base: Duration::from_millis(100),
-                max: Duration::from_millis(400),
-            },
-            concurrency: 4,
-            settle_pause: Duration::from_millis(20),
-        },
-        session_settings: Vec::new(),
-        observe_interval: Duration::from_secs(60),
-        secret_recheck_interval: Duration::from_secs(60),
-        cancel_recheck_interval: Duration::from_millis(100),
-        refused_recheck_interval: Duration::from_secs(60),
-        watch_secrets: false,
-    }
-}
 
 /// A response body: all at once, or a stream of watch events.
 pub enum FakeBody {
@@ -426,8 +401,15 @@ impl FakeApiServer {
         st.store_if_changed(key, &old, v);
     }
 
-    /// Replaces the status directly (as an earlier controller left it).
-    pub fn set_status(&self, namespace: &str, name: &str, status: &UsageBackfillStatus) {
+    /// Replaces the status directly, applied (forced) by the field manager
+    /// `manager`: as an earlier controller left it.
+    pub fn set_status_as(
+        &self,
+        manager: &str,
+        namespace: &str,
+        name: &str,
+        status: &UsageBackfillStatus,
+    ) {
         let mut st = self.state();
         let key = Key {
             resource: "usagebackfills".into(),
@@ -437,7 +419,7 @@ impl FakeApiServer {
         let old = st.objects.get(&key).unwrap().clone();
         let applied = json!({ "status": serde_json::to_value(status).unwrap() });
         let manager = ssa::Manager {
-            name: usage_backfill_controller::writes::FIELD_MANAGER.to_owned(),
+            name: manager.to_owned(),
             operation: "Apply".into(),
             subresource: "status".into(),
         };

@@ -1,4 +1,5 @@
-//! The controller test harness: one controller [`Context`] against the
+//! The controller test harness: the controller settings tests run with
+//! ([`settings`]), one controller [`Context`] against the
 //! fake API server (granting the Secret access the settings need), a PostgreSQL database the Secret points to, and the
 //! steps controller-level tests take (create an object, reconcile, wait
 //! for a run, read its status), each bounded by [`WAIT`]. Objects are
@@ -13,11 +14,13 @@ use tokio_postgres::Client as PgClient;
 use usage_backfill_api::{
     Mode, Phase, TlsSpec, TuningSpec, UsageBackfill, UsageBackfillSpec, UsageBackfillStatus,
 };
-use usage_backfill_controller::{self as controller, Context, ObjectKey, Settings};
+use usage_backfill_controller::{
+    self as controller, Backoff, Context, ObjectKey, RunnerSettings, Settings,
+};
 use usage_backfill_standin::fixture::{self, HistorySpec};
 
 use crate::apiserver::rbac::SecretAccess;
-use crate::{FakeApiServer, TestDatabase, settings};
+use crate::{FakeApiServer, TestDatabase};
 
 /// The namespace of every object and Secret.
 pub const NS: &str = "tenant-a";
@@ -25,6 +28,37 @@ pub const NS: &str = "tenant-a";
 pub const SECRET: &str = "app-db";
 /// The bound of every wait.
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Controller settings for tests: every slice's progress is written (so
+/// short runs show it), retries come quickly, no session settings.
+pub fn settings() -> Settings {
+    Settings {
+        runner: RunnerSettings {
+            progress_interval: Duration::ZERO,
+            heartbeat_interval: Duration::from_secs(15),
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                max: Duration::from_millis(400),
+            },
+            concurrency: 4,
+            settle_pause: Duration::from_millis(20),
+        },
+        session_settings: Vec::new(),
+        observe_interval: Duration::from_secs(60),
+        secret_recheck_interval: Duration::from_secs(60),
+        cancel_recheck_interval: Duration::from_millis(100),
+        refused_recheck_interval: Duration::from_secs(60),
+        watch_secrets: false,
+    }
+}
+
+impl FakeApiServer {
+    /// Replaces the status directly, as an earlier controller left it (by
+    /// the controller's field manager).
+    pub fn set_status(&self, namespace: &str, name: &str, status: &UsageBackfillStatus) {
+        self.set_status_as(controller::FIELD_MANAGER, namespace, name, status);
+    }
+}
 
 /// A UsageBackfill for a test, built from the defaults of
 /// [`UsageBackfillSpec::new`] with the database Secret [`SECRET`]:
@@ -287,7 +321,7 @@ impl Harness {
                 if current
                     && status.phase.is_some_and(Phase::is_finished)
                     && !self.ctx.runner.is_active(&key)
-                    && !controller::writes::has_finalizer(&obj)
+                    && !controller::has_finalizer(&obj)
                 {
                     return status;
                 }

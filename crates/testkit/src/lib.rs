@@ -34,7 +34,8 @@ pub mod instrument;
 pub mod status;
 pub mod tls;
 
-pub use apiserver::{FakeApiServer, Outage, settings};
+pub use apiserver::{FakeApiServer, Outage};
+pub use harness::settings;
 pub use usage_backfill_standin::fixture::SchemaLevel;
 
 /// Runs each named test scenario at both schema levels: for every

@@ -220,7 +220,7 @@ async fn config_maps_are_applied_read_and_deleted_as_the_apiserver_does() {
 /// precondition (the apiserver ignores a UID sent to `status`).
 #[tokio::test]
 async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
-    use controller::writes::{self, Guarded};
+    use controller::Guarded;
     let (client, fake) = FakeApiServer::start();
     let api = ubfs(&client);
     let old = fake.create(NS, "hook", spec());
@@ -232,7 +232,7 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
     // Other changes to the same object do not stop the run's writes.
     fake.edit_spec(NS, "hook", |s| s.run_id = "2".into());
     assert_eq!(
-        writes::apply_status_of(&api, "hook", &uid, &running, &mut None)
+        controller::apply_status_of(&api, "hook", &uid, &running, &mut None)
             .await
             .unwrap(),
         Guarded::Written
@@ -258,14 +258,14 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
     api.patch(
         "hook",
         &PatchParams::default(),
-        &Patch::Merge(json!({ "metadata": { "finalizers": [writes::FINALIZER] } })),
+        &Patch::Merge(json!({ "metadata": { "finalizers": [controller::FINALIZER] } })),
     )
     .await
     .unwrap();
     fake.delete(NS, "hook");
     // Held by the finalizer, being deleted: no status is written to it.
     assert_eq!(
-        writes::apply_status_of(&api, "hook", &uid, &running, &mut None)
+        controller::apply_status_of(&api, "hook", &uid, &running, &mut None)
             .await
             .unwrap(),
         Guarded::Deleting
@@ -279,7 +279,7 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
     .unwrap();
     assert!(fake.get_raw(NS, "hook").is_none());
     assert_eq!(
-        writes::apply_status_of(&api, "hook", &uid, &running, &mut None)
+        controller::apply_status_of(&api, "hook", &uid, &running, &mut None)
             .await
             .unwrap(),
         Guarded::Gone
@@ -288,19 +288,19 @@ async fn a_runs_writes_land_only_on_the_object_with_its_uid() {
     api.patch(
         "hook",
         &PatchParams::default(),
-        &Patch::Merge(json!({ "metadata": { "finalizers": [writes::FINALIZER] } })),
+        &Patch::Merge(json!({ "metadata": { "finalizers": [controller::FINALIZER] } })),
     )
     .await
     .unwrap();
     let before = fake.get_raw(NS, "hook").unwrap();
     assert_eq!(
-        writes::apply_status_of(&api, "hook", &uid, &running, &mut None)
+        controller::apply_status_of(&api, "hook", &uid, &running, &mut None)
             .await
             .unwrap(),
         Guarded::Recreated
     );
     assert!(
-        !writes::remove_finalizer_of(&api, "hook", Some(&uid), &mut None)
+        !controller::remove_finalizer_of(&api, "hook", Some(&uid), &mut None)
             .await
             .unwrap(),
         "the new object's finalizer is not the old run's to remove"

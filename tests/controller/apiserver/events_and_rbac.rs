@@ -230,11 +230,11 @@ async fn a_namespaced_controller_stays_within_its_roles() {
 /// applies do: managedFields name the operator as the finalizer's holder.
 #[tokio::test]
 async fn finalizer_patches_carry_the_operators_field_manager() {
-    use controller::writes::{self, FIELD_MANAGER};
+    use controller::FIELD_MANAGER;
     let (client, fake) = FakeApiServer::start();
     let obj = fake.create(NS, "x", spec());
     let api = ubfs(&client);
-    writes::add_finalizer(&api, &obj).await.unwrap();
+    controller::add_finalizer(&api, &obj).await.unwrap();
     let stored = fake.get_raw(NS, "x").unwrap();
     let holder = stored["metadata"]["managedFields"]
         .as_array()
@@ -244,7 +244,7 @@ async fn finalizer_patches_carry_the_operators_field_manager() {
         .expect("an entry owns the finalizers");
     assert_eq!(holder["manager"], FIELD_MANAGER);
     assert_eq!(holder["operation"], "Update");
-    writes::remove_finalizer(&api, "x").await.unwrap();
+    controller::remove_finalizer(&api, "x").await.unwrap();
     let patches: Vec<_> = fake
         .requests()
         .into_iter()

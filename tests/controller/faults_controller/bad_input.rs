@@ -105,9 +105,7 @@ async fn bad_secret_values_are_reported_specifically_without_a_database_write() 
             (events[0].0.as_str(), events[0].1.as_str()),
             ("Failed", "Warning")
         );
-        assert!(!controller::writes::has_finalizer(
-            &h.fake.get(NS, name).unwrap()
-        ));
+        assert!(!controller::has_finalizer(&h.fake.get(NS, name).unwrap()));
     }
     h.assert_never_sent(&["Gb7-secret-Gb7"]);
 }

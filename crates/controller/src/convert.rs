@@ -1,99 +1,87 @@
 //! Every conversion between the API's types and the engine's, in one
-//! place: what a spec asks of the engine, what the engine reports into a
-//! status, and the condition reason of each engine failure.
+//! place (the controller is the adapter between the two crates, neither of
+//! which knows the other): what a spec asks of the engine, what the engine
+//! reports into a status, and the condition reason of each engine failure.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use usage_backfill_api::{
+    FutureEvents, LockHolder, ModeSettings, Reason, SkipReason, TlsMode, TuningPreset,
+};
 use usage_backfill_engine as engine;
 
-use crate::{FutureEvents, LockHolder, ModeSettings, Reason, SkipReason, TlsMode, TuningPreset};
-
-impl From<TlsMode> for engine::TlsMode {
-    fn from(m: TlsMode) -> Self {
-        match m {
-            TlsMode::Disable => engine::TlsMode::Disable,
-            TlsMode::Prefer => engine::TlsMode::Prefer,
-            TlsMode::Require => engine::TlsMode::Require,
-            TlsMode::VerifyCa => engine::TlsMode::VerifyCa,
-            TlsMode::VerifyFull => engine::TlsMode::VerifyFull,
-        }
+pub(crate) fn tls_mode(m: TlsMode) -> engine::TlsMode {
+    match m {
+        TlsMode::Disable => engine::TlsMode::Disable,
+        TlsMode::Prefer => engine::TlsMode::Prefer,
+        TlsMode::Require => engine::TlsMode::Require,
+        TlsMode::VerifyCa => engine::TlsMode::VerifyCa,
+        TlsMode::VerifyFull => engine::TlsMode::VerifyFull,
     }
 }
 
-impl From<engine::TlsMode> for TlsMode {
-    fn from(m: engine::TlsMode) -> Self {
-        match m {
-            engine::TlsMode::Disable => TlsMode::Disable,
-            engine::TlsMode::Prefer => TlsMode::Prefer,
-            engine::TlsMode::Require => TlsMode::Require,
-            engine::TlsMode::VerifyCa => TlsMode::VerifyCa,
-            engine::TlsMode::VerifyFull => TlsMode::VerifyFull,
-        }
+/// The inverse of [`tls_mode`] (the tests check the two agree by name).
+#[cfg(test)]
+fn api_tls_mode(m: engine::TlsMode) -> TlsMode {
+    match m {
+        engine::TlsMode::Disable => TlsMode::Disable,
+        engine::TlsMode::Prefer => TlsMode::Prefer,
+        engine::TlsMode::Require => TlsMode::Require,
+        engine::TlsMode::VerifyCa => TlsMode::VerifyCa,
+        engine::TlsMode::VerifyFull => TlsMode::VerifyFull,
     }
 }
 
-impl From<ModeSettings> for engine::Mode {
-    fn from(m: ModeSettings) -> Self {
-        match m {
-            ModeSettings::IfLagging { lag_threshold } => engine::Mode::IfLagging { lag_threshold },
-            ModeSettings::Always {
-                months_back,
-                force_partial,
-            } => engine::Mode::Always {
-                months_back,
-                force_partial,
-            },
-        }
+pub(crate) fn mode(m: ModeSettings) -> engine::Mode {
+    match m {
+        ModeSettings::IfLagging { lag_threshold } => engine::Mode::IfLagging { lag_threshold },
+        ModeSettings::Always {
+            months_back,
+            force_partial,
+        } => engine::Mode::Always {
+            months_back,
+            force_partial,
+        },
     }
 }
 
-impl From<TuningPreset> for engine::Tuning {
-    fn from(p: TuningPreset) -> Self {
-        match p {
-            TuningPreset::Tuned => engine::Tuning::Default,
-            TuningPreset::ServerDefaults => engine::Tuning::Off,
-        }
+pub(crate) fn tuning(p: TuningPreset) -> engine::Tuning {
+    match p {
+        TuningPreset::Tuned => engine::Tuning::Default,
+        TuningPreset::ServerDefaults => engine::Tuning::Off,
     }
 }
 
-impl From<engine::SkipReason> for SkipReason {
-    fn from(r: engine::SkipReason) -> Self {
-        match r {
-            engine::SkipReason::RollupStateMissing => SkipReason::RollupStateMissing,
-            engine::SkipReason::TaskUsageEmpty => SkipReason::TaskUsageEmpty,
-            engine::SkipReason::WatermarkWithinThreshold => SkipReason::WatermarkWithinThreshold,
-        }
+pub(crate) fn skip_reason(r: engine::SkipReason) -> SkipReason {
+    match r {
+        engine::SkipReason::RollupStateMissing => SkipReason::RollupStateMissing,
+        engine::SkipReason::TaskUsageEmpty => SkipReason::TaskUsageEmpty,
+        engine::SkipReason::WatermarkWithinThreshold => SkipReason::WatermarkWithinThreshold,
     }
 }
 
-impl From<&engine::LockHolder> for LockHolder {
-    fn from(h: &engine::LockHolder) -> Self {
-        LockHolder {
-            pid: Some(h.pid),
-            application_name: h.application_name.clone(),
-            client_addr: h.client_addr.clone(),
-            since: h.since.map(Time),
-        }
+pub(crate) fn lock_holder(h: &engine::LockHolder) -> LockHolder {
+    LockHolder {
+        pid: Some(h.pid),
+        application_name: h.application_name.clone(),
+        client_addr: h.client_addr.clone(),
+        since: h.since.map(Time),
     }
 }
 
-impl From<&engine::FutureEvents> for FutureEvents {
-    fn from(f: &engine::FutureEvents) -> Self {
-        FutureEvents {
-            rows: f.rows,
-            max_ahead_seconds: f.ahead_seconds,
-            latest: Some(Time(f.latest)),
-        }
+pub(crate) fn future_events(f: &engine::FutureEvents) -> FutureEvents {
+    FutureEvents {
+        rows: f.rows,
+        max_ahead_seconds: f.ahead_seconds,
+        latest: Some(Time(f.latest)),
     }
 }
 
 /// The condition reason of a failure: the engine's fixed name
 /// ([`engine::Error::reason`]), the one vocabulary of failure reasons.
-impl From<&engine::Error> for Reason {
-    fn from(e: &engine::Error) -> Self {
-        e.reason()
-            .parse()
-            .expect("every engine failure reason is a condition reason (tested)")
-    }
+pub(crate) fn reason(e: &engine::Error) -> Reason {
+    e.reason()
+        .parse()
+        .expect("every engine failure reason is a condition reason (tested)")
 }
 
 #[cfg(test)]
@@ -165,15 +153,15 @@ mod tests {
             },
         ];
         for e in &errors {
-            assert_eq!(Reason::from(e).as_str(), e.reason(), "{e:?}");
+            assert_eq!(reason(e).as_str(), e.reason(), "{e:?}");
         }
         // The two whose names once differed between metrics and conditions.
         assert_eq!(
-            Reason::from(&engine::Error::WatermarkMissing),
+            reason(&engine::Error::WatermarkMissing),
             Reason::ManualInterventionRequired
         );
         assert_eq!(
-            Reason::from(&engine::Error::MonthsBackSkipsHistory {
+            reason(&engine::Error::MonthsBackSkipsHistory {
                 months_back: 1,
                 start: at,
                 earliest: at,
@@ -185,9 +173,9 @@ mod tests {
     #[test]
     fn tls_modes_convert_both_ways_by_name() {
         for &m in <TlsMode as strum::VariantArray>::VARIANTS {
-            let e = engine::TlsMode::from(m);
+            let e = tls_mode(m);
             assert_eq!(e.as_str(), m.as_str());
-            assert_eq!(TlsMode::from(e), m);
+            assert_eq!(api_tls_mode(e), m);
         }
     }
 
@@ -198,7 +186,7 @@ mod tests {
             engine::SkipReason::TaskUsageEmpty,
             engine::SkipReason::WatermarkWithinThreshold,
         ] {
-            assert_eq!(SkipReason::from(r).as_str(), r.as_str());
+            assert_eq!(skip_reason(r).as_str(), r.as_str());
         }
     }
 }
