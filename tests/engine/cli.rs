@@ -699,7 +699,7 @@ async fn demo_runs_end_to_end() {
 
 /// Without the `demo` feature (the production image) the subcommand says
 /// why it is absent, a usage error, whatever its arguments
-/// (`cargo test --no-default-features --test cli`).
+/// (`cargo test --no-default-features --test engine demo_without`).
 #[cfg(not(feature = "demo"))]
 #[tokio::test]
 async fn demo_without_the_feature_names_it() {
