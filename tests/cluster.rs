@@ -19,11 +19,12 @@
 //!   real API server and the test kit's PostgreSQL to Succeeded;
 //! - the real `helm` (built from `helm.sh/helm/v4`) installs the chart,
 //!   upgrades it to namespaced mode and uninstalls it;
-//! - the Helm hook recipe of docs/packaging.md, in the stand-in
+//! - the Helm hook recipes of docs/packaging.md, in the stand-in
 //!   application chart, installed and upgraded with that helm, the
 //!   controller in this process and the test in the place of the Job
-//!   controller and the kubelet (see [`the_hook_recipe_runs_with_helm`]
-//!   and docs/testing.md for which steps of an upgrade this covers).
+//!   controller and the kubelet (see [`the_hook_recipe_runs_with_helm`],
+//!   [`the_job_recipe_runs_with_helm`] and docs/testing.md for which steps
+//!   of an upgrade this covers).
 //!
 //! Where the two servers answer differently, the test prints every
 //! difference before it fails.
@@ -59,6 +60,7 @@ on_both_versions!(
     the_controller_runs_a_backfill_to_success,
     the_chart_installs_upgrades_and_uninstalls_with_helm,
     the_hook_recipe_runs_with_helm,
+    the_job_recipe_runs_with_helm,
 );
 
 /// Polls `check` every 200 ms until it gives `Some`, or panics after [`WAIT`].
@@ -864,13 +866,45 @@ async fn play_the_job_controller(
     .await;
     let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(pod.containers.len(), 1, "one container");
-    let args = pod.containers[0].args.clone().unwrap_or_default();
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap_or_default();
     let account = pod.service_account_name.clone().unwrap_or("default".into());
+    // The container's environment as the kubelet builds it: values, and
+    // Secret keys read from the Job's namespace; nothing of this process's.
+    let mut env = vec![
+        ("PATH".to_owned(), "/usr/bin:/bin".to_owned()),
+        ("RUST_LOG".to_owned(), "warn".to_owned()),
+    ];
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => {
+                let key = from
+                    .secret_key_ref
+                    .as_ref()
+                    .expect("only secretKeyRef is resolved");
+                let secret = secrets.get(&key.name).await.expect("the Job's Secret");
+                let bytes = secret
+                    .data
+                    .unwrap_or_default()
+                    .remove(&key.key)
+                    .expect("the Secret's key");
+                String::from_utf8(bytes.0).unwrap()
+            }
+            (None, None) => String::new(),
+        };
+        env.push((var.name.clone(), value));
+    }
+    if pod.automount_service_account_token != Some(false) {
+        let kubeconfig = pod_kubeconfig(plane, ns, &account, dir);
+        env.push(("KUBECONFIG".to_owned(), kubeconfig.display().to_string()));
+    }
     let started = k8s_openapi::jiff::Timestamp::now();
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_usage-backfill"))
         .args(&args)
-        .env("KUBECONFIG", pod_kubeconfig(plane, ns, &account, dir))
-        .env("RUST_LOG", "warn")
+        .env_clear()
+        .envs(env)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(WAIT * 3, run)
@@ -1160,4 +1194,80 @@ async fn the_hook_recipe_runs_with_helm(version: &str) {
         .expect("the controller stops")
         .expect("the controller does not panic");
     assert_eq!(left, 0, "no run left behind");
+}
+
+/// Pattern B of docs/packaging.md (the hook Job runs `usage-backfill
+/// backfill` itself, no operator), with an external database, so that the
+/// install runs it as a `pre-install` hook: helm creates the Job, the test
+/// runs its container's command with the container's environment (the
+/// connection string from the application's Secret, as the kubelet would
+/// set it) and writes the Job's status; the walk fills the rollup, helm
+/// deletes the succeeded Job and the release is deployed. The upgrade runs
+/// it again, as `pre-upgrade`: nothing lags, it skips.
+async fn the_job_recipe_runs_with_helm(version: &str) {
+    use k8s_openapi::api::batch::v1::Job;
+    let (plane, client) = with_crd(version).await;
+    let ns = namespace(&client, "shop").await;
+    let home = tempfile::tempdir().unwrap();
+    let chart = app_chart_with_recipe(home.path());
+    let chart = chart.to_str().unwrap();
+    let (db, pg) = testkit::database_with(&HistorySpec {
+        rows: 300,
+        months: 6,
+        ..HistorySpec::default()
+    })
+    .await;
+    let mut secret: Secret =
+        serde_json::from_value(json!({"stringData": {"DATABASE_URL": db.url()}})).unwrap();
+    secret.metadata.name = Some("multica-secrets".into());
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("creating the application's Secret");
+    let job = "shop-usage-backfill";
+    let values = [
+        "--set",
+        "usageBackfill.via=job",
+        "--set",
+        "postgres.external.enabled=true",
+        "--namespace",
+        ns.as_str(),
+        "--timeout",
+        "35m",
+    ];
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    for (verb, revision) in [("install", 1), ("upgrade", 2)] {
+        let args = [&[verb, "shop", chart], &values[..]].concat();
+        let (helmed, run) = tokio::join!(
+            try_helm(plane, home.path(), &args),
+            play_the_job_controller(plane, &client, &ns, job, home.path()),
+        );
+        assert_eq!(run.args[0], "backfill", "{:?}", run.args);
+        assert_eq!(run.exit, 0, "the backfill hook ({verb}):\n{}", run.output);
+        assert!(
+            !run.output.contains(db.url()),
+            "no connection string in the log"
+        );
+        assert!(helmed.0, "helm {verb}:\n{}", helmed.1);
+        assert!(
+            helmed.1.contains(&format!("REVISION: {revision}")),
+            "{}",
+            helmed.1
+        );
+        assert!(
+            jobs.get_opt(job).await.unwrap().is_none(),
+            "helm deleted the succeeded Job (hook-succeeded)"
+        );
+        let outcome = if revision == 1 {
+            "backfilled"
+        } else {
+            "skipped"
+        };
+        assert!(
+            run.output.contains(outcome),
+            "{verb}: {outcome}:\n{}",
+            run.output
+        );
+        testkit::engine::assert_correct(&pg).await;
+    }
 }
