@@ -21,7 +21,9 @@
 //! UsageBackfills (status by server-side apply, finalizer patches, a stale
 //! resourceVersion), list paging with `limit`/`continue`, a watch from a
 //! list's resourceVersion, and the RBAC refusals of what the chart does not
-//! grant.
+//! grant; and, with `secrets.watch: true` granted (in the namespace only),
+//! the Secret metadata of `--watch-secrets`: metadata-only pages, a get,
+//! and a metadata watch that sees a rotation.
 //!
 //! Noise, deliberately not compared: `metadata.uid`, `resourceVersion`,
 //! `creationTimestamp`, `managedFields` (the owners they record are
@@ -67,7 +69,10 @@ const NOT_MODELLED: &[(&str, &str)] = &[(
      several installations with Leases of their own names), and answers 404",
 )];
 
-on_both_versions!(the_test_api_server_answers_as_kube_apiserver);
+on_both_versions!(
+    the_test_api_server_answers_as_kube_apiserver,
+    secret_metadata_answers_as_kube_apiserver,
+);
 
 /// One server under comparison: a client as the operator's ServiceAccount
 /// and the namespace the requests go to.
@@ -88,21 +93,45 @@ impl Server {
         content_type: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.send_accepting(step, method, path, content_type, None, body)
+            .await
+    }
+
+    /// [`send`](Self::send), asking for `accept` (e.g. metadata only).
+    async fn send_accepting(
+        &mut self,
+        step: &str,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        accept: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let path = path.replace("{ns}", &self.ns);
         let mut request = Request::builder().method(method).uri(&path);
         if let Some(ct) = content_type {
             request = request.header("content-type", ct);
         }
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
         let body = body
             .map(|b| serde_json::to_vec(&b).unwrap())
             .unwrap_or_default();
-        let response = self
-            .client
-            .send(request.body(body.into()).unwrap())
+        // Bounded: a request one server answers and the other keeps open
+        // (a watch it allows) fails the test instead of hanging it.
+        let answer = async {
+            let response = self
+                .client
+                .send(request.body(body.into()).unwrap())
+                .await
+                .unwrap_or_else(|e| panic!("{step}: {method} {path}: {e}"));
+            let code = response.status().as_u16();
+            (code, response.into_body().collect_bytes().await.unwrap())
+        };
+        let (code, bytes) = tokio::time::timeout(std::time::Duration::from_secs(60), answer)
             .await
-            .unwrap_or_else(|e| panic!("{step}: {method} {path}: {e}"));
-        let code = response.status().as_u16();
-        let bytes = response.into_body().collect_bytes().await.unwrap();
+            .unwrap_or_else(|_| panic!("{step}: {method} {path}: no whole answer within a minute"));
         let value: Value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
         self.answers
@@ -112,10 +141,14 @@ impl Server {
 
     /// Opens a watch and reads `events` events other than BOOKMARKs, each
     /// recorded as one answer.
-    async fn watch(&mut self, step: &str, path: &str, events: usize) {
+    async fn watch(&mut self, step: &str, path: &str, accept: Option<&str>, events: usize) {
         use futures::{AsyncBufReadExt, TryStreamExt};
         let path = path.replace("{ns}", &self.ns);
-        let request = Request::get(&path).body(Vec::new()).unwrap();
+        let mut request = Request::get(&path);
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        let request = request.body(Vec::new()).unwrap();
         let mut lines = self
             .client
             .request_stream(request)
@@ -182,7 +215,7 @@ fn normalized(v: &Value, ns: &str) -> Value {
 /// The shared control plane of `version`, the CRD established, and the
 /// chart's RBAC for the ServiceAccount: the watch rules cluster-wide, the
 /// Lease rules in `ns`.
-async fn real_server(version: &str) -> (Client, String) {
+async fn real_server(version: &str, extra: &[&str]) -> (Client, String) {
     let plane = ControlPlane::shared(version);
     let admin = plane.client();
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
@@ -241,6 +274,30 @@ async fn real_server(version: &str) -> (Client, String) {
         .create(&PostParams::default(), &binding)
         .await
         .expect("its binding");
+    // Rule sets of an opt-in mode in a Role of this namespace only: the
+    // ServiceAccount is shared by the scenarios on this control plane, and
+    // another's requests must still be refused. Bound before the Lease
+    // Role, whose binding the wait below looks for.
+    if !extra.is_empty() {
+        let role = Role {
+            metadata: serde_json::from_value(json!({"name": "extra"})).unwrap(),
+            rules: Some(extra.iter().flat_map(|set| sets[*set].clone()).collect()),
+        };
+        Api::<Role>::namespaced(admin.clone(), &ns)
+            .create(&PostParams::default(), &role)
+            .await
+            .expect("the opt-in Role");
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": "extra"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "extra"},
+            "subjects": subject,
+        }))
+        .unwrap();
+        Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("its binding");
+    }
     let lease_role = Role {
         metadata: serde_json::from_value(json!({"name": "lease"})).unwrap(),
         rules: Some(sets["leaseRules"].clone()),
@@ -708,6 +765,7 @@ async fn replay(s: &mut Server) {
     s.watch(
         "usagebackfills: a watch from the list's resourceVersion",
         &format!("{UBF}?watch=true&resourceVersion={list_rv}&allowWatchBookmarks=true"),
+        None,
         2,
     )
     .await;
@@ -740,7 +798,7 @@ async fn replay(s: &mut Server) {
 }
 
 async fn the_test_api_server_answers_as_kube_apiserver(version: &str) {
-    let (real_client, ns) = real_server(version).await;
+    let (real_client, ns) = real_server(version, &[]).await;
     let (fake_client, fake) = FakeApiServer::start();
     fake.set_rbac_scope(usage_backfill_testkit::apiserver::rbac::Scope {
         watched: Vec::new(),
@@ -760,10 +818,15 @@ async fn the_test_api_server_answers_as_kube_apiserver(version: &str) {
     replay(&mut real).await;
     replay(&mut ours).await;
 
-    assert_eq!(real.answers.len(), ours.answers.len());
+    assert_same(version, &real.answers, &ours.answers);
+}
+
+/// Fails listing every answer that differs (but those of [`NOT_MODELLED`]).
+fn assert_same(version: &str, real: &[(String, u16, Value)], ours: &[(String, u16, Value)]) {
+    assert_eq!(real.len(), ours.len());
     let mut differences = String::new();
     let mut count = 0;
-    for ((step, real_code, real_body), (_, code, body)) in real.answers.iter().zip(&ours.answers) {
+    for ((step, real_code, real_body), (_, code, body)) in real.iter().zip(ours) {
         if NOT_MODELLED.iter().any(|(s, _)| s == step) {
             continue;
         }
@@ -777,6 +840,107 @@ async fn the_test_api_server_answers_as_kube_apiserver(version: &str) {
     assert!(
         count == 0,
         "the test API server differs from kube-apiserver {version} in {count} of {} answers:{differences}",
-        real.answers.len()
+        real.len()
     );
+}
+
+/// What the controller asks for with `--watch-secrets`: Secret metadata
+/// only, listed in pages and watched from the list's resourceVersion.
+const METADATA: Option<&str> =
+    Some("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json");
+const METADATA_WATCH: Option<&str> =
+    Some("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json");
+const SECRETS: &str = "/api/v1/namespaces/{ns}/secrets";
+
+/// The Secret metadata watch of `--watch-secrets` (the chart's
+/// `secrets.watch: true`, its list and watch rules bound): metadata-only
+/// pages, and a watch from the list's resourceVersion that sees a Secret
+/// rotated.
+async fn secret_metadata_answers_as_kube_apiserver(version: &str) {
+    let (real_client, ns) = real_server(version, &["secretWatchRules"]).await;
+    let (fake_client, fake) = FakeApiServer::start();
+    fake.set_secret_access(usage_backfill_testkit::apiserver::rbac::SecretAccess::Watch);
+    let admin = ControlPlane::shared(version).client();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin, &ns);
+    let put = |name: &str, value: &str| {
+        serde_json::from_value::<k8s_openapi::api::core::v1::Secret>(json!({
+            "metadata": {"name": name}, "type": "Opaque",
+            "stringData": {"DATABASE_URL": value},
+        }))
+        .unwrap()
+    };
+    for name in ["db-a", "db-b", "db-c"] {
+        secrets
+            .create(&PostParams::default(), &put(name, "postgres://x"))
+            .await
+            .unwrap();
+        fake.put_secret(&ns, name, "DATABASE_URL", "postgres://x");
+    }
+    let mut answers = Vec::new();
+    for (client, real) in [(real_client, true), (fake_client, false)] {
+        let mut s = Server {
+            client,
+            ns: ns.clone(),
+            answers: Vec::new(),
+        };
+        let (_, first) = s
+            .send_accepting(
+                "secrets: metadata, first page of 2",
+                "GET",
+                &format!("{SECRETS}?limit=2"),
+                None,
+                METADATA,
+                None,
+            )
+            .await;
+        let rv = first["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let token = first["metadata"]["continue"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        s.send_accepting(
+            "secrets: metadata, the next page",
+            "GET",
+            &format!("{SECRETS}?limit=2&continue={token}"),
+            None,
+            METADATA,
+            None,
+        )
+        .await;
+        s.send_accepting(
+            "secrets: get one's metadata",
+            "GET",
+            &format!("{SECRETS}/db-a"),
+            None,
+            METADATA_WATCH,
+            None,
+        )
+        .await;
+        // A rotation, as `kubectl` would make it.
+        if real {
+            secrets
+                .replace("db-b", &PostParams::default(), &{
+                    let mut new = put("db-b", "postgres://y");
+                    new.metadata.resource_version =
+                        secrets.get("db-b").await.unwrap().metadata.resource_version;
+                    new
+                })
+                .await
+                .unwrap();
+        } else {
+            fake.put_secret(&ns, "db-b", "DATABASE_URL", "postgres://y");
+        }
+        s.watch(
+            "secrets: a metadata watch from the list's resourceVersion",
+            &format!("{SECRETS}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true"),
+            METADATA_WATCH,
+            1,
+        )
+        .await;
+        answers.push(s.answers);
+    }
+    assert_same(version, &answers[0], &answers[1]);
 }
