@@ -5,8 +5,11 @@
 //!
 //! - [`cluster`]: the CRD applied for real, the controller's API semantics,
 //!   the chart installed and upgraded with helm.
+//! - [`differential`]: the test API server's answers compared with the
+//!   real one's, request by request.
 //! - [`e2e_cluster`]: the whole operator end to end, on these control planes
 //!   or on a disposable cluster of yours.
 
 mod cluster;
+mod differential;
 mod e2e_cluster;

@@ -67,14 +67,21 @@
 //!
 //! `tests/control_plane/cluster.rs` compares this server with a real kube-apiserver (1.34
 //! and 1.37): stored objects, refusals (code, reason, message, causes) and
-//! the outcome of each step of the controller's writes must match. Not
-//! modelled, deliberately: 1.34's wording of a CEL refusal (`Invalid
-//! value: "object": ...`; this server words it as 1.37 does), the order of
-//! a refusal's causes (the real one follows Go's map iteration; this one
+//! the outcome of each step of the controller's writes must match.
+//! `tests/control_plane/differential.rs` replays the operator's other requests on both,
+//! as its ServiceAccount with the chart's RBAC, and compares every answer
+//! (code and body, Status `details` included): ConfigMaps, the Lease,
+//! Events, list paging, a watch, RBAC refusals. Not modelled,
+//! deliberately: 1.34's wording of a CEL refusal (`Invalid value:
+//! "object": ...`; this server words it as 1.37 does), the order of a
+//! refusal's causes (the real one follows Go's map iteration; this one
 //! sorts them by field), a PUT of a UsageBackfill (the controller never
-//! replaces one), and the `details` of a Status beyond its causes. What a
-//! real server cannot be made to do on demand stays this server's job:
-//! 410 Gone at a chosen moment, cut or slow connections, Lease clock skew.
+//! replaces one), RBAC `resourceNames` (the Lease Role names one Lease;
+//! this server checks verbs only, so another Lease's name gets 404 where
+//! kube-apiserver answers 403), and when the watch cache sends BOOKMARKs.
+//! What a real server cannot be made to do on demand stays this server's
+//! job: 410 Gone at a chosen moment, cut or slow connections, failing
+//! writes, Lease clock skew.
 
 pub mod cel;
 mod config_maps;
@@ -859,22 +866,15 @@ impl FakeApiServer {
             &rbac_resource,
             verb,
         ) {
-            let group = if route.group.is_empty() {
-                String::new()
-            } else {
-                format!(" in API group \"{}\"", route.group)
-            };
-            let scope = match &route.namespace {
-                Some(ns) => format!(" in the namespace \"{ns}\""),
-                None => " at the cluster scope".to_owned(),
-            };
-            return status_error(
-                403,
-                "Forbidden",
-                &format!(
-                    "{resource} is forbidden: User \"system:serviceaccount:usage-system:usage-backfill\" \
-                     cannot {verb} resource \"{rbac_resource}\"{group}{scope}"
-                ),
+            // A list, a watch or a create is refused without a name.
+            let name = route.name.as_deref().filter(|_| verb != "create");
+            return forbidden(
+                OPERATOR_USER,
+                verb,
+                &resource,
+                route.subresource.as_deref(),
+                route.namespace.as_deref(),
+                name,
             );
         }
         if resource == "leases"
@@ -1006,10 +1006,12 @@ impl FakeApiServer {
                     .and_then(|l| l.parse::<usize>().ok())
                     .filter(|l| *l > 0 && !from_cache);
                 let mut continue_token = None;
+                let mut remaining = None;
                 if let Some(limit) = limit
                     && items.len() > limit
                 {
                     let rest = items.split_off(limit);
+                    remaining = Some(rest.len());
                     st.next_page += 1;
                     let id = st.next_page;
                     st.pages.insert(id, (list_rv, rest));
@@ -1023,6 +1025,11 @@ impl FakeApiServer {
                 let mut metadata = json!({ "resourceVersion": list_rv.to_string() });
                 if let Some(t) = continue_token {
                     metadata["continue"] = json!(t);
+                    metadata["remainingItemCount"] = json!(remaining);
+                } else if resource == "usagebackfills" && !meta_only {
+                    // A custom resource's list is unstructured: its
+                    // metadata keeps the empty token.
+                    metadata["continue"] = json!("");
                 }
                 let list = json!({
                     "apiVersion": if meta_only { "meta.k8s.io/v1" } else { api_version_of(&resource) },
@@ -1059,10 +1066,11 @@ impl FakeApiServer {
                     }
                 };
                 if st.objects.contains_key(&key(&name)) {
-                    return status_error(
+                    return status_with_details(
                         409,
                         "AlreadyExists",
-                        &format!("events.events.k8s.io \"{name}\" already exists"),
+                        &format!("{} \"{name}\" already exists", qualified(&resource)),
+                        resource_details(&resource, Some(&name)),
                     );
                 }
                 v["metadata"]["name"] = json!(name);
@@ -1073,6 +1081,7 @@ impl FakeApiServer {
                 }
                 v["metadata"]["name"] = json!(name);
                 v["metadata"]["namespace"] = json!(route.namespace.clone().unwrap_or_default());
+                events::fill_deprecated_fields(&mut v, &route.group);
                 st.uid += 1;
                 v["metadata"]["uid"] = json!(format!("00000000-0000-0000-0003-{:012}", st.uid));
                 st.store(key(&name), v.clone(), "ADDED");

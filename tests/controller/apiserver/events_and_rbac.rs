@@ -81,19 +81,24 @@ async fn an_invalid_event_is_refused_with_its_fields_named() {
         "without an eventTime, the legacy rules apply and the namespaces must agree"
     );
     assert!(
-        e.message
-            .starts_with("Event.events.k8s.io \"x.1\" is invalid: ["),
+        e.message.starts_with("Event \"x.1\" is invalid: ["),
         "{}",
         e.message
     );
+    // Required, and then not a qualified name either: kube-apiserver
+    // reports all three.
     let e = refusal(create(&|v| v["reportingController"] = json!("")).await);
-    assert_eq!(
-        causes(&e),
-        [(
-            "reportingController".to_owned(),
-            "Required value".to_owned()
-        )]
-    );
+    let found = causes(&e);
+    let expected = [
+        "Required value",
+        "Invalid value: \"\": name part must be non-empty",
+        "Invalid value: \"\": name part must consist of alphanumeric characters",
+    ];
+    assert_eq!(found.len(), expected.len(), "{found:?}");
+    for ((field, message), want) in found.iter().zip(expected) {
+        assert_eq!(field, "reportingController");
+        assert!(message.starts_with(want), "{message}");
+    }
     let e = refusal(create(&|v| v["type"] = json!("Error")).await);
     assert_eq!(causes(&e)[0].0, "type");
 

@@ -11,6 +11,15 @@ pub(super) const CONFIG_MAP_SECTIONS: [(&str, &str); 4] = [
     ("binaryData", "/binaryData"),
 ];
 
+/// ConfigMaps, in the shape they share with Leases.
+pub(super) const CONFIG_MAPS: NamedKind = NamedKind {
+    resource: "configmaps",
+    group: "",
+    api_version: "v1",
+    kind: "ConfigMap",
+    uid_tag: 4,
+};
+
 /// Largest ConfigMap the apiserver stores (data and binaryData together).
 pub(super) const CONFIG_MAP_MAX_BYTES: usize = 1024 * 1024;
 
@@ -23,41 +32,19 @@ impl State {
         route: &Route,
     ) -> Option<(StatusCode, FakeBody)> {
         let namespace = route.namespace.clone().unwrap_or_default();
-        let key = |name: &str| Key {
-            resource: "configmaps".into(),
-            namespace: namespace.clone(),
-            name: name.to_owned(),
-        };
+        let key = |name: &str| CONFIG_MAPS.key(&namespace, name);
         let body = r.body.clone().unwrap_or_default();
         Some(match (r.method.as_str(), &route.name) {
             ("POST", None) => {
-                let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
-                    return Some(config_map_invalid(
-                        "",
-                        &[(
-                            "metadata.name",
-                            "Required value: name or generateName is required",
-                        )],
-                    ));
-                };
-                if self.objects.contains_key(&key(&name)) {
-                    return Some(status_error(
-                        409,
-                        "AlreadyExists",
-                        &format!("configmaps \"{name}\" already exists"),
-                    ));
-                }
-                if let Err(e) = config_map_checked(&name, &body) {
-                    return Some(e);
-                }
                 let manager = r.field_manager().unwrap_or("unknown").to_owned();
-                let v = self.new_config_map(&namespace, &name, body);
-                let owned = config_map_fields(&v)
-                    .map(|f| (f, manager.clone()))
-                    .collect();
-                self.owners.insert(key(&name), owned);
-                self.store(key(&name), v, "ADDED");
-                (StatusCode::CREATED, full(&self.objects[&key(&name)]))
+                self.create_named(
+                    &CONFIG_MAPS,
+                    &namespace,
+                    body,
+                    &printed_manager(&manager, false, "v1"),
+                    config_map_checked,
+                    |v| config_map_fields(v).collect(),
+                )
             }
             ("PATCH", Some(name)) => {
                 if r.content_type.as_deref() != Some("application/apply-patch+yaml") {
@@ -103,30 +90,24 @@ impl State {
                         "create",
                     )
                 {
-                    return Some(status_error(
-                        403,
-                        "Forbidden",
-                        &format!(
-                            "configmaps \"{name}\" is forbidden: User \"system:serviceaccount:usage-system:usage-backfill\" \
-                             cannot create resource \"configmaps\" in API group \"\""
-                        ),
+                    return Some(forbidden(
+                        OPERATOR_USER,
+                        "create",
+                        "configmaps",
+                        None,
+                        route.namespace.as_deref(),
+                        Some(name),
                     ));
                 }
                 if let Some(old) = &old {
                     let want = &body["metadata"]["resourceVersion"];
                     if !want.is_null() && *want != old["metadata"]["resourceVersion"] {
-                        return Some(status_error(
-                            409,
-                            "Conflict",
-                            &format!(
-                                "Operation cannot be fulfilled on configmaps \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
-                            ),
-                        ));
+                        return Some(stale("configmaps", name));
                     }
                 }
                 let mut v = match &old {
                     Some(old) => old.clone(),
-                    None => self.new_config_map(&namespace, name, json!({})),
+                    None => self.new_named(&CONFIG_MAPS, &namespace, name, json!({})),
                 };
                 let owners = self.owners.entry(key(name)).or_default();
                 let applied: BTreeMap<String, Value> = CONFIG_MAP_SECTIONS
@@ -140,29 +121,22 @@ impl State {
                     })
                     .collect();
                 let force = r.query.get("force").map(String::as_str) == Some("true");
-                let conflicts: Vec<String> = applied
+                let applier = printed_manager(&manager, true, "v1");
+                let conflicts: Vec<(String, String)> = applied
                     .iter()
                     .filter(|(f, value)| {
-                        owners.get(*f).is_some_and(|o| *o != manager)
+                        owners.get(*f).is_some_and(|o| *o != applier)
                             && config_map_field(&v, f) != Some(*value)
                     })
-                    .map(|(f, _)| format!("conflict with {:?}: .{f}", owners[f]))
+                    .map(|(f, _)| (format!(".{f}"), owners[f].clone()))
                     .collect();
                 if !conflicts.is_empty() && !force {
-                    return Some(status_error(
-                        409,
-                        "Conflict",
-                        &format!(
-                            "Apply failed with {} conflict(s): {}",
-                            conflicts.len(),
-                            conflicts.join(", ")
-                        ),
-                    ));
+                    return Some(apply_conflicts(&conflicts));
                 }
                 // What this manager owned and no longer sends goes.
                 let dropped: Vec<String> = owners
                     .iter()
-                    .filter(|(f, o)| **o == manager && !applied.contains_key(*f))
+                    .filter(|(f, o)| **o == applier && !applied.contains_key(*f))
                     .map(|(f, _)| f.clone())
                     .collect();
                 for f in dropped {
@@ -171,7 +145,7 @@ impl State {
                 }
                 for (f, value) in applied {
                     set_config_map_field(&mut v, &f, Some(value));
-                    owners.insert(f, manager.clone());
+                    owners.insert(f, applier.clone());
                 }
                 if let Err(e) = config_map_checked(name, &v) {
                     return Some(e);
@@ -188,44 +162,9 @@ impl State {
                     }
                 }
             }
-            ("DELETE", Some(name)) => {
-                let Some(old) = self.objects.remove(&key(name)) else {
-                    return Some(not_found("configmaps", name));
-                };
-                self.owners.remove(&key(name));
-                self.last_rv += 1;
-                let mut gone = old.clone();
-                gone["metadata"]["resourceVersion"] = json!(self.last_rv.to_string());
-                self.record(&key(name), &gone, "DELETED");
-                // Deleted at once (no finalizers): a Status, as the
-                // apiserver answers for kinds that do not return the object.
-                ok(&json!({
-                    "apiVersion": "v1",
-                    "kind": "Status",
-                    "metadata": {},
-                    "status": "Success",
-                    "details": {
-                        "name": name,
-                        "kind": "configmaps",
-                        "uid": old["metadata"]["uid"],
-                    },
-                }))
-            }
+            ("DELETE", Some(name)) => self.delete_named(&CONFIG_MAPS, &namespace, name),
             _ => return None,
         })
-    }
-
-    /// A ConfigMap `name` built from `body`, as stored on creation.
-    pub(super) fn new_config_map(&mut self, namespace: &str, name: &str, body: Value) -> Value {
-        let mut v = body;
-        v["apiVersion"] = json!("v1");
-        v["kind"] = json!("ConfigMap");
-        v["metadata"]["name"] = json!(name);
-        v["metadata"]["namespace"] = json!(namespace);
-        self.uid += 1;
-        v["metadata"]["uid"] = json!(format!("00000000-0000-0000-0004-{:012}", self.uid));
-        v["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
-        v
     }
 }
 
@@ -322,7 +261,8 @@ pub(super) fn config_map_checked(name: &str, v: &Value) -> Result<(), (StatusCod
             if !valid_key {
                 causes.push((
                     format!("{section}[{k}]"),
-                    format!("Invalid value: {k:?}: a valid config key must consist of alphanumeric characters, '-', '_' or '.'"),
+                    format!("Invalid value: {k:?}: a valid config key must consist of alphanumeric characters, '-', '_' or '.' \
+                             (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"),
                 ));
             }
             let Some(text) = value.as_str() else {

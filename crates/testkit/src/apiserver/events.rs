@@ -194,14 +194,16 @@ fn legacy(e: &Internal) -> Vec<(String, String)> {
             {
                 errors.push(mismatch());
             }
+            // Required, and then a qualified name all the same (so an
+            // empty one gets the name part's errors too).
             if e.reporting_controller.is_empty() {
                 errors.push(required("reportingController"));
-            } else if !is_qualified_name(e.reporting_controller) {
+            }
+            for detail in qualified_name_errors(e.reporting_controller) {
                 errors.push(invalid(
                     "reportingController",
                     e.reporting_controller,
-                    "must be a qualified name (an optional DNS subdomain prefix and '/', then at most 63 \
-                     alphanumeric characters, '-', '_' or '.', starting and ending with an alphanumeric character)",
+                    &detail,
                 ));
             }
             for (value, field, limit) in [
@@ -263,22 +265,72 @@ fn is_dns_subdomain(s: &str) -> bool {
         && s.chars().all(|c| alnum(c) || c == '-' || c == '.')
 }
 
-/// `[prefix/]name`: a DNS subdomain prefix, a name of at most 63
-/// characters.
-fn is_qualified_name(s: &str) -> bool {
-    let (prefix, name) = match s.split_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, s),
+/// What an events.k8s.io Event holds once stored: the fields of the core
+/// Event it is kept as, which the events.k8s.io API shows as
+/// `deprecated*` (null, and an empty source, for an Event that never set
+/// them).
+pub fn fill_deprecated_fields(ev: &mut Value, group: &str) {
+    if group.is_empty() {
+        return;
+    }
+    for field in ["deprecatedFirstTimestamp", "deprecatedLastTimestamp"] {
+        if ev.get(field).is_none() {
+            ev[field] = Value::Null;
+        }
+    }
+    if ev.get("deprecatedSource").is_none() {
+        ev["deprecatedSource"] = serde_json::json!({});
+    }
+}
+
+/// What apimachinery's `IsQualifiedName` says of `s` (`[prefix/]name`: a
+/// DNS subdomain prefix, a name of at most 63 characters); empty when it
+/// is one. (The name part's wording is compared with kube-apiserver's by
+/// `tests/control_plane/differential.rs`.)
+fn qualified_name_errors(s: &str) -> Vec<String> {
+    const NAME_FORMAT: &str = "must consist of alphanumeric characters, '-', '_' or '.', and must \
+        start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', \
+        regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')";
+    let mut errors = Vec::new();
+    let parts: Vec<&str> = s.split('/').collect();
+    let name = match parts.as_slice() {
+        [name] => *name,
+        [prefix, name] => {
+            if prefix.is_empty() {
+                errors.push("prefix part must be non-empty".to_owned());
+            } else if !is_dns_subdomain(prefix) {
+                errors.push(
+                    "prefix part a lowercase RFC 1123 subdomain must consist of lower case alphanumeric \
+                     characters, '-' or '.', and must start and end with an alphanumeric character \
+                     (e.g. 'example.com', regex used for validation is \
+                     '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+                        .to_owned(),
+                );
+            }
+            name
+        }
+        _ => {
+            return vec![format!(
+                "a qualified name {NAME_FORMAT} with an optional DNS subdomain prefix and '/' \
+                 (e.g. 'example.com/MyName')"
+            )];
+        }
     };
+    if name.is_empty() {
+        errors.push("name part must be non-empty".to_owned());
+    } else if name.len() > 63 {
+        errors.push("name part must be no more than 63 bytes".to_owned());
+    }
     let alnum = |c: char| c.is_ascii_alphanumeric();
-    prefix.is_none_or(is_dns_subdomain)
-        && !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(alnum)
+    let matches = name.starts_with(alnum)
         && name.ends_with(alnum)
         && name
             .chars()
-            .all(|c| alnum(c) || c == '-' || c == '_' || c == '.')
+            .all(|c| alnum(c) || c == '-' || c == '_' || c == '.');
+    if !matches {
+        errors.push(format!("name part {NAME_FORMAT}"));
+    }
+    errors
 }
 
 #[cfg(test)]

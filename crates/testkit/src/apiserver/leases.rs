@@ -2,6 +2,17 @@
 
 use super::*;
 
+/// Leases, in the shape they share with ConfigMaps.
+const API_VERSION: &str = "coordination.k8s.io/v1";
+
+pub(super) const LEASES: NamedKind = NamedKind {
+    resource: "leases",
+    group: "coordination.k8s.io",
+    api_version: API_VERSION,
+    kind: "Lease",
+    uid_tag: 2,
+};
+
 impl State {
     /// Writes to Leases (reads take the common path): `None` when the
     /// request is not one of those.
@@ -11,42 +22,23 @@ impl State {
         route: &Route,
     ) -> Option<(StatusCode, FakeBody)> {
         let namespace = route.namespace.clone().unwrap_or_default();
-        let key = |name: &str| Key {
-            resource: "leases".into(),
-            namespace: namespace.clone(),
-            name: name.to_owned(),
-        };
+        let key = |name: &str| LEASES.key(&namespace, name);
         let manager = r.field_manager().unwrap_or("").to_owned();
         let body = r.body.clone().unwrap_or_default();
         Some(match (r.method.as_str(), &route.name) {
             ("POST", None) => {
-                let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
-                    return Some(status_error(
-                        422,
-                        "Invalid",
-                        "metadata.name: Required value",
-                    ));
-                };
-                if self.objects.contains_key(&key(&name)) {
-                    return Some(status_error(
-                        409,
-                        "AlreadyExists",
-                        &format!("leases.coordination.k8s.io \"{name}\" already exists"),
-                    ));
+                let mut body = body;
+                if body["spec"].is_null() {
+                    body["spec"] = json!({});
                 }
-                let mut v = body.clone();
-                v["apiVersion"] = json!("coordination.k8s.io/v1");
-                v["kind"] = json!("Lease");
-                v["metadata"]["namespace"] = json!(namespace);
-                self.uid += 1;
-                v["metadata"]["uid"] = json!(format!("00000000-0000-0000-0002-{:012}", self.uid));
-                if v["spec"].is_null() {
-                    v["spec"] = json!({});
-                }
-                let owned = spec_fields(&v).map(|f| (f, manager.clone())).collect();
-                self.owners.insert(key(&name), owned);
-                self.store(key(&name), v, "ADDED");
-                (StatusCode::CREATED, full(&self.objects[&key(&name)]))
+                self.create_named(
+                    &LEASES,
+                    &namespace,
+                    body,
+                    &printed_manager(&manager, false, API_VERSION),
+                    |_, _| Ok(()),
+                    |v| spec_fields(v).collect(),
+                )
             }
             ("PUT", Some(name)) => {
                 let Some(old) = self.objects.get(&key(name)) else {
@@ -54,16 +46,13 @@ impl State {
                 };
                 let want = &body["metadata"]["resourceVersion"];
                 if !want.is_null() && *want != old["metadata"]["resourceVersion"] {
-                    return Some(status_error(
-                        409,
-                        "Conflict",
-                        "the object has been modified",
-                    ));
+                    return Some(stale("leases", name));
                 }
                 let mut v = body.clone();
                 v["metadata"]["uid"] = old["metadata"]["uid"].clone();
                 v["metadata"]["namespace"] = json!(namespace);
-                let owned = spec_fields(&v).map(|f| (f, manager.clone())).collect();
+                let updater = printed_manager(&manager, false, API_VERSION);
+                let owned = spec_fields(&v).map(|f| (f, updater.clone())).collect();
                 self.owners.insert(key(name), owned);
                 self.store(key(name), v, "MODIFIED");
                 ok(&self.objects[&key(name)])
@@ -84,28 +73,21 @@ impl State {
                             ));
                         }
                         let force = r.query.get("force").map(String::as_str) == Some("true");
-                        let conflicts: Vec<String> = patch_spec
+                        let applier = printed_manager(&manager, true, API_VERSION);
+                        let conflicts: Vec<(String, String)> = patch_spec
                             .iter()
                             .filter(|(f, value)| {
-                                owners.get(*f).is_some_and(|o| *o != manager)
+                                owners.get(*f).is_some_and(|o| *o != applier)
                                     && v["spec"][f.as_str()] != **value
                             })
-                            .map(|(f, _)| format!("conflict with {:?}: .spec.{f}", owners[f]))
+                            .map(|(f, _)| (format!(".spec.{f}"), owners[f].clone()))
                             .collect();
                         if !conflicts.is_empty() && !force {
-                            return Some(status_error(
-                                409,
-                                "Conflict",
-                                &format!(
-                                    "Apply failed with {} conflict(s): {}",
-                                    conflicts.len(),
-                                    conflicts.join(", ")
-                                ),
-                            ));
+                            return Some(apply_conflicts(&conflicts));
                         }
                         for (f, value) in patch_spec {
                             v["spec"][f.as_str()] = value;
-                            owners.insert(f, manager.clone());
+                            owners.insert(f, applier.clone());
                         }
                     }
                     Some(
@@ -113,22 +95,19 @@ impl State {
                     ) => {
                         let want = &body["metadata"]["resourceVersion"];
                         if !want.is_null() && *want != v["metadata"]["resourceVersion"] {
-                            return Some(status_error(
-                                409,
-                                "Conflict",
-                                "the object has been modified",
-                            ));
+                            return Some(stale("leases", name));
                         }
                         let mut patch = body.clone();
                         if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
                             m.remove("resourceVersion");
                         }
                         merge(&mut v, &patch);
+                        let updater = printed_manager(&manager, false, API_VERSION);
                         for (f, value) in patch_spec {
                             if value.is_null() {
                                 owners.remove(&f);
                             } else {
-                                owners.insert(f, manager.clone());
+                                owners.insert(f, updater.clone());
                             }
                         }
                     }
@@ -143,6 +122,7 @@ impl State {
                 self.store(key(name), v, "MODIFIED");
                 ok(&self.objects[&key(name)])
             }
+            ("DELETE", Some(name)) => self.delete_named(&LEASES, &namespace, name),
             _ => return None,
         })
     }

@@ -185,3 +185,155 @@ pub(super) fn merge(target: &mut Value, patch: &Value) {
         other => *target = other.clone(),
     }
 }
+
+/// A response: its code and body.
+pub(super) type Answer = (StatusCode, FakeBody);
+
+/// A kind whose objects are created under their own name, read by name
+/// (the common path of [`FakeApiServer::respond`]) and deleted at once, no
+/// finalizers: ConfigMaps and Leases share this shape and differ only in
+/// what this names, in their validation and in the fields a manager owns.
+pub(super) struct NamedKind {
+    /// Plural, as in the URL: `configmaps`.
+    pub(super) resource: &'static str,
+    /// The API group, `""` for the core group.
+    pub(super) group: &'static str,
+    pub(super) api_version: &'static str,
+    pub(super) kind: &'static str,
+    /// The uid's fourth group, which tells the kinds apart in a uid.
+    pub(super) uid_tag: u16,
+}
+
+impl NamedKind {
+    pub(super) fn key(&self, namespace: &str, name: &str) -> Key {
+        Key {
+            resource: self.resource.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// As the apiserver names the resource in a message:
+    /// `configmaps`, `leases.coordination.k8s.io`.
+    pub(super) fn qualified(&self) -> String {
+        match self.group {
+            "" => self.resource.to_owned(),
+            group => format!("{}.{group}", self.resource),
+        }
+    }
+
+    /// A Status's `details` naming `name` of this kind, as the
+    /// apiserver's NotFound, AlreadyExists and delete answers carry them.
+    pub(super) fn details(&self, name: &str) -> Value {
+        let mut details = json!({"name": name, "kind": self.resource});
+        if !self.group.is_empty() {
+            details["group"] = json!(self.group);
+        }
+        details
+    }
+}
+
+impl State {
+    /// An object of `kind` named `name` from `body`, as stored on creation.
+    pub(super) fn new_named(
+        &mut self,
+        kind: &NamedKind,
+        namespace: &str,
+        name: &str,
+        body: Value,
+    ) -> Value {
+        let mut v = body;
+        v["apiVersion"] = json!(kind.api_version);
+        v["kind"] = json!(kind.kind);
+        v["metadata"]["name"] = json!(name);
+        v["metadata"]["namespace"] = json!(namespace);
+        self.uid += 1;
+        v["metadata"]["uid"] = json!(format!(
+            "00000000-0000-0000-{:04}-{:012}",
+            kind.uid_tag, self.uid
+        ));
+        v["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+        v
+    }
+
+    /// A create (POST) of `body`: 422 without a name, 409 when the name is
+    /// taken, `check`'s refusal when the kind's validation refuses it; else
+    /// stored, `manager` owning the fields `owned` lists, and 201.
+    pub(super) fn create_named(
+        &mut self,
+        kind: &NamedKind,
+        namespace: &str,
+        body: Value,
+        manager: &str,
+        check: impl FnOnce(&str, &Value) -> Result<(), Answer>,
+        owned: impl Fn(&Value) -> Vec<String>,
+    ) -> Answer {
+        let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
+            let status = invalid_status_of(
+                kind.kind,
+                kind.group,
+                "",
+                &[(
+                    "metadata.name",
+                    "FieldValueRequired",
+                    "Required value: name or generateName is required",
+                )],
+            );
+            return (StatusCode::UNPROCESSABLE_ENTITY, full(&status));
+        };
+        let key = kind.key(namespace, &name);
+        if self.objects.contains_key(&key) {
+            return already_exists(kind, &name);
+        }
+        if let Err(refused) = check(&name, &body) {
+            return refused;
+        }
+        let v = self.new_named(kind, namespace, &name, body);
+        let fields = owned(&v)
+            .into_iter()
+            .map(|f| (f, manager.to_owned()))
+            .collect();
+        self.owners.insert(key.clone(), fields);
+        self.store(key.clone(), v, "ADDED");
+        (StatusCode::CREATED, full(&self.objects[&key]))
+    }
+
+    /// A delete: 404 when missing; else removed at once (there are no
+    /// finalizers) and answered with a Status, as the apiserver answers
+    /// for kinds that do not return the deleted object.
+    pub(super) fn delete_named(&mut self, kind: &NamedKind, namespace: &str, name: &str) -> Answer {
+        let key = kind.key(namespace, name);
+        let Some(old) = self.objects.remove(&key) else {
+            return not_found(kind.resource, name);
+        };
+        self.owners.remove(&key);
+        self.last_rv += 1;
+        let mut gone = old.clone();
+        gone["metadata"]["resourceVersion"] = json!(self.last_rv.to_string());
+        self.record(&key, &gone, "DELETED");
+        let mut details = kind.details(name);
+        details["uid"] = old["metadata"]["uid"].clone();
+        ok(&json!({
+            "apiVersion": "v1",
+            "kind": "Status",
+            "metadata": {},
+            "status": "Success",
+            "details": details,
+        }))
+    }
+}
+
+/// 409 AlreadyExists, as the apiserver words it.
+pub(super) fn already_exists(kind: &NamedKind, name: &str) -> Answer {
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "Status",
+        "metadata": {},
+        "status": "Failure",
+        "message": format!("{} {name:?} already exists", kind.qualified()),
+        "reason": "AlreadyExists",
+        "details": kind.details(name),
+        "code": 409,
+    });
+    (StatusCode::CONFLICT, full(&body))
+}

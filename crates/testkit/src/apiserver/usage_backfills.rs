@@ -14,14 +14,7 @@ pub(super) fn patch_usage_backfill(
     let name = old["metadata"]["name"].as_str().unwrap_or_default();
     let want_rv = &body["metadata"]["resourceVersion"];
     if !want_rv.is_null() && *want_rv != old["metadata"]["resourceVersion"] {
-        return Err(status_error(
-            409,
-            "Conflict",
-            &format!(
-                "Operation cannot be fulfilled on usagebackfills.usage.multica.ai \"{name}\": \
-                 the object has been modified; please apply your changes to the latest version and try again"
-            ),
-        ));
+        return Err(stale("usagebackfills", name));
     }
     let manager_name = r.field_manager().unwrap_or("unknown").to_owned();
     let subresource = if status_write { "status" } else { "" }.to_owned();
@@ -58,7 +51,7 @@ pub(super) fn patch_usage_backfill(
             };
             let force = r.query.get("force").map(String::as_str) == Some("true");
             let applied = ssa::apply(old, &applied, &manager, force, schema)
-                .map_err(|conflicts| apply_conflict(name, &conflicts))?;
+                .map_err(|conflicts| apply_conflict(&conflicts))?;
             (applied.0, Some(applied.1))
         }
         Some("application/merge-patch+json") => {
