@@ -67,7 +67,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use errors::{Error, Result};
+pub use errors::{Error, ErrorKind, Result};
 pub use leader::{Election, LeaseSettings};
 pub use metrics::Metrics;
 pub use reconcile::{error_policy, reconcile};
