@@ -245,7 +245,7 @@ async fn a_scrape_after_runs_shows_every_series_and_logs_carry_the_spans() {
         value("usage_backfill_reconciles_total{result=\"error\"}"),
         0.0
     );
-    for reason in ["read", "write_status", "finalizer", "missing_metadata"] {
+    for reason in usage_backfill_controller::Error::reconcile_labels() {
         assert_eq!(
             value(&format!(
                 "usage_backfill_reconcile_failures_total{{reason=\"{reason}\"}}"

@@ -5,8 +5,16 @@
 use std::net::SocketAddr;
 
 /// Everything that can fail a reconcile or the controller itself.
-#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
-#[strum(serialize_all = "snake_case")]
+///
+/// Each variant has a fixed name, its [`ErrorKind`] in snake_case: the
+/// `reason` label of `usage_backfill_reconcile_failures_total` for the
+/// kinds a reconcile can fail with ([`ErrorKind::in_reconcile`]).
+#[derive(Debug, thiserror::Error, strum::EnumDiscriminants)]
+#[strum_discriminants(
+    name(ErrorKind),
+    derive(strum::IntoStaticStr, strum::VariantArray),
+    strum(serialize_all = "snake_case")
+)]
 pub enum Error {
     #[error("cannot read {kind} {namespace}/{name}")]
     Read {
@@ -48,15 +56,42 @@ pub enum Error {
     ElectionEnded,
 }
 
+impl ErrorKind {
+    /// Whether a reconcile can fail with this kind; the others stop the
+    /// controller. Exhaustive, so that a new kind is sorted here.
+    pub const fn in_reconcile(self) -> bool {
+        match self {
+            ErrorKind::Read
+            | ErrorKind::WriteStatus
+            | ErrorKind::Finalizer
+            | ErrorKind::MissingMetadata => true,
+            ErrorKind::Client
+            | ErrorKind::Health
+            | ErrorKind::RunsOutlivedLeadership
+            | ErrorKind::ElectionEnded => false,
+        }
+    }
+
+    /// The kind's fixed name (snake_case).
+    pub fn label(self) -> &'static str {
+        self.into()
+    }
+}
+
 impl Error {
-    /// The labels a reconcile can fail with (see [`Error::label`]).
-    pub const RECONCILE_LABELS: [&'static str; 4] =
-        ["read", "write_status", "finalizer", "missing_metadata"];
+    /// The labels a reconcile can fail with (see [`Error::label`]), in
+    /// declaration order: derived from the enum, never listed by hand.
+    pub fn reconcile_labels() -> impl Iterator<Item = &'static str> {
+        <ErrorKind as strum::VariantArray>::VARIANTS
+            .iter()
+            .filter(|k| k.in_reconcile())
+            .map(|k| k.label())
+    }
 
     /// A fixed name per variant (its name in snake_case), for logs and
     /// metric labels.
     pub fn label(&self) -> &'static str {
-        self.into()
+        ErrorKind::from(self).label()
     }
 
     /// The write the API server refused as invalid (422), and its answer:
@@ -81,3 +116,21 @@ impl Error {
 pub(crate) const REFUSABLE_WRITES: [&str; 2] = ["status", "finalizer"];
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_labels_are_the_reconcile_kinds_in_snake_case() {
+        assert_eq!(
+            Error::reconcile_labels().collect::<Vec<_>>(),
+            ["read", "write_status", "finalizer", "missing_metadata"]
+        );
+        assert_eq!(
+            Error::MissingMetadata("namespace").label(),
+            "missing_metadata"
+        );
+        assert_eq!(Error::ElectionEnded.label(), "election_ended");
+    }
+}

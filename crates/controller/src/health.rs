@@ -1,6 +1,6 @@
-//! `/healthz`, `/readyz` and `/metrics`: a few lines of HTTP/1 over a TCP
-//! listener, enough for the kubelet's `httpGet` probes and a Prometheus
-//! scrape, with no web framework.
+//! `/healthz`, `/readyz` and `/metrics` over HTTP/1 (hyper), enough for
+//! the kubelet's `httpGet` probes and a Prometheus scrape, with no web
+//! framework. One request per connection, answered within 5 s.
 //!
 //! - `/healthz` (and `/livez`): 200 while the process serves; a standby
 //!   replica is healthy, so Kubernetes never restarts it for waiting.
@@ -15,8 +15,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{self, Metrics};
@@ -59,16 +64,16 @@ impl State {
         &self.metrics
     }
 
-    /// Status line and body of `/readyz`.
-    fn readiness(&self) -> (&'static str, &'static str) {
+    /// Status and body of `/readyz`.
+    fn readiness(&self) -> (StatusCode, &'static str) {
         let synced = self.synced.load(Ordering::Acquire);
         let leading = self.leading.load(Ordering::Acquire);
         match (self.leader_election, leading, synced) {
-            (true, false, _) => ("200 OK", "ok: standby (another replica leads)\n"),
-            (true, true, true) => ("200 OK", "ok: leader\n"),
-            (false, _, true) => ("200 OK", "ok\n"),
+            (true, false, _) => (StatusCode::OK, "ok: standby (another replica leads)\n"),
+            (true, true, true) => (StatusCode::OK, "ok: leader\n"),
+            (false, _, true) => (StatusCode::OK, "ok\n"),
             (_, _, false) => (
-                "503 Service Unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
                 "the UsageBackfill cache has not synced yet\n",
             ),
         }
@@ -91,119 +96,96 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, cancel: Cancellatio
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &state)).await;
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let response = respond(request.method(), request.uri().path(), &state);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let connection = http1::Builder::new()
+                .keep_alive(false)
+                // `Content-Type`, not `content-type`: what raw readers match.
+                .title_case_headers(true)
+                .serve_connection(TokioIo::new(stream), service);
+            // A client that stalls loses its connection; nothing to report.
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let request = String::from_utf8_lossy(&buf);
-    let response = respond(request.lines().next().unwrap_or(""), state);
-    let head = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        response.status,
-        response.content_type,
-        response.body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    if !response.head_only {
-        stream.write_all(response.body.as_bytes()).await?;
-    }
-    stream.shutdown().await
-}
-
-struct Response {
-    status: &'static str,
-    content_type: &'static str,
-    body: String,
-    head_only: bool,
-}
-
 const TEXT: &str = "text/plain; charset=utf-8";
 
-/// The response to a request line such as `GET /readyz HTTP/1.1`.
-fn respond(request_line: &str, state: &State) -> Response {
-    let mut parts = request_line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let text = |status, body: &str| Response {
-        status,
-        content_type: TEXT,
-        body: body.to_owned(),
-        head_only: method == "HEAD",
+/// The response to `method` on `path` (hyper leaves out the body of a
+/// HEAD response).
+fn respond(method: &Method, path: &str, state: &State) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &'static str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        );
+        response
     };
-    if method != "GET" && method != "HEAD" {
-        return text("405 Method Not Allowed", "method not allowed\n");
+    let text = |status, body: &str| reply(status, TEXT, body.to_owned());
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     match path {
-        "/healthz" | "/livez" => text("200 OK", "ok\n"),
+        "/healthz" | "/livez" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             let (status, body) = state.readiness();
             text(status, body)
         }
-        "/metrics" => Response {
-            status: "200 OK",
-            content_type: metrics::CONTENT_TYPE,
-            body: state.metrics.encode(),
-            head_only: method == "HEAD",
-        },
-        _ => text("404 Not Found", "not found\n"),
+        "/metrics" => reply(
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            state.metrics.encode(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
     use super::*;
 
-    fn status(line: &str, state: &State) -> &'static str {
-        respond(line, state).status
+    fn status(method: Method, path: &str, state: &State) -> StatusCode {
+        respond(&method, path, state).status()
     }
 
     #[test]
     fn routes() {
         let state = State::new(false, Metrics::new());
-        assert_eq!(status("GET /healthz HTTP/1.1", &state), "200 OK");
+        assert_eq!(status(Method::GET, "/healthz", &state), StatusCode::OK);
         assert_eq!(
-            status("GET /readyz HTTP/1.1", &state),
-            "503 Service Unavailable"
+            status(Method::GET, "/readyz", &state),
+            StatusCode::SERVICE_UNAVAILABLE
         );
         state.synced.store(true, Ordering::Release);
-        assert_eq!(status("GET /readyz?verbose HTTP/1.1", &state), "200 OK");
-        let m = respond("GET /metrics HTTP/1.1", &state);
+        assert_eq!(status(Method::GET, "/readyz", &state), StatusCode::OK);
+        let m = respond(&Method::GET, "/metrics", &state);
+        assert_eq!(m.status(), StatusCode::OK);
+        assert_eq!(m.headers()[header::CONTENT_TYPE], metrics::CONTENT_TYPE);
+        assert_eq!(status(Method::GET, "/nope", &state), StatusCode::NOT_FOUND);
         assert_eq!(
-            (m.status, m.content_type),
-            ("200 OK", metrics::CONTENT_TYPE)
+            status(Method::POST, "/healthz", &state),
+            StatusCode::METHOD_NOT_ALLOWED
         );
-        assert!(m.body.contains("usage_backfill_reconciles_total"));
-        assert_eq!(status("GET /nope HTTP/1.1", &state), "404 Not Found");
-        assert_eq!(
-            status("POST /healthz HTTP/1.1", &state),
-            "405 Method Not Allowed"
-        );
-        assert_eq!(status("", &state), "405 Method Not Allowed");
-        assert!(respond("HEAD /metrics HTTP/1.1", &state).head_only);
     }
 
     #[test]
     fn a_standby_is_ready_and_a_new_leader_once_synced() {
         let state = State::new(true, Metrics::new());
         let readyz = |s: &State| s.readiness();
-        assert_eq!(readyz(&state).0, "200 OK");
+        assert_eq!(readyz(&state).0, StatusCode::OK);
         assert!(readyz(&state).1.contains("standby"));
         state.set_leading(true);
-        assert_eq!(readyz(&state).0, "503 Service Unavailable");
+        assert_eq!(readyz(&state).0, StatusCode::SERVICE_UNAVAILABLE);
         assert!(state.metrics.encode().contains("usage_backfill_leader 1\n"));
         state.synced.store(true, Ordering::Release);
-        assert_eq!(readyz(&state), ("200 OK", "ok: leader\n"));
+        assert_eq!(readyz(&state), (StatusCode::OK, "ok: leader\n"));
         state.set_leading(false);
         assert!(readyz(&state).1.contains("standby"));
         assert!(
@@ -220,19 +202,20 @@ mod tests {
         let state = State::new(false, Metrics::new());
         let cancel = CancellationToken::new();
         let server = tokio::spawn(serve(listener, state.clone(), cancel.clone()));
-        let get = async |path: &str| {
+        let request = async |method: &str, path: &str| {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
                 .await
                 .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out
         };
+        let get = async |path: &str| request("GET", path).await;
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
         state.synced.store(true, Ordering::Release);
-        let r = get("/readyz").await;
+        let r = get("/readyz?verbose").await;
         assert!(
             r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\nok\n"),
             "{r}"
@@ -243,6 +226,13 @@ mod tests {
                 && m.contains("Content-Type: text/plain; version=0.0.4")
                 && m.contains("\r\n\r\n# HELP "),
             "{m}"
+        );
+        let head = request("HEAD", "/healthz").await;
+        assert!(
+            head.starts_with("HTTP/1.1 200 OK\r\n")
+                && head.contains("Content-Length: 3\r\n")
+                && head.ends_with("\r\n\r\n"),
+            "{head}"
         );
         cancel.cancel();
         server.await.unwrap();

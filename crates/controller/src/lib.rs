@@ -74,7 +74,7 @@ use tokio_util::sync::CancellationToken;
 // What the binary, the test kit, the tests and the benchmark use; the
 // rest stays inside the crate.
 pub use decide::{Backoff, TaskView};
-pub use errors::{Error, Result};
+pub use errors::{Error, ErrorKind, Result};
 pub use health::{State as HealthState, serve as serve_health};
 pub use leader::{Election, LEASE_NAME, LeaseSettings, default_identity};
 pub use metrics::{Metrics, watermark_lag};

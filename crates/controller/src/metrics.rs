@@ -132,12 +132,22 @@ impl Metrics {
         );
         registry.register(
             "reconcile_failures",
-            "Failed reconciles by reason (read, write_status, finalizer, missing_metadata): errors talking to the API server, not failed backfills",
+            format!(
+                "Failed reconciles by reason ({}): errors talking to the API server, not failed backfills",
+                Error::reconcile_labels().collect::<Vec<_>>().join(", ")
+            ),
             reconcile_failures.clone(),
         );
         registry.register(
             "runs",
-            "Backfill runs (attempts) ended, by outcome: backfilled, skipped, dry_run, failed, retry, cancelled",
+            format!(
+                "Backfill runs (attempts) ended, by outcome: {}",
+                RunOutcome::VARIANTS
+                    .iter()
+                    .map(|o| o.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             runs.clone(),
         );
         registry.register(
@@ -192,7 +202,7 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = reconciles.get_or_create(&ResultLabel { result });
         }
-        for reason in Error::RECONCILE_LABELS {
+        for reason in Error::reconcile_labels() {
             let _ = reconcile_failures.get_or_create(&ReasonLabel { reason });
         }
         for write in REFUSABLE_WRITES {
@@ -483,6 +493,118 @@ mod tests {
         }
         assert!(!text.contains("slices_processed{namespace=\"shop\",name=\"fresh\"}"));
         assert!(!text.contains("watermark_lag"), "no lag measured yet");
+    }
+
+    /// The run failures' labels are the engine's names, and each is a
+    /// condition reason: one vocabulary, checked over every name.
+    #[test]
+    fn every_run_failure_label_is_a_condition_reason() {
+        use usage_backfill_api::Reason;
+        use usage_backfill_engine::Failure;
+        for &f in Failure::VARIANTS {
+            assert_eq!(
+                f.as_str().parse::<Reason>().map(Reason::as_str),
+                Ok(f.as_str()),
+                "the engine's failure {f:?} is not a condition reason"
+            );
+        }
+    }
+
+    /// Condition reasons that name no failure: the states of a run, and
+    /// a cancellation (the next attempt or a deletion follows).
+    const NOT_FAILURES: [&str; 9] = [
+        "Pending",
+        "Suspended",
+        "WaitingForLock",
+        "Running",
+        "RetryScheduled",
+        "Backfilled",
+        "Skipped",
+        "DryRun",
+        "Cancelled",
+    ];
+
+    fn read(path: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(path);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The backticked names in column `column` of the table under `heading`.
+    fn table_names(doc: &str, heading: &str, column: usize) -> Vec<String> {
+        let table = doc
+            .split_once(heading)
+            .unwrap_or_else(|| panic!("no {heading:?}"))
+            .1
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2);
+        table
+            .flat_map(|row| {
+                let cell = row.split('|').nth(column + 1).unwrap_or("").to_owned();
+                cell.split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// docs/resource.md's table of failures names every failure reason
+    /// once, and nothing else: a new `Reason` or engine `Failure` fails
+    /// here until the table (or [`NOT_FAILURES`]) has it.
+    #[test]
+    fn the_resource_guide_lists_every_failure_reason() {
+        use std::collections::BTreeSet;
+        use usage_backfill_api::Reason;
+        let listed = table_names(&read("docs/resource.md"), "## Retries", 1);
+        let unique: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
+        assert_eq!(
+            unique.len(),
+            listed.len(),
+            "a reason listed twice: {listed:?}"
+        );
+        let failures: BTreeSet<&str> = Reason::VARIANTS
+            .iter()
+            .map(|r| r.as_str())
+            .filter(|r| !NOT_FAILURES.contains(r))
+            .collect();
+        assert_eq!(unique, failures, "docs/resource.md, ## Retries");
+        for r in NOT_FAILURES {
+            assert!(r.parse::<Reason>().is_ok(), "{r} is no longer a reason");
+        }
+    }
+
+    /// The reasons the Argo CD health script and its test objects spell
+    /// out are condition reasons.
+    #[test]
+    fn the_health_check_spells_reasons_as_the_api_does() {
+        use usage_backfill_api::Reason;
+        let lua = read("health/argocd/usagebackfill.lua");
+        let mut names: Vec<String> = lua
+            .split("reason ~= \"")
+            .skip(1)
+            .map(|rest| rest.split('"').next().unwrap_or("").to_owned())
+            .collect();
+        assert!(names.len() >= 2, "the script compares reasons: {names:?}");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../health/argocd/test");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            names.extend(
+                text.split("\"reason\": \"")
+                    .skip(1)
+                    .map(|rest| rest.split('"').next().unwrap_or("").to_owned()),
+            );
+        }
+        for name in names {
+            assert!(
+                name.parse::<Reason>().is_ok(),
+                "{name:?} is not a condition reason"
+            );
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Connection strings: libpq URLs (`postgres://…`) and key=value DSNs, and
 //! connections given in parts ([`ConnectionParts`]).
 //!
-//! tokio-postgres understands most libpq options but not `sslmode=verify-ca`,
-//! `verify-full` or `sslrootcert`, so those are taken out here and handled by
+//! tokio-postgres' [`Config`](tokio_postgres::Config) parses both forms,
+//! but knows neither `sslmode=verify-ca`, `verify-full` nor `sslrootcert`,
+//! so those are taken out here first (one key=value tokenizer, libpq's
+//! quoting; URL query pairs decoded by `percent-encoding`) and handled by
 //! module `tls`. Everything this module reports is free of the password:
-//! [`Database`]'s `Debug` redacts it and parse errors are scrubbed of it.
+//! [`Database`]'s `Debug` redacts it, and the driver's parse errors are
+//! reworded here (they may name an option, never a value) and scrubbed.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -113,15 +116,8 @@ impl Database {
             Some(p) if !p.is_empty() => msg.replace(p.as_str(), "****"),
             _ => msg,
         };
-        let mut config = tokio_postgres::Config::from_str(&parts.rest).map_err(|e| {
-            // The useful part ("invalid value for option `port`") is the
-            // source; tokio-postgres names options there, never values.
-            let text = match std::error::Error::source(&e) {
-                Some(source) => format!("{e}: {source}"),
-                None => e.to_string(),
-            };
-            Error::InvalidConnectionString(scrub(text))
-        })?;
+        let mut config = tokio_postgres::Config::from_str(&parts.rest)
+            .map_err(|e| Error::InvalidConnectionString(scrub(driver_parse_error(&e))))?;
         if config.get_hosts().is_empty() {
             // libpq defaults to the local socket; we only support what we can
             // test, so say it instead of guessing a socket path.
@@ -354,43 +350,47 @@ pub fn password_candidates(dsn: &str) -> Vec<String> {
     words
 }
 
-/// `password` values of a key=value DSN, raw and unquoted.
+/// `password` values of a key=value DSN, raw and unquoted, as far as it
+/// tokenizes (an unterminated quote runs to the end).
 fn key_value_passwords(dsn: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut rest = dsn;
-    while let Some(i) = rest.find("password") {
-        let after = rest[i + "password".len()..].trim_start();
-        rest = &rest[i + "password".len()..];
-        let Some(value) = after.strip_prefix('=') else {
-            continue;
-        };
-        let value = value.trim_start();
-        if let Some(quoted) = value.strip_prefix('\'') {
-            let mut raw_end = quoted.len();
-            let mut unquoted = String::new();
-            let mut chars = quoted.char_indices();
-            while let Some((j, c)) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some((_, n)) = chars.next() {
-                            unquoted.push(n);
-                        }
-                    }
-                    '\'' => {
-                        raw_end = j;
-                        break;
-                    }
-                    c => unquoted.push(c),
-                }
-            }
-            found.push(quoted[..raw_end].to_owned());
-            found.push(unquoted);
-        } else {
-            let end = value.find(char::is_whitespace).unwrap_or(value.len());
-            found.push(value[..end].to_owned());
-        }
+    let (pairs, _) = key_value_pairs(dsn);
+    pairs
+        .into_iter()
+        .filter(|p| p.key == "password")
+        .flat_map(|p| [p.raw.to_owned(), p.value])
+        .collect()
+}
+
+/// The driver's parse error in our words: tokio-postgres names an option
+/// (`invalid value for option `port``) but may also quote a character or
+/// byte of the input, so only the shapes known to hold no value pass.
+fn driver_parse_error(e: &tokio_postgres::Error) -> String {
+    let source = std::error::Error::source(e)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let named = |prefix: &str| {
+        source
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix('`'))
+            .filter(|name| {
+                !name.is_empty()
+                    && name.len() <= 40
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            })
+    };
+    if let Some(option) = named("invalid value for option `") {
+        format!("invalid value for option `{option}`")
+    } else if let Some(option) = named("unknown option `") {
+        format!("unknown option `{option}`")
+    } else if source.starts_with("unknown option") {
+        "unknown option".into()
+    } else if source == "unterminated parameter" {
+        "a query parameter has no '=' (expected key=value)".into()
+    } else if source.contains("utf-8") || source.contains("UTF-8") {
+        "not valid UTF-8 once percent-decoded".into()
+    } else {
+        "cannot be parsed".into()
     }
-    found
 }
 
 /// What [`split_url`] / [`split_key_value`] pull out of a DSN.
@@ -414,6 +414,18 @@ fn unsupported(key: &str) -> Error {
 }
 
 fn split_url(dsn: &str) -> Result<Parts, Error> {
+    // libpq reads user credentials only before the first '/' (an '@' after
+    // it belongs to the database name or a parameter); tokio-postgres ends
+    // them at the first '@' anywhere, so those are escaped for it.
+    let escaped;
+    let dsn = match dsn.split_once("://") {
+        Some((scheme, rest)) if rest.contains('/') && rest.contains('@') => {
+            let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(0));
+            escaped = format!("{scheme}://{authority}{}", tail.replace('@', "%40"));
+            escaped.as_str()
+        }
+        _ => dsn,
+    };
     let (base, query) = match dsn.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (dsn, None),
@@ -457,28 +469,103 @@ fn split_url(dsn: &str) -> Result<Parts, Error> {
 }
 
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
-/// Splits `key=value key='quoted value'` pairs (libpq syntax: single quotes,
-/// backslash escapes, optional spaces around `=`).
+/// One `key=value` of a key=value DSN.
+struct Pair<'a> {
+    key: &'a str,
+    /// The value, unquoted and unescaped.
+    value: String,
+    /// The value as written (inside the quotes, if quoted).
+    raw: &'a str,
+}
+
+/// Tokenizes `key=value key = 'quoted value'` pairs with libpq's rules
+/// (single quotes, backslash escapes, optional spaces around `=`): the
+/// pairs up to the first error, and the error. An unterminated quoted
+/// value is returned as a pair too (up to the end), for scrubbing.
+fn key_value_pairs(dsn: &str) -> (Vec<Pair<'_>>, Option<Error>) {
+    let mut pairs = Vec::new();
+    let mut rest = dsn;
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            return (pairs, None);
+        }
+        let key_end = rest
+            .find(|c: char| c == '=' || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let key = &rest[..key_end];
+        if key.is_empty() {
+            let e = Error::InvalidConnectionString("an option name is missing before '='".into());
+            return (pairs, Some(e));
+        }
+        let Some(after) = rest[key_end..].trim_start().strip_prefix('=') else {
+            let shown: String = key.chars().take(20).collect();
+            let e = Error::InvalidConnectionString(format!("expected '=' after {shown:?}"));
+            return (pairs, Some(e));
+        };
+        let after = after.trim_start();
+        let (quoted, body) = match after.strip_prefix('\'') {
+            Some(body) => (true, body),
+            None => (false, after),
+        };
+        let mut value = String::new();
+        let mut end = None;
+        let mut chars = body.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, escaped)) = chars.next() {
+                        value.push(escaped);
+                    }
+                }
+                '\'' if quoted => {
+                    end = Some((i, i + 1));
+                    break;
+                }
+                c if !quoted && c.is_whitespace() => {
+                    end = Some((i, i));
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        let (raw_end, next) = match end {
+            Some(e) => e,
+            None if quoted => {
+                pairs.push(Pair {
+                    key,
+                    value,
+                    raw: body,
+                });
+                let e = Error::InvalidConnectionString(format!(
+                    "unterminated quoted value for {}",
+                    if key.len() <= 20 { key } else { "an option" }
+                ));
+                return (pairs, Some(e));
+            }
+            None => (body.len(), body.len()),
+        };
+        pairs.push(Pair {
+            key,
+            value,
+            raw: &body[..raw_end],
+        });
+        rest = &body[next..];
+    }
+}
+
+/// The pairs of a key=value DSN, the TLS options taken out and the rest
+/// requoted for tokio-postgres.
 fn split_key_value(dsn: &str) -> Result<Parts, Error> {
-    let mut chars = dsn.chars().peekable();
+    let (pairs, error) = key_value_pairs(dsn);
+    if let Some(e) = error {
+        return Err(e);
+    }
     let mut kept = Vec::new();
     let mut parts = Parts {
         rest: String::new(),
@@ -486,64 +573,19 @@ fn split_key_value(dsn: &str) -> Result<Parts, Error> {
         sslrootcert: None,
         password: None,
     };
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            break;
-        }
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') {
-            let shown: String = key.chars().take(20).collect();
-            return Err(Error::InvalidConnectionString(format!(
-                "expected '=' after {shown:?}"
-            )));
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            loop {
-                match chars.next() {
-                    Some('\\') => match chars.next() {
-                        Some(c) => value.push(c),
-                        None => break,
-                    },
-                    Some('\'') => break,
-                    Some(c) => value.push(c),
-                    None => {
-                        return Err(Error::InvalidConnectionString(format!(
-                            "unterminated quoted value for {}",
-                            if key.len() <= 20 { &key } else { "an option" }
-                        )));
-                    }
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                if c == '\\' {
-                    if let Some(e) = chars.next() {
-                        value.push(e);
-                    }
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        match key.as_str() {
+    for Pair { key, value, .. } in pairs {
+        match key {
             "sslmode" => parts.sslmode = Some(value),
             "sslrootcert" => parts.sslrootcert = Some(value),
             k if UNSUPPORTED.contains(&k) => return Err(unsupported(k)),
             _ => {
-                if key == "password" {
-                    parts.password = Some(value.clone());
-                }
                 kept.push(format!(
                     "{key}='{}'",
                     value.replace('\\', "\\\\").replace('\'', "\\'")
                 ));
+                if key == "password" {
+                    parts.password = Some(value);
+                }
             }
         }
     }
@@ -716,5 +758,66 @@ mod tests {
         assert_eq!(percent_decode("a%40b%2"), "a@b%2");
         assert_eq!(percent_decode("%"), "%");
         assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn an_at_sign_after_the_host_is_not_the_end_of_credentials() {
+        // libpq: credentials only before the first '/'.
+        let db = Database::parse("postgres://h/d@x?application_name=a@b").unwrap();
+        assert_eq!(db.describe(), "?@h:5432/d@x");
+        assert_eq!(db.application_name(), "a@b");
+        let db = Database::parse("postgres://u:p%40w@h/d@x").unwrap();
+        assert_eq!(db.password().as_deref(), Some("p@w"));
+        assert_eq!(db.describe(), "u@h:5432/d@x");
+    }
+
+    #[test]
+    fn tokenizer_keeps_raw_and_unquoted_values() {
+        let (pairs, error) = key_value_pairs(r"host=h  password = 'a\'b c' x=y\ z");
+        assert!(error.is_none());
+        let got: Vec<_> = pairs
+            .iter()
+            .map(|p| (p.key, p.value.as_str(), p.raw))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("host", "h", "h"),
+                ("password", "a'b c", r"a\'b c"),
+                ("x", "y z", r"y\ z"),
+            ]
+        );
+        let (pairs, error) = key_value_pairs("host=h password='hunter22 x");
+        assert!(error.unwrap().to_string().contains("unterminated"));
+        assert_eq!(pairs[1].raw, "hunter22 x");
+        assert_eq!(key_value_pairs("host=").0[0].value, "");
+        let (pairs, error) = key_value_pairs("host=h =x");
+        assert_eq!(pairs.len(), 1);
+        assert!(
+            error
+                .unwrap()
+                .to_string()
+                .contains("option name is missing")
+        );
+    }
+
+    #[test]
+    fn driver_errors_are_reworded() {
+        for (dsn, want) in [
+            ("postgres://h/d?port=x", "invalid value for option `port`"),
+            ("postgres://h/d?no_such=1", "unknown option `no_such`"),
+            (
+                "postgres://h/d?application_name=x&b",
+                "a query parameter has no '=' (expected key=value)",
+            ),
+            ("postgres://h/%ff", "not valid UTF-8 once percent-decoded"),
+        ] {
+            let e = Database::parse(dsn).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("invalid database connection string: {want}"),
+                "{dsn}"
+            );
+        }
     }
 }

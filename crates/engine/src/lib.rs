@@ -386,37 +386,80 @@ pub enum Error {
     },
 }
 
+/// The name of a failure, one per way a run can fail: the one vocabulary
+/// of failure reasons. Condition reasons (the API's `Reason`, parsed from
+/// [`Error::reason`]) and metric labels come from here, never from message
+/// text; [`strum::VariantArray`] lists them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+pub enum Failure {
+    InvalidConnectionString,
+    InvalidTlsConfig,
+    AuthenticationFailed,
+    DatabaseNotFound,
+    DatabaseUnreachable,
+    ConnectTimeout,
+    TlsHandshakeFailed,
+    ConnectFailed,
+    InvalidSessionSetting,
+    RollupStateMissing,
+    SchemaMissing,
+    PermissionDenied,
+    /// A NULL watermark or a missing state row.
+    ManualInterventionRequired,
+    /// `monthsBack` would skip history and a partial walk was not forced.
+    PartialRangeRefused,
+    FutureDatedEvents,
+    LockTimeout,
+    Cancelled,
+    LockLost,
+    SliceTimeout,
+    SliceFailed,
+    TransactionPooling,
+    DatabaseError,
+}
+
+impl Failure {
+    /// The CamelCase name.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
 impl Error {
-    /// A fixed, CamelCase name per failure, the one vocabulary of failure
-    /// reasons: condition reasons (the API's `Reason`, parsed from it) and
-    /// metric labels come from here, never from message text.
-    pub fn reason(&self) -> &'static str {
+    /// Which failure this is.
+    pub fn failure(&self) -> Failure {
         match self {
-            Error::InvalidConnectionString(_) => "InvalidConnectionString",
-            Error::Tls(_) => "InvalidTlsConfig",
+            Error::InvalidConnectionString(_) => Failure::InvalidConnectionString,
+            Error::Tls(_) => Failure::InvalidTlsConfig,
             Error::Connect { kind, .. } => match kind {
-                ConnectFailure::Authentication => "AuthenticationFailed",
-                ConnectFailure::DatabaseNotFound => "DatabaseNotFound",
-                ConnectFailure::Unreachable => "DatabaseUnreachable",
-                ConnectFailure::Timeout => "ConnectTimeout",
-                ConnectFailure::Tls => "TlsHandshakeFailed",
-                ConnectFailure::Other => "ConnectFailed",
+                ConnectFailure::Authentication => Failure::AuthenticationFailed,
+                ConnectFailure::DatabaseNotFound => Failure::DatabaseNotFound,
+                ConnectFailure::Unreachable => Failure::DatabaseUnreachable,
+                ConnectFailure::Timeout => Failure::ConnectTimeout,
+                ConnectFailure::Tls => Failure::TlsHandshakeFailed,
+                ConnectFailure::Other => Failure::ConnectFailed,
             },
-            Error::InvalidSetting { .. } => "InvalidSessionSetting",
-            Error::RollupStateMissing => "RollupStateMissing",
-            Error::SchemaMissing { .. } => "SchemaMissing",
-            Error::PermissionDenied { .. } => "PermissionDenied",
-            Error::WatermarkMissing => "ManualInterventionRequired",
-            Error::MonthsBackSkipsHistory { .. } => "PartialRangeRefused",
-            Error::FutureDatedEvents(_) => "FutureDatedEvents",
-            Error::LockTimeout { .. } => "LockTimeout",
-            Error::Cancelled => "Cancelled",
-            Error::LockLost { .. } => "LockLost",
-            Error::SliceTimeout { .. } => "SliceTimeout",
-            Error::TransactionPooling { .. } => "TransactionPooling",
-            Error::Slice { .. } => "SliceFailed",
-            Error::Database { .. } => "DatabaseError",
+            Error::InvalidSetting { .. } => Failure::InvalidSessionSetting,
+            Error::RollupStateMissing => Failure::RollupStateMissing,
+            Error::SchemaMissing { .. } => Failure::SchemaMissing,
+            Error::PermissionDenied { .. } => Failure::PermissionDenied,
+            Error::WatermarkMissing => Failure::ManualInterventionRequired,
+            Error::MonthsBackSkipsHistory { .. } => Failure::PartialRangeRefused,
+            Error::FutureDatedEvents(_) => Failure::FutureDatedEvents,
+            Error::LockTimeout { .. } => Failure::LockTimeout,
+            Error::Cancelled => Failure::Cancelled,
+            Error::LockLost { .. } => Failure::LockLost,
+            Error::SliceTimeout { .. } => Failure::SliceTimeout,
+            Error::TransactionPooling { .. } => Failure::TransactionPooling,
+            Error::Slice { .. } => Failure::SliceFailed,
+            Error::Database { .. } => Failure::DatabaseError,
         }
+    }
+
+    /// The [`Failure`]'s CamelCase name: condition reasons and metric
+    /// labels.
+    pub fn reason(&self) -> &'static str {
+        self.failure().as_str()
     }
 
     /// Whether trying again later may succeed without anyone changing the

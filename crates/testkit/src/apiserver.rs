@@ -134,6 +134,20 @@ impl http_body::Body for FakeBody {
             FakeBody::Stream(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
         }
     }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, FakeBody::Full(None))
+    }
+
+    /// Exact for a whole body (sent with a Content-Length over HTTP).
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            FakeBody::Full(b) => {
+                http_body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            FakeBody::Stream(_) => http_body::SizeHint::default(),
+        }
+    }
 }
 
 /// One request as the fake API server saw it.

@@ -3,10 +3,11 @@
 //! pointing at `http://127.0.0.1:PORT`).
 //!
 //! Each [`HttpServer`] is one client of the fake ([`FakeApiServer::connect`]
-//! numbering), so the requests of two processes can be told apart. Request
-//! bodies come with a Content-Length or chunked; responses go out with a
-//! Content-Length, or chunked for watch streams, which end when the client
-//! hangs up. Connections are kept alive.
+//! numbering), so the requests of two processes can be told apart. HTTP/1.1
+//! is hyper's: request bodies come with a Content-Length or chunked;
+//! responses go out with a Content-Length, or chunked for watch streams,
+//! which end when the server closes the watch or the client hangs up.
+//! Connections are kept alive.
 //!
 //! Declared as `support::over_http` (a module named `http` would shadow the
 //! `http` crate in `support`).
@@ -20,7 +21,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -218,119 +222,26 @@ async fn serve_connection(
     fake: FakeApiServer,
     stream: TcpStream,
     client: ClientId,
-) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    loop {
-        let mut line = String::new();
-        if read.read_line(&mut line).await? == 0 {
-            return Ok(());
+) -> hyper::Result<()> {
+    // Small writes (watch events) go out at once.
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |request: Request<Incoming>| {
+        let fake = fake.clone();
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = http_body_util::BodyExt::collect(body).await?.to_bytes();
+            let request = Request::from_parts(parts, kube::client::Body::from(body.to_vec()));
+            let mut response = fake.handle(request, client).await;
+            response
+                .headers_mut()
+                .entry(http::header::CONTENT_TYPE)
+                .or_insert(http::HeaderValue::from_static("application/json"));
+            // hyper frames by the body: a Content-Length when its size is
+            // known (`FakeBody::size_hint`), chunked for a watch.
+            Ok::<_, hyper::Error>(response)
         }
-        let line = line.trim_end();
-        if line.is_empty() {
-            continue;
-        }
-        let mut words = line.split(' ');
-        let (Some(method), Some(target)) = (words.next(), words.next()) else {
-            return Ok(());
-        };
-        let mut request = Request::builder().method(method).uri(target);
-        let mut length = 0usize;
-        let mut chunked = false;
-        loop {
-            let mut header = String::new();
-            if read.read_line(&mut header).await? == 0 {
-                return Ok(());
-            }
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            let Some((name, value)) = header.split_once(':') else {
-                continue;
-            };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.parse().unwrap_or(0);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.eq_ignore_ascii_case("chunked");
-            }
-            request = request.header(name, value);
-        }
-        let body = if chunked {
-            read_chunked(&mut read).await?
-        } else {
-            let mut body = vec![0; length];
-            read.read_exact(&mut body).await?;
-            body
-        };
-        let Ok(request) = request.body(kube::client::Body::from(body)) else {
-            return Ok(());
-        };
-        let (parts, body) = fake.handle(request, client).await.into_parts();
-        let head = |framing: &str| {
-            format!(
-                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{framing}\r\n",
-                parts.status.as_u16(),
-                parts.status.canonical_reason().unwrap_or("Unknown"),
-            )
-        };
-        match body {
-            FakeBody::Full(bytes) => {
-                let bytes = bytes.unwrap_or_default();
-                let mut out = head(&format!("content-length: {}\r\n", bytes.len())).into_bytes();
-                out.extend_from_slice(&bytes);
-                write.write_all(&out).await?;
-            }
-            FakeBody::Stream(mut rx) => {
-                write
-                    .write_all(head("transfer-encoding: chunked\r\n").as_bytes())
-                    .await?;
-                let mut probe = [0u8; 512];
-                loop {
-                    tokio::select! {
-                        chunk = rx.recv() => {
-                            let Some(chunk) = chunk else { break };
-                            let mut out = format!("{:x}\r\n", chunk.len()).into_bytes();
-                            out.extend_from_slice(&chunk);
-                            out.extend_from_slice(b"\r\n");
-                            write.write_all(&out).await?;
-                        }
-                        // The client hung up (or, unexpectedly, pipelined):
-                        // the watch ends with the connection.
-                        _ = read.read(&mut probe) => return Ok(()),
-                    }
-                }
-                write.write_all(b"0\r\n\r\n").await?;
-            }
-        }
-        write.flush().await?;
-    }
-}
-
-async fn read_chunked<R: AsyncBufReadExt + Unpin>(read: &mut R) -> std::io::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let mut size = String::new();
-        read.read_line(&mut size).await?;
-        let size = size.trim_end();
-        let size = size.split(';').next().unwrap_or("");
-        let size = usize::from_str_radix(size.trim(), 16)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        if size == 0 {
-            // Trailers, up to the empty line.
-            loop {
-                let mut trailer = String::new();
-                if read.read_line(&mut trailer).await? == 0 || trailer.trim_end().is_empty() {
-                    return Ok(body);
-                }
-            }
-        }
-        let start = body.len();
-        body.resize(start + size, 0);
-        read.read_exact(&mut body[start..]).await?;
-        let mut crlf = [0u8; 2];
-        read.read_exact(&mut crlf).await?;
-    }
+    });
+    http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await
 }
