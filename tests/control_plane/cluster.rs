@@ -124,6 +124,38 @@ async fn namespace(client: &Client, prefix: &str) -> String {
     created.name_any()
 }
 
+/// A Secret `name` with the string data `data`.
+fn secret(name: &str, data: Value) -> Secret {
+    let mut s: Secret = serde_json::from_value(json!({ "stringData": data })).unwrap();
+    s.metadata.name = Some(name.into());
+    s
+}
+
+/// A throwaway database with six months of history, and the Secret `name`
+/// in `ns` holding its URL (`DATABASE_URL`) beside the `extra` keys.
+async fn database_and_secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    extra: Value,
+) -> (testkit::TestDatabase, tokio_postgres::Client) {
+    let (db, pg) = testkit::database_with(&HistorySpec {
+        rows: 300,
+        months: 6,
+        ..HistorySpec::default()
+    })
+    .await;
+    let mut data = json!({ "DATABASE_URL": db.url() });
+    data.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret(name, data))
+        .await
+        .unwrap_or_else(|e| panic!("creating the Secret {name}: {e}"));
+    (db, pg)
+}
+
 fn ubf_resource() -> ApiResource {
     ApiResource::erase::<UsageBackfill>(&())
 }
@@ -542,19 +574,7 @@ async fn write_sequences_match_the_fake_api_server(version: &str) {
 async fn the_controller_runs_a_backfill_to_success(version: &str) {
     let (_plane, client) = with_crd(version).await;
     let ns = namespace(&client, "controller").await;
-    let (db, pg) = testkit::database_with(&HistorySpec {
-        rows: 300,
-        months: 6,
-        ..HistorySpec::default()
-    })
-    .await;
-    let mut secret: Secret =
-        serde_json::from_value(json!({"stringData": {"DATABASE_URL": db.url()}})).unwrap();
-    secret.metadata.name = Some("app-db".into());
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("creating the Secret");
+    let (_db, pg) = database_and_secret(&client, &ns, "app-db", json!({})).await;
     let objects: Api<UsageBackfill> = Api::namespaced(client.clone(), &ns);
     objects
         .create(
@@ -1004,26 +1024,10 @@ async fn the_hook_recipe_runs_with_helm(version: &str) {
     let wait_job = format!("{hook}-wait");
     let flags = ["--namespace", ns.as_str(), "--timeout", "35m"];
 
-    let (db, pg) = testkit::database_with(&HistorySpec {
-        rows: 300,
-        months: 6,
-        ..HistorySpec::default()
-    })
-    .await;
+    let built_in_password = json!({ "POSTGRES_PASSWORD": "built-in-database-password" });
+    let (_db, pg) =
+        database_and_secret(&client, &ns, "multica-secrets", built_in_password.clone()).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let secret = |url: &str| {
-        let mut s: Secret = serde_json::from_value(json!({"stringData": {
-            "DATABASE_URL": url,
-            "POSTGRES_PASSWORD": "built-in-database-password",
-        }}))
-        .unwrap();
-        s.metadata.name = Some("multica-secrets".into());
-        s
-    };
-    secrets
-        .create(&PostParams::default(), &secret(db.url()))
-        .await
-        .expect("creating the application's Secret");
 
     // The install, built-in database: no hook at all.
     let installed = helm(
@@ -1132,7 +1136,9 @@ async fn the_hook_recipe_runs_with_helm(version: &str) {
     // An upgrade whose backfill cannot succeed: the hook fails, so does helm.
     secrets
         .replace("multica-secrets", &PostParams::default(), &{
-            let mut s = secret("this is not a connection string");
+            let mut data = built_in_password.clone();
+            data["DATABASE_URL"] = json!("this is not a connection string");
+            let mut s = secret("multica-secrets", data);
             s.metadata.resource_version = secrets
                 .get("multica-secrets")
                 .await
@@ -1211,19 +1217,7 @@ async fn the_job_recipe_runs_with_helm(version: &str) {
     let home = tempfile::tempdir().unwrap();
     let chart = app_chart_with_recipe(home.path());
     let chart = chart.to_str().unwrap();
-    let (db, pg) = testkit::database_with(&HistorySpec {
-        rows: 300,
-        months: 6,
-        ..HistorySpec::default()
-    })
-    .await;
-    let mut secret: Secret =
-        serde_json::from_value(json!({"stringData": {"DATABASE_URL": db.url()}})).unwrap();
-    secret.metadata.name = Some("multica-secrets".into());
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("creating the application's Secret");
+    let (db, pg) = database_and_secret(&client, &ns, "multica-secrets", json!({})).await;
     let job = "shop-usage-backfill";
     let values = [
         "--set",
