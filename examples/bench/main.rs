@@ -643,6 +643,7 @@ fn db_name(history: &str, variant: &str) -> String {
     format!("bench_{history}_{variant}")
         .to_ascii_lowercase()
         .replace(['-', '.', ' '], "_")
+        .replace('%', "pct")
 }
 
 fn template_name(level: SchemaLevel) -> String {
