@@ -40,17 +40,19 @@
 //! or knows another schema.
 
 mod idle;
+mod matrix;
 
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 use usage_backfill_engine::{
-    self as engine, CancellationToken, Database, Options, Outcome, Performance, Tuning,
+    self as engine, CancellationToken, Database, Mode, Options, Outcome, Performance, Tuning,
 };
-use usage_backfill_standin::fixture::{self, HistorySpec, SchemaLevel};
+use usage_backfill_standin::fixture::{self, HistorySpec, HourlyState, SchemaLevel};
 use usage_backfill_standin::pgtemp::{TempPostgres, TempPostgresOptions};
 
 const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--schema hourly-pipeline|current|both] [--schema-db URL] [--only NAME] [--variants LIST] [--repeat N] [--sweep]
+       bench --matrix [--rows N] [--months N] [--shapes LIST] [--states LIST] [--reference-cap SECS] [--schema …] [--schema-db URL] [--repeat N]
   tiny      even 3k, few-agents 1.5k, mixed 2k (with a dirty queue), realistic 3k: correctness smoke
   standard  even 200k, few-agents 20k, realistic 200k (26 months each)
   large     standard + even 3M, realistic 3M (26 months)
@@ -60,7 +62,15 @@ const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--schema hourly
   --only NAME     run only the histories whose name contains NAME
   --variants LIST comma-separated subset of reference,p1-off,operator,set-based
   --repeat N      run every variant N times (alternating), report medians
-  --sweep         also time operator variants (parallelism 1/3, tuning presets)";
+  --sweep         also time operator variants (parallelism 1/3, tuning presets)
+  --matrix        reference, operator and set-based bound on every named shape × hourly-table
+                  state, with worst and median ratios (no idle-RSS measurement)
+  --rows N        matrix size (default 200000); --months N (default 26)
+  --shapes LIST   matrix shapes (default all: even,few-agents,realistic,many-small-tasks,
+                  one-workspace,fat-tasks,wide,crowded,skewed)
+  --states LIST   hourly table at the start: empty, tick (half the span rolled up by the tick),
+                  tick-N%, full (default empty,tick,full)
+  --reference-cap SECS  stop a reference after SECS (reported as > SECS, ratios as bounds)";
 
 struct Args {
     scale: String,
@@ -70,6 +80,7 @@ struct Args {
     sweep: bool,
     variants: Option<Vec<String>>,
     repeat: usize,
+    matrix: Option<matrix::MatrixArgs>,
 }
 
 fn args() -> Result<Args, String> {
@@ -81,10 +92,43 @@ fn args() -> Result<Args, String> {
         sweep: false,
         variants: None,
         repeat: 1,
+        matrix: None,
     };
+    let mut matrix = matrix::MatrixArgs::default();
+    let mut is_matrix = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
+        let mut number = |what: &str| {
+            it.next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .filter(|n| *n >= 1)
+                .ok_or(format!("{what} needs a number >= 1"))
+        };
         match a.as_str() {
+            "--matrix" => is_matrix = true,
+            "--rows" => matrix.rows = number("--rows")?,
+            "--months" => matrix.months = number("--months")? as u32,
+            "--reference-cap" => {
+                matrix.reference_cap = Some(Duration::from_secs(number("--reference-cap")?))
+            }
+            "--shapes" => {
+                let list = it.next().ok_or("--shapes needs a value")?;
+                matrix.shapes = list.split(',').map(|v| v.trim().to_string()).collect();
+                if let Some(bad) = matrix
+                    .shapes
+                    .iter()
+                    .find(|s| HistorySpec::named(s, 1, 1).is_none())
+                {
+                    return Err(format!("unknown shape {bad:?}"));
+                }
+            }
+            "--states" => {
+                let list = it.next().ok_or("--states needs a value")?;
+                matrix.states = list
+                    .split(',')
+                    .map(|v| v.parse::<HourlyState>())
+                    .collect::<Result<_, _>>()?;
+            }
             "--scale" => out.scale = it.next().ok_or("--scale needs a value")?,
             "--only" => out.only = Some(it.next().ok_or("--only needs a value")?),
             "--schema" => {
@@ -115,6 +159,9 @@ fn args() -> Result<Args, String> {
     }
     if !["tiny", "standard", "large"].contains(&out.scale.as_str()) {
         return Err(format!("unknown scale {:?}", out.scale));
+    }
+    if is_matrix {
+        out.matrix = Some(matrix);
     }
     Ok(out)
 }
@@ -239,6 +286,9 @@ async fn bench(args: &Args) -> Result<bool, BoxError> {
             let c = connect(&pg.admin_url(&template)).await?;
             fixture::install_at(&c, *level).await?;
         }
+    }
+    if let Some(m) = &args.matrix {
+        return matrix::run(m, &levels, &pg, &admin, args.repeat).await;
     }
     let mut rows: Vec<Row> = Vec::new();
     let mut ok = true;
@@ -503,8 +553,13 @@ enum Variant {
 }
 
 async fn operator(url: &str, perf: &Performance) -> Result<Outcome, BoxError> {
+    engine_run(url, perf, Mode::default()).await
+}
+
+async fn engine_run(url: &str, perf: &Performance, mode: Mode) -> Result<Outcome, BoxError> {
     let db = Database::parse(url)?;
     let opts = Options {
+        mode,
         performance: perf.clone(),
         ..Options::default()
     };
@@ -588,6 +643,7 @@ fn db_name(history: &str, variant: &str) -> String {
     format!("bench_{history}_{variant}")
         .to_ascii_lowercase()
         .replace(['-', '.', ' '], "_")
+        .replace('%', "pct")
 }
 
 fn template_name(level: SchemaLevel) -> String {
