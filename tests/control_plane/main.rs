@@ -3,8 +3,9 @@
 //! `tests/cluster/build.sh` (one test binary, which shares each version's
 //! control plane between its modules: `testkit::cluster::ControlPlane::shared`).
 //!
-//! - [`cluster`]: the CRD applied for real, the controller's API semantics,
-//!   the chart installed and upgraded with helm.
+//! - [`cluster`]: the CRD applied for real, the controller's API semantics.
+//! - [`helm`]: the chart and the Helm hook recipes installed and upgraded
+//!   with the real helm.
 //! - [`differential`]: the test API server's answers compared with the
 //!   real one's, request by request.
 //! - [`e2e_cluster`]: the whole operator end to end, on these control planes
@@ -13,3 +14,4 @@
 mod cluster;
 mod differential;
 mod e2e_cluster;
+mod helm;
