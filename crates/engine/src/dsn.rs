@@ -504,8 +504,12 @@ fn key_value_pairs(dsn: &str) -> (Vec<Pair<'_>>, Option<Error>) {
             return (pairs, Some(e));
         }
         let Some(after) = rest[key_end..].trim_start().strip_prefix('=') else {
-            let shown: String = key.chars().take(20).collect();
-            let e = Error::InvalidConnectionString(format!("expected '=' after {shown:?}"));
+            // The word is not shown: after `password=my secret` it is the
+            // rest of a password that needed quotes.
+            let e = Error::InvalidConnectionString(format!(
+                "word {} has no '=' (expected key=value pairs; quote a value that holds spaces)",
+                pairs.len() + 1
+            ));
             return (pairs, Some(e));
         };
         let after = after.trim_start();
@@ -662,12 +666,18 @@ mod tests {
             ("host=h password=hunter22 port=notaport", "invalid"),
             ("user=u password=hunter22", "no host"),
             ("postgres://u:hunter22@h:99999/d", "invalid"),
+            ("host=h password=hunter22 and more", "word 3 has no '='"),
         ];
         for (dsn, want) in cases {
             let e = Database::parse(dsn).unwrap_err().to_string();
             assert!(e.contains(want), "{dsn:?} gave {e:?}");
             assert!(!e.contains("hunter22"), "{dsn:?} echoed the password: {e}");
         }
+        // A password that needed quotes: its words after the first are
+        // not shown either.
+        let e = Database::parse("host=h password=correct horse battery").unwrap_err();
+        let e = e.to_string();
+        assert!(!e.contains("horse") && !e.contains("battery"), "{e}");
     }
 
     #[test]
