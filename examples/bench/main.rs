@@ -311,28 +311,7 @@ async fn bench(args: &Args) -> Result<bool, BoxError> {
         let source = db_name(name, "source");
         // A run stopped half-way leaves its copies behind (on `--schema-db`'s
         // server, which outlives the run): start from fresh ones.
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {source} WITH (FORCE)"))
-            .await?;
-        admin
-            .batch_execute(&format!(
-                "CREATE DATABASE {source} TEMPLATE {}",
-                pg.template(level)
-            ))
-            .await?;
-        let started = Instant::now();
-        let stats = {
-            let c = connect(&pg.admin_url(&source)).await?;
-            // Optional: warms every copy's tables before its timed run.
-            if let Err(e) = c.batch_execute("CREATE EXTENSION pg_prewarm").await {
-                eprintln!("pg_prewarm unavailable ({e}): runs start with cold caches");
-            }
-            fixture::generate(&c, &spec).await?
-        };
-        eprintln!(
-            "\n{name}: {stats} (generated in {:.1}s)",
-            started.elapsed().as_secs_f64()
-        );
+        generate_source(&admin, &pg, level, &source, &spec, name).await?;
 
         // The reference and our serial untuned walk side by side: (d)
         // compares them under the same machine conditions.
@@ -629,6 +608,40 @@ async fn prewarm(url: &str) {
             )
             .await;
     }
+}
+
+/// Makes the database `source` afresh from the stand-in's template of
+/// `level` and generates `spec`'s history in it (`label` names it in the
+/// log): what each variant's copy is made from.
+async fn generate_source(
+    admin: &Client,
+    pg: &Server,
+    level: SchemaLevel,
+    source: &str,
+    spec: &HistorySpec,
+    label: &str,
+) -> Result<fixture::HistoryStats, BoxError> {
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {source} WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {source} TEMPLATE {}",
+            pg.template(level)
+        ))
+        .await?;
+    let started = Instant::now();
+    let c = connect(&pg.admin_url(source)).await?;
+    // Optional: warms every copy's tables before its timed run.
+    if let Err(e) = c.batch_execute("CREATE EXTENSION pg_prewarm").await {
+        eprintln!("pg_prewarm unavailable ({e}): runs start with cold caches");
+    }
+    let stats = fixture::generate(&c, spec).await?;
+    eprintln!(
+        "\n{label}: {stats} (generated in {:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(stats)
 }
 
 async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {

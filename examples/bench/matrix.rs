@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use usage_backfill_engine::{Mode, Outcome, Performance};
 use usage_backfill_standin::fixture::{self, HistorySpec, HourlyState, SchemaLevel};
 
-use super::{BoxError, Server, connect, db_name, describe, prewarm, reference_walk};
+use super::{
+    BoxError, Server, connect, db_name, describe, generate_source, prewarm, reference_walk,
+};
 
 pub(crate) struct MatrixArgs {
     pub rows: u64,
@@ -78,27 +80,8 @@ pub(crate) async fn run(
                 .ok_or_else(|| format!("unknown shape {shape:?}"))?;
             let name = format!("m {shape} {level}");
             let base = db_name(&name, "base");
-            admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {base} WITH (FORCE)"))
-                .await?;
-            admin
-                .batch_execute(&format!(
-                    "CREATE DATABASE {base} TEMPLATE {}",
-                    pg.template(*level)
-                ))
-                .await?;
-            let started = Instant::now();
-            let stats = {
-                let c = connect(&pg.admin_url(&base)).await?;
-                if let Err(e) = c.batch_execute("CREATE EXTENSION pg_prewarm").await {
-                    eprintln!("pg_prewarm unavailable ({e}): runs start with cold caches");
-                }
-                fixture::generate(&c, &spec).await?
-            };
-            eprintln!(
-                "\n{shape} {level}: {stats} (generated in {:.1}s)",
-                started.elapsed().as_secs_f64()
-            );
+            let label = format!("{shape} {level}");
+            let stats = generate_source(admin, pg, *level, &base, &spec, &label).await?;
             let summary = format!(
                 "{} rows, {} tasks, {} ws × {} agents",
                 stats.rows, stats.tasks, stats.workspaces, spec.agents_per_workspace
