@@ -495,21 +495,6 @@ mod tests {
         assert!(!text.contains("watermark_lag"), "no lag measured yet");
     }
 
-    /// The run failures' labels are the engine's names, and each is a
-    /// condition reason: one vocabulary, checked over every name.
-    #[test]
-    fn every_run_failure_label_is_a_condition_reason() {
-        use usage_backfill_api::Reason;
-        use usage_backfill_engine::Failure;
-        for &f in Failure::VARIANTS {
-            assert_eq!(
-                f.as_str().parse::<Reason>().map(Reason::as_str),
-                Ok(f.as_str()),
-                "the engine's failure {f:?} is not a condition reason"
-            );
-        }
-    }
-
     /// Condition reasons that name no failure: the states of a run, and
     /// a cancellation (the next attempt or a deletion follows).
     const NOT_FAILURES: [&str; 9] = [
