@@ -454,6 +454,29 @@ pub(crate) fn render_text(o: &Outcome) -> String {
             format!(", plan_cache_mode={m} (measured)")
         });
         line("tuning:", format!("{}{plan}", t.preset));
+        if let Some(w) = &t.slice_width {
+            let measured: Vec<String> = w
+                .levels
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} ({} slice(s), {:.1} ms per 1000 events)",
+                        l.events_per_slice,
+                        l.slices,
+                        l.elapsed_ms as f64 * 1000.0 / l.events.max(1) as f64
+                    )
+                })
+                .collect();
+            line(
+                "slice width:",
+                format!(
+                    "~{} events per slice (measured: {}; trying the slower widths cost {})",
+                    w.events_per_slice,
+                    measured.join(", "),
+                    duration::format(Duration::from_millis(w.explore_cost_ms))
+                ),
+            );
+        }
     }
     if o.sessions > 1 {
         line("sessions:", o.sessions.to_string());

@@ -83,8 +83,8 @@ async fn database_with_history() -> (TestDatabase, Client) {
     fixture::generate(
         &client,
         &HistorySpec {
-            rows: 500,
-            months: 3,
+            rows: 600,
+            months: 6,
             ..HistorySpec::default()
         },
     )
@@ -138,6 +138,7 @@ async fn backfill_text_then_json_then_skip() {
         "watermark:",
         "(stamped)",
         "walk ended at:",
+        "slice width:",
     ] {
         assert!(
             ran.stdout.contains(want),

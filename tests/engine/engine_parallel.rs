@@ -2,7 +2,7 @@
 //! serial result, the slice reaching the present runs alone and last,
 //! cancellation and a lost lock stop every session, resume works after an
 //! out-of-order interruption, conflicts are retried, tuning reaches our
-//! sessions only, and slice sizing follows measured times.
+//! sessions only, and slice sizing and width follow measured times.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +30,7 @@ testkit::at_both_levels!(
     tuning_reaches_our_sessions_only_and_the_user_wins,
     plan_cache_mode_is_chosen_by_measurement,
     a_cap_on_slice_duration_splits_by_measured_time,
+    slice_width_is_chosen_by_measurement,
 );
 
 async fn run_perf(
@@ -823,4 +824,95 @@ async fn a_cap_on_slice_duration_splits_by_measured_time(level: SchemaLevel) {
     let stats = outcome.slice_stats.unwrap();
     assert!(stats.max_ms < 600, "{stats:?}");
     assert_correct(&client).await;
+}
+
+/// How many events a slice takes follows the time per event measured on
+/// the walk's own slices: a window call made slow by a fixed part (a
+/// `pg_sleep` per call) is walked in wide slices, one whose time grows
+/// with the square of its events in narrow ones.
+async fn slice_width_is_chosen_by_measurement(level: SchemaLevel) {
+    // About 2500 events a month over 24 months.
+    let spec = HistorySpec::even(60_000, 24);
+    let events_in_slice = "(SELECT count(*) FROM task_usage
+                            WHERE COALESCE(updated_at, created_at) >= p_from
+                              AND COALESCE(updated_at, created_at) < p_to)";
+    for (before, wider) in [
+        ("PERFORM pg_sleep(0.3);".to_string(), true),
+        (
+            format!("PERFORM pg_sleep(0.05 * ({events_in_slice} / 1000.0) ^ 2);"),
+            false,
+        ),
+    ] {
+        let (db, client) = with_history(level, &spec).await;
+        wrap_window(&client, &before).await;
+        let outcome = run_perf(
+            &db,
+            &Options::default(),
+            &parallel(2),
+            &CancellationToken::new(),
+        )
+        .await
+        .0
+        .unwrap();
+        let width = outcome
+            .tuning
+            .as_ref()
+            .and_then(|t| t.slice_width.clone())
+            .expect("the width was measured");
+        let narrowest = width.levels.first().unwrap().events_per_slice;
+        let widest = width.levels.last().unwrap().events_per_slice;
+        assert!(width.levels.len() >= 2, "{width:?}");
+        assert!(
+            width.levels.iter().all(|l| l.slices >= 1 && l.events > 0),
+            "{width:?}"
+        );
+        // A median month is the ladder's level 0, at about 2500 events.
+        let month = width
+            .levels
+            .iter()
+            .map(|l| l.events_per_slice)
+            .find(|e| (2_000..3_000).contains(e))
+            .expect("a month's width was measured");
+        let rate = |e: i64| {
+            let l = width
+                .levels
+                .iter()
+                .find(|l| l.events_per_slice == e)
+                .unwrap();
+            l.elapsed_ms as f64 / l.events as f64
+        };
+        if wider {
+            assert!(width.events_per_slice >= 2 * month, "{width:?}");
+            assert_eq!(width.events_per_slice, widest, "{width:?}");
+            assert!(outcome.slices_processed < 24, "{outcome:?}");
+        } else {
+            assert!(width.events_per_slice < month, "{width:?}");
+            assert_eq!(width.events_per_slice, narrowest, "{width:?}");
+            assert!(outcome.slices_processed > 24, "{outcome:?}");
+        }
+        // The kept width is the one with the lowest time per event.
+        for l in &width.levels {
+            assert!(rate(width.events_per_slice) <= rate(l.events_per_slice));
+        }
+        assert_correct(&client).await;
+    }
+    // Not measured under the server's plans (the reference's months), nor
+    // with a cap (the cap's own model sizes the slices).
+    let (db, _client) = with_history(level, &HistorySpec::even(6_000, 6)).await;
+    for perf in [
+        Performance {
+            tuning: Tuning::Off,
+            ..parallel(2)
+        },
+        Performance {
+            max_slice_duration: Some(Duration::from_secs(60)),
+            ..parallel(2)
+        },
+    ] {
+        let outcome = run_perf(&db, &Options::default(), &perf, &CancellationToken::new())
+            .await
+            .0
+            .unwrap();
+        assert_eq!(outcome.tuning.unwrap().slice_width, None);
+    }
 }

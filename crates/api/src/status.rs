@@ -318,6 +318,41 @@ pub struct PerformanceStatus {
     /// Longest window call in the last attempt, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slice_max_millis: Option<i64>,
+
+    /// How many events a slice took, chosen by timing the walk's own
+    /// slices at several widths (tuning preset Tuned without
+    /// maxSliceDuration); absent when not measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice_width: Option<SliceWidthStatus>,
+}
+
+/// The slice width a walk measured and kept.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceWidthStatus {
+    /// Events per slice kept: the width with the lowest time per event.
+    pub events_per_slice: i64,
+
+    /// Every width that ran, narrowest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub measured: Vec<SliceWidthMeasurement>,
+
+    /// What the slower widths cost beyond the kept one, in milliseconds.
+    pub explore_millis: i64,
+}
+
+/// One width as measured: its slices, their events and their time.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceWidthMeasurement {
+    /// The events a slice of this width aims at.
+    pub events_per_slice: i64,
+    /// Slices that came out at about this width.
+    pub slices: i64,
+    /// The events of those slices together.
+    pub events: i64,
+    /// Their window calls' time together, in milliseconds.
+    pub millis: i64,
 }
 
 /// task_usage rows dated beyond the database clock.

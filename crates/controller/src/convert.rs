@@ -5,7 +5,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use usage_backfill_api::{
-    FutureEvents, LockHolder, ModeSettings, Reason, SkipReason, TlsMode, TuningPreset,
+    FutureEvents, LockHolder, ModeSettings, Reason, SkipReason, SliceWidthMeasurement,
+    SliceWidthStatus, TlsMode, TuningPreset,
 };
 use usage_backfill_engine as engine;
 
@@ -73,6 +74,24 @@ pub(crate) fn future_events(f: &engine::FutureEvents) -> FutureEvents {
         rows: f.rows,
         max_ahead_seconds: f.ahead_seconds,
         latest: Some(Time(f.latest)),
+    }
+}
+
+pub(crate) fn slice_width(w: &engine::WidthReport) -> SliceWidthStatus {
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    SliceWidthStatus {
+        events_per_slice: w.events_per_slice,
+        measured: w
+            .levels
+            .iter()
+            .map(|l| SliceWidthMeasurement {
+                events_per_slice: l.events_per_slice,
+                slices: int(l.slices),
+                events: l.events,
+                millis: int(l.elapsed_ms),
+            })
+            .collect(),
+        explore_millis: int(w.explore_cost_ms),
     }
 }
 

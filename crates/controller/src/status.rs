@@ -453,6 +453,11 @@ fn performance(outcome: &Outcome) -> Option<PerformanceStatus> {
         slice_retries: Some(i64::try_from(outcome.slice_retries).unwrap_or(i64::MAX)),
         slice_median_millis: millis(stats.median_ms),
         slice_max_millis: millis(stats.max_ms),
+        slice_width: outcome
+            .tuning
+            .as_ref()
+            .and_then(|t| t.slice_width.as_ref())
+            .map(convert::slice_width),
     })
 }
 
@@ -567,7 +572,7 @@ pub(crate) fn interrupted(s: &mut Status, now: Timestamp) {
 mod tests {
     use super::*;
     use strum::VariantArray;
-    use usage_backfill_api::ConditionType;
+    use usage_backfill_api::{ConditionType, SliceWidthMeasurement, SliceWidthStatus};
 
     use crate::decide::{self, Backoff};
 
@@ -830,6 +835,24 @@ mod tests {
                 preset: "default".into(),
                 plan_cache_mode: Some("force_generic_plan".into()),
                 probes: Vec::new(),
+                slice_width: Some(engine::WidthReport {
+                    events_per_slice: 20_000,
+                    levels: vec![
+                        engine::WidthLevel {
+                            events_per_slice: 10_000,
+                            slices: 1,
+                            events: 10_000,
+                            elapsed_ms: 40,
+                        },
+                        engine::WidthLevel {
+                            events_per_slice: 20_000,
+                            slices: 2,
+                            events: 40_000,
+                            elapsed_ms: 35,
+                        },
+                    ],
+                    explore_cost_ms: 22,
+                }),
             }),
             ..outcome()
         };
@@ -842,6 +865,24 @@ mod tests {
                 slice_retries: Some(1),
                 slice_median_millis: Some(25),
                 slice_max_millis: Some(40),
+                slice_width: Some(SliceWidthStatus {
+                    events_per_slice: 20_000,
+                    measured: vec![
+                        SliceWidthMeasurement {
+                            events_per_slice: 10_000,
+                            slices: 1,
+                            events: 10_000,
+                            millis: 40,
+                        },
+                        SliceWidthMeasurement {
+                            events_per_slice: 20_000,
+                            slices: 2,
+                            events: 40_000,
+                            millis: 35,
+                        },
+                    ],
+                    explore_millis: 22,
+                }),
             })
         );
         // A later run of a new spec starts without it.

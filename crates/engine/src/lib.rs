@@ -28,6 +28,7 @@ mod sizing;
 mod tls;
 mod tuning;
 mod walk;
+mod width;
 
 use std::time::Duration;
 
@@ -46,6 +47,7 @@ pub use tuning::{
     effective as effective_settings,
 };
 pub use walk::run;
+pub use width::{WidthLevel, WidthReport};
 
 /// The advisory lock every writer of `task_usage_hourly` takes.
 pub const ADVISORY_LOCK_KEY: i64 = 4246;

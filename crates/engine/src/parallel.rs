@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::session::{Guard, Session, SliceError};
 use super::sizing::{self, Model, Piece};
 use super::tuning::{self, PROBE_MIN_EVENTS, PROBE_MODES, PlanProbe};
+use super::width::{self, WidthReport, WidthSearch};
 use super::{Error, Event, Result, Slice, plan};
 
 /// Attempts of a slice that keeps hitting deadlocks or serialization
@@ -63,6 +64,9 @@ pub(crate) struct Walk<'a> {
     /// Pause of a session between two of its slices.
     pub sleep: Duration,
     pub cap: Option<Duration>,
+    /// Choose how many events a slice takes by measurement (`width`);
+    /// without it the historical slices run as given.
+    pub measure_width: bool,
     /// Choose plan_cache_mode by measurement on the two largest slices (the
     /// first two with a cap).
     pub probe: bool,
@@ -86,6 +90,8 @@ pub(crate) struct Walked {
     /// The plan_cache_mode kept, when probed and conclusive.
     pub plan_cache_mode: Option<String>,
     pub probes: Vec<PlanProbe>,
+    /// What the width search measured and kept.
+    pub width: Option<WidthReport>,
 }
 
 enum Msg {
@@ -119,6 +125,10 @@ struct Shared {
     decided: Want,
     retries: u64,
     durations_ms: Vec<u64>,
+    /// The width search, when measured; `pending` then holds units that
+    /// each slice takes some of.
+    width: Option<WidthSearch>,
+    sessions: usize,
 }
 
 struct RunningProbe {
@@ -138,8 +148,9 @@ struct Ticket {
 }
 
 enum Next {
-    /// A slice, the plan_cache_mode it wants, and for a probe its ticket.
-    Run(Piece, Want, Option<Ticket>),
+    /// A slice, the plan_cache_mode it wants, for a plan probe its ticket,
+    /// and the width level it measures.
+    Run(Piece, Want, Option<Ticket>, Option<i32>),
     Done,
 }
 
@@ -190,7 +201,7 @@ impl Shared {
                 abort: ticket.abort.clone(),
             });
             self.started += 1;
-            return Next::Run(piece, Some(Some(mode.to_string())), Some(ticket));
+            return Next::Run(piece, Some(Some(mode.to_string())), Some(ticket), None);
         }
         self.early_verdict();
         let want = match &self.decided {
@@ -200,9 +211,48 @@ impl Shared {
             None if self.probing() => Some(Some(self.provisional())),
             None => None,
         };
+        let settled = self.decided.is_some() || !self.probing();
+        let (piece, level) = self.take(settled);
         self.started += 1;
-        let piece = self.pending.pop_front().expect("checked above");
-        Next::Run(piece, want, None)
+        Next::Run(piece, want, None, level)
+    }
+
+    /// The next slice from the front of `pending`, and the width level it
+    /// measures: slices that run under a plan_cache_mode not yet decided
+    /// measure nothing (the modes differ far more than widths), nor do the
+    /// last ones, cut down so that every session gets a share.
+    fn take(&mut self, settled: bool) -> (Piece, Option<i32>) {
+        let Some(search) = self.width.as_mut() else {
+            let piece = self.pending.pop_front().expect("checked by next");
+            return (piece, None);
+        };
+        // Near the end a wide slice would leave the other sessions idle:
+        // no slice takes more than the sessions' share of what is left,
+        // down to the ladder's base (below it, splitting only adds calls).
+        let remaining: i64 = self.pending.iter().map(|p| p.events).sum();
+        let share = (remaining as f64 / self.sessions as f64).max(search.target(0));
+        let (target, level) = if settled {
+            let level = search.claim();
+            let target = search.target(level);
+            if target > share {
+                search.release(level);
+                (share, None)
+            } else {
+                (target, Some(level))
+            }
+        } else {
+            (search.current_target().min(share), None)
+        };
+        let piece = width::take(&mut self.pending, target).expect("checked by next");
+        (piece, level)
+    }
+
+    /// Slices still to start at the width now chosen.
+    fn pending_slices(&self) -> u64 {
+        match &self.width {
+            Some(search) => width::count(&self.pending, search.current_target()) as u64,
+            None => self.pending.len() as u64,
+        }
     }
 
     fn probing(&self) -> bool {
@@ -267,11 +317,23 @@ impl Shared {
         self.pending.push_front(piece);
     }
 
-    fn finished(&mut self, piece: &Piece, probe: Option<&Ticket>, elapsed: Option<Duration>) {
+    fn finished(
+        &mut self,
+        piece: &Piece,
+        probe: Option<&Ticket>,
+        level: Option<i32>,
+        elapsed: Option<Duration>,
+    ) {
         let running = probe.and_then(|ticket| {
             let i = self.running_probes.iter().position(|r| r.id == ticket.id)?;
             Some(self.running_probes.remove(i))
         });
+        if let (Some(search), Some(level)) = (self.width.as_mut(), level) {
+            match elapsed {
+                Some(elapsed) => search.observe(level, piece.events, elapsed),
+                None => search.release(level),
+            }
+        }
         let Some(elapsed) = elapsed else {
             self.stop = true;
             return;
@@ -347,6 +409,12 @@ impl Walk<'_> {
                 sizes[1] >= PROBE_MIN_EVENTS
             };
         let any_historical = !self.historical.is_empty();
+        let session_count = 1 + self.workers.len();
+        let width = if self.measure_width && self.cap.is_none() {
+            WidthSearch::new(&self.historical, session_count)
+        } else {
+            None
+        };
         let shared = Mutex::new(Shared {
             pending: self.historical.iter().copied().collect(),
             started: 0,
@@ -363,6 +431,8 @@ impl Walk<'_> {
             decided: None,
             retries: 0,
             durations_ms: Vec::new(),
+            width,
+            sessions: session_count,
         });
         let mut prefix = Prefix {
             cursor: start,
@@ -446,6 +516,7 @@ impl Walk<'_> {
             retries: shared.retries,
             plan_cache_mode: shared.decided.flatten(),
             probes: shared.probes,
+            width: shared.width.as_ref().and_then(WidthSearch::report),
         })
     }
 
@@ -453,7 +524,7 @@ impl Walk<'_> {
     fn total(&self, shared: &Shared) -> u64 {
         self.already_processed
             + shared.started
-            + shared.pending.len() as u64
+            + shared.pending_slices()
             + u64::from(self.last.is_some())
     }
 
@@ -473,8 +544,8 @@ impl Walk<'_> {
                 return;
             }
             let next = shared.lock().unwrap().next(stop_all);
-            let (piece, want, ticket) = match next {
-                Next::Run(piece, want, ticket) => (piece, want, ticket),
+            let (piece, want, ticket, level) = match next {
+                Next::Run(piece, want, ticket, level) => (piece, want, ticket, level),
                 Next::Done => return,
             };
             if let Some(want) = want.filter(|w| *w != mode) {
@@ -482,7 +553,7 @@ impl Walk<'_> {
                     shared
                         .lock()
                         .unwrap()
-                        .finished(&piece, ticket.as_ref(), None);
+                        .finished(&piece, ticket.as_ref(), level, None);
                     let _ = tx.send(Msg::Failed {
                         slice: piece.slice,
                         error,
@@ -511,6 +582,7 @@ impl Walk<'_> {
             shared.lock().unwrap().finished(
                 &piece,
                 ticket.as_ref(),
+                level,
                 result.is_ok().then_some(elapsed),
             );
             match result {

@@ -16,11 +16,11 @@
 //!    merged slice stays within a median month; a month with more than 3x
 //!    the median (and at least [`SPLIT_MIN_EVENTS`]) is split into
 //!    median-sized parts, so one outsized month does not keep every other
-//!    worker idle; with tuned (hash) plans, adjacent slices merge while
-//!    together they hold at most 1/[`THIN_SLICES`] of all events (a long,
-//!    thin history: the fixed part of each call dominates); and while there
-//!    are fewer slices than workers, the largest slice of at least
-//!    [`SPLIT_MIN_EVENTS`] is halved.
+//!    worker idle; and while there are fewer slices than workers, the
+//!    largest slice of at least [`SPLIT_MIN_EVENTS`] is halved. These are
+//!    the walk's units; with tuned (hash) plans and no cap, how many units
+//!    one slice takes is chosen during the walk by measurement
+//!    (`super::width`).
 //! 2. By measured times (during the walk, only with a cap on a single
 //!    transaction's duration): from the slices already committed, a model
 //!    `time = fixed + per_event x events` predicts the pending slices;
@@ -54,8 +54,6 @@ pub(crate) struct Piece {
 pub(crate) const MERGE_BELOW: f64 = 0.25;
 /// A month above this multiple of the median month is outsized (split).
 pub(crate) const SPLIT_ABOVE: f64 = 3.0;
-/// A walk of many thin months is merged into about this many slices.
-pub(crate) const THIN_SLICES: i64 = 12;
 /// Count-based splits leave smaller slices alone: their cost is mostly the
 /// fixed part, which splitting multiplies.
 pub(crate) const SPLIT_MIN_EVENTS: i64 = 20_000;
@@ -67,9 +65,8 @@ pub(crate) const MAX_PARTS: i64 = 64;
 pub(crate) const PROBE_PARTS: i64 = 8;
 
 /// Step 1: widths from counts. `pieces` are contiguous calendar months.
-/// `hash_plans`: the sessions run with nested loops off (tuned), where a
-/// call's fixed part is large enough to make `merge_thin` pay; under the
-/// server's nested loops the per-key part dominates and the months stay.
+/// `hash_plans`: the sessions run with nested loops off (tuned); under the
+/// server's nested loops with one session the months stay as they are.
 pub(crate) fn by_counts(pieces: Vec<Piece>, workers: usize, hash_plans: bool) -> Vec<Piece> {
     // One session under the server's plans is the reference's own walk, and
     // walks its calendar months: a split gains no second worker, and under
@@ -84,31 +81,8 @@ pub(crate) fn by_counts(pieces: Vec<Piece>, workers: usize, hash_plans: bool) ->
         let median = median(out.iter().map(|p| p.events)).max(1);
         out = merge_cheap(out, median);
         out = split_outsized(out, median);
-        if hash_plans {
-            out = merge_thin(out);
-        }
     }
     balance(out, workers)
-}
-
-/// Adjacent slices merge while together they hold at most
-/// 1/[`THIN_SLICES`] of all events: a long, thin history (many months, few
-/// events each) is walked in about [`THIN_SLICES`] slices instead of one per
-/// month, because each call's fixed part (scans that grow with the whole
-/// history) then dominates. Measured on the stand-in, even 200k rows over
-/// 26 months, one window call: one month 2.1-2.2 s, two months 2.9 s, three
-/// 4.8-5.0 s, six 8-10 s.
-fn merge_thin(pieces: Vec<Piece>) -> Vec<Piece> {
-    let total: i64 = pieces.iter().map(|p| p.events).sum();
-    let limit = total / THIN_SLICES;
-    let mut out: Vec<Piece> = Vec::with_capacity(pieces.len());
-    for p in pieces {
-        match out.last_mut() {
-            Some(last) if last.events + p.events <= limit => *last = join(*last, p),
-            _ => out.push(p),
-        }
-    }
-    out
 }
 
 fn merge_cheap(pieces: Vec<Piece>, median: i64) -> Vec<Piece> {
@@ -348,7 +322,7 @@ pub fn stats(durations_ms: &[u64]) -> Option<SliceStats> {
     })
 }
 
-fn median(values: impl Iterator<Item = i64>) -> i64 {
+pub(crate) fn median(values: impl Iterator<Item = i64>) -> i64 {
     let mut v: Vec<i64> = values.collect();
     if v.is_empty() {
         return 0;
@@ -429,22 +403,12 @@ mod tests {
     }
 
     #[test]
-    fn thin_months_merge_into_about_twelve_slices() {
-        // 26 even months: pairs (each pair within 1/12 of the events).
+    fn thin_even_months_stay_units_for_the_width_search() {
+        // How many months a slice takes is measured during the walk
+        // (`width`), not fixed here.
         let m = months(&[7_700; 26]);
-        let got = by_counts(m.clone(), 2, true);
-        contiguous(&got);
-        assert_eq!(counts(&got), vec![15_400; 13]);
-        // Untuned (nested loops), the months stay.
+        assert_eq!(by_counts(m.clone(), 2, true), m);
         assert_eq!(by_counts(m.clone(), 2, false), m);
-        assert_eq!(got[0].slice.from, m[0].slice.from);
-        assert_eq!(got[12].slice.to, m[25].slice.to);
-        // Growing volume: the thin early months merge, the later ones not.
-        let mut m = vec![1_000, 1_000, 1_000, 1_000, 2_000];
-        m.extend([3_000; 9]);
-        let mut want = vec![2_000, 2_000, 2_000];
-        want.extend([3_000; 9]);
-        assert_eq!(counts(&by_counts(months(&m), 2, true)), want);
     }
 
     #[test]
@@ -457,8 +421,12 @@ mod tests {
         ] {
             let m = months(&m);
             assert_eq!(by_counts(m.clone(), 1, false), m);
-            assert_ne!(by_counts(m.clone(), 1, true), m);
         }
+        // Tuned, the thin months merge and the outsized one splits.
+        let m = months(&[100, 200, 300, 10_000, 10_000, 10_000, 10_000]);
+        assert_ne!(by_counts(m.clone(), 1, true), m);
+        let m = months(&[30_000, 30_000, 150_000, 30_000, 30_000]);
+        assert_ne!(by_counts(m.clone(), 1, true), m);
     }
 
     #[test]

@@ -42,6 +42,8 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+use super::width::WidthReport;
+
 /// Which planner settings the backfill's sessions get. The user's
 /// `Options::session_settings` always win over these.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -180,6 +182,9 @@ pub struct TuningReport {
     /// inconclusive, in which case the server's default stays).
     pub plan_cache_mode: Option<String>,
     pub probes: Vec<PlanProbe>,
+    /// How many events a slice took, chosen by measurement (tuned plans
+    /// without a cap on a slice's duration); None when not measured.
+    pub slice_width: Option<WidthReport>,
 }
 
 /// The faster mode per event among completed probes, or None when a probe

@@ -411,6 +411,7 @@ impl Run<'_> {
             slice_timeout: self.opts.slice_timeout,
             sleep: self.opts.sleep_between_slices,
             cap: self.perf.max_slice_duration,
+            measure_width: !matches!(self.perf.tuning, crate::tuning::Tuning::Off),
             probe,
             already_processed: already,
             already_rows,
@@ -434,6 +435,7 @@ impl Run<'_> {
             preset: self.perf.tuning.name().to_string(),
             plan_cache_mode: walked.plan_cache_mode,
             probes: walked.probes,
+            slice_width: walked.width,
         });
         if self.cancel.is_cancelled() {
             return Err(Error::Cancelled);

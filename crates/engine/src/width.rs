@@ -1,0 +1,459 @@
+//! How many events one slice takes, chosen during the walk by measuring the
+//! walk's own slices (tuned plans, no cap on one transaction's duration).
+//!
+//! Why by measurement: a window call costs a part that grows with the whole
+//! history (full scans of task_usage and agent_task_queue, and a hash of
+//! the whole hourly table for the empty-bucket delete) plus a part per key.
+//! How the two compare depends on the shape of the history (tasks, rows and
+//! keys per event) and on how full the hourly table already is, none of
+//! which the counts before the walk show; and on big histories a call's
+//! time grows faster than its range. A fixed number of slices was right
+//! for some of the shapes we generate and wrong for others
+//! (`docs/performance.md`).
+//!
+//! How: widths form a ladder in events per slice, `base × 2^level`, where
+//! `base` is the median unit of `super::sizing::by_counts` (a calendar month,
+//! thin months merged, outsized ones split). Every slice of the walk is cut
+//! at a level and, once committed, adds its time and events to that level;
+//! levels are compared by time per event only, so nothing is assumed about
+//! how cost grows with width. The first two slices take levels 0 and -1
+//! (a narrower trial risks less when it loses); after that a slice takes
+//! the best level so far, except that the best level's untried neighbour,
+//! in the direction the measurements improve, is tried once. Exploring stops when what the slower levels cost so far
+//! (their extra time per event over the best, times their events) reaches
+//! [`EXPLORE_BUDGET`] of the walk's predicted time. Nothing runs twice: a
+//! trial is a slice of the walk. Later slices keep adding to their level,
+//! so a level that looked best by chance loses its place when its average
+//! rises.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::sizing::{self, Piece};
+
+/// Exploring stops once the slower levels tried have cost this share of
+/// the walk's predicted time.
+pub(crate) const EXPLORE_BUDGET: f64 = 0.05;
+/// The narrowest level: an eighth of a median unit.
+const MIN_LEVEL: i32 = -3;
+/// A level below this many events per slice is not tried: such a call is
+/// all fixed part.
+const MIN_TARGET_EVENTS: f64 = 1000.0;
+/// A slice takes further units while it stays within this many targets…
+const JOIN_WITHIN: f64 = 1.1;
+/// …and a unit of more than this many targets is split.
+const SPLIT_ABOVE: f64 = 1.5;
+
+#[derive(Debug, Clone, Default)]
+struct Level {
+    slices: u64,
+    events: i64,
+    ms: f64,
+    /// Slices of this level under way.
+    running: u32,
+}
+
+impl Level {
+    fn rate(&self) -> Option<f64> {
+        (self.slices > 0 && self.events > 0).then(|| self.ms / self.events as f64)
+    }
+}
+
+/// The search over the ladder of widths during one walk.
+#[derive(Debug, Clone)]
+pub(crate) struct WidthSearch {
+    /// Events per slice at level 0.
+    base: f64,
+    total_events: i64,
+    min_level: i32,
+    /// At least one slice per session.
+    max_level: i32,
+    levels: BTreeMap<i32, Level>,
+}
+
+/// One level of the ladder as measured in a run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WidthLevel {
+    /// The events a slice of this level aims at.
+    pub events_per_slice: i64,
+    pub slices: u64,
+    pub events: i64,
+    pub elapsed_ms: u64,
+}
+
+/// What the width search measured and chose.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct WidthReport {
+    /// The width kept at the end: the level with the lowest time per event.
+    pub events_per_slice: i64,
+    /// Every level that ran, narrowest first.
+    pub levels: Vec<WidthLevel>,
+    /// What the levels slower than the kept one cost beyond it.
+    pub explore_cost_ms: u64,
+}
+
+impl WidthSearch {
+    /// None when there is nothing to choose: fewer than three units, or no
+    /// events.
+    pub(crate) fn new(units: &[Piece], sessions: usize) -> Option<Self> {
+        if units.len() < 3 {
+            return None;
+        }
+        let base = sizing::median(units.iter().map(|p| p.events)) as f64;
+        let total_events: i64 = units.iter().map(|p| p.events).sum();
+        if base < 1.0 {
+            return None;
+        }
+        let share = total_events as f64 / sessions.max(1) as f64;
+        let mut max_level = 0;
+        while base * 2f64.powi(max_level + 1) <= share {
+            max_level += 1;
+        }
+        let mut min_level = 0;
+        while min_level > MIN_LEVEL && base * 2f64.powi(min_level - 1) >= MIN_TARGET_EVENTS {
+            min_level -= 1;
+        }
+        Some(WidthSearch {
+            base,
+            total_events,
+            min_level,
+            max_level,
+            levels: BTreeMap::new(),
+        })
+    }
+
+    /// Events a slice of `level` aims at.
+    pub(crate) fn target(&self, level: i32) -> f64 {
+        self.base * 2f64.powi(level)
+    }
+
+    /// The measured level with the lowest time per event.
+    pub(crate) fn best(&self) -> Option<i32> {
+        self.levels
+            .iter()
+            .filter_map(|(l, m)| m.rate().map(|r| (*l, r)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(l, _)| l)
+    }
+
+    fn sampled(&self, level: i32) -> bool {
+        self.levels.get(&level).is_some_and(|l| l.slices > 0)
+    }
+
+    fn open(&self, level: i32) -> bool {
+        (self.min_level..=self.max_level).contains(&level)
+            && self
+                .levels
+                .get(&level)
+                .is_none_or(|l| l.slices == 0 && l.running == 0)
+    }
+
+    /// The level for the next slice, held as running until
+    /// [`WidthSearch::observe`] or [`WidthSearch::release`].
+    pub(crate) fn claim(&mut self) -> i32 {
+        let level = self.choose();
+        self.levels.entry(level).or_default().running += 1;
+        level
+    }
+
+    fn choose(&self) -> i32 {
+        let Some(best) = self.best() else {
+            // Nothing measured yet: the first two trials, then level 0.
+            return [0, -1, 1].into_iter().find(|&l| self.open(l)).unwrap_or(0);
+        };
+        if self.explore_cost_ms() < EXPLORE_BUDGET * self.predicted_ms(best) {
+            // On in the direction the measurements improve. Downwards
+            // first: a narrower trial slice risks less time when it loses.
+            let next = if self.sampled(best - 1) {
+                [best + 1, best + 1]
+            } else if self.sampled(best + 1) {
+                [best - 1, best - 1]
+            } else {
+                [best - 1, best + 1]
+            };
+            if let Some(level) = next.into_iter().find(|&l| self.open(l)) {
+                return level;
+            }
+        }
+        best
+    }
+
+    /// The walk's time at the best level's rate.
+    fn predicted_ms(&self, best: i32) -> f64 {
+        let rate = self.levels[&best].rate().unwrap_or(0.0);
+        rate * self.total_events as f64
+    }
+
+    /// What the levels slower than the best cost beyond it.
+    fn explore_cost_ms(&self) -> f64 {
+        let Some(best) = self.best().and_then(|b| self.levels[&b].rate()) else {
+            return 0.0;
+        };
+        self.levels
+            .values()
+            .filter_map(|l| l.rate().map(|r| (r - best).max(0.0) * l.events as f64))
+            .sum()
+    }
+
+    /// The level whose width is nearest to `events` (a slice cut at one
+    /// level can come out at another: a unit left over by a split, or
+    /// units that are not adjacent because a plan probe took the one
+    /// between).
+    fn level_of(&self, events: i64) -> i32 {
+        let ratio = (events.max(1) as f64 / self.base).log2().round() as i32;
+        ratio.clamp(self.min_level, self.max_level)
+    }
+
+    /// A slice claimed at `level` committed; it counts for the level
+    /// nearest to its events.
+    pub(crate) fn observe(&mut self, level: i32, events: i64, elapsed: Duration) {
+        let before = self.best();
+        self.release(level);
+        let at = self.level_of(events);
+        let l = self.levels.entry(at).or_default();
+        l.slices += 1;
+        l.events += events.max(0);
+        l.ms += elapsed.as_secs_f64() * 1000.0;
+        let after = self.best();
+        if after != before
+            && let Some(best) = after
+        {
+            tracing::info!(
+                events_per_slice = self.target(best) as i64,
+                ms_per_1000_events = self.levels[&best].rate().unwrap_or(0.0) * 1000.0,
+                "slice width: best measured so far"
+            );
+        }
+    }
+
+    /// A slice of `level` that did not commit (failed or cancelled).
+    pub(crate) fn release(&mut self, level: i32) {
+        if let Some(l) = self.levels.get_mut(&level) {
+            l.running = l.running.saturating_sub(1);
+        }
+    }
+
+    /// The width slices are cut at now: the best level, or level 0 before
+    /// any measurement.
+    pub(crate) fn current_target(&self) -> f64 {
+        self.target(self.best().unwrap_or(0))
+    }
+
+    pub(crate) fn report(&self) -> Option<WidthReport> {
+        let best = self.best()?;
+        Some(WidthReport {
+            events_per_slice: self.target(best).round() as i64,
+            levels: self
+                .levels
+                .iter()
+                .filter(|(_, l)| l.slices > 0)
+                .map(|(level, l)| WidthLevel {
+                    events_per_slice: self.target(*level).round() as i64,
+                    slices: l.slices,
+                    events: l.events,
+                    elapsed_ms: l.ms.round() as u64,
+                })
+                .collect(),
+            explore_cost_ms: self.explore_cost_ms().round() as u64,
+        })
+    }
+}
+
+/// The next slice from the front of `pending`, about `target` events: the
+/// front unit split when it holds more than [`SPLIT_ABOVE`] targets,
+/// otherwise joined with the units after it while the slice stays within
+/// [`JOIN_WITHIN`] targets.
+pub(crate) fn take(pending: &mut VecDeque<Piece>, target: f64) -> Option<Piece> {
+    let first = pending.pop_front()?;
+    if first.events as f64 > SPLIT_ABOVE * target {
+        let parts = (first.events as f64 / target).round() as i64;
+        let mut parts = sizing::split_even(first, parts).into_iter();
+        let head = parts.next().expect("split_even returns at least one piece");
+        for p in parts.rev() {
+            pending.push_front(p);
+        }
+        return Some(head);
+    }
+    let mut slice = first;
+    while let Some(next) = pending.front() {
+        if next.slice.from != slice.slice.to
+            || (slice.events + next.events) as f64 > JOIN_WITHIN * target
+        {
+            break;
+        }
+        let next = pending.pop_front().expect("checked above");
+        slice = sizing::join(slice, next);
+    }
+    Some(slice)
+}
+
+/// How many slices `pending` makes at `target`.
+pub(crate) fn count(pending: &VecDeque<Piece>, target: f64) -> usize {
+    let mut rest = pending.clone();
+    let mut n = 0;
+    while take(&mut rest, target).is_some() {
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Slice, add_months};
+    use jiff::Timestamp;
+
+    fn months(counts: &[i64]) -> Vec<Piece> {
+        let start: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        counts
+            .iter()
+            .enumerate()
+            .map(|(i, &events)| Piece {
+                slice: Slice {
+                    from: add_months(start, i as i64),
+                    to: add_months(start, i as i64 + 1),
+                },
+                events,
+            })
+            .collect()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Runs a whole walk of `units` on one session against a cost model
+    /// `cost(events)` in ms, and returns (levels slices were cut at, total ms).
+    fn simulate(units: &[Piece], cost: impl Fn(i64) -> f64) -> (Vec<i32>, f64, WidthSearch) {
+        let mut search = WidthSearch::new(units, 1).unwrap();
+        let mut pending: VecDeque<Piece> = units.iter().copied().collect();
+        let mut levels = Vec::new();
+        let mut total = 0.0;
+        while !pending.is_empty() {
+            let level = search.claim();
+            let piece = take(&mut pending, search.target(level)).unwrap();
+            let t = cost(piece.events);
+            total += t;
+            search.observe(level, piece.events, Duration::from_secs_f64(t / 1000.0));
+            levels.push(level);
+        }
+        (levels, total, search)
+    }
+
+    #[test]
+    fn the_first_two_slices_try_one_and_half_a_unit() {
+        let units = months(&[10_000; 24]);
+        let mut s = WidthSearch::new(&units, 2).unwrap();
+        assert_eq!(s.claim(), 0);
+        assert_eq!(s.claim(), -1);
+        // A third session, before anything is measured: one unit more.
+        assert_eq!(s.claim(), 1);
+        assert_eq!(s.claim(), 0);
+        // Where half a unit is too narrow to try, the walk climbs at once.
+        let mut s = WidthSearch::new(&months(&[1_500; 24]), 1).unwrap();
+        assert_eq!(s.claim(), 0);
+        s.observe(0, 1_500, ms(300));
+        assert_eq!(s.claim(), 1);
+    }
+
+    #[test]
+    fn a_large_fixed_part_climbs_to_wider_slices_and_stops_where_it_loses() {
+        // 600 ms per call plus 0.05 ms per event, and beyond 40k events per
+        // call the per-event part doubles (a hash spilling): 4 units best.
+        let cost = |e: i64| {
+            let per = if e > 40_000 { 0.1 } else { 0.05 };
+            600.0 + per * e as f64
+        };
+        let (levels, _, search) = simulate(&months(&[10_000; 48]), cost);
+        assert_eq!(&levels[..5], &[0, -1, 1, 2, 3], "{levels:?}");
+        assert_eq!(search.best(), Some(2));
+        assert!(levels[5..].iter().all(|&l| l == 2), "{levels:?}");
+        let report = search.report().unwrap();
+        assert_eq!(report.events_per_slice, 40_000);
+        assert_eq!(report.levels.len(), 5);
+        assert_eq!(report.levels.iter().map(|l| l.events).sum::<i64>(), 480_000);
+        assert!(report.explore_cost_ms > 0);
+    }
+
+    #[test]
+    fn a_superlinear_cost_goes_below_a_unit() {
+        // A fixed part, a part per event and one growing with the square
+        // of the slice: a quarter unit (4k events) is cheapest per event.
+        let cost = |e: i64| 160.0 + 0.1 * e as f64 + 1e-5 * (e as f64).powi(2);
+        let (levels, total, search) = simulate(&months(&[16_000; 24]), cost);
+        assert_eq!(&levels[..4], &[0, -1, -2, -3], "{levels:?}");
+        assert_eq!(search.best(), Some(-2));
+        // Against walking every unit whole (what a fixed rule would do).
+        let monthly = 24.0 * cost(16_000);
+        assert!(total < 0.75 * monthly, "{total} vs {monthly}");
+    }
+
+    #[test]
+    fn exploring_stops_within_its_budget() {
+        let mut s = WidthSearch::new(&months(&[10_000; 100]), 1).unwrap();
+        assert_eq!(s.claim(), 0);
+        s.observe(0, 10_000, ms(1_000));
+        assert_eq!(s.claim(), -1);
+        s.observe(-1, 5_000, ms(6_000));
+        // Level -1 cost 5,500 ms beyond level 0's rate: more than 5 % of
+        // the 100,000 ms walk; no further level is tried.
+        assert!(s.explore_cost_ms() > EXPLORE_BUDGET * s.predicted_ms(0));
+        assert_eq!(s.claim(), 0);
+        assert_eq!(s.claim(), 0);
+    }
+
+    #[test]
+    fn a_level_that_won_by_chance_loses_its_place() {
+        let mut s = WidthSearch::new(&months(&[10_000; 100]), 2).unwrap();
+        assert_eq!((s.claim(), s.claim()), (0, -1));
+        s.observe(0, 10_000, ms(1_000));
+        s.observe(-1, 5_000, ms(600));
+        assert_eq!(s.claim(), 1);
+        s.observe(1, 20_000, ms(1_900));
+        assert_eq!(s.best(), Some(1));
+        assert_eq!(s.claim(), 2);
+        s.observe(2, 40_000, ms(4_400));
+        assert_eq!(s.claim(), 1);
+        // Level 1's later slices are slower: level 0 is best again.
+        s.observe(1, 20_000, ms(2_400));
+        assert_eq!(s.best(), Some(0));
+    }
+
+    #[test]
+    fn levels_stay_within_one_slice_per_session_and_an_eighth_of_a_unit() {
+        let s = WidthSearch::new(&months(&[10_000; 8]), 2).unwrap();
+        assert_eq!((s.min_level, s.max_level), (-3, 2));
+        // Small units are not cut below MIN_TARGET_EVENTS.
+        let s = WidthSearch::new(&months(&[3_000; 8]), 2).unwrap();
+        assert_eq!(s.min_level, -1);
+        assert!(WidthSearch::new(&months(&[10_000; 2]), 1).is_none());
+        assert!(WidthSearch::new(&months(&[0; 5]), 1).is_none());
+    }
+
+    #[test]
+    fn take_joins_and_splits_units_around_the_target() {
+        let all = months(&[10_000, 10_000, 10_000, 40_000, 1_000]);
+        let mut pending: VecDeque<Piece> = all.iter().copied().collect();
+        assert_eq!(count(&pending, 20_000.0), 4);
+        let a = take(&mut pending, 20_000.0).unwrap();
+        assert_eq!(a.events, 20_000);
+        assert_eq!(
+            (a.slice.from, a.slice.to),
+            (all[0].slice.from, all[1].slice.to)
+        );
+        // 10k alone: with the 40k month it would exceed the target.
+        assert_eq!(take(&mut pending, 20_000.0).unwrap(), all[2]);
+        // 40k is split in two, at the month's middle…
+        let b = take(&mut pending, 20_000.0).unwrap();
+        assert_eq!((b.events, b.slice.from), (20_000, all[3].slice.from));
+        // …and its second half takes the thin month after it (within 1.1x).
+        let c = take(&mut pending, 20_000.0).unwrap();
+        assert_eq!((c.events, c.slice.to), (21_000, all[4].slice.to));
+        assert!(pending.is_empty());
+        // Pieces that are not adjacent (a probe took the one between) stay apart.
+        let mut gap: VecDeque<Piece> = [all[0], all[2]].into_iter().collect();
+        assert_eq!(take(&mut gap, 100_000.0).unwrap(), all[0]);
+    }
+}
