@@ -553,6 +553,48 @@ fn describe(o: &Outcome) -> String {
     if let Some(m) = o.tuning.as_ref().and_then(|t| t.plan_cache_mode.as_deref()) {
         s += &format!(", {m}");
     }
+    if let Some(t) = &o.tuning
+        && let Some(w) = &t.work_mem
+    {
+        // The work_mem probe against the plan probe that won, ms per 1000 events.
+        let rate = |p: &engine::PlanProbe| p.elapsed_ms as f64 * 1000.0 / p.events.max(1) as f64;
+        let tried = t.probes.iter().find(|p| p.work_mem.is_some());
+        let base = t.probes.iter().find(|p| {
+            p.completed
+                && p.work_mem.is_none()
+                && Some(&p.plan_cache_mode) == t.plan_cache_mode.as_ref()
+        });
+        s += &format!(", work_mem {w}");
+        if let (Some(tried), Some(base)) = (tried, base) {
+            s += &format!(
+                " ({}: {:.0}{}, default: {:.0} ms per 1000 events)",
+                tried.work_mem.as_deref().unwrap_or(""),
+                rate(tried),
+                if tried.completed { "" } else { " given up" },
+                rate(base)
+            );
+        }
+    }
+    if let Some(w) = o.tuning.as_ref().and_then(|t| t.slice_width.as_ref()) {
+        // Each width tried: events per slice, and ms per 1000 events.
+        let tried: Vec<String> = w
+            .levels
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}k:{:.0}",
+                    l.events_per_slice / 1000,
+                    l.elapsed_ms as f64 * 1000.0 / l.events.max(1) as f64
+                )
+            })
+            .collect();
+        s += &format!(
+            ", width {} events/slice (ms per 1000 events at each width tried: {}; trying cost {} ms)",
+            w.events_per_slice,
+            tried.join(" "),
+            w.explore_cost_ms
+        );
+    }
     if o.slice_retries > 0 {
         s += &format!(", {} retries", o.slice_retries);
     }

@@ -450,9 +450,12 @@ pub(crate) fn render_text(o: &Outcome) -> String {
         line("session settings:", s.join(" "));
     }
     if let Some(t) = &o.tuning {
-        let plan = t.plan_cache_mode.as_deref().map_or(String::new(), |m| {
+        let mut plan = t.plan_cache_mode.as_deref().map_or(String::new(), |m| {
             format!(", plan_cache_mode={m} (measured)")
         });
+        if let Some(w) = &t.work_mem {
+            plan += &format!(", work_mem={w} (measured)");
+        }
         line("tuning:", format!("{}{plan}", t.preset));
         if let Some(w) = &t.slice_width {
             let measured: Vec<String> = w

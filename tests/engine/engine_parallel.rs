@@ -31,6 +31,7 @@ testkit::at_both_levels!(
     plan_cache_mode_is_chosen_by_measurement,
     a_cap_on_slice_duration_splits_by_measured_time,
     slice_width_is_chosen_by_measurement,
+    work_mem_is_chosen_by_measurement,
 );
 
 async fn run_perf(
@@ -721,9 +722,11 @@ async fn plan_cache_mode_is_chosen_by_measurement(level: SchemaLevel) {
     .0
     .unwrap();
     let tuning = outcome.tuning.unwrap();
+    // The plan probes (the work_mem probe after them has its own test).
     let probed: Vec<&str> = tuning
         .probes
         .iter()
+        .filter(|p| p.work_mem.is_none())
         .map(|p| p.plan_cache_mode.as_str())
         .collect();
     assert_eq!(probed.len(), 2);
@@ -742,20 +745,8 @@ async fn plan_cache_mode_is_chosen_by_measurement(level: SchemaLevel) {
     let mut calls = calls(&client).await;
     calls.sort_by_key(|c| c.slice.from);
     assert_eq!(calls.len() as u64, outcome.slices_processed);
-    let expect = |mode: &str| {
-        let p = tuning
-            .probes
-            .iter()
-            .find(|p| p.plan_cache_mode == mode)
-            .unwrap();
-        if p.completed {
-            mode.to_string()
-        } else {
-            chosen.clone()
-        }
-    };
-    // The probes ran on the two largest historical slices (the earlier of
-    // equals first): generic on the largest, custom on the next.
+    // The probes ran on two adjacent historical months with the most
+    // events together, generic on the larger: found by their events.
     let mut historical = Vec::new();
     for c in &calls[..calls.len() - 1] {
         // The events the walk counted for the slice (the slice reaching
@@ -770,14 +761,40 @@ async fn plan_cache_mode_is_chosen_by_measurement(level: SchemaLevel) {
             .await
             .unwrap()
             .get(0);
-        historical.push((events, c.slice.from, c.slice, c.plan_mode.clone()));
+        historical.push((events, c.slice, c.plan_mode.clone()));
     }
-    historical.sort_by_key(|(events, from, _, _)| (-events, *from));
-    assert_eq!(historical[0].3, expect("force_generic_plan"));
-    assert_eq!(historical[1].3, expect("force_custom_plan"));
+    // A probe given up ran again as part of a slice of the winner: only a
+    // completed probe is one slice of its own.
+    let probe_slice = |mode: &str| {
+        let p = tuning
+            .probes
+            .iter()
+            .find(|p| p.plan_cache_mode == mode && p.work_mem.is_none())
+            .unwrap();
+        p.completed.then(|| {
+            historical
+                .iter()
+                .find(|(events, _, m)| *events == p.events && m == mode)
+                .unwrap_or_else(|| panic!("no slice of the {mode} probe: {historical:?}"))
+                .clone()
+        })
+    };
+    let probed: Vec<Slice> = match (
+        probe_slice("force_generic_plan"),
+        probe_slice("force_custom_plan"),
+    ) {
+        (Some(generic), Some(custom)) => {
+            assert!(
+                generic.1.to == custom.1.from || custom.1.to == generic.1.from,
+                "{generic:?} {custom:?}"
+            );
+            assert!(generic.0 >= custom.0, "{generic:?} {custom:?}");
+            vec![generic.1, custom.1]
+        }
+        (one, other) => one.or(other).map(|p| p.1).into_iter().collect(),
+    };
     // Until the verdict nobody waits: slices run under the first mode (the
     // provisional best); the last slice runs under the chosen one.
-    let probed = [historical[0].2, historical[1].2];
     for c in calls.iter().filter(|c| !probed.contains(&c.slice)) {
         assert!(
             c.plan_mode == chosen || c.plan_mode == "force_generic_plan",
@@ -839,7 +856,7 @@ async fn slice_width_is_chosen_by_measurement(level: SchemaLevel) {
     for (before, wider) in [
         ("PERFORM pg_sleep(0.3);".to_string(), true),
         (
-            format!("PERFORM pg_sleep(0.05 * ({events_in_slice} / 1000.0) ^ 2);"),
+            format!("PERFORM pg_sleep(0.2 * ({events_in_slice} / 1000.0) ^ 2);"),
             false,
         ),
     ] {
@@ -915,4 +932,69 @@ async fn slice_width_is_chosen_by_measurement(level: SchemaLevel) {
             .unwrap();
         assert_eq!(outcome.tuning.unwrap().slice_width, None);
     }
+}
+
+/// After plan_cache_mode, one slice runs at work_mem 4MB and is compared
+/// per event with the plan probe that won (64MB): a window call made slow
+/// at 4MB keeps 64MB for every other slice; one made slow at 64MB switches
+/// every later slice, the last included, to 4MB. The user's work_mem is
+/// never probed.
+async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
+    for (slow, kept) in [("4MB", "64MB"), ("64MB", "4MB")] {
+        let (db, client) = with_history(level, &HistorySpec::even(24_000, 6)).await;
+        wrap_window(
+            &client,
+            &format!(
+                "PERFORM pg_sleep(CASE WHEN current_setting('work_mem') = '{slow}' THEN 0.4 ELSE 0 END);"
+            ),
+        )
+        .await;
+        let outcome = run_perf(
+            &db,
+            &Options::default(),
+            &parallel(2),
+            &CancellationToken::new(),
+        )
+        .await
+        .0
+        .unwrap();
+        let tuning = outcome.tuning.clone().unwrap();
+        assert_eq!(tuning.work_mem.as_deref(), Some(kept), "{tuning:?}");
+        let tried: Vec<_> = tuning
+            .probes
+            .iter()
+            .filter(|p| p.work_mem.is_some())
+            .collect();
+        assert_eq!(tried.len(), 1, "{tuning:?}");
+        assert_eq!(tried[0].work_mem.as_deref(), Some("4MB"));
+        assert_eq!(
+            Some(&tried[0].plan_cache_mode),
+            tuning.plan_cache_mode.as_ref(),
+            "the work_mem probe runs under the mode kept"
+        );
+        let calls = calls(&client).await;
+        let last = calls.iter().max_by_key(|c| c.slice.to).unwrap();
+        assert_eq!(last.work_mem, kept);
+        let at_4mb = calls.iter().filter(|c| c.work_mem == "4MB").count();
+        if kept == "64MB" {
+            // Only the probe, if it was not given up (then it left no call).
+            assert!(at_4mb <= 1, "{at_4mb} calls at 4MB");
+        } else {
+            assert!(at_4mb >= 2, "the probe and the slices after it");
+        }
+        assert_correct(&client).await;
+    }
+    // The user's work_mem: no probe.
+    let (db, _client) = with_history(level, &HistorySpec::even(24_000, 6)).await;
+    let opts = Options {
+        session_settings: vec![("work_mem".into(), "8MB".into())],
+        ..Options::default()
+    };
+    let outcome = run_perf(&db, &opts, &parallel(2), &CancellationToken::new())
+        .await
+        .0
+        .unwrap();
+    let tuning = outcome.tuning.unwrap();
+    assert_eq!(tuning.work_mem, None);
+    assert!(tuning.probes.iter().all(|p| p.work_mem.is_none()));
 }

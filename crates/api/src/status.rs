@@ -306,6 +306,12 @@ pub struct PerformanceStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan_cache_mode: Option<String>,
 
+    /// work_mem kept after timing one slice at the alternative (4MB)
+    /// against the winning plan probe at the tuned default (64MB);
+    /// absent when not measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub work_mem: Option<String>,
+
     /// Window calls run again after a deadlock or serialization failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slice_retries: Option<i64>,

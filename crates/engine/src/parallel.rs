@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::session::{Guard, Session, SliceError};
 use super::sizing::{self, Model, Piece};
-use super::tuning::{self, PROBE_MIN_EVENTS, PROBE_MODES, PlanProbe};
-use super::width::{self, WidthReport, WidthSearch};
+use super::tuning::{self, PROBE_MIN_EVENTS, PROBE_MODES, PlanProbe, WORK_MEM_MARGIN};
+use super::width::{self, Claim, WidthReport, WidthSearch};
 use super::{Error, Event, Result, Slice, plan};
 
 /// Attempts of a slice that keeps hitting deadlocks or serialization
@@ -67,9 +67,12 @@ pub(crate) struct Walk<'a> {
     /// Choose how many events a slice takes by measurement (`width`);
     /// without it the historical slices run as given.
     pub measure_width: bool,
-    /// Choose plan_cache_mode by measurement on the two largest slices (the
-    /// first two with a cap).
+    /// Choose plan_cache_mode by measurement on the two adjacent slices
+    /// with the most events (the first two with a cap).
     pub probe: bool,
+    /// Then try this work_mem (the alternative) against the sessions' own
+    /// (the default) on one slice, under the plan_cache_mode kept.
+    pub work_mem_probe: Option<WorkMemChoice>,
     /// Counts of the attempt resumed from.
     pub already_processed: u64,
     pub already_rows: i64,
@@ -90,6 +93,8 @@ pub(crate) struct Walked {
     /// The plan_cache_mode kept, when probed and conclusive.
     pub plan_cache_mode: Option<String>,
     pub probes: Vec<PlanProbe>,
+    /// The work_mem kept, when probed.
+    pub work_mem: Option<String>,
     /// What the width search measured and kept.
     pub width: Option<WidthReport>,
 }
@@ -120,6 +125,8 @@ struct Shared {
     cap: Option<Duration>,
     /// plan_cache_mode values not yet probed.
     untried: VecDeque<&'static str>,
+    /// Where the next plan probe runs: next to the first.
+    probe_partner: Option<Timestamp>,
     running_probes: Vec<RunningProbe>,
     probes: Vec<PlanProbe>,
     decided: Want,
@@ -129,6 +136,36 @@ struct Shared {
     /// each slice takes some of.
     width: Option<WidthSearch>,
     sessions: usize,
+    /// The work_mem probe, when made.
+    work_mem: Option<WorkMemProbe>,
+}
+
+/// The two work_mem values a walk chooses between.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkMemChoice {
+    /// The sessions' own (the tuning's default).
+    pub default: String,
+    /// Tried on one slice.
+    pub alternative: String,
+}
+
+/// The work_mem probe's state in a walk.
+struct WorkMemProbe {
+    choice: WorkMemChoice,
+    /// Started (at most once).
+    started: bool,
+    running: Option<RunningProbe>,
+    /// The value every slice now gets.
+    decided: Option<String>,
+}
+
+impl WorkMemProbe {
+    /// What a slice that is not the probe runs with.
+    fn want(&self) -> String {
+        self.decided
+            .clone()
+            .unwrap_or_else(|| self.choice.default.clone())
+    }
 }
 
 struct RunningProbe {
@@ -147,10 +184,21 @@ struct Ticket {
     abort: CancellationToken,
 }
 
+/// A slice for a session, and how to run it.
+struct Job {
+    piece: Piece,
+    /// The plan_cache_mode it wants.
+    mode: Want,
+    /// The work_mem it wants (None: the session's as it is).
+    work_mem: Option<String>,
+    /// For a probe, the ticket that aborts it.
+    ticket: Option<Ticket>,
+    /// Its claim on a width level, when it measures one.
+    claim: Option<Claim>,
+}
+
 enum Next {
-    /// A slice, the plan_cache_mode it wants, for a plan probe its ticket,
-    /// and the width level it measures.
-    Run(Piece, Want, Option<Ticket>, Option<i32>),
+    Run(Job),
     Done,
 }
 
@@ -161,15 +209,31 @@ enum Next {
 /// 3-5x a wrong plan costs where it matters.
 const PROBE_MARGIN: f64 = 1.5;
 
-/// Index of the pending piece with the most events (the earliest of equals).
-fn largest(pending: &VecDeque<Piece>) -> usize {
-    let mut best = 0;
-    for (i, p) in pending.iter().enumerate() {
-        if p.events > pending[best].events {
-            best = i;
+/// Where the plan probes run: two adjacent pending pieces with the most
+/// events together (the earliest of equals), the larger first; a single
+/// piece when none are adjacent. Adjacent, so that the rest of the walk
+/// stays in at most two runs of units that the width search can join.
+fn probe_pair(pending: &VecDeque<Piece>) -> (usize, Option<usize>) {
+    let mut best: Option<(usize, i64)> = None;
+    for i in 1..pending.len() {
+        let (a, b) = (&pending[i - 1], &pending[i]);
+        if a.slice.to == b.slice.from && best.is_none_or(|(_, e)| a.events + b.events > e) {
+            best = Some((i - 1, a.events + b.events));
         }
     }
-    best
+    match best {
+        Some((i, _)) if pending[i + 1].events > pending[i].events => (i + 1, Some(i)),
+        Some((i, _)) => (i, Some(i + 1)),
+        None => {
+            let mut largest = 0;
+            for (i, p) in pending.iter().enumerate() {
+                if p.events > pending[largest].events {
+                    largest = i;
+                }
+            }
+            (largest, None)
+        }
+    }
 }
 
 impl Shared {
@@ -183,10 +247,18 @@ impl Shared {
             // months are thin, and a thin slice favours the custom plan that
             // loses on the rest). With a cap the first slice stays first, so
             // the first measurement comes before a long transaction.
+            let partner = self
+                .probe_partner
+                .take()
+                .and_then(|from| self.pending.iter().position(|p| p.slice.from == from));
             let i = if self.cap.is_some() {
                 0
+            } else if let Some(i) = partner {
+                i
             } else {
-                largest(&self.pending)
+                let (first, second) = probe_pair(&self.pending);
+                self.probe_partner = second.map(|j| self.pending[j].slice.from);
+                first
             };
             let piece = self.pending.remove(i).expect("checked above");
             let ticket = Ticket {
@@ -201,9 +273,18 @@ impl Shared {
                 abort: ticket.abort.clone(),
             });
             self.started += 1;
-            return Next::Run(piece, Some(Some(mode.to_string())), Some(ticket), None);
+            return Next::Run(Job {
+                piece,
+                mode: Some(Some(mode.to_string())),
+                work_mem: self.work_mem.as_ref().map(WorkMemProbe::want),
+                ticket: Some(ticket),
+                claim: None,
+            });
         }
         self.early_verdict();
+        if let Some(job) = self.work_mem_probe(stop_all) {
+            return Next::Run(job);
+        }
         let want = match &self.decided {
             Some(decided) => Some(decided.clone()),
             // Probes under way: nobody waits for them; the best mode known
@@ -211,17 +292,101 @@ impl Shared {
             None if self.probing() => Some(Some(self.provisional())),
             None => None,
         };
-        let settled = self.decided.is_some() || !self.probing();
-        let (piece, level) = self.take(settled);
+        let settled = (self.decided.is_some() || !self.probing())
+            && self.work_mem.as_ref().is_none_or(|m| m.decided.is_some());
+        let (piece, claim) = self.take(settled);
         self.started += 1;
-        Next::Run(piece, want, None, level)
+        Next::Run(Job {
+            piece,
+            mode: want,
+            work_mem: self.work_mem.as_ref().map(WorkMemProbe::want),
+            ticket: None,
+            claim,
+        })
     }
 
-    /// The next slice from the front of `pending`, and the width level it
+    /// Once plan_cache_mode is kept, the largest pending slice runs once
+    /// under the alternative work_mem, compared per event with the plan
+    /// probe that won (same mode, the default work_mem). Without a winning
+    /// probe (inconclusive), the default stays.
+    fn work_mem_probe(&mut self, stop_all: &CancellationToken) -> Option<Job> {
+        let probe = self.work_mem.as_mut()?;
+        if probe.started || probe.decided.is_some() {
+            return None;
+        }
+        let mode = self.decided.clone()?;
+        let baseline = self.baseline_rate();
+        let probe = self.work_mem.as_mut().expect("checked above");
+        if mode.is_none() || baseline.is_none() {
+            probe.decided = Some(probe.choice.default.clone());
+            return None;
+        }
+        let (i, _) = self
+            .pending
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, p)| (p.events, std::cmp::Reverse(*i)))?;
+        let piece = self.pending.remove(i).expect("an index of pending");
+        let ticket = Ticket {
+            id: self.started,
+            abort: stop_all.child_token(),
+        };
+        probe.started = true;
+        probe.running = Some(RunningProbe {
+            id: ticket.id,
+            mode: mode.clone().unwrap_or_default(),
+            events: piece.events,
+            started: Instant::now(),
+            abort: ticket.abort.clone(),
+        });
+        let alternative = probe.choice.alternative.clone();
+        self.started += 1;
+        Some(Job {
+            piece,
+            mode: Some(mode),
+            work_mem: Some(alternative),
+            ticket: Some(ticket),
+            claim: None,
+        })
+    }
+
+    /// Time per event of the plan probe that won, under the default work_mem.
+    fn baseline_rate(&self) -> Option<f64> {
+        let mode = self.decided.clone()??;
+        self.probes
+            .iter()
+            .find(|p| p.completed && p.work_mem.is_none() && p.plan_cache_mode == mode)
+            .filter(|p| p.events > 0)
+            .map(|p| p.elapsed_ms as f64 / p.events as f64)
+    }
+
+    /// Gives the work_mem probe up once it can no longer win.
+    fn work_mem_verdict(&mut self) {
+        let Some(rate) = self.baseline_rate() else {
+            return;
+        };
+        let Some(probe) = self.work_mem.as_mut() else {
+            return;
+        };
+        let Some(r) = &probe.running else {
+            return;
+        };
+        if probe.decided.is_none()
+            && r.started.elapsed().as_secs_f64() * 1000.0
+                > PROBE_MARGIN * rate * r.events as f64 + 1.0
+        {
+            tracing::info!(work_mem = %probe.choice.default,
+                "work_mem chosen by measurement (the alternative is already slower)");
+            r.abort.cancel();
+            probe.decided = Some(probe.choice.default.clone());
+        }
+    }
+
+    /// The next slice from the front of `pending`, and its claim on the width level it
     /// measures: slices that run under a plan_cache_mode not yet decided
     /// measure nothing (the modes differ far more than widths), nor do the
     /// last ones, cut down so that every session gets a share.
-    fn take(&mut self, settled: bool) -> (Piece, Option<i32>) {
+    fn take(&mut self, settled: bool) -> (Piece, Option<Claim>) {
         let Some(search) = self.width.as_mut() else {
             let piece = self.pending.pop_front().expect("checked by next");
             return (piece, None);
@@ -231,20 +396,20 @@ impl Shared {
         // down to the ladder's base (below it, splitting only adds calls).
         let remaining: i64 = self.pending.iter().map(|p| p.events).sum();
         let share = (remaining as f64 / self.sessions as f64).max(search.target(0));
-        let (target, level) = if settled {
-            let level = search.claim();
-            let target = search.target(level);
+        let (target, claim) = if settled {
+            let claim = search.claim();
+            let target = search.target(claim.level);
             if target > share {
-                search.release(level);
+                search.release(claim);
                 (share, None)
             } else {
-                (target, Some(level))
+                (target, Some(claim))
             }
         } else {
             (search.current_target().min(share), None)
         };
         let piece = width::take(&mut self.pending, target).expect("checked by next");
-        (piece, level)
+        (piece, claim)
     }
 
     /// Slices still to start at the width now chosen.
@@ -308,6 +473,18 @@ impl Shared {
             let r = self.running_probes.remove(i);
             self.probes.push(PlanProbe {
                 plan_cache_mode: r.mode,
+                work_mem: None,
+                events: r.events,
+                elapsed_ms: millis(elapsed),
+                completed: false,
+            });
+        }
+        if let Some(probe) = self.work_mem.as_mut()
+            && let Some(r) = probe.running.take_if(|r| r.id == ticket.id)
+        {
+            self.probes.push(PlanProbe {
+                plan_cache_mode: r.mode,
+                work_mem: Some(probe.choice.alternative.clone()),
                 events: r.events,
                 elapsed_ms: millis(elapsed),
                 completed: false,
@@ -321,17 +498,23 @@ impl Shared {
         &mut self,
         piece: &Piece,
         probe: Option<&Ticket>,
-        level: Option<i32>,
+        claim: Option<Claim>,
         elapsed: Option<Duration>,
     ) {
         let running = probe.and_then(|ticket| {
             let i = self.running_probes.iter().position(|r| r.id == ticket.id)?;
             Some(self.running_probes.remove(i))
         });
-        if let (Some(search), Some(level)) = (self.width.as_mut(), level) {
+        let work_mem_probe = probe.and_then(|ticket| {
+            self.work_mem
+                .as_mut()?
+                .running
+                .take_if(|r| r.id == ticket.id)
+        });
+        if let (Some(search), Some(claim)) = (self.width.as_mut(), claim) {
             match elapsed {
-                Some(elapsed) => search.observe(level, piece.events, elapsed),
-                None => search.release(level),
+                Some(elapsed) => search.observe(claim, piece.events, elapsed),
+                None => search.release(claim),
             }
         }
         let Some(elapsed) = elapsed else {
@@ -340,9 +523,13 @@ impl Shared {
         };
         self.durations_ms.push(millis(elapsed));
         self.model.observe(piece.events, elapsed);
+        if let Some(r) = work_mem_probe {
+            self.work_mem_finished(r, piece.events, elapsed);
+        }
         if let Some(r) = running {
             self.probes.push(PlanProbe {
                 plan_cache_mode: r.mode,
+                work_mem: None,
                 events: piece.events,
                 elapsed_ms: millis(elapsed),
                 completed: true,
@@ -365,6 +552,36 @@ impl Shared {
             let pending: Vec<Piece> = self.pending.drain(..).collect();
             self.pending = sizing::fit_cap(pending, &self.model, cap).into();
         }
+    }
+
+    /// The work_mem probe committed: the alternative is kept when it was
+    /// faster per event than the winning plan probe by [`WORK_MEM_MARGIN`].
+    fn work_mem_finished(&mut self, r: RunningProbe, events: i64, elapsed: Duration) {
+        let baseline = self.baseline_rate();
+        let Some(probe) = self.work_mem.as_mut() else {
+            return;
+        };
+        let alternative = probe.choice.alternative.clone();
+        self.probes.push(PlanProbe {
+            plan_cache_mode: r.mode,
+            work_mem: Some(alternative.clone()),
+            events,
+            elapsed_ms: millis(elapsed),
+            completed: true,
+        });
+        if probe.decided.is_some() {
+            return;
+        }
+        let rate = elapsed.as_secs_f64() * 1000.0 / events.max(1) as f64;
+        let faster = baseline.is_some_and(|b| rate * WORK_MEM_MARGIN < b);
+        let kept = if faster {
+            alternative
+        } else {
+            probe.choice.default.clone()
+        };
+        tracing::info!(work_mem = %kept, ms_per_event = rate, baseline_ms_per_event = ?baseline,
+            "work_mem chosen by measurement");
+        probe.decided = Some(kept);
     }
 }
 
@@ -426,6 +643,7 @@ impl Walk<'_> {
             } else {
                 VecDeque::new()
             },
+            probe_partner: None,
             running_probes: Vec::new(),
             probes: Vec::new(),
             decided: None,
@@ -433,6 +651,16 @@ impl Walk<'_> {
             durations_ms: Vec::new(),
             width,
             sessions: session_count,
+            work_mem: if probe {
+                self.work_mem_probe.clone().map(|choice| WorkMemProbe {
+                    choice,
+                    started: false,
+                    running: None,
+                    decided: None,
+                })
+            } else {
+                None
+            },
         });
         let mut prefix = Prefix {
             cursor: start,
@@ -484,9 +712,18 @@ impl Walk<'_> {
             // before the reading keep the last-slice drain closed).
             last.slice.to = last.slice.to.max(plan::walk_end(self.lock.clock().await?));
             end = Some(last.slice.to);
-            let decided = shared.lock().unwrap().decided.clone();
+            let (decided, work_mem) = {
+                let s = shared.lock().unwrap();
+                (
+                    s.decided.clone(),
+                    s.work_mem.as_ref().map(WorkMemProbe::want),
+                )
+            };
             if let Some(mode) = decided {
                 self.lock.set_plan_cache_mode(mode.as_deref()).await?;
+            }
+            if let Some(value) = work_mem {
+                self.lock.set_work_mem(&value).await?;
             }
             emit(&Event::SliceStarted { slice: last.slice });
             let started = Instant::now();
@@ -516,6 +753,7 @@ impl Walk<'_> {
             retries: shared.retries,
             plan_cache_mode: shared.decided.flatten(),
             probes: shared.probes,
+            work_mem: shared.work_mem.and_then(|m| m.decided),
             width: shared.width.as_ref().and_then(WidthSearch::report),
         })
     }
@@ -539,21 +777,43 @@ impl Walk<'_> {
     ) {
         // The plan_cache_mode this session was given; None: the server's.
         let mut mode: Option<String> = None;
+        // Its work_mem: the tuning's default until a probe changes it.
+        let mut work_mem: Option<String> = self.work_mem_probe.as_ref().map(|c| c.default.clone());
         loop {
             if stop_all.is_cancelled() {
                 return;
             }
             let next = shared.lock().unwrap().next(stop_all);
-            let (piece, want, ticket, level) = match next {
-                Next::Run(piece, want, ticket, level) => (piece, want, ticket, level),
+            let Job {
+                piece,
+                mode: want,
+                work_mem: want_mem,
+                ticket,
+                claim,
+            } = match next {
+                Next::Run(job) => job,
                 Next::Done => return,
             };
+            if let Some(value) = want_mem.filter(|v| Some(v) != work_mem.as_ref()) {
+                if let Err(error) = session.set_work_mem(&value).await {
+                    shared
+                        .lock()
+                        .unwrap()
+                        .finished(&piece, ticket.as_ref(), claim, None);
+                    let _ = tx.send(Msg::Failed {
+                        slice: piece.slice,
+                        error,
+                    });
+                    return;
+                }
+                work_mem = Some(value);
+            }
             if let Some(want) = want.filter(|w| *w != mode) {
                 if let Err(error) = session.set_plan_cache_mode(want.as_deref()).await {
                     shared
                         .lock()
                         .unwrap()
-                        .finished(&piece, ticket.as_ref(), level, None);
+                        .finished(&piece, ticket.as_ref(), claim, None);
                     let _ = tx.send(Msg::Failed {
                         slice: piece.slice,
                         error,
@@ -575,14 +835,15 @@ impl Walk<'_> {
             {
                 tracing::info!(from = %piece.slice.from, to = %piece.slice.to,
                     plan_cache_mode = mode.as_deref().unwrap_or(""),
-                    "probe given up: the other plan_cache_mode is faster; the slice runs again");
+                    work_mem = work_mem.as_deref().unwrap_or(""),
+                    "probe given up: another setting is faster; the slice runs again");
                 shared.lock().unwrap().aborted(piece, t, elapsed);
                 continue;
             }
             shared.lock().unwrap().finished(
                 &piece,
                 ticket.as_ref(),
-                level,
+                claim,
                 result.is_ok().then_some(elapsed),
             );
             match result {
@@ -700,7 +961,10 @@ impl Walk<'_> {
                     }
                 },
                 _ = watch.tick(), if lock_lost.is_none() => {
-                    shared.lock().unwrap().early_verdict();
+                    let mut s = shared.lock().unwrap();
+                    s.early_verdict();
+                    s.work_mem_verdict();
+                    drop(s);
                     if self.lock.is_closed() {
                         shared.lock().unwrap().stop = true;
                         stop_all.cancel();

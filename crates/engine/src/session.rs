@@ -663,6 +663,17 @@ impl Session {
         }
     }
 
+    /// Sets `work_mem` and forgets the session's cached plans: the window
+    /// function's generic plan is cached per session and would keep the
+    /// join order planned under the old value.
+    pub(crate) async fn set_work_mem(&self, value: &str) -> Result<()> {
+        self.set("work_mem", value).await?;
+        self.client
+            .batch_execute("DISCARD PLANS")
+            .await
+            .map_err(|e| self.db_error("discarding cached plans", &e))
+    }
+
     /// One window call, for the parallel walk, run only if `guard` holds:
     /// the check and the call are one statement, so a slice never runs on
     /// a backend that does not hold lock 4246 (the lock session, e.g. moved

@@ -25,8 +25,8 @@
 //!   plan (estimates without the slice bounds) picks a much better join
 //!   order on the histories measured (faithful stand-in: 2-3x per month on
 //!   even 200k, 14x on realistic 200k) while a custom plan won on one
-//!   history of the previous stand-in. The two largest historical slices
-//!   are run one with each mode and the faster mode (per event) is kept; a
+//!   history of the previous stand-in. Two adjacent historical slices with
+//!   the most events together are run one with each mode and the faster mode (per event) is kept; a
 //!   probe that can no longer win is cancelled and its slice re-run (see
 //!   `parallel`).
 //!
@@ -69,6 +69,21 @@ pub(crate) const PROBE_MODES: [&str; 2] = ["force_generic_plan", "force_custom_p
 /// A probe slice smaller than this says more about noise than about plans.
 pub(crate) const PROBE_MIN_EVENTS: i64 = 2000;
 
+/// The setting [`Tuning::Default`] also chooses by measurement.
+pub(crate) const WORK_MEM: &str = "work_mem";
+
+/// The `work_mem` tried against the default's on one slice, under the
+/// `plan_cache_mode` kept. The recompute's two join orders cost almost the
+/// same to the planner and `work_mem` tips the balance: on even 3M rows
+/// 4MB walked 1.4x faster than 64MB, on realistic 3M 3.8-5.2x slower
+/// (`docs/performance.md`); which one a history needs is measured.
+pub(crate) const WORK_MEM_PROBE: &str = "4MB";
+
+/// The alternative `work_mem` is kept only when it is faster per event by
+/// more than this factor: slices of one plan vary by about ±15 %, and the
+/// default is the one measured on most histories.
+pub(crate) const WORK_MEM_MARGIN: f64 = 1.1;
+
 impl Tuning {
     /// The static settings, before the user's override them.
     pub fn settings(&self) -> Vec<(String, String)> {
@@ -84,10 +99,13 @@ impl Tuning {
 
     /// Whether `plan_cache_mode` is chosen by measurement in this run.
     pub fn probes_plan_cache_mode(&self, user: &[(String, String)]) -> bool {
-        matches!(self, Tuning::Default)
-            && !user
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case(PLAN_CACHE_MODE))
+        matches!(self, Tuning::Default) && !sets(user, PLAN_CACHE_MODE)
+    }
+
+    /// Whether `work_mem` is chosen by measurement in this run (after
+    /// `plan_cache_mode`, against the plan probe that won).
+    pub fn probes_work_mem(&self, user: &[(String, String)]) -> bool {
+        self.probes_plan_cache_mode(user) && !sets(user, WORK_MEM)
     }
 
     pub fn name(&self) -> &'static str {
@@ -142,6 +160,10 @@ impl FromStr for Tuning {
     }
 }
 
+fn sets(user: &[(String, String)], name: &str) -> bool {
+    user.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
+}
+
 /// The settings a session gets: the tuning's, minus those the user sets,
 /// then the user's in their order (the user wins; names compare
 /// case-insensitively, as PostgreSQL's do).
@@ -155,10 +177,13 @@ pub fn effective(tuning: &[(String, String)], user: &[(String, String)]) -> Vec<
         .collect()
 }
 
-/// One slice run under one `plan_cache_mode`.
+/// One slice run under one `plan_cache_mode` (and, for the `work_mem`
+/// probe, another `work_mem`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PlanProbe {
     pub plan_cache_mode: String,
+    /// The `work_mem` tried; None: the sessions' own.
+    pub work_mem: Option<String>,
     pub events: i64,
     pub elapsed_ms: u64,
     /// False when given up because the other mode had already won (its
@@ -181,6 +206,8 @@ pub struct TuningReport {
     /// The `plan_cache_mode` kept after probing; None when not probed (or
     /// inconclusive, in which case the server's default stays).
     pub plan_cache_mode: Option<String>,
+    /// The `work_mem` kept after probing; None when not probed.
+    pub work_mem: Option<String>,
     pub probes: Vec<PlanProbe>,
     /// How many events a slice took, chosen by measurement (tuned plans
     /// without a cap on a slice's duration); None when not measured.
@@ -191,7 +218,10 @@ pub struct TuningReport {
 /// saw no events.
 pub(crate) fn choose_plan_mode(probes: &[PlanProbe]) -> Option<String> {
     let mut best: Option<(&PlanProbe, f64)> = None;
-    for p in probes.iter().filter(|p| p.completed) {
+    for p in probes
+        .iter()
+        .filter(|p| p.completed && p.work_mem.is_none())
+    {
         let rate = p.ms_per_event()?;
         if best.is_none_or(|(_, r)| rate < r) {
             best = Some((p, rate));
@@ -235,6 +265,10 @@ mod tests {
         assert!(!Tuning::Off.probes_plan_cache_mode(&[]));
         assert!(!Tuning::Custom(kv(&[("a", "b")])).probes_plan_cache_mode(&[]));
         assert!(!Tuning::Default.probes_plan_cache_mode(&kv(&[("plan_cache_mode", "auto")])));
+        assert!(Tuning::Default.probes_work_mem(&[]));
+        assert!(!Tuning::Default.probes_work_mem(&kv(&[("WORK_MEM", "8MB")])));
+        assert!(!Tuning::Default.probes_work_mem(&kv(&[("plan_cache_mode", "auto")])));
+        assert!(!Tuning::Off.probes_work_mem(&[]));
     }
 
     #[test]
@@ -257,6 +291,7 @@ mod tests {
     fn the_faster_mode_per_event_wins() {
         let p = |mode: &str, events, ms| PlanProbe {
             plan_cache_mode: mode.into(),
+            work_mem: None,
             events,
             elapsed_ms: ms,
             completed: true,

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
-use super::parallel::Walk;
+use super::parallel::{Walk, WorkMemChoice};
 use super::plan::{self, Decision, GUARD_TOLERANCE, Slice, Snapshot};
 use super::session::Session;
 use super::sizing::{self, Piece};
-use super::tuning::TuningReport;
+use super::tuning::{self, TuningReport};
 use super::{
     Database, DatabaseIdentity, Error, Event, MAX_PARALLELISM, Mode, Options, Outcome, Performance,
     PlannedSlice, Result, Resume, SkipReason,
@@ -413,6 +413,7 @@ impl Run<'_> {
             cap: self.perf.max_slice_duration,
             measure_width: !matches!(self.perf.tuning, crate::tuning::Tuning::Off),
             probe,
+            work_mem_probe: self.work_mem_choice(),
             already_processed: already,
             already_rows,
         }
@@ -435,12 +436,36 @@ impl Run<'_> {
             preset: self.perf.tuning.name().to_string(),
             plan_cache_mode: walked.plan_cache_mode,
             probes: walked.probes,
+            work_mem: walked.work_mem,
             slice_width: walked.width,
         });
         if self.cancel.is_cancelled() {
             return Err(Error::Cancelled);
         }
         self.stamp(end).await
+    }
+
+    /// The work_mem values the walk chooses between by measurement: the
+    /// tuning's (its sessions' own) and [`tuning::WORK_MEM_PROBE`].
+    fn work_mem_choice(&self) -> Option<WorkMemChoice> {
+        if !self
+            .perf
+            .tuning
+            .probes_work_mem(&self.opts.session_settings)
+        {
+            return None;
+        }
+        let default = self
+            .perf
+            .tuning
+            .settings()
+            .into_iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(tuning::WORK_MEM))?
+            .1;
+        Some(WorkMemChoice {
+            default,
+            alternative: tuning::WORK_MEM_PROBE.to_string(),
+        })
     }
 
     /// `opts.resume` when it belongs to this walk ([`plan::resume_mismatch`]);

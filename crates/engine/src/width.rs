@@ -14,17 +14,17 @@
 //! How: widths form a ladder in events per slice, `base × 2^level`, where
 //! `base` is the median unit of `super::sizing::by_counts` (a calendar month,
 //! thin months merged, outsized ones split). Every slice of the walk is cut
-//! at a level and, once committed, adds its time and events to that level;
-//! levels are compared by time per event only, so nothing is assumed about
-//! how cost grows with width. The first two slices take levels 0 and -1
-//! (a narrower trial risks less when it loses); after that a slice takes
-//! the best level so far, except that the best level's untried neighbour,
-//! in the direction the measurements improve, is tried once. Exploring stops when what the slower levels cost so far
-//! (their extra time per event over the best, times their events) reaches
-//! [`EXPLORE_BUDGET`] of the walk's predicted time. Nothing runs twice: a
-//! trial is a slice of the walk. Later slices keep adding to their level,
-//! so a level that looked best by chance loses its place when its average
-//! rises.
+//! at a level and, once committed, adds its time and events to the level
+//! nearest to its events; levels are compared by time per event only, so
+//! nothing is assumed about how cost grows with width. The first two slices
+//! take levels 0 and 1; after that a slice takes the best level so far,
+//! except that the best level's untried neighbour, in the direction the
+//! measurements improve, is tried once. Trying stops when what the trial
+//! slices cost so far (their time beyond the best level's time per event)
+//! reaches [`EXPLORE_BUDGET`] of the walk's predicted time. Nothing runs
+//! twice: a trial is a slice of the walk. Later slices keep adding to their
+//! level, so a level that looked best by chance loses its place when its
+//! average rises.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -33,8 +33,8 @@ use serde::Serialize;
 
 use super::sizing::{self, Piece};
 
-/// Exploring stops once the slower levels tried have cost this share of
-/// the walk's predicted time.
+/// Trying stops once the trial slices have cost this share of the walk's
+/// predicted time beyond the best width.
 pub(crate) const EXPLORE_BUDGET: f64 = 0.05;
 /// The narrowest level: an eighth of a median unit.
 const MIN_LEVEL: i32 = -3;
@@ -71,6 +71,17 @@ pub(crate) struct WidthSearch {
     /// At least one slice per session.
     max_level: i32,
     levels: BTreeMap<i32, Level>,
+    /// Trial slices (claimed at a level not measured before): their events
+    /// and time, for what trying cost.
+    trials: Vec<(i64, f64)>,
+}
+
+/// A slice's claim on a level, handed back when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Claim {
+    pub level: i32,
+    /// The level had not been measured: a trial.
+    trial: bool,
 }
 
 /// One level of the ladder as measured in a run.
@@ -90,7 +101,8 @@ pub struct WidthReport {
     pub events_per_slice: i64,
     /// Every level that ran, narrowest first.
     pub levels: Vec<WidthLevel>,
-    /// What the levels slower than the kept one cost beyond it.
+    /// What the trial slices (each width's first) cost beyond the kept
+    /// width's time per event.
     pub explore_cost_ms: u64,
 }
 
@@ -121,6 +133,7 @@ impl WidthSearch {
             min_level,
             max_level,
             levels: BTreeMap::new(),
+            trials: Vec::new(),
         })
     }
 
@@ -152,26 +165,27 @@ impl WidthSearch {
 
     /// The level for the next slice, held as running until
     /// [`WidthSearch::observe`] or [`WidthSearch::release`].
-    pub(crate) fn claim(&mut self) -> i32 {
+    pub(crate) fn claim(&mut self) -> Claim {
         let level = self.choose();
+        let trial = !self.sampled(level);
         self.levels.entry(level).or_default().running += 1;
-        level
+        Claim { level, trial }
     }
 
     fn choose(&self) -> i32 {
         let Some(best) = self.best() else {
-            // Nothing measured yet: the first two trials, then level 0.
-            return [0, -1, 1].into_iter().find(|&l| self.open(l)).unwrap_or(0);
+            // Nothing measured yet: the first trials, then level 0.
+            return [0, 1, -1].into_iter().find(|&l| self.open(l)).unwrap_or(0);
         };
         if self.explore_cost_ms() < EXPLORE_BUDGET * self.predicted_ms(best) {
-            // On in the direction the measurements improve. Downwards
-            // first: a narrower trial slice risks less time when it loses.
+            // On in the direction the measurements improve; wider first
+            // (the fixed part per call dominated on every 200k history).
             let next = if self.sampled(best - 1) {
                 [best + 1, best + 1]
             } else if self.sampled(best + 1) {
                 [best - 1, best - 1]
             } else {
-                [best - 1, best + 1]
+                [best + 1, best - 1]
             };
             if let Some(level) = next.into_iter().find(|&l| self.open(l)) {
                 return level;
@@ -186,14 +200,16 @@ impl WidthSearch {
         rate * self.total_events as f64
     }
 
-    /// What the levels slower than the best cost beyond it.
+    /// What the trial slices cost beyond the best level's time per event.
+    /// Slices that came out narrow without being trials (a thin unit, a
+    /// leftover) are data, not trying.
     fn explore_cost_ms(&self) -> f64 {
         let Some(best) = self.best().and_then(|b| self.levels[&b].rate()) else {
             return 0.0;
         };
-        self.levels
-            .values()
-            .filter_map(|l| l.rate().map(|r| (r - best).max(0.0) * l.events as f64))
+        self.trials
+            .iter()
+            .map(|(events, ms)| (ms - best * *events as f64).max(0.0))
             .sum()
     }
 
@@ -206,16 +222,19 @@ impl WidthSearch {
         ratio.clamp(self.min_level, self.max_level)
     }
 
-    /// A slice claimed at `level` committed; it counts for the level
-    /// nearest to its events.
-    pub(crate) fn observe(&mut self, level: i32, events: i64, elapsed: Duration) {
+    /// A slice committed; it counts for the level nearest to its events.
+    pub(crate) fn observe(&mut self, claim: Claim, events: i64, elapsed: Duration) {
         let before = self.best();
-        self.release(level);
+        self.release(claim);
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        if claim.trial {
+            self.trials.push((events.max(0), ms));
+        }
         let at = self.level_of(events);
         let l = self.levels.entry(at).or_default();
         l.slices += 1;
         l.events += events.max(0);
-        l.ms += elapsed.as_secs_f64() * 1000.0;
+        l.ms += ms;
         let after = self.best();
         if after != before
             && let Some(best) = after
@@ -228,9 +247,9 @@ impl WidthSearch {
         }
     }
 
-    /// A slice of `level` that did not commit (failed or cancelled).
-    pub(crate) fn release(&mut self, level: i32) {
-        if let Some(l) = self.levels.get_mut(&level) {
+    /// A slice that did not commit (failed or cancelled).
+    pub(crate) fn release(&mut self, claim: Claim) {
+        if let Some(l) = self.levels.get_mut(&claim.level) {
             l.running = l.running.saturating_sub(1);
         }
     }
@@ -332,30 +351,37 @@ mod tests {
         let mut levels = Vec::new();
         let mut total = 0.0;
         while !pending.is_empty() {
-            let level = search.claim();
-            let piece = take(&mut pending, search.target(level)).unwrap();
+            let claim = search.claim();
+            let piece = take(&mut pending, search.target(claim.level)).unwrap();
             let t = cost(piece.events);
             total += t;
-            search.observe(level, piece.events, Duration::from_secs_f64(t / 1000.0));
-            levels.push(level);
+            search.observe(claim, piece.events, Duration::from_secs_f64(t / 1000.0));
+            levels.push(claim.level);
         }
         (levels, total, search)
     }
 
+    /// Claims the next level and ends it with `events` in `millis`.
+    fn step(s: &mut WidthSearch, events: i64, millis: u64) -> i32 {
+        let claim = s.claim();
+        s.observe(claim, events, ms(millis));
+        claim.level
+    }
+
     #[test]
-    fn the_first_two_slices_try_one_and_half_a_unit() {
+    fn the_first_two_slices_try_one_and_two_units() {
         let units = months(&[10_000; 24]);
         let mut s = WidthSearch::new(&units, 2).unwrap();
-        assert_eq!(s.claim(), 0);
-        assert_eq!(s.claim(), -1);
-        // A third session, before anything is measured: one unit more.
-        assert_eq!(s.claim(), 1);
-        assert_eq!(s.claim(), 0);
-        // Where half a unit is too narrow to try, the walk climbs at once.
-        let mut s = WidthSearch::new(&months(&[1_500; 24]), 1).unwrap();
-        assert_eq!(s.claim(), 0);
-        s.observe(0, 1_500, ms(300));
-        assert_eq!(s.claim(), 1);
+        assert_eq!(s.claim().level, 0);
+        assert_eq!(s.claim().level, 1);
+        // A third session, before anything is measured: half a unit, then
+        // the base width.
+        assert_eq!(s.claim().level, -1);
+        assert_eq!(s.claim().level, 0);
+        // Where two units exceed a session's share, the second trial is
+        // half a unit.
+        let mut s = WidthSearch::new(&months(&[10_000; 3]), 2).unwrap();
+        assert_eq!((s.claim().level, s.claim().level), (0, -1));
     }
 
     #[test]
@@ -367,57 +393,73 @@ mod tests {
             600.0 + per * e as f64
         };
         let (levels, _, search) = simulate(&months(&[10_000; 48]), cost);
-        assert_eq!(&levels[..5], &[0, -1, 1, 2, 3], "{levels:?}");
+        assert_eq!(&levels[..4], &[0, 1, 2, 3], "{levels:?}");
         assert_eq!(search.best(), Some(2));
-        assert!(levels[5..].iter().all(|&l| l == 2), "{levels:?}");
+        assert!(levels[4..].iter().all(|&l| l == 2), "{levels:?}");
         let report = search.report().unwrap();
         assert_eq!(report.events_per_slice, 40_000);
-        assert_eq!(report.levels.len(), 5);
+        assert_eq!(report.levels.len(), 4);
         assert_eq!(report.levels.iter().map(|l| l.events).sum::<i64>(), 480_000);
-        assert!(report.explore_cost_ms > 0);
+        // The trials of 1, 2 and 8 units beyond the kept rate.
+        assert_eq!(report.explore_cost_ms, 450 + 300 + 3_400);
     }
 
     #[test]
     fn a_superlinear_cost_goes_below_a_unit() {
         // A fixed part, a part per event and one growing with the square
-        // of the slice: a quarter unit (4k events) is cheapest per event.
+        // of the slice: two units lose, half a unit wins.
         let cost = |e: i64| 160.0 + 0.1 * e as f64 + 1e-5 * (e as f64).powi(2);
         let (levels, total, search) = simulate(&months(&[16_000; 24]), cost);
-        assert_eq!(&levels[..4], &[0, -1, -2, -3], "{levels:?}");
-        assert_eq!(search.best(), Some(-2));
+        assert_eq!(&levels[..3], &[0, 1, -1], "{levels:?}");
+        assert!(search.best().unwrap() < 0, "{levels:?}");
         // Against walking every unit whole (what a fixed rule would do).
         let monthly = 24.0 * cost(16_000);
-        assert!(total < 0.75 * monthly, "{total} vs {monthly}");
+        assert!(total < 0.9 * monthly, "{total} vs {monthly}");
     }
 
     #[test]
     fn exploring_stops_within_its_budget() {
         let mut s = WidthSearch::new(&months(&[10_000; 100]), 1).unwrap();
-        assert_eq!(s.claim(), 0);
-        s.observe(0, 10_000, ms(1_000));
-        assert_eq!(s.claim(), -1);
-        s.observe(-1, 5_000, ms(6_000));
-        // Level -1 cost 5,500 ms beyond level 0's rate: more than 5 % of
+        assert_eq!(step(&mut s, 10_000, 1_000), 0);
+        assert_eq!(step(&mut s, 20_000, 8_000), 1);
+        // Two units cost 6,000 ms beyond level 0's rate: more than 5 % of
         // the 100,000 ms walk; no further level is tried.
         assert!(s.explore_cost_ms() > EXPLORE_BUDGET * s.predicted_ms(0));
-        assert_eq!(s.claim(), 0);
-        assert_eq!(s.claim(), 0);
+        assert_eq!(s.claim().level, 0);
+        assert_eq!(s.claim().level, 0);
+    }
+
+    #[test]
+    fn narrow_slices_that_are_not_trials_cost_no_budget() {
+        let mut s = WidthSearch::new(&months(&[10_000; 100]), 1).unwrap();
+        assert_eq!(step(&mut s, 10_000, 1_000), 0);
+        assert_eq!(step(&mut s, 20_000, 1_800), 1);
+        assert_eq!(step(&mut s, 40_000, 3_000), 2);
+        assert_eq!(step(&mut s, 80_000, 6_400), 3);
+        // Trials of 1, 2 and 8 units beyond level 2's 0.075 ms per event.
+        assert_eq!(s.explore_cost_ms().round(), 250.0 + 300.0 + 400.0);
+        // Claimed at the best level, a slice comes out thin (a leftover):
+        // it counts for the narrowest level, as data, not as trying.
+        let claim = s.claim();
+        assert_eq!((claim.level, claim.trial), (2, false));
+        s.observe(claim, 1_250, ms(900));
+        assert_eq!(s.levels[&-3].slices, 1);
+        assert_eq!(s.explore_cost_ms().round(), 950.0);
     }
 
     #[test]
     fn a_level_that_won_by_chance_loses_its_place() {
         let mut s = WidthSearch::new(&months(&[10_000; 100]), 2).unwrap();
-        assert_eq!((s.claim(), s.claim()), (0, -1));
-        s.observe(0, 10_000, ms(1_000));
-        s.observe(-1, 5_000, ms(600));
-        assert_eq!(s.claim(), 1);
-        s.observe(1, 20_000, ms(1_900));
+        let (a, b) = (s.claim(), s.claim());
+        assert_eq!((a.level, b.level), (0, 1));
+        s.observe(a, 10_000, ms(1_000));
+        s.observe(b, 20_000, ms(1_900));
         assert_eq!(s.best(), Some(1));
-        assert_eq!(s.claim(), 2);
-        s.observe(2, 40_000, ms(4_400));
-        assert_eq!(s.claim(), 1);
+        assert_eq!(step(&mut s, 40_000, 4_400), 2);
+        let again = s.claim();
+        assert_eq!(again.level, 1);
         // Level 1's later slices are slower: level 0 is best again.
-        s.observe(1, 20_000, ms(2_400));
+        s.observe(again, 20_000, ms(2_400));
         assert_eq!(s.best(), Some(0));
     }
 
