@@ -845,23 +845,16 @@ async fn a_cap_on_slice_duration_splits_by_measured_time(level: SchemaLevel) {
 
 /// How many events a slice takes follows the time per event measured on
 /// the walk's own slices: a window call made slow by a fixed part (a
-/// `pg_sleep` per call) is walked in wide slices, one whose time grows
-/// with the square of its events in narrow ones.
+/// `pg_sleep` per call) is walked in slices of several months. (Narrower
+/// widths, and the budget, are `width`'s unit tests: a history that makes
+/// half months win needs about fifty months before the budget affords
+/// the trials, too slow for this suite.)
 async fn slice_width_is_chosen_by_measurement(level: SchemaLevel) {
     // About 2500 events a month over 24 months.
     let spec = HistorySpec::even(60_000, 24);
-    let events_in_slice = "(SELECT count(*) FROM task_usage
-                            WHERE COALESCE(updated_at, created_at) >= p_from
-                              AND COALESCE(updated_at, created_at) < p_to)";
-    for (before, wider) in [
-        ("PERFORM pg_sleep(0.3);".to_string(), true),
-        (
-            format!("PERFORM pg_sleep(0.2 * ({events_in_slice} / 1000.0) ^ 2);"),
-            false,
-        ),
-    ] {
+    {
         let (db, client) = with_history(level, &spec).await;
-        wrap_window(&client, &before).await;
+        wrap_window(&client, "PERFORM pg_sleep(0.3);").await;
         let outcome = run_perf(
             &db,
             &Options::default(),
@@ -876,7 +869,6 @@ async fn slice_width_is_chosen_by_measurement(level: SchemaLevel) {
             .as_ref()
             .and_then(|t| t.slice_width.clone())
             .expect("the width was measured");
-        let narrowest = width.levels.first().unwrap().events_per_slice;
         let widest = width.levels.last().unwrap().events_per_slice;
         assert!(width.levels.len() >= 2, "{width:?}");
         assert!(
@@ -898,15 +890,9 @@ async fn slice_width_is_chosen_by_measurement(level: SchemaLevel) {
                 .unwrap();
             l.elapsed_ms as f64 / l.events as f64
         };
-        if wider {
-            assert!(width.events_per_slice >= 2 * month, "{width:?}");
-            assert_eq!(width.events_per_slice, widest, "{width:?}");
-            assert!(outcome.slices_processed < 24, "{outcome:?}");
-        } else {
-            assert!(width.events_per_slice < month, "{width:?}");
-            assert_eq!(width.events_per_slice, narrowest, "{width:?}");
-            assert!(outcome.slices_processed > 24, "{outcome:?}");
-        }
+        assert!(width.events_per_slice >= 2 * month, "{width:?}");
+        assert_eq!(width.events_per_slice, widest, "{width:?}");
+        assert!(outcome.slices_processed < 24, "{outcome:?}");
         // The kept width is the one with the lowest time per event.
         for l in &width.levels {
             assert!(rate(width.events_per_slice) <= rate(l.events_per_slice));
@@ -972,6 +958,21 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
             tuning.plan_cache_mode.as_ref(),
             "the work_mem probe runs under the mode kept"
         );
+        // Given up only once it ran 50 % longer than the winning plan
+        // probe's time per event predicts for it.
+        if !tried[0].completed {
+            let won = tuning
+                .probes
+                .iter()
+                .find(|p| {
+                    p.completed
+                        && p.work_mem.is_none()
+                        && Some(&p.plan_cache_mode) == tuning.plan_cache_mode.as_ref()
+                })
+                .unwrap();
+            let predicted = won.elapsed_ms as f64 / won.events as f64 * tried[0].events as f64;
+            assert!(tried[0].elapsed_ms as f64 >= 1.5 * predicted, "{tuning:?}");
+        }
         let calls = calls(&client).await;
         let last = calls.iter().max_by_key(|c| c.slice.to).unwrap();
         assert_eq!(last.work_mem, kept);

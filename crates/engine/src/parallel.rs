@@ -138,6 +138,8 @@ struct Shared {
     sessions: usize,
     /// The work_mem probe, when made.
     work_mem: Option<WorkMemProbe>,
+    /// Probe tickets issued.
+    tickets: u64,
 }
 
 /// The two work_mem values a walk chooses between.
@@ -262,7 +264,7 @@ impl Shared {
             };
             let piece = self.pending.remove(i).expect("checked above");
             let ticket = Ticket {
-                id: self.started,
+                id: self.new_ticket_id(),
                 abort: stop_all.child_token(),
             };
             self.running_probes.push(RunningProbe {
@@ -316,8 +318,8 @@ impl Shared {
         }
         let mode = self.decided.clone()?;
         let baseline = self.baseline_rate();
-        let probe = self.work_mem.as_mut().expect("checked above");
         if mode.is_none() || baseline.is_none() {
+            let probe = self.work_mem.as_mut().expect("checked above");
             probe.decided = Some(probe.choice.default.clone());
             return None;
         }
@@ -328,9 +330,10 @@ impl Shared {
             .max_by_key(|(i, p)| (p.events, std::cmp::Reverse(*i)))?;
         let piece = self.pending.remove(i).expect("an index of pending");
         let ticket = Ticket {
-            id: self.started,
+            id: self.new_ticket_id(),
             abort: stop_all.child_token(),
         };
+        let probe = self.work_mem.as_mut().expect("checked above");
         probe.started = true;
         probe.running = Some(RunningProbe {
             id: ticket.id,
@@ -348,6 +351,32 @@ impl Shared {
             ticket: Some(ticket),
             claim: None,
         })
+    }
+
+    /// A probe's slice starts now: its session may have been busy until
+    /// now (a statement given up just before keeps its backend until the
+    /// cancel takes effect), so its time counts from here, not from when
+    /// it was handed out.
+    fn probe_started(&mut self, id: u64) {
+        let now = Instant::now();
+        for r in self.running_probes.iter_mut().filter(|r| r.id == id) {
+            r.started = now;
+        }
+        if let Some(r) = self
+            .work_mem
+            .as_mut()
+            .and_then(|m| m.running.as_mut())
+            .filter(|r| r.id == id)
+        {
+            r.started = now;
+        }
+    }
+
+    /// A probe's ticket id, never reused (`started` is not: a slice given
+    /// up is started again).
+    fn new_ticket_id(&mut self) -> u64 {
+        self.tickets += 1;
+        self.tickets
     }
 
     /// Time per event of the plan probe that won, under the default work_mem.
@@ -651,6 +680,7 @@ impl Walk<'_> {
             durations_ms: Vec::new(),
             width,
             sessions: session_count,
+            tickets: 0,
             work_mem: if probe {
                 self.work_mem_probe.clone().map(|choice| WorkMemProbe {
                     choice,
@@ -823,6 +853,9 @@ impl Walk<'_> {
                 mode = want;
             }
             let _ = tx.send(Msg::Started(piece.slice));
+            if let Some(t) = &ticket {
+                shared.lock().unwrap().probe_started(t.id);
+            }
             let started = Instant::now();
             let token = ticket.as_ref().map_or(stop_all, |t| &t.abort);
             let result = self

@@ -18,8 +18,10 @@
 //!   first (5.7M rows; 21-31 s); the whole walk was 3.8x faster and the
 //!   backends' peak memory lower. It is a trade: on even 3M both plans
 //!   get slower and the walk takes 1.4x as long as at 4MB; on the 200k
-//!   histories it changes nothing measurable. 64MB bounds the worse case
-//!   (1.4x against 3.8x); choosing it per run by measurement is not built.
+//!   histories it changes nothing measurable. So 64MB is the start, and
+//!   after `plan_cache_mode` one slice runs at [`WORK_MEM_PROBE`] (4MB)
+//!   under the mode kept; 4MB is kept when it is faster per event than
+//!   the winning plan probe by [`WORK_MEM_MARGIN`] (see `parallel`).
 //! - `plan_cache_mode`: chosen per run by measurement. The window function
 //!   is PL/pgSQL, so its statement is plan-cached per session, and a generic
 //!   plan (estimates without the slice bounds) picks a much better join

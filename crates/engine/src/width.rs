@@ -19,9 +19,10 @@
 //! nothing is assumed about how cost grows with width. The first two slices
 //! take levels 0 and 1; after that a slice takes the best level so far,
 //! except that the best level's untried neighbour, in the direction the
-//! measurements improve, is tried once. Trying stops when what the trial
-//! slices cost so far (their time beyond the best level's time per event)
-//! reaches [`EXPLORE_BUDGET`] of the walk's predicted time. Nothing runs
+//! measurements improve, is tried once. A trial runs only while what the
+//! trial slices cost so far (their time beyond the best level's time per
+//! event), plus what this one could lose ([`TRIAL_RISK`] of its time),
+//! stays within [`EXPLORE_BUDGET`] of the walk's predicted time. Nothing runs
 //! twice: a trial is a slice of the walk. Later slices keep adding to their
 //! level, so a level that looked best by chance loses its place when its
 //! average rises.
@@ -36,6 +37,10 @@ use super::sizing::{self, Piece};
 /// Trying stops once the trial slices have cost this share of the walk's
 /// predicted time beyond the best width.
 pub(crate) const EXPLORE_BUDGET: f64 = 0.05;
+/// What a trial is assumed to lose, as a share of its time at the best
+/// rate, when the budget decides whether it may run: neighbouring widths
+/// differed by 5-25 % per event on the histories measured.
+const TRIAL_RISK: f64 = 0.25;
 /// The narrowest level: an eighth of a median unit.
 const MIN_LEVEL: i32 = -3;
 /// A level below this many events per slice is not tried: such a call is
@@ -177,21 +182,28 @@ impl WidthSearch {
             // Nothing measured yet: the first trials, then level 0.
             return [0, 1, -1].into_iter().find(|&l| self.open(l)).unwrap_or(0);
         };
-        if self.explore_cost_ms() < EXPLORE_BUDGET * self.predicted_ms(best) {
-            // On in the direction the measurements improve; wider first
-            // (the fixed part per call dominated on every 200k history).
-            let next = if self.sampled(best - 1) {
-                [best + 1, best + 1]
-            } else if self.sampled(best + 1) {
-                [best - 1, best - 1]
-            } else {
-                [best + 1, best - 1]
-            };
-            if let Some(level) = next.into_iter().find(|&l| self.open(l)) {
-                return level;
-            }
-        }
-        best
+        // On in the direction the measurements improve; wider first (the
+        // fixed part per call dominated on every 200k history).
+        let next = if self.sampled(best - 1) {
+            [best + 1, best + 1]
+        } else if self.sampled(best + 1) {
+            [best - 1, best - 1]
+        } else {
+            [best + 1, best - 1]
+        };
+        next.into_iter()
+            .find(|&l| self.open(l) && self.affordable(l, best))
+            .unwrap_or(best)
+    }
+
+    /// Whether a trial at `level` fits in what is left of the budget if
+    /// it loses [`TRIAL_RISK`] of its time: the budget is spent before a
+    /// trial is known to lose, so a wide trial is judged by what it could
+    /// cost (even 3M: an eight-month trial lost 22 % of 107 s).
+    fn affordable(&self, level: i32, best: i32) -> bool {
+        let rate = self.levels[&best].rate().unwrap_or(0.0);
+        let risk = TRIAL_RISK * self.target(level) * rate;
+        self.explore_cost_ms() + risk <= EXPLORE_BUDGET * self.predicted_ms(best)
     }
 
     /// The walk's time at the best level's rate.
@@ -392,28 +404,37 @@ mod tests {
             let per = if e > 40_000 { 0.1 } else { 0.05 };
             600.0 + per * e as f64
         };
-        let (levels, _, search) = simulate(&months(&[10_000; 48]), cost);
+        let (levels, _, search) = simulate(&months(&[10_000; 200]), cost);
         assert_eq!(&levels[..4], &[0, 1, 2, 3], "{levels:?}");
         assert_eq!(search.best(), Some(2));
         assert!(levels[4..].iter().all(|&l| l == 2), "{levels:?}");
         let report = search.report().unwrap();
         assert_eq!(report.events_per_slice, 40_000);
         assert_eq!(report.levels.len(), 4);
-        assert_eq!(report.levels.iter().map(|l| l.events).sum::<i64>(), 480_000);
+        assert_eq!(
+            report.levels.iter().map(|l| l.events).sum::<i64>(),
+            2_000_000
+        );
         // The trials of 1, 2 and 8 units beyond the kept rate.
         assert_eq!(report.explore_cost_ms, 450 + 300 + 3_400);
+        // On a quarter of that history the budget cannot afford the trial
+        // of 8 units (what it could lose): the walk stays at 4.
+        let (levels, _, search) = simulate(&months(&[10_000; 48]), cost);
+        assert_eq!(&levels[..3], &[0, 1, 2], "{levels:?}");
+        assert!(levels[3..].iter().all(|&l| l == 2), "{levels:?}");
+        assert_eq!(search.report().unwrap().explore_cost_ms, 450 + 300);
     }
 
     #[test]
     fn a_superlinear_cost_goes_below_a_unit() {
         // A fixed part, a part per event and one growing with the square
-        // of the slice: two units lose, half a unit wins.
+        // of the slice: two units lose, a quarter unit wins.
         let cost = |e: i64| 160.0 + 0.1 * e as f64 + 1e-5 * (e as f64).powi(2);
-        let (levels, total, search) = simulate(&months(&[16_000; 24]), cost);
-        assert_eq!(&levels[..3], &[0, 1, -1], "{levels:?}");
-        assert!(search.best().unwrap() < 0, "{levels:?}");
+        let (levels, total, search) = simulate(&months(&[16_000; 96]), cost);
+        assert_eq!(&levels[..5], &[0, 1, -1, -2, -3], "{levels:?}");
+        assert_eq!(search.best(), Some(-2), "{levels:?}");
         // Against walking every unit whole (what a fixed rule would do).
-        let monthly = 24.0 * cost(16_000);
+        let monthly = 96.0 * cost(16_000);
         assert!(total < 0.9 * monthly, "{total} vs {monthly}");
     }
 
