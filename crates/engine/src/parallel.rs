@@ -294,8 +294,7 @@ impl Shared {
             None if self.probing() => Some(Some(self.provisional())),
             None => None,
         };
-        let settled = (self.decided.is_some() || !self.probing())
-            && self.work_mem.as_ref().is_none_or(|m| m.decided.is_some());
+        let settled = self.decided.is_some() || !self.probing();
         let (piece, claim) = self.take(settled);
         self.started += 1;
         Next::Run(Job {
@@ -411,10 +410,12 @@ impl Shared {
         }
     }
 
-    /// The next slice from the front of `pending`, and its claim on the width level it
-    /// measures: slices that run under a plan_cache_mode not yet decided
-    /// measure nothing (the modes differ far more than widths), nor do the
-    /// last ones, cut down so that every session gets a share.
+    /// The next slice from the front of `pending`, and its claim on the
+    /// width level it measures: slices that run under a plan_cache_mode
+    /// not yet decided measure nothing (the modes differ far more than
+    /// widths), nor do the last ones, cut down so that every session gets
+    /// a share. Widths are measured at the default work_mem while its
+    /// probe runs; keeping the alternative restarts the search.
     fn take(&mut self, settled: bool) -> (Piece, Option<Claim>) {
         let Some(search) = self.width.as_mut() else {
             let piece = self.pending.pop_front().expect("checked by next");
@@ -610,6 +611,10 @@ impl Shared {
         };
         tracing::info!(work_mem = %kept, ms_per_event = rate, baseline_ms_per_event = ?baseline,
             "work_mem chosen by measurement");
+        // Widths measured at the default no longer apply.
+        if faster && let Some(search) = self.width.as_mut() {
+            search.restart();
+        }
         probe.decided = Some(kept);
     }
 }

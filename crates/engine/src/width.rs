@@ -79,6 +79,10 @@ pub(crate) struct WidthSearch {
     /// Trial slices (claimed at a level not measured before): their events
     /// and time, for what trying cost.
     trials: Vec<(i64, f64)>,
+    /// Measurements start over when a setting of the sessions changes.
+    epoch: u32,
+    /// What trying cost before the last restart.
+    spent_before: f64,
 }
 
 /// A slice's claim on a level, handed back when it ends.
@@ -87,6 +91,7 @@ pub(crate) struct Claim {
     pub level: i32,
     /// The level had not been measured: a trial.
     trial: bool,
+    epoch: u32,
 }
 
 /// One level of the ladder as measured in a run.
@@ -139,6 +144,8 @@ impl WidthSearch {
             max_level,
             levels: BTreeMap::new(),
             trials: Vec::new(),
+            epoch: 0,
+            spent_before: 0.0,
         })
     }
 
@@ -174,7 +181,22 @@ impl WidthSearch {
         let level = self.choose();
         let trial = !self.sampled(level);
         self.levels.entry(level).or_default().running += 1;
-        Claim { level, trial }
+        Claim {
+            level,
+            trial,
+            epoch: self.epoch,
+        }
+    }
+
+    /// The sessions' settings changed (the `work_mem` probe kept the
+    /// alternative): what was measured no longer applies, so the search
+    /// starts over; what trying cost so far still counts, and slices
+    /// claimed before are not measured.
+    pub(crate) fn restart(&mut self) {
+        self.spent_before = self.explore_cost_ms();
+        self.epoch += 1;
+        self.levels.clear();
+        self.trials.clear();
     }
 
     fn choose(&self) -> i32 {
@@ -217,12 +239,14 @@ impl WidthSearch {
     /// leftover) are data, not trying.
     fn explore_cost_ms(&self) -> f64 {
         let Some(best) = self.best().and_then(|b| self.levels[&b].rate()) else {
-            return 0.0;
+            return self.spent_before;
         };
-        self.trials
-            .iter()
-            .map(|(events, ms)| (ms - best * *events as f64).max(0.0))
-            .sum()
+        self.spent_before
+            + self
+                .trials
+                .iter()
+                .map(|(events, ms)| (ms - best * *events as f64).max(0.0))
+                .sum::<f64>()
     }
 
     /// The level whose width is nearest to `events` (a slice cut at one
@@ -236,6 +260,9 @@ impl WidthSearch {
 
     /// A slice committed; it counts for the level nearest to its events.
     pub(crate) fn observe(&mut self, claim: Claim, events: i64, elapsed: Duration) {
+        if claim.epoch != self.epoch {
+            return;
+        }
         let before = self.best();
         self.release(claim);
         let ms = elapsed.as_secs_f64() * 1000.0;
@@ -261,6 +288,9 @@ impl WidthSearch {
 
     /// A slice that did not commit (failed or cancelled).
     pub(crate) fn release(&mut self, claim: Claim) {
+        if claim.epoch != self.epoch {
+            return;
+        }
         if let Some(l) = self.levels.get_mut(&claim.level) {
             l.running = l.running.saturating_sub(1);
         }
@@ -482,6 +512,25 @@ mod tests {
         // Level 1's later slices are slower: level 0 is best again.
         s.observe(again, 20_000, ms(2_400));
         assert_eq!(s.best(), Some(0));
+    }
+
+    #[test]
+    fn a_restart_forgets_the_measurements_but_not_the_cost() {
+        let mut s = WidthSearch::new(&months(&[10_000; 100]), 2).unwrap();
+        let (a, b) = (s.claim(), s.claim());
+        s.observe(a, 10_000, ms(1_000));
+        let running = s.claim();
+        s.observe(b, 20_000, ms(8_000));
+        let spent = s.explore_cost_ms();
+        assert!(spent > 0.0);
+        s.restart();
+        assert_eq!(s.best(), None);
+        assert_eq!(s.explore_cost_ms(), spent);
+        // A slice claimed before the restart is not measured.
+        s.observe(running, 10_000, ms(1));
+        assert_eq!(s.best(), None);
+        // The trials start again at the base width.
+        assert_eq!(s.claim().level, 0);
     }
 
     #[test]
