@@ -985,6 +985,47 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
         }
         assert_correct(&client).await;
     }
+    // 4MB wins its probe while the hourly table is small and loses once
+    // it has filled (as a merge delete does): every session goes back to
+    // 64MB, the last slice included, and the slice that lost is listed.
+    let (db, client) = with_history(level, &HistorySpec::even(40_000, 10)).await;
+    wrap_window(
+        &client,
+        "PERFORM pg_sleep(CASE WHEN current_setting('work_mem') = '64MB' THEN 0.4
+                               WHEN (SELECT count(*) FROM task_usage_hourly) > 16000
+                               THEN 0.0004 * (SELECT count(*) FROM task_usage
+                                               WHERE COALESCE(updated_at, created_at) >= p_from
+                                                 AND COALESCE(updated_at, created_at) < p_to)
+                               ELSE 0 END);",
+    )
+    .await;
+    let outcome = run_perf(
+        &db,
+        &Options::default(),
+        &parallel(2),
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap();
+    let tuning = outcome.tuning.clone().unwrap();
+    assert_eq!(tuning.work_mem.as_deref(), Some("64MB"), "{tuning:?}");
+    let at_4mb: Vec<_> = tuning
+        .probes
+        .iter()
+        .filter(|p| p.work_mem.is_some())
+        .collect();
+    assert_eq!(
+        at_4mb.len(),
+        2,
+        "the probe and the slice that lost: {tuning:?}"
+    );
+    let calls = calls(&client).await;
+    assert_eq!(
+        calls.iter().max_by_key(|c| c.slice.to).unwrap().work_mem,
+        "64MB"
+    );
+    assert_correct(&client).await;
     // The user's work_mem: no probe.
     let (db, _client) = with_history(level, &HistorySpec::even(24_000, 6)).await;
     let opts = Options {

@@ -529,6 +529,7 @@ impl Shared {
         piece: &Piece,
         probe: Option<&Ticket>,
         claim: Option<Claim>,
+        ran_at: Option<&str>,
         elapsed: Option<Duration>,
     ) {
         let running = probe.and_then(|ticket| {
@@ -555,6 +556,8 @@ impl Shared {
         self.model.observe(piece.events, elapsed);
         if let Some(r) = work_mem_probe {
             self.work_mem_finished(r, piece.events, elapsed);
+        } else if probe.is_none() {
+            self.work_mem_recheck(ran_at, piece.events, elapsed);
         }
         if let Some(r) = running {
             self.probes.push(PlanProbe {
@@ -581,6 +584,48 @@ impl Shared {
         if let Some(cap) = self.cap {
             let pending: Vec<Piece> = self.pending.drain(..).collect();
             self.pending = sizing::fit_cap(pending, &self.model, cap).into();
+        }
+    }
+
+    /// The alternative work_mem was kept from one slice early in the walk,
+    /// but a part of the plan can grow with the hourly table (at 4MB the
+    /// empty-bucket delete becomes a merge join that meets every hourly
+    /// row of a key's agent): a later slice at the alternative that is
+    /// slower per event than [`PROBE_MARGIN`] times the winning plan probe
+    /// at the default sends every session back to the default, and the
+    /// width search starts over. The slice is listed with the probes.
+    fn work_mem_recheck(&mut self, ran_at: Option<&str>, events: i64, elapsed: Duration) {
+        let Some(baseline) = self.baseline_rate() else {
+            return;
+        };
+        let mode = self.decided.clone().flatten().unwrap_or_default();
+        let Some(probe) = self.work_mem.as_mut() else {
+            return;
+        };
+        let alternative = probe.choice.alternative.clone();
+        if probe.decided.as_deref() != Some(alternative.as_str())
+            || ran_at != Some(alternative.as_str())
+            || events < PROBE_MIN_EVENTS
+        {
+            return;
+        }
+        let rate = elapsed.as_secs_f64() * 1000.0 / events as f64;
+        if rate <= PROBE_MARGIN * baseline {
+            return;
+        }
+        tracing::info!(work_mem = %probe.choice.default, ms_per_event = rate,
+            baseline_ms_per_event = baseline,
+            "work_mem: the alternative got slower as the walk went on; back to the default");
+        probe.decided = Some(probe.choice.default.clone());
+        self.probes.push(PlanProbe {
+            plan_cache_mode: mode,
+            work_mem: Some(alternative),
+            events,
+            elapsed_ms: millis(elapsed),
+            completed: true,
+        });
+        if let Some(search) = self.width.as_mut() {
+            search.restart();
         }
     }
 
@@ -834,7 +879,7 @@ impl Walk<'_> {
                     shared
                         .lock()
                         .unwrap()
-                        .finished(&piece, ticket.as_ref(), claim, None);
+                        .finished(&piece, ticket.as_ref(), claim, None, None);
                     let _ = tx.send(Msg::Failed {
                         slice: piece.slice,
                         error,
@@ -848,7 +893,7 @@ impl Walk<'_> {
                     shared
                         .lock()
                         .unwrap()
-                        .finished(&piece, ticket.as_ref(), claim, None);
+                        .finished(&piece, ticket.as_ref(), claim, None, None);
                     let _ = tx.send(Msg::Failed {
                         slice: piece.slice,
                         error,
@@ -882,6 +927,7 @@ impl Walk<'_> {
                 &piece,
                 ticket.as_ref(),
                 claim,
+                work_mem.as_deref(),
                 result.is_ok().then_some(elapsed),
             );
             match result {
