@@ -854,7 +854,7 @@ async fn slice_width_is_chosen_by_measurement(level: SchemaLevel) {
     let spec = HistorySpec::even(60_000, 24);
     {
         let (db, client) = with_history(level, &spec).await;
-        wrap_window(&client, "PERFORM pg_sleep(0.3);").await;
+        wrap_window(&client, "PERFORM pg_sleep(1.0);").await;
         let outcome = run_perf(
             &db,
             &Options::default(),

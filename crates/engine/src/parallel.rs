@@ -874,33 +874,29 @@ impl Walk<'_> {
                 Next::Run(job) => job,
                 Next::Done => return,
             };
-            if let Some(value) = want_mem.filter(|v| Some(v) != work_mem.as_ref()) {
-                if let Err(error) = session.set_work_mem(&value).await {
-                    shared
-                        .lock()
-                        .unwrap()
-                        .finished(&piece, ticket.as_ref(), claim, None, None);
-                    let _ = tx.send(Msg::Failed {
-                        slice: piece.slice,
-                        error,
-                    });
-                    return;
+            // The settings this slice wants, where the session has others.
+            let applied = async {
+                if let Some(value) = want_mem.filter(|v| Some(v) != work_mem.as_ref()) {
+                    session.set_work_mem(&value).await?;
+                    work_mem = Some(value);
                 }
-                work_mem = Some(value);
+                if let Some(want) = want.filter(|w| *w != mode) {
+                    session.set_plan_cache_mode(want.as_deref()).await?;
+                    mode = want;
+                }
+                Ok::<(), Error>(())
             }
-            if let Some(want) = want.filter(|w| *w != mode) {
-                if let Err(error) = session.set_plan_cache_mode(want.as_deref()).await {
-                    shared
-                        .lock()
-                        .unwrap()
-                        .finished(&piece, ticket.as_ref(), claim, None, None);
-                    let _ = tx.send(Msg::Failed {
-                        slice: piece.slice,
-                        error,
-                    });
-                    return;
-                }
-                mode = want;
+            .await;
+            if let Err(error) = applied {
+                shared
+                    .lock()
+                    .unwrap()
+                    .finished(&piece, ticket.as_ref(), claim, None, None);
+                let _ = tx.send(Msg::Failed {
+                    slice: piece.slice,
+                    error,
+                });
+                return;
             }
             let _ = tx.send(Msg::Started(piece.slice));
             if let Some(t) = &ticket {

@@ -342,7 +342,7 @@ pub(crate) fn events_from_months(slice: &Slice, months: &[(Timestamp, i64)]) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::plan::add_months;
 
@@ -351,7 +351,7 @@ mod tests {
     }
 
     /// Consecutive calendar months from January 2026 with these counts.
-    fn months(counts: &[i64]) -> Vec<Piece> {
+    pub(crate) fn months(counts: &[i64]) -> Vec<Piece> {
         let start = ts("2026-01-01T00:00:00Z");
         counts
             .iter()

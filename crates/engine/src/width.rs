@@ -363,23 +363,7 @@ pub(crate) fn count(pending: &VecDeque<Piece>, target: f64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{Slice, add_months};
-    use jiff::Timestamp;
-
-    fn months(counts: &[i64]) -> Vec<Piece> {
-        let start: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-        counts
-            .iter()
-            .enumerate()
-            .map(|(i, &events)| Piece {
-                slice: Slice {
-                    from: add_months(start, i as i64),
-                    to: add_months(start, i as i64 + 1),
-                },
-                events,
-            })
-            .collect()
-    }
+    use crate::sizing::tests::months;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
