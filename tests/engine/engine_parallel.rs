@@ -32,6 +32,7 @@ testkit::at_both_levels!(
     a_cap_on_slice_duration_splits_by_measured_time,
     slice_width_is_chosen_by_measurement,
     work_mem_is_chosen_by_measurement,
+    a_stray_cancel_runs_the_slice_again,
 );
 
 async fn run_perf(
@@ -1039,4 +1040,34 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
     let tuning = outcome.tuning.unwrap();
     assert_eq!(tuning.work_mem, None);
     assert!(tuning.probes.iter().all(|p| p.work_mem.is_none()));
+}
+
+/// A cancel request reaches its backend asynchronously, so one of ours (a
+/// probe given up) can cancel the next statement on the session: a window
+/// call cancelled "due to user request" that we did not cancel runs again.
+async fn a_stray_cancel_runs_the_slice_again(level: SchemaLevel) {
+    let (db, client) = with_history(level, &HistorySpec::even(3_000, 4)).await;
+    client
+        .batch_execute("CREATE SEQUENCE stray_cancel")
+        .await
+        .unwrap();
+    wrap_window(
+        &client,
+        "IF nextval('stray_cancel') = 1 THEN
+             PERFORM pg_cancel_backend(pg_backend_pid());
+             PERFORM pg_sleep(5);
+         END IF;",
+    )
+    .await;
+    let outcome = run_perf(
+        &db,
+        &Options::default(),
+        &parallel(2),
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap();
+    assert!(outcome.slice_retries >= 1, "{outcome:?}");
+    assert_correct(&client).await;
 }

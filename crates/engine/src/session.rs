@@ -755,15 +755,28 @@ impl Session {
         timeout: Option<Duration>,
         e: &tokio_postgres::Error,
     ) -> SliceError {
-        let conflict = matches!(
-            e.code(),
-            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
-        );
+        // A cancel request is signalled to the backend asynchronously: one
+        // of ours (a probe given up; `race` may send several) can arrive
+        // after the statement it was meant for and cancel the next one on
+        // this session. We cancel only through `race`, which reports its
+        // own cancels as `Cancelled`, so a statement cancelled "due to user
+        // request" here runs again, like a deadlock, a bounded number of
+        // times.
+        let stray_cancel = e.code() == Some(&SqlState::QUERY_CANCELED)
+            && e.as_db_error()
+                .is_some_and(|d| d.message().contains("user request"));
+        let conflict = stray_cancel
+            || matches!(
+                e.code(),
+                Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+            );
         let error = match (e.code(), timeout) {
-            (Some(c), Some(timeout)) if *c == SqlState::QUERY_CANCELED => Error::SliceTimeout {
-                slice: *slice,
-                timeout,
-            },
+            (Some(c), Some(timeout)) if *c == SqlState::QUERY_CANCELED && !stray_cancel => {
+                Error::SliceTimeout {
+                    slice: *slice,
+                    timeout,
+                }
+            }
             (Some(c), _)
                 if *c == SqlState::INSUFFICIENT_PRIVILEGE || *c == SqlState::UNDEFINED_FUNCTION =>
             {
