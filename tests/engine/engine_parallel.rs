@@ -49,6 +49,19 @@ async fn run_perf(
     testkit::engine::run(&database, &opts, cancel).await
 }
 
+/// A walk with the default options on two sessions, which must succeed.
+async fn walk_two_sessions(db: &TestDatabase) -> Outcome {
+    run_perf(
+        db,
+        &Options::default(),
+        &parallel(2),
+        &CancellationToken::new(),
+    )
+    .await
+    .0
+    .unwrap()
+}
+
 fn parallel(n: u32) -> Performance {
     Performance {
         parallelism: n,
@@ -518,15 +531,7 @@ async fn deadlocks_and_serialization_failures_are_retried(level: SchemaLevel) {
     .0
     .unwrap();
     wrap_window(&client, DEADLOCK_ONCE).await;
-    let outcome = run_perf(
-        &db,
-        &Options::default(),
-        &parallel(2),
-        &CancellationToken::new(),
-    )
-    .await
-    .0
-    .unwrap();
+    let outcome = walk_two_sessions(&db).await;
     assert_eq!(outcome.slice_retries, outcome.slices_processed);
     assert_eq!(
         window_calls(&client).await,
@@ -637,15 +642,7 @@ async fn losing_the_lock_session_stops_the_workers(level: SchemaLevel) {
 async fn tuning_reaches_our_sessions_only_and_the_user_wins(level: SchemaLevel) {
     let (db, client) = with_history(level, &overlapping()).await;
     wrap_window(&client, "").await;
-    let outcome = run_perf(
-        &db,
-        &Options::default(),
-        &parallel(2),
-        &CancellationToken::new(),
-    )
-    .await
-    .0
-    .unwrap();
+    let outcome = walk_two_sessions(&db).await;
     let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
     assert_eq!(
         outcome.settings,
@@ -713,15 +710,7 @@ async fn tuning_reaches_our_sessions_only_and_the_user_wins(level: SchemaLevel) 
 async fn plan_cache_mode_is_chosen_by_measurement(level: SchemaLevel) {
     let (db, client) = with_history(level, &HistorySpec::even(16_000, 4)).await;
     wrap_window(&client, "").await;
-    let outcome = run_perf(
-        &db,
-        &Options::default(),
-        &parallel(2),
-        &CancellationToken::new(),
-    )
-    .await
-    .0
-    .unwrap();
+    let outcome = walk_two_sessions(&db).await;
     let tuning = outcome.tuning.unwrap();
     // The plan probes (the work_mem probe after them has its own test).
     let probed: Vec<&str> = tuning
@@ -856,15 +845,7 @@ async fn slice_width_is_chosen_by_measurement(level: SchemaLevel) {
     {
         let (db, client) = with_history(level, &spec).await;
         wrap_window(&client, "PERFORM pg_sleep(1.0);").await;
-        let outcome = run_perf(
-            &db,
-            &Options::default(),
-            &parallel(2),
-            &CancellationToken::new(),
-        )
-        .await
-        .0
-        .unwrap();
+        let outcome = walk_two_sessions(&db).await;
         let width = outcome
             .tuning
             .as_ref()
@@ -936,15 +917,7 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
             ),
         )
         .await;
-        let outcome = run_perf(
-            &db,
-            &Options::default(),
-            &parallel(2),
-            &CancellationToken::new(),
-        )
-        .await
-        .0
-        .unwrap();
+        let outcome = walk_two_sessions(&db).await;
         let tuning = outcome.tuning.clone().unwrap();
         assert_eq!(tuning.work_mem.as_deref(), Some(kept), "{tuning:?}");
         let tried: Vec<_> = tuning
@@ -1000,15 +973,7 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
                                ELSE 0 END);",
     )
     .await;
-    let outcome = run_perf(
-        &db,
-        &Options::default(),
-        &parallel(2),
-        &CancellationToken::new(),
-    )
-    .await
-    .0
-    .unwrap();
+    let outcome = walk_two_sessions(&db).await;
     let tuning = outcome.tuning.clone().unwrap();
     assert_eq!(tuning.work_mem.as_deref(), Some("64MB"), "{tuning:?}");
     let at_4mb: Vec<_> = tuning
@@ -1059,15 +1024,7 @@ async fn a_stray_cancel_runs_the_slice_again(level: SchemaLevel) {
          END IF;",
     )
     .await;
-    let outcome = run_perf(
-        &db,
-        &Options::default(),
-        &parallel(2),
-        &CancellationToken::new(),
-    )
-    .await
-    .0
-    .unwrap();
+    let outcome = walk_two_sessions(&db).await;
     assert!(outcome.slice_retries >= 1, "{outcome:?}");
     assert_correct(&client).await;
 }
