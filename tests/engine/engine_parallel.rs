@@ -32,6 +32,7 @@ testkit::at_both_levels!(
     a_cap_on_slice_duration_splits_by_measured_time,
     slice_width_is_chosen_by_measurement,
     work_mem_is_chosen_by_measurement,
+    a_custom_plan_that_grows_slower_gives_way_to_the_generic_plan,
     a_stray_cancel_runs_the_slice_again,
 );
 
@@ -1005,6 +1006,61 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
     let tuning = outcome.tuning.unwrap();
     assert_eq!(tuning.work_mem, None);
     assert!(tuning.probes.iter().all(|p| p.work_mem.is_none()));
+}
+
+/// The custom plan wins its probe while the hourly table is small and
+/// loses once the table has filled (as its merge delete does): every
+/// session goes over to the generic plan, the last slice included, and the
+/// slice that lost is listed with the probes. (The user's work_mem, so no
+/// work_mem probe joins in.)
+async fn a_custom_plan_that_grows_slower_gives_way_to_the_generic_plan(level: SchemaLevel) {
+    let (db, client) = with_history(level, &HistorySpec::even(40_000, 10)).await;
+    wrap_window(
+        &client,
+        "PERFORM pg_sleep(CASE WHEN current_setting('plan_cache_mode') = 'force_generic_plan' THEN 0.4
+                               WHEN (SELECT count(*) FROM task_usage_hourly) > 16000
+                               THEN 0.0004 * (SELECT count(*) FROM task_usage
+                                               WHERE COALESCE(updated_at, created_at) >= p_from
+                                                 AND COALESCE(updated_at, created_at) < p_to)
+                               ELSE 0 END);",
+    )
+    .await;
+    let opts = Options {
+        session_settings: vec![("work_mem".into(), "64MB".into())],
+        ..Options::default()
+    };
+    let outcome = run_perf(&db, &opts, &parallel(2), &CancellationToken::new())
+        .await
+        .0
+        .unwrap();
+    let tuning = outcome.tuning.clone().unwrap();
+    assert_eq!(
+        tuning.plan_cache_mode.as_deref(),
+        Some("force_generic_plan"),
+        "{tuning:?}"
+    );
+    let custom: Vec<_> = tuning
+        .probes
+        .iter()
+        .filter(|p| p.plan_cache_mode == "force_custom_plan")
+        .collect();
+    assert_eq!(
+        custom.len(),
+        2,
+        "the probe and the slice that lost: {tuning:?}"
+    );
+    assert!(custom.iter().all(|p| p.completed && p.work_mem.is_none()));
+    // The probe won; the slice that lost ran at least 1.5x its time per
+    // event, on at least half its events.
+    let rate = |p: &engine::PlanProbe| p.elapsed_ms as f64 / p.events as f64;
+    assert!(rate(custom[1]) > 1.5 * rate(custom[0]), "{tuning:?}");
+    assert!(custom[1].events >= custom[0].events / 2, "{tuning:?}");
+    let calls = calls(&client).await;
+    assert_eq!(
+        calls.iter().max_by_key(|c| c.slice.to).unwrap().plan_mode,
+        "force_generic_plan"
+    );
+    assert_correct(&client).await;
 }
 
 /// A cancel request reaches its backend asynchronously, so one of ours (a

@@ -211,6 +211,28 @@ enum Next {
 /// 3-5x a wrong plan costs where it matters.
 const PROBE_MARGIN: f64 = 1.5;
 
+/// A slice's time per event when it ran longer than [`PROBE_MARGIN`] times
+/// what `baseline` (a probe's events and ms per event) predicts for it, and
+/// by at least [`GUARD_FLOOR`]. A slice under [`PROBE_MIN_EVENTS`], or
+/// under half the probe's events, is not compared: its fixed part alone
+/// makes it slower per event.
+fn slower_than(baseline: (i64, f64), events: i64, elapsed: Duration) -> Option<f64> {
+    let (probe_events, probe_rate) = baseline;
+    if events < PROBE_MIN_EVENTS.max(probe_events / 2) {
+        return None;
+    }
+    let predicted = PROBE_MARGIN * probe_rate * events as f64;
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    (ms > predicted + GUARD_FLOOR.as_secs_f64() * 1000.0).then_some(ms / events as f64)
+}
+
+/// A setting kept from a probe is given up only for a slice that ran this
+/// much longer than [`PROBE_MARGIN`] times the probe predicts: what it
+/// guards against grows to seconds per call (a delete of 7.8 s in a 9.2 s
+/// call at 200k, 15.5 s of 40 s at 1M), while calls of a tenth of a second
+/// vary by half their time on a loaded machine.
+const GUARD_FLOOR: Duration = Duration::from_millis(500);
+
 /// Where the plan probes run: two adjacent pending pieces with the most
 /// events together (the earliest of equals), the larger first; a single
 /// piece when none are adjacent. Adjacent, so that the rest of the walk
@@ -378,14 +400,20 @@ impl Shared {
         self.tickets
     }
 
-    /// Time per event of the plan probe that won, under the default work_mem.
-    fn baseline_rate(&self) -> Option<f64> {
+    /// The plan probe that won, under the default work_mem: its events and
+    /// its time per event.
+    fn baseline(&self) -> Option<(i64, f64)> {
         let mode = self.decided.clone()??;
         self.probes
             .iter()
             .find(|p| p.completed && p.work_mem.is_none() && p.plan_cache_mode == mode)
             .filter(|p| p.events > 0)
-            .map(|p| p.elapsed_ms as f64 / p.events as f64)
+            .map(|p| (p.events, p.elapsed_ms as f64 / p.events as f64))
+    }
+
+    /// Time per event of the plan probe that won, under the default work_mem.
+    fn baseline_rate(&self) -> Option<f64> {
+        self.baseline().map(|(_, rate)| rate)
     }
 
     /// Gives the work_mem probe up once it can no longer win.
@@ -529,7 +557,7 @@ impl Shared {
         piece: &Piece,
         probe: Option<&Ticket>,
         claim: Option<Claim>,
-        ran_at: Option<&str>,
+        (ran_mode, ran_at): (Option<&str>, Option<&str>),
         elapsed: Option<Duration>,
     ) {
         let running = probe.and_then(|ticket| {
@@ -558,6 +586,7 @@ impl Shared {
             self.work_mem_finished(r, piece.events, elapsed);
         } else if probe.is_none() {
             self.work_mem_recheck(ran_at, piece.events, elapsed);
+            self.plan_mode_recheck(ran_mode, ran_at, piece.events, elapsed);
         }
         if let Some(r) = running {
             self.probes.push(PlanProbe {
@@ -592,10 +621,11 @@ impl Shared {
     /// empty-bucket delete becomes a merge join that meets every hourly
     /// row of a key's agent): a later slice at the alternative that is
     /// slower per event than [`PROBE_MARGIN`] times the winning plan probe
-    /// at the default sends every session back to the default, and the
+    /// at the default ([`slower_than`]) sends every session back to the
+    /// default, and the
     /// width search starts over. The slice is listed with the probes.
     fn work_mem_recheck(&mut self, ran_at: Option<&str>, events: i64, elapsed: Duration) {
-        let Some(baseline) = self.baseline_rate() else {
+        let Some(baseline) = self.baseline() else {
             return;
         };
         let mode = self.decided.clone().flatten().unwrap_or_default();
@@ -605,14 +635,13 @@ impl Shared {
         let alternative = probe.choice.alternative.clone();
         if probe.decided.as_deref() != Some(alternative.as_str())
             || ran_at != Some(alternative.as_str())
-            || events < PROBE_MIN_EVENTS
         {
             return;
         }
-        let rate = elapsed.as_secs_f64() * 1000.0 / events as f64;
-        if rate <= PROBE_MARGIN * baseline {
+        let Some(rate) = slower_than(baseline, events, elapsed) else {
             return;
-        }
+        };
+        let baseline = baseline.1;
         tracing::info!(work_mem = %probe.choice.default, ms_per_event = rate,
             baseline_ms_per_event = baseline,
             "work_mem: the alternative got slower as the walk went on; back to the default");
@@ -629,10 +658,64 @@ impl Shared {
         }
     }
 
+    /// The custom plan was kept from the probes, made early on a small
+    /// hourly table, and a part of it can grow as the table fills (its
+    /// empty-bucket delete can become a merge join on (workspace, agent)
+    /// that meets every hourly row of a key's agent): a later slice under
+    /// it, at the default work_mem, slower per event than [`PROBE_MARGIN`]
+    /// times its probe ([`slower_than`]) sends every session to the
+    /// generic plan, whose delete hashes, and the width search starts over.
+    /// Once: the generic plan is kept from then on. The slice is listed
+    /// with the probes.
+    fn plan_mode_recheck(
+        &mut self,
+        ran_mode: Option<&str>,
+        ran_at: Option<&str>,
+        events: i64,
+        elapsed: Duration,
+    ) {
+        let (generic, custom) = (PROBE_MODES[0], PROBE_MODES[1]);
+        if self.decided.clone().flatten().as_deref() != Some(custom) || ran_mode != Some(custom) {
+            return;
+        }
+        if let Some(probe) = &self.work_mem
+            && ran_at != Some(probe.choice.default.as_str())
+        {
+            return;
+        }
+        let Some(baseline) = self.baseline() else {
+            return;
+        };
+        let Some(rate) = slower_than(baseline, events, elapsed) else {
+            return;
+        };
+        tracing::info!(
+            plan_cache_mode = generic,
+            ms_per_event = rate,
+            baseline_ms_per_event = baseline.1,
+            "plan_cache_mode: the custom plan got slower as the walk went on; generic from now on"
+        );
+        self.decided = Some(Some(generic.to_string()));
+        self.probes.push(PlanProbe {
+            plan_cache_mode: custom.to_string(),
+            work_mem: None,
+            events,
+            elapsed_ms: millis(elapsed),
+            completed: true,
+        });
+        if let Some(search) = self.width.as_mut() {
+            search.restart();
+        }
+    }
+
     /// The work_mem probe committed: the alternative is kept when it was
     /// faster per event than the winning plan probe by [`WORK_MEM_MARGIN`].
+    /// A probe made under a mode no longer kept compares with nothing: the
+    /// default stays.
     fn work_mem_finished(&mut self, r: RunningProbe, events: i64, elapsed: Duration) {
-        let baseline = self.baseline_rate();
+        let baseline = self
+            .baseline_rate()
+            .filter(|_| self.decided.clone().flatten().as_deref() == Some(r.mode.as_str()));
         let Some(probe) = self.work_mem.as_mut() else {
             return;
         };
@@ -891,7 +974,7 @@ impl Walk<'_> {
                 shared
                     .lock()
                     .unwrap()
-                    .finished(&piece, ticket.as_ref(), claim, None, None);
+                    .finished(&piece, ticket.as_ref(), claim, (None, None), None);
                 let _ = tx.send(Msg::Failed {
                     slice: piece.slice,
                     error,
@@ -923,7 +1006,7 @@ impl Walk<'_> {
                 &piece,
                 ticket.as_ref(),
                 claim,
-                work_mem.as_deref(),
+                (mode.as_deref(), work_mem.as_deref()),
                 result.is_ok().then_some(elapsed),
             );
             match result {
