@@ -64,7 +64,8 @@ const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--schema hourly
   --repeat N      run every variant N times (alternating), report medians
   --sweep         also time operator variants (parallelism 1/3, tuning presets)
   --matrix        reference, operator and set-based bound on every named shape × hourly-table
-                  state, with worst and median ratios (no idle-RSS measurement)
+                  state, with worst and median ratios (no idle-RSS measurement); with
+                  --variants p1-off also p1-off against the reference (same cap)
   --rows N        matrix size (default 200000); --months N (default 26)
   --shapes LIST   matrix shapes (default all: even,few-agents,realistic,many-small-tasks,
                   one-workspace,fat-tasks,wide,crowded,skewed)
@@ -161,6 +162,10 @@ fn args() -> Result<Args, String> {
         return Err(format!("unknown scale {:?}", out.scale));
     }
     if is_matrix {
+        matrix.p1_off = out
+            .variants
+            .as_ref()
+            .is_some_and(|v| v.iter().any(|v| v == "p1-off"));
         out.matrix = Some(matrix);
     }
     Ok(out)

@@ -7,6 +7,9 @@
 //! hourly state a copy of it is filled (`fixture::fill_hourly`), and every
 //! variant runs on its own copy of that, warmed, in the order reference,
 //! operator, set-based (`--repeat N`: N rounds of that order, medians).
+//! With `--variants …,p1-off` the engine with parallelism 1 and tuning
+//! off also runs, after the reference and under the same cap, and a second
+//! table compares the two: what our own machinery costs on each shape.
 //! The engine runs in `Mode::Always` (over a full table the hook would
 //! skip). The reference may be capped (`--reference-cap SECS`): a capped
 //! reference is reported as `> cap` and its ratio as an upper bound. Every
@@ -29,6 +32,8 @@ pub(crate) struct MatrixArgs {
     pub shapes: Vec<String>,
     pub states: Vec<HourlyState>,
     pub reference_cap: Option<Duration>,
+    /// Also run `p1-off` (parallelism 1, tuning off) against the reference.
+    pub p1_off: bool,
 }
 
 impl Default for MatrixArgs {
@@ -43,6 +48,7 @@ impl Default for MatrixArgs {
                 HourlyState::Full,
             ],
             reference_cap: None,
+            p1_off: false,
         }
     }
 }
@@ -55,6 +61,8 @@ struct Cell {
     state: String,
     /// Median wall time; `capped` when every run hit the cap.
     reference: Option<(f64, bool)>,
+    /// As `reference`, for `p1-off` when it ran.
+    p1_off: Option<(f64, bool)>,
     operator: f64,
     bound: f64,
     chosen: String,
@@ -126,6 +134,7 @@ pub(crate) async fn run(
         }
     }
     print_table(&cells);
+    print_p1_off(&cells);
     println!(
         "{}",
         if ok {
@@ -148,12 +157,19 @@ async fn run_cell(
 ) -> Result<Cell, BoxError> {
     let mut reference = Vec::new();
     let mut capped = 0;
+    let mut p1_off = Vec::new();
+    let mut p1_capped = 0;
     let mut operator = Vec::new();
     let mut bound = Vec::new();
     let mut chosen = String::new();
     let mut sums: Vec<(&str, String)> = Vec::new();
     for _ in 0..repeat {
-        for variant in ["reference", "operator", "set-based"] {
+        let variants: &[&str] = if m.p1_off {
+            &["reference", "p1-off", "operator", "set-based"]
+        } else {
+            &["reference", "operator", "set-based"]
+        };
+        for &variant in variants {
             let db = db_name(name, variant);
             admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
@@ -179,8 +195,21 @@ async fn run_cell(
                         },
                     }
                 }
+                "p1-off" => {
+                    let walk = always(&url, Performance::reference());
+                    match m.reference_cap {
+                        None => describe(&walk.await?),
+                        Some(cap) => match tokio::time::timeout(cap, walk).await {
+                            Ok(outcome) => describe(&outcome?),
+                            Err(_) => {
+                                complete = false;
+                                format!("stopped at the cap of {} s", cap.as_secs())
+                            }
+                        },
+                    }
+                }
                 "operator" => {
-                    let outcome = operator_always(&url).await?;
+                    let outcome = always(&url, Performance::default()).await?;
                     chosen = describe(&outcome);
                     chosen.clone()
                 }
@@ -205,6 +234,8 @@ async fn run_cell(
             match (variant, complete) {
                 ("reference", true) => reference.push(wall),
                 ("reference", false) => capped += 1,
+                ("p1-off", true) => p1_off.push(wall),
+                ("p1-off", false) => p1_capped += 1,
                 ("operator", _) => operator.push(wall),
                 _ => bound.push(wall),
             }
@@ -225,36 +256,83 @@ async fn run_cell(
             eprintln!("  {variant}: hourly table DIFFERENT from the set-based rebuild's");
         }
     }
-    let reference = if !reference.is_empty() {
-        Some((median(reference), false))
-    } else if capped > 0 {
-        m.reference_cap.map(|c| (c.as_secs_f64(), true))
-    } else {
-        None
+    let timed = |walls: Vec<f64>, capped: usize| {
+        if !walls.is_empty() {
+            Some((median(walls), false))
+        } else if capped > 0 {
+            m.reference_cap.map(|c| (c.as_secs_f64(), true))
+        } else {
+            None
+        }
     };
+    let reference = timed(reference, capped);
+    let p1_off = timed(p1_off, p1_capped);
     Ok(Cell {
         shape: String::new(),
         level: SchemaLevel::HourlyPipeline,
         stats: String::new(),
         state: String::new(),
         reference,
+        p1_off,
         operator: median(operator),
         bound: median(bound),
         chosen,
     })
 }
 
-/// The engine with its defaults, as the operator command (`--mode always`).
-async fn operator_always(url: &str) -> Result<Outcome, BoxError> {
+/// The engine with `perf`, as the operator command (`--mode always`).
+async fn always(url: &str, perf: Performance) -> Result<Outcome, BoxError> {
     super::engine_run(
         url,
-        &Performance::default(),
+        &perf,
         Mode::Always {
             months_back: 0,
             force_partial: false,
         },
     )
     .await
+}
+
+/// `p1-off` against the reference, cell by cell, where both completed.
+fn print_p1_off(cells: &[Cell]) {
+    if cells.iter().all(|c| c.p1_off.is_none()) {
+        return;
+    }
+    println!("\n| shape | level | hourly table | reference | p1-off | p1-off / reference |");
+    println!("|---|---|---|---:|---:|---:|");
+    let shown = |t: Option<(f64, bool)>| match t {
+        None => "not run".to_string(),
+        Some((s, true)) => format!("> {s:.2} s"),
+        Some((s, false)) => format!("{s:.2} s"),
+    };
+    let mut ratios = Vec::new();
+    for c in cells {
+        let ratio = match (c.reference, c.p1_off) {
+            (Some((r, false)), Some((p, false))) => {
+                ratios.push(p / r);
+                format!("{:.3}x", p / r)
+            }
+            _ => String::new(),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {ratio} |",
+            c.shape,
+            c.level,
+            c.state,
+            shown(c.reference),
+            shown(c.p1_off)
+        );
+    }
+    if !ratios.is_empty() {
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "p1-off / reference over {} cells where both completed: lowest {:.3}x, median {:.3}x, highest {:.3}x",
+            ratios.len(),
+            ratios[0],
+            ratios[ratios.len() / 2],
+            ratios[ratios.len() - 1]
+        );
+    }
 }
 
 fn print_table(cells: &[Cell]) {
