@@ -10,6 +10,8 @@
 //! With `--variants …,p1-off` the engine with parallelism 1 and tuning
 //! off also runs, after the reference and under the same cap, and a second
 //! table compares the two: what our own machinery costs on each shape.
+//! The operator's peak RSS (this process's VmHWM, reset before each of its
+//! runs) is printed over all cells.
 //! The engine runs in `Mode::Always` (over a full table the hook would
 //! skip). The reference may be capped (`--reference-cap SECS`): a capped
 //! reference is reported as `> cap` and its ratio as an upper bound. Every
@@ -24,6 +26,7 @@ use usage_backfill_standin::fixture::{self, HistorySpec, HourlyState, SchemaLeve
 
 use super::{
     BoxError, Server, connect, db_name, describe, generate_source, prewarm, reference_walk,
+    reset_peak_rss, vm_kib,
 };
 
 pub(crate) struct MatrixArgs {
@@ -66,6 +69,8 @@ struct Cell {
     operator: f64,
     bound: f64,
     chosen: String,
+    /// The benchmark process's peak RSS during the operator's runs, KiB.
+    peak_rss_kib: Option<u64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -135,6 +140,15 @@ pub(crate) async fn run(
     }
     print_table(&cells);
     print_p1_off(&cells);
+    let peaks: Vec<u64> = cells.iter().filter_map(|c| c.peak_rss_kib).collect();
+    if let (Some(low), Some(high)) = (peaks.iter().min(), peaks.iter().max()) {
+        println!(
+            "operator peak RSS (this process's VmHWM, reset before each operator run) over {} cells: lowest {:.1} MiB, highest {:.1} MiB",
+            peaks.len(),
+            *low as f64 / 1024.0,
+            *high as f64 / 1024.0
+        );
+    }
     println!(
         "{}",
         if ok {
@@ -162,6 +176,7 @@ async fn run_cell(
     let mut operator = Vec::new();
     let mut bound = Vec::new();
     let mut chosen = String::new();
+    let mut peak_rss_kib: Option<u64> = None;
     let mut sums: Vec<(&str, String)> = Vec::new();
     for _ in 0..repeat {
         let variants: &[&str] = if m.p1_off {
@@ -209,7 +224,11 @@ async fn run_cell(
                     }
                 }
                 "operator" => {
+                    reset_peak_rss();
                     let outcome = always(&url, Performance::default()).await?;
+                    if let Some(peak) = vm_kib("VmHWM") {
+                        peak_rss_kib = Some(peak_rss_kib.unwrap_or(0).max(peak));
+                    }
                     chosen = describe(&outcome);
                     chosen.clone()
                 }
@@ -277,6 +296,7 @@ async fn run_cell(
         operator: median(operator),
         bound: median(bound),
         chosen,
+        peak_rss_kib,
     })
 }
 
