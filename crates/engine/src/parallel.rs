@@ -622,8 +622,8 @@ impl Shared {
     /// row of a key's agent): a later slice at the alternative that is
     /// slower per event than [`PROBE_MARGIN`] times the winning plan probe
     /// at the default ([`slower_than`]) sends every session back to the
-    /// default, and the
-    /// width search starts over. The slice is listed with the probes.
+    /// default, and the width search starts over. The slice is listed with
+    /// the probes.
     fn work_mem_recheck(&mut self, ran_at: Option<&str>, events: i64, elapsed: Duration) {
         let Some(baseline) = self.baseline() else {
             return;
