@@ -175,6 +175,21 @@ struct Call {
     plan_mode: String,
 }
 
+/// A window body slowed by 0.4 s a call while `setting` is `slow`, and
+/// under any other value by 0.4 ms an event once the hourly table holds
+/// 16,000 rows: the other value wins its probe on a small table and loses
+/// as the table fills (as a merge delete does).
+fn slow_at_then_as_filled(setting: &str, slow: &str) -> String {
+    format!(
+        "PERFORM pg_sleep(CASE WHEN current_setting('{setting}') = '{slow}' THEN 0.4
+                               WHEN (SELECT count(*) FROM task_usage_hourly) > 16000
+                               THEN 0.0004 * (SELECT count(*) FROM task_usage
+                                               WHERE COALESCE(updated_at, created_at) >= p_from
+                                                 AND COALESCE(updated_at, created_at) < p_to)
+                               ELSE 0 END);"
+    )
+}
+
 async fn calls(client: &Client) -> Vec<Call> {
     client
         .query("SELECT * FROM window_log ORDER BY started", &[])
@@ -964,16 +979,7 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
     // it has filled (as a merge delete does): every session goes back to
     // 64MB, the last slice included, and the slice that lost is listed.
     let (db, client) = with_history(level, &HistorySpec::even(40_000, 10)).await;
-    wrap_window(
-        &client,
-        "PERFORM pg_sleep(CASE WHEN current_setting('work_mem') = '64MB' THEN 0.4
-                               WHEN (SELECT count(*) FROM task_usage_hourly) > 16000
-                               THEN 0.0004 * (SELECT count(*) FROM task_usage
-                                               WHERE COALESCE(updated_at, created_at) >= p_from
-                                                 AND COALESCE(updated_at, created_at) < p_to)
-                               ELSE 0 END);",
-    )
-    .await;
+    wrap_window(&client, &slow_at_then_as_filled("work_mem", "64MB")).await;
     let outcome = walk_two_sessions(&db).await;
     let tuning = outcome.tuning.clone().unwrap();
     assert_eq!(tuning.work_mem.as_deref(), Some("64MB"), "{tuning:?}");
@@ -1017,12 +1023,7 @@ async fn a_custom_plan_that_grows_slower_gives_way_to_the_generic_plan(level: Sc
     let (db, client) = with_history(level, &HistorySpec::even(40_000, 10)).await;
     wrap_window(
         &client,
-        "PERFORM pg_sleep(CASE WHEN current_setting('plan_cache_mode') = 'force_generic_plan' THEN 0.4
-                               WHEN (SELECT count(*) FROM task_usage_hourly) > 16000
-                               THEN 0.0004 * (SELECT count(*) FROM task_usage
-                                               WHERE COALESCE(updated_at, created_at) >= p_from
-                                                 AND COALESCE(updated_at, created_at) < p_to)
-                               ELSE 0 END);",
+        &slow_at_then_as_filled("plan_cache_mode", "force_generic_plan"),
     )
     .await;
     let opts = Options {

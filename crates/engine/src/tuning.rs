@@ -319,37 +319,27 @@ mod tests {
             elapsed_ms: ms,
             completed: true,
         };
-        // Generic: 1000 ms for 30k events; custom: 2000 ms for 90k: custom wins.
-        assert_eq!(
-            choose_plan_mode(&[
-                p("force_generic_plan", 30_000, 1000),
-                p("force_custom_plan", 90_000, 2000)
-            ]),
-            Some("force_custom_plan".into())
-        );
-        assert_eq!(
-            choose_plan_mode(&[
-                p("force_generic_plan", 30_000, 700),
-                p("force_custom_plan", 30_000, 3000)
-            ]),
-            Some("force_generic_plan".into())
-        );
-        // Custom 5 % faster: within the margin, generic stays; 20 % faster
-        // wins.
-        assert_eq!(
-            choose_plan_mode(&[
-                p("force_generic_plan", 30_000, 1000),
-                p("force_custom_plan", 30_000, 950)
-            ]),
-            Some("force_generic_plan".into())
-        );
-        assert_eq!(
-            choose_plan_mode(&[
-                p("force_custom_plan", 30_000, 800),
-                p("force_generic_plan", 30_000, 1000)
-            ]),
-            Some("force_custom_plan".into())
-        );
+        // (generic events, ms), (custom events, ms), the mode kept.
+        let cases = [
+            // Custom 0.022 ms an event against 0.033: custom wins.
+            ((30_000, 1000), (90_000, 2000), "force_custom_plan"),
+            ((30_000, 700), (30_000, 3000), "force_generic_plan"),
+            // Custom 5 % faster: within the margin, generic stays.
+            ((30_000, 1000), (30_000, 950), "force_generic_plan"),
+            // Custom 20 % faster wins, whichever probe is listed first.
+            ((30_000, 1000), (30_000, 800), "force_custom_plan"),
+        ];
+        for ((ge, gms), (ce, cms), kept) in cases {
+            let generic = p("force_generic_plan", ge, gms);
+            let custom = p("force_custom_plan", ce, cms);
+            for probes in [[generic.clone(), custom.clone()], [custom, generic]] {
+                assert_eq!(
+                    choose_plan_mode(&probes).as_deref(),
+                    Some(kept),
+                    "{probes:?}"
+                );
+            }
+        }
         assert_eq!(
             choose_plan_mode(&[p("force_generic_plan", 0, 7), p("force_custom_plan", 10, 3)]),
             None
