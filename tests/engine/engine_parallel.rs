@@ -52,15 +52,20 @@ async fn run_perf(
 
 /// A walk with the default options on two sessions, which must succeed.
 async fn walk_two_sessions(db: &TestDatabase) -> Outcome {
-    run_perf(
-        db,
-        &Options::default(),
-        &parallel(2),
-        &CancellationToken::new(),
-    )
-    .await
-    .0
-    .unwrap()
+    walk_two_sessions_with(db, &Options::default()).await
+}
+
+/// A walk with `opts` on two sessions, which must succeed.
+async fn walk_two_sessions_with(db: &TestDatabase, opts: &Options) -> Outcome {
+    run_perf(db, opts, &parallel(2), &CancellationToken::new())
+        .await
+        .0
+        .unwrap()
+}
+
+/// A session setting, as `Options::session_settings` holds it.
+fn kv(name: &str, value: &str) -> (String, String) {
+    (name.to_string(), value.to_string())
 }
 
 fn parallel(n: u32) -> Performance {
@@ -659,7 +664,6 @@ async fn tuning_reaches_our_sessions_only_and_the_user_wins(level: SchemaLevel) 
     let (db, client) = with_history(level, &overlapping()).await;
     wrap_window(&client, "").await;
     let outcome = walk_two_sessions(&db).await;
-    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
     assert_eq!(
         outcome.settings,
         vec![kv("enable_nestloop", "off"), kv("work_mem", "64MB")]
@@ -685,10 +689,7 @@ async fn tuning_reaches_our_sessions_only_and_the_user_wins(level: SchemaLevel) 
         session_settings: vec![kv("work_mem", "8MB")],
         ..Options::default()
     };
-    let outcome = run_perf(&db, &opts, &parallel(2), &CancellationToken::new())
-        .await
-        .0
-        .unwrap();
+    let outcome = walk_two_sessions_with(&db, &opts).await;
     assert_eq!(
         outcome.settings,
         vec![kv("enable_nestloop", "off"), kv("work_mem", "8MB")]
@@ -1002,13 +1003,10 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
     // The user's work_mem: no probe.
     let (db, _client) = with_history(level, &HistorySpec::even(24_000, 6)).await;
     let opts = Options {
-        session_settings: vec![("work_mem".into(), "8MB".into())],
+        session_settings: vec![kv("work_mem", "8MB")],
         ..Options::default()
     };
-    let outcome = run_perf(&db, &opts, &parallel(2), &CancellationToken::new())
-        .await
-        .0
-        .unwrap();
+    let outcome = walk_two_sessions_with(&db, &opts).await;
     let tuning = outcome.tuning.unwrap();
     assert_eq!(tuning.work_mem, None);
     assert!(tuning.probes.iter().all(|p| p.work_mem.is_none()));
@@ -1027,13 +1025,10 @@ async fn a_custom_plan_that_grows_slower_gives_way_to_the_generic_plan(level: Sc
     )
     .await;
     let opts = Options {
-        session_settings: vec![("work_mem".into(), "64MB".into())],
+        session_settings: vec![kv("work_mem", "64MB")],
         ..Options::default()
     };
-    let outcome = run_perf(&db, &opts, &parallel(2), &CancellationToken::new())
-        .await
-        .0
-        .unwrap();
+    let outcome = walk_two_sessions_with(&db, &opts).await;
     let tuning = outcome.tuning.clone().unwrap();
     assert_eq!(
         tuning.plan_cache_mode.as_deref(),
