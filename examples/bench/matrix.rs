@@ -197,30 +197,22 @@ async fn run_cell(
             let started = Instant::now();
             let mut complete = true;
             let note = match variant {
-                "reference" => {
-                    let walk = reference_walk(&url);
-                    match m.reference_cap {
-                        None => format!("{} monthly slices", walk.await?),
-                        Some(cap) => match tokio::time::timeout(cap, walk).await {
-                            Ok(slices) => format!("{} monthly slices", slices?),
-                            Err(_) => {
-                                complete = false;
-                                format!("stopped at the cap of {} s", cap.as_secs())
-                            }
-                        },
+                "reference" => match within_cap(m.reference_cap, reference_walk(&url)).await? {
+                    Some(slices) => format!("{slices} monthly slices"),
+                    None => {
+                        complete = false;
+                        stopped(m.reference_cap)
                     }
-                }
+                },
                 "p1-off" => {
-                    let walk = always(&url, Performance::reference());
-                    match m.reference_cap {
-                        None => describe(&walk.await?),
-                        Some(cap) => match tokio::time::timeout(cap, walk).await {
-                            Ok(outcome) => describe(&outcome?),
-                            Err(_) => {
-                                complete = false;
-                                format!("stopped at the cap of {} s", cap.as_secs())
-                            }
-                        },
+                    match within_cap(m.reference_cap, always(&url, Performance::reference()))
+                        .await?
+                    {
+                        Some(outcome) => describe(&outcome),
+                        None => {
+                            complete = false;
+                            stopped(m.reference_cap)
+                        }
                     }
                 }
                 "operator" => {
@@ -298,6 +290,26 @@ async fn run_cell(
         chosen,
         peak_rss_kib,
     })
+}
+
+/// `walk`'s result, or None when `cap` ran out first (the walk's statement
+/// keeps running on the server until its database is dropped).
+async fn within_cap<T, E>(
+    cap: Option<Duration>,
+    walk: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<Option<T>, E> {
+    match cap {
+        None => walk.await.map(Some),
+        Some(cap) => match tokio::time::timeout(cap, walk).await {
+            Ok(result) => result.map(Some),
+            Err(_) => Ok(None),
+        },
+    }
+}
+
+/// The note of a walk stopped at the cap.
+fn stopped(cap: Option<Duration>) -> String {
+    format!("stopped at the cap of {} s", cap.map_or(0, |c| c.as_secs()))
 }
 
 /// The engine with `perf`, as the operator command (`--mode always`).
