@@ -140,6 +140,17 @@ struct Shared {
     work_mem: Option<WorkMemProbe>,
     /// Probe tickets issued.
     tickets: u64,
+    /// Later slices under a kept custom plan at the generic probe's width
+    /// and the default work_mem, for [`Shared::plan_mode_review`].
+    custom_pool: Pool,
+}
+
+/// Slices pooled: how many, their events and their time.
+#[derive(Debug, Default)]
+struct Pool {
+    slices: u32,
+    events: i64,
+    ms: f64,
 }
 
 /// The two work_mem values a walk chooses between.
@@ -232,6 +243,12 @@ fn slower_than(baseline: (i64, f64), events: i64, elapsed: Duration) -> Option<f
 /// call at 200k, 15.5 s of 40 s at 1M), while calls of a tenth of a second
 /// vary by half their time on a loaded machine.
 const GUARD_FLOOR: Duration = Duration::from_millis(500);
+
+/// How many later slices under a kept custom plan, of about the generic
+/// probe's width, [`Shared::plan_mode_review`] waits for before it compares:
+/// one slice varies with its month's content; three is a quarter of a
+/// short walk at most.
+const REVIEW_SLICES: u32 = 3;
 
 /// Where the plan probes run: two adjacent pending pieces with the most
 /// events together (the earliest of equals), the larger first; a single
@@ -587,6 +604,7 @@ impl Shared {
         } else if probe.is_none() {
             self.work_mem_recheck(ran_at, piece.events, elapsed);
             self.plan_mode_recheck(ran_mode, ran_at, piece.events, elapsed);
+            self.plan_mode_review(ran_mode, ran_at, piece.events, elapsed);
         }
         if let Some(r) = running {
             self.probes.push(PlanProbe {
@@ -708,6 +726,77 @@ impl Shared {
         }
     }
 
+    /// The custom plan was kept on one probe slice against one slice of
+    /// the generic plan, both about a unit wide; the walk then widens its
+    /// slices, and a custom plan's time per event can grow with the slice
+    /// where the generic plan's falls (on `wide` at 200k the custom plan
+    /// won its probe, lost every wider trial, and walked 1.4x slower than
+    /// the generic plan had on the same history). So later slices under
+    /// it, at the default work_mem and at the generic probe's level of the
+    /// width ladder (within a factor of √2 of its events), are pooled; once
+    /// [`REVIEW_SLICES`] of them are together no faster per event than the
+    /// generic probe was, the verdict is reversed: every session goes over
+    /// to the generic plan, and the width search starts over. Once, like
+    /// [`Shared::plan_mode_recheck`]; the pool is listed with the probes.
+    /// Not when the generic probe was given up: it lost by [`PROBE_MARGIN`]
+    /// and its time per event is not known.
+    fn plan_mode_review(
+        &mut self,
+        ran_mode: Option<&str>,
+        ran_at: Option<&str>,
+        events: i64,
+        elapsed: Duration,
+    ) {
+        let (generic, custom) = (PROBE_MODES[0], PROBE_MODES[1]);
+        if self.decided.clone().flatten().as_deref() != Some(custom) || ran_mode != Some(custom) {
+            return;
+        }
+        if let Some(probe) = &self.work_mem
+            && ran_at != Some(probe.choice.default.as_str())
+        {
+            return;
+        }
+        let Some((probe_events, probe_rate)) = self
+            .probes
+            .iter()
+            .find(|p| p.completed && p.work_mem.is_none() && p.plan_cache_mode == generic)
+            .and_then(|p| Some((p.events, p.ms_per_event()?)))
+        else {
+            return;
+        };
+        let ratio = events as f64 / probe_events as f64;
+        if !(std::f64::consts::FRAC_1_SQRT_2..=std::f64::consts::SQRT_2).contains(&ratio) {
+            return;
+        }
+        let pool = &mut self.custom_pool;
+        pool.slices += 1;
+        pool.events += events;
+        pool.ms += elapsed.as_secs_f64() * 1000.0;
+        let rate = pool.ms / pool.events as f64;
+        if pool.slices < REVIEW_SLICES || rate < probe_rate {
+            return;
+        }
+        tracing::info!(
+            plan_cache_mode = generic,
+            ms_per_event = rate,
+            generic_ms_per_event = probe_rate,
+            slices = pool.slices,
+            "plan_cache_mode: the custom plan's later slices were no faster than the generic probe; generic from now on"
+        );
+        let listed = PlanProbe {
+            plan_cache_mode: custom.to_string(),
+            work_mem: None,
+            events: pool.events,
+            elapsed_ms: pool.ms.round() as u64,
+            completed: true,
+        };
+        self.decided = Some(Some(generic.to_string()));
+        self.probes.push(listed);
+        if let Some(search) = self.width.as_mut() {
+            search.restart();
+        }
+    }
+
     /// The work_mem probe committed: the alternative is kept when it was
     /// faster per event than the winning plan probe by [`WORK_MEM_MARGIN`].
     /// A probe made under a mode no longer kept compares with nothing: the
@@ -814,6 +903,7 @@ impl Walk<'_> {
             width,
             sessions: session_count,
             tickets: 0,
+            custom_pool: Pool::default(),
             work_mem: if probe {
                 self.work_mem_probe.clone().map(|choice| WorkMemProbe {
                     choice,

@@ -32,8 +32,9 @@
 //!   is kept unless the custom one is faster per event by
 //!   [`PLAN_MODE_MARGIN`]; a probe that can no longer win is cancelled and
 //!   its slice re-run; and a custom plan kept that later grows slower than
-//!   its probe by `PROBE_MARGIN` sends every session to the generic plan
-//!   (see `parallel`).
+//!   its probe by `PROBE_MARGIN`, or whose later slices of the probes'
+//!   width are no faster than the generic probe, sends every session to
+//!   the generic plan (see `parallel`).
 //!
 //! Settings measured and left out because they did not pay: `jit = off`
 //! (no difference beyond noise; JIT compiles in under 0.1 s per slice),
@@ -208,7 +209,7 @@ pub struct PlanProbe {
 }
 
 impl PlanProbe {
-    fn ms_per_event(&self) -> Option<f64> {
+    pub(crate) fn ms_per_event(&self) -> Option<f64> {
         (self.events > 0).then(|| self.elapsed_ms as f64 / self.events as f64)
     }
 }
