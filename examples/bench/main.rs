@@ -555,8 +555,24 @@ fn describe(o: &Outcome) -> String {
     if let Some(st) = &o.slice_stats {
         s += &format!(", slice median {} ms / max {} ms", st.median_ms, st.max_ms);
     }
-    if let Some(m) = o.tuning.as_ref().and_then(|t| t.plan_cache_mode.as_deref()) {
-        s += &format!(", {m}");
+    if let Some(t) = &o.tuning
+        && let Some(m) = t.plan_cache_mode.as_deref()
+    {
+        // Every plan entry in order, ms per 1000 events: the two probes,
+        // then a slice or pool that sent the sessions to the generic plan.
+        let plans: Vec<String> = t
+            .probes
+            .iter()
+            .filter(|p| p.work_mem.is_none())
+            .map(|p| {
+                let mode = p.plan_cache_mode.trim_start_matches("force_");
+                let mode = mode.trim_end_matches("_plan");
+                let rate = p.elapsed_ms as f64 * 1000.0 / p.events.max(1) as f64;
+                let given_up = if p.completed { "" } else { " given up" };
+                format!("{mode} {rate:.0}{given_up}")
+            })
+            .collect();
+        s += &format!(", {m} ({})", plans.join(" / "));
     }
     if let Some(t) = &o.tuning
         && let Some(w) = &t.work_mem
