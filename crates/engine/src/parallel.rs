@@ -692,13 +692,7 @@ impl Shared {
         events: i64,
         elapsed: Duration,
     ) {
-        let (generic, custom) = (PROBE_MODES[0], PROBE_MODES[1]);
-        if self.decided.clone().flatten().as_deref() != Some(custom) || ran_mode != Some(custom) {
-            return;
-        }
-        if let Some(probe) = &self.work_mem
-            && ran_at != Some(probe.choice.default.as_str())
-        {
+        if !self.under_kept_custom(ran_mode, ran_at) {
             return;
         }
         let Some(baseline) = self.baseline() else {
@@ -708,17 +702,36 @@ impl Shared {
             return;
         };
         tracing::info!(
-            plan_cache_mode = generic,
             ms_per_event = rate,
             baseline_ms_per_event = baseline.1,
             "plan_cache_mode: the custom plan got slower as the walk went on; generic from now on"
         );
-        self.decided = Some(Some(generic.to_string()));
+        self.back_to_generic(events, millis(elapsed));
+    }
+
+    /// Whether a slice ran under the custom plan kept, at the default
+    /// work_mem: what [`Shared::plan_mode_recheck`] and
+    /// [`Shared::plan_mode_review`] watch.
+    fn under_kept_custom(&self, ran_mode: Option<&str>, ran_at: Option<&str>) -> bool {
+        let custom = PROBE_MODES[1];
+        self.decided.clone().flatten().as_deref() == Some(custom)
+            && ran_mode == Some(custom)
+            && self
+                .work_mem
+                .as_ref()
+                .is_none_or(|probe| ran_at == Some(probe.choice.default.as_str()))
+    }
+
+    /// Every session goes over to the generic plan for the rest of the
+    /// walk, and the width search starts over; the custom slices that lost
+    /// (`events` in `elapsed_ms`) are listed with the probes.
+    fn back_to_generic(&mut self, events: i64, elapsed_ms: u64) {
+        self.decided = Some(Some(PROBE_MODES[0].to_string()));
         self.probes.push(PlanProbe {
-            plan_cache_mode: custom.to_string(),
+            plan_cache_mode: PROBE_MODES[1].to_string(),
             work_mem: None,
             events,
-            elapsed_ms: millis(elapsed),
+            elapsed_ms,
             completed: true,
         });
         if let Some(search) = self.width.as_mut() {
@@ -747,19 +760,13 @@ impl Shared {
         events: i64,
         elapsed: Duration,
     ) {
-        let (generic, custom) = (PROBE_MODES[0], PROBE_MODES[1]);
-        if self.decided.clone().flatten().as_deref() != Some(custom) || ran_mode != Some(custom) {
-            return;
-        }
-        if let Some(probe) = &self.work_mem
-            && ran_at != Some(probe.choice.default.as_str())
-        {
+        if !self.under_kept_custom(ran_mode, ran_at) {
             return;
         }
         let Some((probe_events, probe_rate)) = self
             .probes
             .iter()
-            .find(|p| p.completed && p.work_mem.is_none() && p.plan_cache_mode == generic)
+            .find(|p| p.completed && p.work_mem.is_none() && p.plan_cache_mode == PROBE_MODES[0])
             .and_then(|p| Some((p.events, p.ms_per_event()?)))
         else {
             return;
@@ -777,24 +784,13 @@ impl Shared {
             return;
         }
         tracing::info!(
-            plan_cache_mode = generic,
             ms_per_event = rate,
             generic_ms_per_event = probe_rate,
             slices = pool.slices,
             "plan_cache_mode: the custom plan's later slices were no faster than the generic probe; generic from now on"
         );
-        let listed = PlanProbe {
-            plan_cache_mode: custom.to_string(),
-            work_mem: None,
-            events: pool.events,
-            elapsed_ms: pool.ms.round() as u64,
-            completed: true,
-        };
-        self.decided = Some(Some(generic.to_string()));
-        self.probes.push(listed);
-        if let Some(search) = self.width.as_mut() {
-            search.restart();
-        }
+        let (events, ms) = (pool.events, pool.ms.round() as u64);
+        self.back_to_generic(events, ms);
     }
 
     /// The work_mem probe committed: the alternative is kept when it was
