@@ -555,6 +555,8 @@ fn describe(o: &Outcome) -> String {
     if let Some(st) = &o.slice_stats {
         s += &format!(", slice median {} ms / max {} ms", st.median_ms, st.max_ms);
     }
+    // A plan or work_mem entry's time, ms per 1000 events.
+    let rate = |p: &engine::PlanProbe| p.elapsed_ms as f64 * 1000.0 / p.events.max(1) as f64;
     if let Some(t) = &o.tuning
         && let Some(m) = t.plan_cache_mode.as_deref()
     {
@@ -567,9 +569,8 @@ fn describe(o: &Outcome) -> String {
             .map(|p| {
                 let mode = p.plan_cache_mode.trim_start_matches("force_");
                 let mode = mode.trim_end_matches("_plan");
-                let rate = p.elapsed_ms as f64 * 1000.0 / p.events.max(1) as f64;
                 let given_up = if p.completed { "" } else { " given up" };
-                format!("{mode} {rate:.0}{given_up}")
+                format!("{mode} {:.0}{given_up}", rate(p))
             })
             .collect();
         s += &format!(", {m} ({})", plans.join(" / "));
@@ -577,8 +578,7 @@ fn describe(o: &Outcome) -> String {
     if let Some(t) = &o.tuning
         && let Some(w) = &t.work_mem
     {
-        // The work_mem probe against the plan probe that won, ms per 1000 events.
-        let rate = |p: &engine::PlanProbe| p.elapsed_ms as f64 * 1000.0 / p.events.max(1) as f64;
+        // The work_mem probe against the plan probe that won.
         let tried = t.probes.iter().find(|p| p.work_mem.is_some());
         let base = t.probes.iter().find(|p| {
             p.completed

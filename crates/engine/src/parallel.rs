@@ -420,7 +420,13 @@ impl Shared {
     /// The plan probe that won, under the default work_mem: its events and
     /// its time per event.
     fn baseline(&self) -> Option<(i64, f64)> {
-        let mode = self.decided.clone()??;
+        self.plan_probe(&self.decided.clone()??)
+    }
+
+    /// The completed probe of `mode` under the default work_mem (the first
+    /// such entry: slices listed after it by a guard come later): its
+    /// events and its time per event.
+    fn plan_probe(&self, mode: &str) -> Option<(i64, f64)> {
         self.probes
             .iter()
             .find(|p| p.completed && p.work_mem.is_none() && p.plan_cache_mode == mode)
@@ -603,8 +609,11 @@ impl Shared {
             self.work_mem_finished(r, piece.events, elapsed);
         } else if probe.is_none() {
             self.work_mem_recheck(ran_at, piece.events, elapsed);
-            self.plan_mode_recheck(ran_mode, ran_at, piece.events, elapsed);
-            self.plan_mode_review(ran_mode, ran_at, piece.events, elapsed);
+            if self.under_kept_custom(ran_mode, ran_at)
+                && !self.plan_mode_recheck(piece.events, elapsed)
+            {
+                self.plan_mode_review(piece.events, elapsed);
+            }
         }
         if let Some(r) = running {
             self.probes.push(PlanProbe {
@@ -684,22 +693,14 @@ impl Shared {
     /// times its probe ([`slower_than`]) sends every session to the
     /// generic plan, whose delete hashes, and the width search starts over.
     /// Once: the generic plan is kept from then on. The slice is listed
-    /// with the probes.
-    fn plan_mode_recheck(
-        &mut self,
-        ran_mode: Option<&str>,
-        ran_at: Option<&str>,
-        events: i64,
-        elapsed: Duration,
-    ) {
-        if !self.under_kept_custom(ran_mode, ran_at) {
-            return;
-        }
+    /// with the probes. For a slice [`Shared::under_kept_custom`]; true when
+    /// it sent the sessions to the generic plan.
+    fn plan_mode_recheck(&mut self, events: i64, elapsed: Duration) -> bool {
         let Some(baseline) = self.baseline() else {
-            return;
+            return false;
         };
         let Some(rate) = slower_than(baseline, events, elapsed) else {
-            return;
+            return false;
         };
         tracing::info!(
             ms_per_event = rate,
@@ -707,6 +708,7 @@ impl Shared {
             "plan_cache_mode: the custom plan got slower as the walk went on; generic from now on"
         );
         self.back_to_generic(events, millis(elapsed));
+        true
     }
 
     /// Whether a slice ran under the custom plan kept, at the default
@@ -752,23 +754,10 @@ impl Shared {
     /// to the generic plan, and the width search starts over. Once, like
     /// [`Shared::plan_mode_recheck`]; the pool is listed with the probes.
     /// Not when the generic probe was given up: it lost by [`PROBE_MARGIN`]
-    /// and its time per event is not known.
-    fn plan_mode_review(
-        &mut self,
-        ran_mode: Option<&str>,
-        ran_at: Option<&str>,
-        events: i64,
-        elapsed: Duration,
-    ) {
-        if !self.under_kept_custom(ran_mode, ran_at) {
-            return;
-        }
-        let Some((probe_events, probe_rate)) = self
-            .probes
-            .iter()
-            .find(|p| p.completed && p.work_mem.is_none() && p.plan_cache_mode == PROBE_MODES[0])
-            .and_then(|p| Some((p.events, p.ms_per_event()?)))
-        else {
+    /// and its time per event is not known. For a slice
+    /// [`Shared::under_kept_custom`] that the guard let pass.
+    fn plan_mode_review(&mut self, events: i64, elapsed: Duration) {
+        let Some((probe_events, probe_rate)) = self.plan_probe(PROBE_MODES[0]) else {
             return;
         };
         let ratio = events as f64 / probe_events as f64;

@@ -209,7 +209,7 @@ pub struct PlanProbe {
 }
 
 impl PlanProbe {
-    pub(crate) fn ms_per_event(&self) -> Option<f64> {
+    fn ms_per_event(&self) -> Option<f64> {
         (self.events > 0).then(|| self.elapsed_ms as f64 / self.events as f64)
     }
 }
