@@ -555,7 +555,7 @@ fn describe(o: &Outcome) -> String {
     if let Some(st) = &o.slice_stats {
         s += &format!(", slice median {} ms / max {} ms", st.median_ms, st.max_ms);
     }
-    // A plan or work_mem entry's time, ms per 1000 events.
+    // A plan or setting entry's time, ms per 1000 events.
     let rate = |p: &engine::PlanProbe| p.elapsed_ms as f64 * 1000.0 / p.events.max(1) as f64;
     if let Some(t) = &o.tuning
         && let Some(m) = t.plan_cache_mode.as_deref()
@@ -565,7 +565,7 @@ fn describe(o: &Outcome) -> String {
         let plans: Vec<String> = t
             .probes
             .iter()
-            .filter(|p| p.work_mem.is_none())
+            .filter(|p| p.at_defaults())
             .map(|p| {
                 let mode = p.plan_cache_mode.trim_start_matches("force_");
                 let mode = mode.trim_end_matches("_plan");
@@ -575,25 +575,28 @@ fn describe(o: &Outcome) -> String {
             .collect();
         s += &format!(", {m} ({})", plans.join(" / "));
     }
-    if let Some(t) = &o.tuning
-        && let Some(w) = &t.work_mem
-    {
-        // The work_mem probe against the plan probe that won.
-        let tried = t.probes.iter().find(|p| p.work_mem.is_some());
-        let base = t.probes.iter().find(|p| {
-            p.completed
-                && p.work_mem.is_none()
-                && Some(&p.plan_cache_mode) == t.plan_cache_mode.as_ref()
-        });
-        s += &format!(", work_mem {w}");
-        if let (Some(tried), Some(base)) = (tried, base) {
-            s += &format!(
-                " ({}: {:.0}{}, default: {:.0} ms per 1000 events)",
-                tried.work_mem.as_deref().unwrap_or(""),
-                rate(tried),
-                if tried.completed { "" } else { " given up" },
-                rate(base)
-            );
+    if let Some(t) = &o.tuning {
+        // Each setting probed: the value kept, then every entry at the
+        // alternative (the probe, then a slice that sent the sessions
+        // back), ms per 1000 events.
+        for (name, kept) in [
+            ("work_mem", &t.work_mem),
+            ("enable_nestloop", &t.enable_nestloop),
+        ] {
+            let Some(kept) = kept else { continue };
+            let tried: Vec<String> = t
+                .probes
+                .iter()
+                .filter_map(|p| {
+                    let value = p.tried(name)?;
+                    let given_up = if p.completed { "" } else { " given up" };
+                    Some(format!("{value}: {:.0}{given_up}", rate(p)))
+                })
+                .collect();
+            s += &format!(", {name} {kept}");
+            if !tried.is_empty() {
+                s += &format!(" ({})", tried.join(" / "));
+            }
         }
     }
     if let Some(w) = o.tuning.as_ref().and_then(|t| t.slice_width.as_ref()) {

@@ -456,6 +456,9 @@ pub(crate) fn render_text(o: &Outcome) -> String {
         if let Some(w) = &t.work_mem {
             plan += &format!(", work_mem={w} (measured)");
         }
+        if let Some(n) = &t.enable_nestloop {
+            plan += &format!(", enable_nestloop={n} (measured)");
+        }
         line("tuning:", format!("{}{plan}", t.preset));
         if let Some(w) = &t.slice_width {
             let measured: Vec<String> = w

@@ -32,6 +32,7 @@ testkit::at_both_levels!(
     a_cap_on_slice_duration_splits_by_measured_time,
     slice_width_is_chosen_by_measurement,
     work_mem_is_chosen_by_measurement,
+    nested_loops_are_chosen_by_measurement,
     a_custom_plan_that_grows_slower_gives_way_to_the_generic_plan,
     a_custom_plan_no_faster_than_the_generic_probe_gives_way,
     a_stray_cancel_runs_the_slice_again,
@@ -152,6 +153,10 @@ async fn wrap_window(client: &Client, before: &str) {
              DECLARE
                  v bigint;
                  t0 timestamptz := clock_timestamp();
+                 -- The settings the call was made with.
+                 nestloop text := current_setting('enable_nestloop');
+                 mem text := current_setting('work_mem');
+                 mode text := current_setting('plan_cache_mode');
              BEGIN
                  PERFORM nextval('window_calls');
                  {before}
@@ -161,8 +166,7 @@ async fn wrap_window(client: &Client, before: &str) {
                      EXISTS (SELECT 1 FROM pg_locks
                               WHERE locktype = 'advisory' AND classid = 0 AND objid = 4246
                                 AND objsubid = 1 AND granted AND pid = pg_backend_pid()),
-                     current_setting('enable_nestloop'), current_setting('work_mem'),
-                     current_setting('plan_cache_mode'));
+                     nestloop, mem, mode);
                  RETURN v;
              END $$;"
         ))
@@ -730,11 +734,12 @@ async fn plan_cache_mode_is_chosen_by_measurement(level: SchemaLevel) {
     wrap_window(&client, "").await;
     let outcome = walk_two_sessions(&db).await;
     let tuning = outcome.tuning.unwrap();
-    // The plan probes (the work_mem probe after them has its own test).
+    // The plan probes (the setting probes after them have their own
+    // tests).
     let probed: Vec<&str> = tuning
         .probes
         .iter()
-        .filter(|p| p.work_mem.is_none())
+        .filter(|p| p.at_defaults())
         .map(|p| p.plan_cache_mode.as_str())
         .collect();
     assert_eq!(probed.len(), 2);
@@ -777,7 +782,7 @@ async fn plan_cache_mode_is_chosen_by_measurement(level: SchemaLevel) {
         let p = tuning
             .probes
             .iter()
-            .find(|p| p.plan_cache_mode == mode && p.work_mem.is_none())
+            .find(|p| p.plan_cache_mode == mode && p.at_defaults())
             .unwrap();
         p.completed.then(|| {
             historical
@@ -946,7 +951,7 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
         let tried: Vec<_> = tuning
             .probes
             .iter()
-            .filter(|p| p.work_mem.is_some())
+            .filter(|p| p.work_mem.is_some() && p.enable_nestloop.is_none())
             .collect();
         assert_eq!(tried.len(), 1, "{tuning:?}");
         assert_eq!(tried[0].work_mem.as_deref(), Some("4MB"));
@@ -963,7 +968,7 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
                 .iter()
                 .find(|p| {
                     p.completed
-                        && p.work_mem.is_none()
+                        && p.at_defaults()
                         && Some(&p.plan_cache_mode) == tuning.plan_cache_mode.as_ref()
                 })
                 .unwrap();
@@ -993,7 +998,7 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
     let at_4mb: Vec<_> = tuning
         .probes
         .iter()
-        .filter(|p| p.work_mem.is_some())
+        .filter(|p| p.work_mem.is_some() && p.enable_nestloop.is_none())
         .collect();
     assert_eq!(
         at_4mb.len(),
@@ -1018,11 +1023,161 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
     assert!(tuning.probes.iter().all(|p| p.work_mem.is_none()));
 }
 
+/// Last of the settings, one small slice runs with nested loops allowed
+/// (`enable_nestloop = on`) under the settings kept before it, compared per
+/// event with the entry that ran under them: slow nested loops are given up
+/// as soon as they can no longer win (the slice runs again, and no call
+/// with them commits); fast ones are kept for every later slice, the last
+/// included; ones that win early and lose as the hourly table fills (as a
+/// nested loop over an agent's growing history does) send every session
+/// back. The user's enable_nestloop is never probed.
+async fn nested_loops_are_chosen_by_measurement(level: SchemaLevel) {
+    // 4MB made faster than 64MB, nested loops slower than either: 4MB is
+    // kept, and the nested-loop probe runs at 4MB against the 4MB entry.
+    // Months of about 6000 events: the probe takes a third of one. (Real
+    // nested loops cost about 0.6 ms an event here, ten times the hash
+    // plans, and the real 4MB plan can be slower than 64MB: the calls
+    // themselves run with nested loops off, the sleeps alone differ.)
+    let (db, client) = with_history(level, &HistorySpec::even(36_000, 6)).await;
+    wrap_window(
+        &client,
+        "PERFORM pg_sleep(CASE WHEN current_setting('work_mem') = '64MB' THEN 1.5 ELSE 0 END
+                        + CASE WHEN current_setting('enable_nestloop') = 'on' THEN 0.5 ELSE 0 END
+                        + CASE WHEN current_setting('plan_cache_mode') = 'force_custom_plan'
+                               THEN 0.2 ELSE 0 END);
+         PERFORM set_config('enable_nestloop', 'off', true);",
+    )
+    .await;
+    let outcome = walk_two_sessions(&db).await;
+    let tuning = outcome.tuning.clone().unwrap();
+    assert_eq!(tuning.work_mem.as_deref(), Some("4MB"), "{tuning:?}");
+    assert_eq!(tuning.enable_nestloop.as_deref(), Some("off"), "{tuning:?}");
+    let at_4mb = tuning
+        .probes
+        .iter()
+        .find(|p| p.completed && p.work_mem.as_deref() == Some("4MB"))
+        .expect("the work_mem probe");
+    let tried: Vec<_> = tuning
+        .probes
+        .iter()
+        .filter(|p| p.enable_nestloop.is_some())
+        .collect();
+    assert_eq!(tried.len(), 1, "{tuning:?}");
+    let nl = tried[0];
+    assert_eq!(nl.enable_nestloop.as_deref(), Some("on"));
+    assert_eq!(nl.work_mem.as_deref(), Some("4MB"), "under the value kept");
+    assert_eq!(Some(&nl.plan_cache_mode), tuning.plan_cache_mode.as_ref());
+    // Given up, and only once it could no longer win by the margin; on a
+    // slice of its own, smaller than a month.
+    assert!(!nl.completed, "{tuning:?}");
+    assert!(
+        nl.elapsed_ms as f64 >= rate(at_4mb) * nl.events as f64 / 1.1,
+        "{tuning:?}"
+    );
+    assert!(
+        nl.events >= 2_000 && nl.events < at_4mb.events,
+        "{tuning:?}"
+    );
+    let logged = calls(&client).await;
+    assert!(logged.iter().all(|c| c.nestloop == "off"));
+    assert_eq!(
+        logged.iter().max_by_key(|c| c.slice.to).unwrap().work_mem,
+        "4MB"
+    );
+    assert_correct(&client).await;
+
+    // Nested loops made faster: kept from the probe on, the last slice
+    // included. (The user's work_mem, so no work_mem probe joins in.)
+    let user_work_mem = Options {
+        session_settings: vec![kv("work_mem", "64MB")],
+        ..Options::default()
+    };
+    let (db, client) = with_history(level, &HistorySpec::even(24_000, 6)).await;
+    wrap_window(
+        &client,
+        "PERFORM pg_sleep(CASE WHEN current_setting('enable_nestloop') = 'off' THEN 0.4 ELSE 0 END
+                        + CASE WHEN current_setting('plan_cache_mode') = 'force_custom_plan'
+                               THEN 0.2 ELSE 0 END);
+         PERFORM set_config('enable_nestloop', 'off', true);",
+    )
+    .await;
+    let outcome = walk_two_sessions_with(&db, &user_work_mem).await;
+    let tuning = outcome.tuning.clone().unwrap();
+    assert_eq!(tuning.enable_nestloop.as_deref(), Some("on"), "{tuning:?}");
+    let won = tuning
+        .probes
+        .iter()
+        .find(|p| {
+            p.completed
+                && p.at_defaults()
+                && Some(&p.plan_cache_mode) == tuning.plan_cache_mode.as_ref()
+        })
+        .unwrap();
+    let nl: Vec<_> = tuning
+        .probes
+        .iter()
+        .filter(|p| p.enable_nestloop.is_some())
+        .collect();
+    assert_eq!(nl.len(), 1, "{tuning:?}");
+    assert!(
+        nl[0].completed && 1.1 * rate(nl[0]) < rate(won),
+        "{tuning:?}"
+    );
+    let logged = calls(&client).await;
+    let last = logged.iter().max_by_key(|c| c.slice.to).unwrap();
+    assert_eq!(last.nestloop, "on");
+    // Every call that started after the probe had finished ran with them.
+    let probe_finished = logged.iter().find(|c| c.nestloop == "on").unwrap().finished;
+    for c in logged.iter().filter(|c| c.started > probe_finished) {
+        assert_eq!(c.nestloop, "on", "{:?}", c.slice);
+    }
+    assert_correct(&client).await;
+
+    // Faster while the hourly table is small, slower once it has filled:
+    // every session goes back to nested loops off, the last slice
+    // included, and the slice that lost is listed.
+    let (db, client) = with_history(level, &HistorySpec::even(40_000, 10)).await;
+    wrap_window(
+        &client,
+        &format!(
+            "{} PERFORM set_config('enable_nestloop', 'off', true);",
+            slow_at_then_as_filled("enable_nestloop", "off")
+        ),
+    )
+    .await;
+    let outcome = walk_two_sessions_with(&db, &user_work_mem).await;
+    let tuning = outcome.tuning.clone().unwrap();
+    assert_eq!(tuning.enable_nestloop.as_deref(), Some("off"), "{tuning:?}");
+    let nl: Vec<_> = tuning
+        .probes
+        .iter()
+        .filter(|p| p.enable_nestloop.is_some())
+        .collect();
+    assert_eq!(nl.len(), 2, "the probe and the slice that lost: {tuning:?}");
+    assert!(rate(nl[1]) > 1.5 * rate(nl[0]), "{tuning:?}");
+    let logged = calls(&client).await;
+    assert_eq!(
+        logged.iter().max_by_key(|c| c.slice.to).unwrap().nestloop,
+        "off"
+    );
+    assert_correct(&client).await;
+
+    // The user's enable_nestloop: no probe.
+    let (db, _client) = with_history(level, &HistorySpec::even(24_000, 6)).await;
+    let opts = Options {
+        session_settings: vec![kv("enable_nestloop", "off")],
+        ..Options::default()
+    };
+    let tuning = walk_two_sessions_with(&db, &opts).await.tuning.unwrap();
+    assert_eq!(tuning.enable_nestloop, None);
+    assert!(tuning.probes.iter().all(|p| p.enable_nestloop.is_none()));
+}
+
 /// The custom plan wins its probe while the hourly table is small and
 /// loses once the table has filled (as its merge delete does): every
 /// session goes over to the generic plan, the last slice included, and the
-/// slice that lost is listed with the probes. (The user's work_mem, so no
-/// work_mem probe joins in.)
+/// slice that lost is listed with the probes. (The user's work_mem and
+/// enable_nestloop, so no setting probe joins in.)
 async fn a_custom_plan_that_grows_slower_gives_way_to_the_generic_plan(level: SchemaLevel) {
     let (db, client) = with_history(level, &HistorySpec::even(40_000, 10)).await;
     wrap_window(
@@ -1038,8 +1193,8 @@ async fn a_custom_plan_that_grows_slower_gives_way_to_the_generic_plan(level: Sc
     assert_correct(&client).await;
 }
 
-/// A walk on two sessions at the user's work_mem (so no work_mem probe
-/// joins in) that must end on the generic plan, its last call included,
+/// A walk on two sessions at the user's work_mem and enable_nestloop (so
+/// no setting probe joins in) that must end on the generic plan, its last call included,
 /// with two custom-plan entries listed with the probes, both completed:
 /// the probe that won and what lost after it. Returns the tuning and those
 /// two entries.
@@ -1048,7 +1203,7 @@ async fn walk_back_to_generic(
     client: &Client,
 ) -> (engine::TuningReport, Vec<engine::PlanProbe>) {
     let opts = Options {
-        session_settings: vec![kv("work_mem", "64MB")],
+        session_settings: vec![kv("work_mem", "64MB"), kv("enable_nestloop", "off")],
         ..Options::default()
     };
     let outcome = walk_two_sessions_with(db, &opts).await;
@@ -1069,7 +1224,7 @@ async fn walk_back_to_generic(
         2,
         "the probe and what lost after it: {tuning:?}"
     );
-    assert!(custom.iter().all(|p| p.completed && p.work_mem.is_none()));
+    assert!(custom.iter().all(|p| p.completed && p.at_defaults()));
     let calls = calls(client).await;
     assert_eq!(
         calls.iter().max_by_key(|c| c.slice.to).unwrap().plan_mode,
@@ -1089,8 +1244,8 @@ fn rate(p: &engine::PlanProbe) -> f64 {
 /// never): no faster than the generic probe, yet within 1.5x its own probe,
 /// so the guard against a plan that grows slower stays quiet. After three
 /// month-wide slices every session goes over to the generic plan, and the
-/// pooled slices are listed with the probes. (The user's work_mem, so no
-/// work_mem probe joins in.)
+/// pooled slices are listed with the probes. (The user's work_mem and
+/// enable_nestloop, so no setting probe joins in.)
 async fn a_custom_plan_no_faster_than_the_generic_probe_gives_way(level: SchemaLevel) {
     let (db, client) = with_history(level, &HistorySpec::even(36_000, 15)).await;
     wrap_window(

@@ -312,6 +312,12 @@ pub struct PerformanceStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub work_mem: Option<String>,
 
+    /// enable_nestloop kept after timing one small slice with nested loops
+    /// allowed ("on") against the settings then in force ("off");
+    /// absent when not measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_nestloop: Option<String>,
+
     /// Window calls run again after a deadlock or serialization failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slice_retries: Option<i64>,

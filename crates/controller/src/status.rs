@@ -451,6 +451,10 @@ fn performance(outcome: &Outcome) -> Option<PerformanceStatus> {
             .as_ref()
             .and_then(|t| t.plan_cache_mode.clone()),
         work_mem: outcome.tuning.as_ref().and_then(|t| t.work_mem.clone()),
+        enable_nestloop: outcome
+            .tuning
+            .as_ref()
+            .and_then(|t| t.enable_nestloop.clone()),
         slice_retries: Some(i64::try_from(outcome.slice_retries).unwrap_or(i64::MAX)),
         slice_median_millis: millis(stats.median_ms),
         slice_max_millis: millis(stats.max_ms),
@@ -837,6 +841,7 @@ mod tests {
                 plan_cache_mode: Some("force_generic_plan".into()),
                 probes: Vec::new(),
                 work_mem: Some("4MB".into()),
+                enable_nestloop: Some("off".into()),
                 slice_width: Some(engine::WidthReport {
                     events_per_slice: 20_000,
                     levels: vec![
@@ -865,6 +870,7 @@ mod tests {
                 sessions: Some(2),
                 plan_cache_mode: Some("force_generic_plan".into()),
                 work_mem: Some("4MB".into()),
+                enable_nestloop: Some("off".into()),
                 slice_retries: Some(1),
                 slice_median_millis: Some(25),
                 slice_max_millis: Some(40),

@@ -36,7 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::session::{Guard, Session, SliceError};
 use super::sizing::{self, Model, Piece};
-use super::tuning::{self, PROBE_MIN_EVENTS, PROBE_MODES, PlanProbe, WORK_MEM_MARGIN};
+use super::tuning::{
+    self, ENABLE_NESTLOOP, NESTLOOP_PROBE, NESTLOOP_PROBE_SHARE, PROBE_MIN_EVENTS, PROBE_MODES,
+    PlanProbe, SETTING_MARGIN, WORK_MEM, WORK_MEM_PROBE,
+};
 use super::width::{self, Claim, WidthReport, WidthSearch};
 use super::{Error, Event, Result, Slice, plan};
 
@@ -70,9 +73,10 @@ pub(crate) struct Walk<'a> {
     /// Choose plan_cache_mode by measurement on the two adjacent slices
     /// with the most events (the first two with a cap).
     pub probe: bool,
-    /// Then try this work_mem (the alternative) against the sessions' own
-    /// (the default) on one slice, under the plan_cache_mode kept.
-    pub work_mem_probe: Option<WorkMemChoice>,
+    /// Then, one after the other, each of these settings at its
+    /// alternative against the sessions' own value on one slice, under the
+    /// plan_cache_mode kept and the settings kept before it.
+    pub setting_probes: Vec<SettingChoice>,
     /// Counts of the attempt resumed from.
     pub already_processed: u64,
     pub already_rows: i64,
@@ -95,6 +99,8 @@ pub(crate) struct Walked {
     pub probes: Vec<PlanProbe>,
     /// The work_mem kept, when probed.
     pub work_mem: Option<String>,
+    /// The enable_nestloop kept, when probed.
+    pub enable_nestloop: Option<String>,
     /// What the width search measured and kept.
     pub width: Option<WidthReport>,
 }
@@ -136,8 +142,11 @@ struct Shared {
     /// each slice takes some of.
     width: Option<WidthSearch>,
     sessions: usize,
-    /// The work_mem probe, when made.
-    work_mem: Option<WorkMemProbe>,
+    /// The setting probes, in the order they run (one at a time); empty
+    /// when plan_cache_mode is not probed.
+    settings: Vec<SettingProbe>,
+    /// Events of the historical slices, for the size of a probe's slice.
+    total_events: i64,
     /// Probe tickets issued.
     tickets: u64,
     /// Later slices under a kept custom plan at the generic probe's width
@@ -153,37 +162,97 @@ struct Pool {
     ms: f64,
 }
 
-/// The two work_mem values a walk chooses between.
+/// A session setting whose two values a walk chooses between by timing
+/// one slice at the alternative.
 #[derive(Debug, Clone)]
-pub(crate) struct WorkMemChoice {
+pub(crate) struct SettingChoice {
+    pub name: &'static str,
     /// The sessions' own (the tuning's default).
     pub default: String,
     /// Tried on one slice.
     pub alternative: String,
+    /// The probe's slice: None, the largest pending unit; Some(share), a
+    /// part of it of about this share of the walk's events.
+    share: Option<f64>,
+    /// The probe is given up once it has run this many times what the
+    /// settings in force take for its events.
+    give_up: f64,
 }
 
-/// The work_mem probe's state in a walk.
-struct WorkMemProbe {
-    choice: WorkMemChoice,
+impl SettingChoice {
+    /// work_mem: the probe takes a whole unit, like the plan probe it is
+    /// compared with, and is given up only at [`PROBE_MARGIN`]: the two
+    /// values were within ±15 % of each other on most histories measured,
+    /// so a probe that loses by a little still does its slice's work.
+    pub(crate) fn work_mem(default: String) -> Self {
+        SettingChoice {
+            name: WORK_MEM,
+            default,
+            alternative: WORK_MEM_PROBE.to_string(),
+            share: None,
+            give_up: PROBE_MARGIN,
+        }
+    }
+
+    /// enable_nestloop: nested loops lost by 5-25x on every history
+    /// measured, so the probe takes a small slice and is given up as soon
+    /// as it can no longer win by [`SETTING_MARGIN`]: a losing probe costs
+    /// about [`NESTLOOP_PROBE_SHARE`] of the walk.
+    pub(crate) fn nestloop(default: String) -> Self {
+        SettingChoice {
+            name: ENABLE_NESTLOOP,
+            default,
+            alternative: NESTLOOP_PROBE.to_string(),
+            share: Some(NESTLOOP_PROBE_SHARE),
+            give_up: 1.0 / SETTING_MARGIN,
+        }
+    }
+}
+
+/// A setting probe's state in a walk.
+struct SettingProbe {
+    choice: SettingChoice,
     /// Started (at most once).
     started: bool,
     running: Option<RunningProbe>,
+    /// What the alternative is compared with, from when it started: the
+    /// entry that ran under the settings then in force (its events and
+    /// time per event).
+    baseline: Option<(i64, f64)>,
     /// The value every slice now gets.
     decided: Option<String>,
 }
 
-impl WorkMemProbe {
+impl SettingProbe {
+    fn new(choice: SettingChoice) -> Self {
+        SettingProbe {
+            choice,
+            started: false,
+            running: None,
+            baseline: None,
+            decided: None,
+        }
+    }
+
     /// What a slice that is not the probe runs with.
     fn want(&self) -> String {
         self.decided
             .clone()
             .unwrap_or_else(|| self.choice.default.clone())
     }
+
+    /// The alternative, when kept.
+    fn kept_alternative(&self) -> Option<&str> {
+        let alternative = self.choice.alternative.as_str();
+        (self.decided.as_deref() == Some(alternative)).then_some(alternative)
+    }
 }
 
 struct RunningProbe {
     id: u64,
     mode: String,
+    /// The probed settings' values it runs with.
+    values: Vec<String>,
     events: i64,
     started: Instant,
     /// Cancelled when the probe can no longer win.
@@ -202,8 +271,8 @@ struct Job {
     piece: Piece,
     /// The plan_cache_mode it wants.
     mode: Want,
-    /// The work_mem it wants (None: the session's as it is).
-    work_mem: Option<String>,
+    /// The value of each probed setting it wants.
+    settings: Vec<String>,
     /// For a probe, the ticket that aborts it.
     ticket: Option<Ticket>,
     /// Its claim on a width level, when it measures one.
@@ -309,6 +378,7 @@ impl Shared {
             self.running_probes.push(RunningProbe {
                 id: ticket.id,
                 mode: mode.to_string(),
+                values: self.values(),
                 events: piece.events,
                 started: Instant::now(),
                 abort: ticket.abort.clone(),
@@ -317,13 +387,13 @@ impl Shared {
             return Next::Run(Job {
                 piece,
                 mode: Some(Some(mode.to_string())),
-                work_mem: self.work_mem.as_ref().map(WorkMemProbe::want),
+                settings: self.values(),
                 ticket: Some(ticket),
                 claim: None,
             });
         }
         self.early_verdict();
-        if let Some(job) = self.work_mem_probe(stop_all) {
+        if let Some(job) = self.setting_probe(stop_all) {
             return Next::Run(job);
         }
         let want = match &self.decided {
@@ -339,56 +409,124 @@ impl Shared {
         Next::Run(Job {
             piece,
             mode: want,
-            work_mem: self.work_mem.as_ref().map(WorkMemProbe::want),
+            settings: self.values(),
             ticket: None,
             claim,
         })
     }
 
-    /// Once plan_cache_mode is kept, the largest pending slice runs once
-    /// under the alternative work_mem, compared per event with the plan
-    /// probe that won (same mode, the default work_mem). Without a winning
-    /// probe (inconclusive), the default stays.
-    fn work_mem_probe(&mut self, stop_all: &CancellationToken) -> Option<Job> {
-        let probe = self.work_mem.as_mut()?;
-        if probe.started || probe.decided.is_some() {
-            return None;
+    /// The value kept of a probed setting, once decided.
+    fn kept(&self, name: &str) -> Option<String> {
+        self.settings
+            .iter()
+            .find(|p| p.choice.name == name)?
+            .decided
+            .clone()
+    }
+
+    /// The value of each probed setting that a slice other than a probe
+    /// runs with.
+    fn values(&self) -> Vec<String> {
+        self.settings.iter().map(SettingProbe::want).collect()
+    }
+
+    /// An entry for the probes' list: a slice under `mode` at `values`
+    /// (each probed setting's, in order).
+    fn entry(
+        &self,
+        mode: String,
+        values: &[String],
+        events: i64,
+        elapsed_ms: u64,
+        completed: bool,
+    ) -> PlanProbe {
+        let tried = |name: &str| {
+            self.settings
+                .iter()
+                .zip(values)
+                .find(|(s, _)| s.choice.name == name)
+                .filter(|(s, v)| **v != s.choice.default)
+                .map(|(_, v)| v.clone())
+        };
+        PlanProbe {
+            plan_cache_mode: mode,
+            work_mem: tried(WORK_MEM),
+            enable_nestloop: tried(ENABLE_NESTLOOP),
+            events,
+            elapsed_ms,
+            completed,
         }
+    }
+
+    /// Once plan_cache_mode is kept, each setting probe in turn runs one
+    /// slice at its alternative under the mode kept and the values kept
+    /// before it, compared per event with the entry that ran under the
+    /// settings then in force ([`Shared::in_force`]). One probe at a time;
+    /// without a mode kept or an entry to compare with (inconclusive plan
+    /// probes), the default stays.
+    fn setting_probe(&mut self, stop_all: &CancellationToken) -> Option<Job> {
         let mode = self.decided.clone()?;
-        let baseline = self.baseline_rate();
-        if mode.is_none() || baseline.is_none() {
-            let probe = self.work_mem.as_mut().expect("checked above");
-            probe.decided = Some(probe.choice.default.clone());
-            return None;
+        loop {
+            let i = self.settings.iter().position(|p| p.decided.is_none())?;
+            if self.settings[i].started {
+                return None;
+            }
+            let baseline = self.in_force();
+            if mode.is_none() || baseline.is_none() {
+                let probe = &mut self.settings[i];
+                probe.decided = Some(probe.choice.default.clone());
+                continue;
+            }
+            let piece = self.probe_piece(self.settings[i].choice.share)?;
+            let ticket = Ticket {
+                id: self.new_ticket_id(),
+                abort: stop_all.child_token(),
+            };
+            let mut values = self.values();
+            let probe = &mut self.settings[i];
+            values[i] = probe.choice.alternative.clone();
+            probe.started = true;
+            probe.baseline = baseline;
+            probe.running = Some(RunningProbe {
+                id: ticket.id,
+                mode: mode.clone().unwrap_or_default(),
+                values: values.clone(),
+                events: piece.events,
+                started: Instant::now(),
+                abort: ticket.abort.clone(),
+            });
+            self.started += 1;
+            return Some(Job {
+                piece,
+                mode: Some(mode),
+                settings: values,
+                ticket: Some(ticket),
+                claim: None,
+            });
         }
+    }
+
+    /// A setting probe's slice: the largest pending one or, with a
+    /// `share`, its first part of about that share of the walk's events
+    /// (at least [`PROBE_MIN_EVENTS`]); the rest stays pending in place.
+    fn probe_piece(&mut self, share: Option<f64>) -> Option<Piece> {
         let (i, _) = self
             .pending
             .iter()
             .enumerate()
             .max_by_key(|(i, p)| (p.events, std::cmp::Reverse(*i)))?;
         let piece = self.pending.remove(i).expect("an index of pending");
-        let ticket = Ticket {
-            id: self.new_ticket_id(),
-            abort: stop_all.child_token(),
+        let Some(share) = share else {
+            return Some(piece);
         };
-        let probe = self.work_mem.as_mut().expect("checked above");
-        probe.started = true;
-        probe.running = Some(RunningProbe {
-            id: ticket.id,
-            mode: mode.clone().unwrap_or_default(),
-            events: piece.events,
-            started: Instant::now(),
-            abort: ticket.abort.clone(),
-        });
-        let alternative = probe.choice.alternative.clone();
-        self.started += 1;
-        Some(Job {
-            piece,
-            mode: Some(mode),
-            work_mem: Some(alternative),
-            ticket: Some(ticket),
-            claim: None,
-        })
+        let target = (share * self.total_events as f64).max(PROBE_MIN_EVENTS as f64);
+        let parts = (piece.events as f64 / target).floor() as i64;
+        let mut parts = sizing::split_even(piece, parts.max(1)).into_iter();
+        let head = parts.next().expect("split_even returns at least one piece");
+        for (k, rest) in parts.enumerate() {
+            self.pending.insert(i + k, rest);
+        }
+        Some(head)
     }
 
     /// A probe's slice starts now: its session may have been busy until
@@ -400,10 +538,10 @@ impl Shared {
         for r in self.running_probes.iter_mut().filter(|r| r.id == id) {
             r.started = now;
         }
-        if let Some(r) = self
-            .work_mem
-            .as_mut()
-            .and_then(|m| m.running.as_mut())
+        for r in self
+            .settings
+            .iter_mut()
+            .filter_map(|p| p.running.as_mut())
             .filter(|r| r.id == id)
         {
             r.started = now;
@@ -417,47 +555,54 @@ impl Shared {
         self.tickets
     }
 
-    /// The plan probe that won, under the default work_mem: its events and
-    /// its time per event.
+    /// The plan probe that won, at every probed setting's default: its
+    /// events and its time per event.
     fn baseline(&self) -> Option<(i64, f64)> {
         self.plan_probe(&self.decided.clone()??)
     }
 
-    /// The completed probe of `mode` under the default work_mem (the first
-    /// such entry: slices listed after it by a guard come later): its
-    /// events and its time per event.
+    /// The completed probe of `mode` at every probed setting's default (the
+    /// first such entry: slices listed after it by a guard come later):
+    /// its events and its time per event.
     fn plan_probe(&self, mode: &str) -> Option<(i64, f64)> {
-        self.probes
-            .iter()
-            .find(|p| p.completed && p.work_mem.is_none() && p.plan_cache_mode == mode)
-            .filter(|p| p.events > 0)
-            .map(|p| (p.events, p.elapsed_ms as f64 / p.events as f64))
+        rate_of(
+            self.probes
+                .iter()
+                .find(|p| p.completed && p.at_defaults() && p.plan_cache_mode == mode),
+        )
     }
 
-    /// Time per event of the plan probe that won, under the default work_mem.
-    fn baseline_rate(&self) -> Option<f64> {
-        self.baseline().map(|(_, rate)| rate)
+    /// The first completed entry under the settings in force: the mode
+    /// kept, each alternative kept, every other setting at its default.
+    /// Its events and its time per event.
+    fn in_force(&self) -> Option<(i64, f64)> {
+        let mode = self.decided.clone()??;
+        rate_of(self.probes.iter().find(|p| {
+            p.completed
+                && p.plan_cache_mode == mode
+                && self
+                    .settings
+                    .iter()
+                    .all(|s| p.tried(s.choice.name) == s.kept_alternative())
+        }))
     }
 
-    /// Gives the work_mem probe up once it can no longer win.
-    fn work_mem_verdict(&mut self) {
-        let Some(rate) = self.baseline_rate() else {
-            return;
-        };
-        let Some(probe) = self.work_mem.as_mut() else {
-            return;
-        };
-        let Some(r) = &probe.running else {
-            return;
-        };
-        if probe.decided.is_none()
-            && r.started.elapsed().as_secs_f64() * 1000.0
-                > PROBE_MARGIN * rate * r.events as f64 + 1.0
-        {
-            tracing::info!(work_mem = %probe.choice.default,
-                "work_mem chosen by measurement (the alternative is already slower)");
-            r.abort.cancel();
-            probe.decided = Some(probe.choice.default.clone());
+    /// Gives the setting probe under way up once it has run longer than
+    /// its `give_up` share of what the settings in force take for its
+    /// events (its slice runs again under them).
+    fn setting_verdict(&mut self) {
+        for probe in self.settings.iter_mut().filter(|p| p.decided.is_none()) {
+            let (Some(r), Some((_, rate))) = (&probe.running, probe.baseline) else {
+                continue;
+            };
+            if r.started.elapsed().as_secs_f64() * 1000.0
+                > probe.choice.give_up * rate * r.events as f64 + 1.0
+            {
+                tracing::info!(setting = probe.choice.name, value = %probe.choice.default,
+                    "setting chosen by measurement (the alternative is already slower)");
+                r.abort.cancel();
+                probe.decided = Some(probe.choice.default.clone());
+            }
         }
     }
 
@@ -550,26 +695,13 @@ impl Shared {
     /// A probe aborted by [`Shared::early_verdict`]: its slice goes back to
     /// the front of the queue.
     fn aborted(&mut self, piece: Piece, ticket: &Ticket, elapsed: Duration) {
-        if let Some(i) = self.running_probes.iter().position(|r| r.id == ticket.id) {
-            let r = self.running_probes.remove(i);
-            self.probes.push(PlanProbe {
-                plan_cache_mode: r.mode,
-                work_mem: None,
-                events: r.events,
-                elapsed_ms: millis(elapsed),
-                completed: false,
-            });
-        }
-        if let Some(probe) = self.work_mem.as_mut()
-            && let Some(r) = probe.running.take_if(|r| r.id == ticket.id)
-        {
-            self.probes.push(PlanProbe {
-                plan_cache_mode: r.mode,
-                work_mem: Some(probe.choice.alternative.clone()),
-                events: r.events,
-                elapsed_ms: millis(elapsed),
-                completed: false,
-            });
+        let r = match self.running_probes.iter().position(|r| r.id == ticket.id) {
+            Some(i) => Some(self.running_probes.remove(i)),
+            None => self.take_setting_probe(ticket).map(|(_, r)| r),
+        };
+        if let Some(r) = r {
+            let entry = self.entry(r.mode, &r.values, r.events, millis(elapsed), false);
+            self.probes.push(entry);
         }
         self.started -= 1;
         self.pending.push_front(piece);
@@ -580,19 +712,14 @@ impl Shared {
         piece: &Piece,
         probe: Option<&Ticket>,
         claim: Option<Claim>,
-        (ran_mode, ran_at): (Option<&str>, Option<&str>),
+        (ran_mode, ran_values): (Option<&str>, &[String]),
         elapsed: Option<Duration>,
     ) {
         let running = probe.and_then(|ticket| {
             let i = self.running_probes.iter().position(|r| r.id == ticket.id)?;
             Some(self.running_probes.remove(i))
         });
-        let work_mem_probe = probe.and_then(|ticket| {
-            self.work_mem
-                .as_mut()?
-                .running
-                .take_if(|r| r.id == ticket.id)
-        });
+        let setting_probe = probe.and_then(|ticket| self.take_setting_probe(ticket));
         if let (Some(search), Some(claim)) = (self.width.as_mut(), claim) {
             match elapsed {
                 Some(elapsed) => search.observe(claim, piece.events, elapsed),
@@ -605,24 +732,19 @@ impl Shared {
         };
         self.durations_ms.push(millis(elapsed));
         self.model.observe(piece.events, elapsed);
-        if let Some(r) = work_mem_probe {
-            self.work_mem_finished(r, piece.events, elapsed);
+        if let Some((i, r)) = setting_probe {
+            self.setting_finished(i, r, piece.events, elapsed);
         } else if probe.is_none() {
-            self.work_mem_recheck(ran_at, piece.events, elapsed);
-            if self.under_kept_custom(ran_mode, ran_at)
+            self.setting_recheck(ran_mode, ran_values, piece.events, elapsed);
+            if self.under_kept_custom(ran_mode, ran_values)
                 && !self.plan_mode_recheck(piece.events, elapsed)
             {
                 self.plan_mode_review(piece.events, elapsed);
             }
         }
         if let Some(r) = running {
-            self.probes.push(PlanProbe {
-                plan_cache_mode: r.mode,
-                work_mem: None,
-                events: piece.events,
-                elapsed_ms: millis(elapsed),
-                completed: true,
-            });
+            let entry = self.entry(r.mode, &r.values, piece.events, millis(elapsed), true);
+            self.probes.push(entry);
             if self.decided.is_none() {
                 if self.untried.is_empty() && self.running_probes.is_empty() {
                     let chosen = tuning::choose_plan_mode(&self.probes);
@@ -643,45 +765,58 @@ impl Shared {
         }
     }
 
-    /// The alternative work_mem was kept from one slice early in the walk,
-    /// but a part of the plan can grow with the hourly table (at 4MB the
+    /// The setting probe whose running probe holds `ticket`, taken out:
+    /// its index and the probe.
+    fn take_setting_probe(&mut self, ticket: &Ticket) -> Option<(usize, RunningProbe)> {
+        self.settings
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, p)| Some((i, p.running.take_if(|r| r.id == ticket.id)?)))
+    }
+
+    /// An alternative was kept from one slice early in the walk, but a
+    /// part of the plan can grow with the hourly table (at 4MB the
     /// empty-bucket delete becomes a merge join that meets every hourly
-    /// row of a key's agent): a later slice at the alternative that is
-    /// slower per event than [`PROBE_MARGIN`] times the winning plan probe
-    /// at the default ([`slower_than`]) sends every session back to the
-    /// default, and the width search starts over. The slice is listed with
-    /// the probes.
-    fn work_mem_recheck(&mut self, ran_at: Option<&str>, events: i64, elapsed: Duration) {
-        let Some(baseline) = self.baseline() else {
-            return;
-        };
+    /// row of a key's agent) or with an agent's history (a nested loop):
+    /// a later slice at the alternative that is slower per event than
+    /// [`PROBE_MARGIN`] times the entry the alternative was compared with
+    /// ([`slower_than`]) sends every session back to the default, and the
+    /// width search starts over. The slice is listed with the probes. The
+    /// alternative kept last is looked at first; one goes back per slice.
+    fn setting_recheck(
+        &mut self,
+        ran_mode: Option<&str>,
+        ran_values: &[String],
+        events: i64,
+        elapsed: Duration,
+    ) {
         let mode = self.decided.clone().flatten().unwrap_or_default();
-        let Some(probe) = self.work_mem.as_mut() else {
-            return;
-        };
-        let alternative = probe.choice.alternative.clone();
-        if probe.decided.as_deref() != Some(alternative.as_str())
-            || ran_at != Some(alternative.as_str())
-        {
+        if ran_mode != Some(mode.as_str()) {
             return;
         }
-        let Some(rate) = slower_than(baseline, events, elapsed) else {
+        for i in (0..self.settings.len()).rev() {
+            let probe = &self.settings[i];
+            let (Some(alternative), Some(baseline)) = (probe.kept_alternative(), probe.baseline)
+            else {
+                continue;
+            };
+            if ran_values.get(i).map(String::as_str) != Some(alternative) {
+                continue;
+            }
+            let Some(rate) = slower_than(baseline, events, elapsed) else {
+                continue;
+            };
+            tracing::info!(setting = probe.choice.name, value = %probe.choice.default,
+                ms_per_event = rate, baseline_ms_per_event = baseline.1,
+                "the alternative got slower as the walk went on; back to the default");
+            let entry = self.entry(mode, ran_values, events, millis(elapsed), true);
+            self.probes.push(entry);
+            let probe = &mut self.settings[i];
+            probe.decided = Some(probe.choice.default.clone());
+            if let Some(search) = self.width.as_mut() {
+                search.restart();
+            }
             return;
-        };
-        let baseline = baseline.1;
-        tracing::info!(work_mem = %probe.choice.default, ms_per_event = rate,
-            baseline_ms_per_event = baseline,
-            "work_mem: the alternative got slower as the walk went on; back to the default");
-        probe.decided = Some(probe.choice.default.clone());
-        self.probes.push(PlanProbe {
-            plan_cache_mode: mode,
-            work_mem: Some(alternative),
-            events,
-            elapsed_ms: millis(elapsed),
-            completed: true,
-        });
-        if let Some(search) = self.width.as_mut() {
-            search.restart();
         }
     }
 
@@ -711,17 +846,18 @@ impl Shared {
         true
     }
 
-    /// Whether a slice ran under the custom plan kept, at the default
-    /// work_mem: what [`Shared::plan_mode_recheck`] and
+    /// Whether a slice ran under the custom plan kept, at every probed
+    /// setting's default: what [`Shared::plan_mode_recheck`] and
     /// [`Shared::plan_mode_review`] watch.
-    fn under_kept_custom(&self, ran_mode: Option<&str>, ran_at: Option<&str>) -> bool {
+    fn under_kept_custom(&self, ran_mode: Option<&str>, ran_values: &[String]) -> bool {
         let custom = PROBE_MODES[1];
         self.decided.clone().flatten().as_deref() == Some(custom)
             && ran_mode == Some(custom)
             && self
-                .work_mem
-                .as_ref()
-                .is_none_or(|probe| ran_at == Some(probe.choice.default.as_str()))
+                .settings
+                .iter()
+                .zip(ran_values)
+                .all(|(p, v)| *v == p.choice.default)
     }
 
     /// Every session goes over to the generic plan for the rest of the
@@ -732,6 +868,7 @@ impl Shared {
         self.probes.push(PlanProbe {
             plan_cache_mode: PROBE_MODES[1].to_string(),
             work_mem: None,
+            enable_nestloop: None,
             events,
             elapsed_ms,
             completed: true,
@@ -782,43 +919,41 @@ impl Shared {
         self.back_to_generic(events, ms);
     }
 
-    /// The work_mem probe committed: the alternative is kept when it was
-    /// faster per event than the winning plan probe by [`WORK_MEM_MARGIN`].
-    /// A probe made under a mode no longer kept compares with nothing: the
-    /// default stays.
-    fn work_mem_finished(&mut self, r: RunningProbe, events: i64, elapsed: Duration) {
-        let baseline = self
-            .baseline_rate()
-            .filter(|_| self.decided.clone().flatten().as_deref() == Some(r.mode.as_str()));
-        let Some(probe) = self.work_mem.as_mut() else {
-            return;
-        };
-        let alternative = probe.choice.alternative.clone();
-        self.probes.push(PlanProbe {
-            plan_cache_mode: r.mode,
-            work_mem: Some(alternative.clone()),
-            events,
-            elapsed_ms: millis(elapsed),
-            completed: true,
-        });
+    /// A setting probe committed: the alternative is kept when it was
+    /// faster per event than the entry it is compared with by
+    /// [`SETTING_MARGIN`]. A probe made under a mode no longer kept
+    /// compares with nothing: the default stays.
+    fn setting_finished(&mut self, i: usize, r: RunningProbe, events: i64, elapsed: Duration) {
+        let mode_kept = self.decided.clone().flatten().as_deref() == Some(r.mode.as_str());
+        let entry = self.entry(r.mode, &r.values, events, millis(elapsed), true);
+        self.probes.push(entry);
+        let probe = &mut self.settings[i];
         if probe.decided.is_some() {
             return;
         }
+        let baseline = probe.baseline.filter(|_| mode_kept).map(|(_, rate)| rate);
         let rate = elapsed.as_secs_f64() * 1000.0 / events.max(1) as f64;
-        let faster = baseline.is_some_and(|b| rate * WORK_MEM_MARGIN < b);
+        let faster = baseline.is_some_and(|b| rate * SETTING_MARGIN < b);
         let kept = if faster {
-            alternative
+            probe.choice.alternative.clone()
         } else {
             probe.choice.default.clone()
         };
-        tracing::info!(work_mem = %kept, ms_per_event = rate, baseline_ms_per_event = ?baseline,
-            "work_mem chosen by measurement");
-        // Widths measured at the default no longer apply.
+        tracing::info!(setting = probe.choice.name, value = %kept, ms_per_event = rate,
+            baseline_ms_per_event = ?baseline, "setting chosen by measurement");
+        probe.decided = Some(kept);
+        // Widths measured under the old value no longer apply.
         if faster && let Some(search) = self.width.as_mut() {
             search.restart();
         }
-        probe.decided = Some(kept);
     }
+}
+
+/// An entry's events and time per event, when it has events.
+fn rate_of(entry: Option<&PlanProbe>) -> Option<(i64, f64)> {
+    entry
+        .filter(|p| p.events > 0)
+        .map(|p| (p.events, p.elapsed_ms as f64 / p.events as f64))
 }
 
 /// Committed slices not yet reported, and the resume point.
@@ -889,16 +1024,16 @@ impl Walk<'_> {
             sessions: session_count,
             tickets: 0,
             custom_pool: Pool::default(),
-            work_mem: if probe {
-                self.work_mem_probe.clone().map(|choice| WorkMemProbe {
-                    choice,
-                    started: false,
-                    running: None,
-                    decided: None,
-                })
+            settings: if probe {
+                self.setting_probes
+                    .iter()
+                    .cloned()
+                    .map(SettingProbe::new)
+                    .collect()
             } else {
-                None
+                Vec::new()
             },
+            total_events: self.historical.iter().map(|p| p.events).sum(),
         });
         let mut prefix = Prefix {
             cursor: start,
@@ -950,18 +1085,20 @@ impl Walk<'_> {
             // before the reading keep the last-slice drain closed).
             last.slice.to = last.slice.to.max(plan::walk_end(self.lock.clock().await?));
             end = Some(last.slice.to);
-            let (decided, work_mem) = {
+            let (decided, settings) = {
                 let s = shared.lock().unwrap();
-                (
-                    s.decided.clone(),
-                    s.work_mem.as_ref().map(WorkMemProbe::want),
-                )
+                let settings: Vec<_> = s
+                    .settings
+                    .iter()
+                    .map(|p| (p.choice.name, p.want()))
+                    .collect();
+                (s.decided.clone(), settings)
             };
             if let Some(mode) = decided {
                 self.lock.set_plan_cache_mode(mode.as_deref()).await?;
             }
-            if let Some(value) = work_mem {
-                self.lock.set_work_mem(&value).await?;
+            for (name, value) in settings {
+                self.lock.set_and_replan(name, &value).await?;
             }
             emit(&Event::SliceStarted { slice: last.slice });
             let started = Instant::now();
@@ -981,6 +1118,7 @@ impl Walk<'_> {
         }
 
         let shared = shared.into_inner().unwrap();
+        let (work_mem, enable_nestloop) = (shared.kept(WORK_MEM), shared.kept(ENABLE_NESTLOOP));
         Ok(Walked {
             end,
             slices_processed: prefix.processed,
@@ -991,7 +1129,8 @@ impl Walk<'_> {
             retries: shared.retries,
             plan_cache_mode: shared.decided.flatten(),
             probes: shared.probes,
-            work_mem: shared.work_mem.and_then(|m| m.decided),
+            work_mem,
+            enable_nestloop,
             width: shared.width.as_ref().and_then(WidthSearch::report),
         })
     }
@@ -1015,8 +1154,13 @@ impl Walk<'_> {
     ) {
         // The plan_cache_mode this session was given; None: the server's.
         let mut mode: Option<String> = None;
-        // Its work_mem: the tuning's default until a probe changes it.
-        let mut work_mem: Option<String> = self.work_mem_probe.as_ref().map(|c| c.default.clone());
+        // Its probed settings: the tuning's defaults until a probe changes
+        // them.
+        let mut values: Vec<String> = self
+            .setting_probes
+            .iter()
+            .map(|c| c.default.clone())
+            .collect();
         loop {
             if stop_all.is_cancelled() {
                 return;
@@ -1025,7 +1169,7 @@ impl Walk<'_> {
             let Job {
                 piece,
                 mode: want,
-                work_mem: want_mem,
+                settings: want_values,
                 ticket,
                 claim,
             } = match next {
@@ -1034,9 +1178,13 @@ impl Walk<'_> {
             };
             // The settings this slice wants, where the session has others.
             let applied = async {
-                if let Some(value) = want_mem.filter(|v| Some(v) != work_mem.as_ref()) {
-                    session.set_work_mem(&value).await?;
-                    work_mem = Some(value);
+                for (i, value) in want_values.into_iter().enumerate() {
+                    if value != values[i] {
+                        session
+                            .set_and_replan(self.setting_probes[i].name, &value)
+                            .await?;
+                        values[i] = value;
+                    }
                 }
                 if let Some(want) = want.filter(|w| *w != mode) {
                     session.set_plan_cache_mode(want.as_deref()).await?;
@@ -1049,7 +1197,7 @@ impl Walk<'_> {
                 shared
                     .lock()
                     .unwrap()
-                    .finished(&piece, ticket.as_ref(), claim, (None, None), None);
+                    .finished(&piece, ticket.as_ref(), claim, (None, &[]), None);
                 let _ = tx.send(Msg::Failed {
                     slice: piece.slice,
                     error,
@@ -1072,7 +1220,7 @@ impl Walk<'_> {
             {
                 tracing::info!(from = %piece.slice.from, to = %piece.slice.to,
                     plan_cache_mode = mode.as_deref().unwrap_or(""),
-                    work_mem = work_mem.as_deref().unwrap_or(""),
+                    settings = ?values,
                     "probe given up: another setting is faster; the slice runs again");
                 shared.lock().unwrap().aborted(piece, t, elapsed);
                 continue;
@@ -1081,7 +1229,7 @@ impl Walk<'_> {
                 &piece,
                 ticket.as_ref(),
                 claim,
-                (mode.as_deref(), work_mem.as_deref()),
+                (mode.as_deref(), &values),
                 result.is_ok().then_some(elapsed),
             );
             match result {
@@ -1201,7 +1349,7 @@ impl Walk<'_> {
                 _ = watch.tick(), if lock_lost.is_none() => {
                     let mut s = shared.lock().unwrap();
                     s.early_verdict();
-                    s.work_mem_verdict();
+                    s.setting_verdict();
                     drop(s);
                     if self.lock.is_closed() {
                         shared.lock().unwrap().stop = true;

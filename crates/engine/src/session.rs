@@ -663,11 +663,11 @@ impl Session {
         }
     }
 
-    /// Sets `work_mem` and forgets the session's cached plans: the window
-    /// function's generic plan is cached per session and would keep the
-    /// join order planned under the old value.
-    pub(crate) async fn set_work_mem(&self, value: &str) -> Result<()> {
-        self.set("work_mem", value).await?;
+    /// Sets a planner setting and forgets the session's cached plans: the
+    /// window function's generic plan is cached per session and would keep
+    /// the join order planned under the old value.
+    pub(crate) async fn set_and_replan(&self, name: &str, value: &str) -> Result<()> {
+        self.set(name, value).await?;
         self.client
             .batch_execute("DISCARD PLANS")
             .await

@@ -8,6 +8,13 @@
 //! on the fixture; `docs/performance.md` has the figures.
 //!
 //! - `enable_nestloop = off`: the fix. Hash joins instead of nested loops.
+//!   Last of the settings chosen by measurement: after `work_mem`, a small
+//!   slice ([`NESTLOOP_PROBE_SHARE`] of the walk) runs with nested loops
+//!   allowed, under the settings then in force, and is given up as soon as
+//!   it can no longer win; nested loops are kept when faster per event by
+//!   [`SETTING_MARGIN`], and a later slice under them that grows slower
+//!   (their cost grows with an agent's history) sends every session back
+//!   (see `parallel`).
 //! - `work_mem = 64MB`: raised for our sessions. The recompute's estimates
 //!   collapse to one row (a CTE of dirty keys joined on correlated
 //!   columns), so two join orders cost almost the same to the planner and
@@ -21,7 +28,7 @@
 //!   histories it changes nothing measurable. So 64MB is the start, and
 //!   after `plan_cache_mode` one slice runs at [`WORK_MEM_PROBE`] (4MB)
 //!   under the mode kept; 4MB is kept when it is faster per event than
-//!   the winning plan probe by [`WORK_MEM_MARGIN`] (see `parallel`).
+//!   the winning plan probe by [`SETTING_MARGIN`] (see `parallel`).
 //! - `plan_cache_mode`: chosen per run by measurement. The window function
 //!   is PL/pgSQL, so its statement is plan-cached per session, and a generic
 //!   plan (estimates without the slice bounds) picks a much better join
@@ -95,10 +102,31 @@ pub(crate) const WORK_MEM: &str = "work_mem";
 /// (`docs/performance.md`); which one a history needs is measured.
 pub(crate) const WORK_MEM_PROBE: &str = "4MB";
 
-/// The alternative `work_mem` is kept only when it is faster per event by
-/// more than this factor: slices of one plan vary by about ±15 %, and the
+/// The alternative value of a setting probed on one slice (`work_mem`,
+/// `enable_nestloop`) is kept only when it is faster per event by more
+/// than this factor: slices of one plan vary by about ±15 %, and the
 /// default is the one measured on most histories.
-pub(crate) const WORK_MEM_MARGIN: f64 = 1.1;
+pub(crate) const SETTING_MARGIN: f64 = 1.1;
+
+/// The setting [`Tuning::Default`] also chooses by measurement, last.
+pub(crate) const ENABLE_NESTLOOP: &str = "enable_nestloop";
+
+/// The value of `enable_nestloop` tried against the default's (`off`) on
+/// one slice: the server's own, under which the planner may pick nested
+/// loops again where it thinks them cheaper. On every history measured
+/// they lost by far (the reference walks 5-25x slower than the tuned
+/// walk), but the estimates that mislead the planner are the user's data,
+/// not ours, so it is measured rather than assumed.
+pub(crate) const NESTLOOP_PROBE: &str = "on";
+
+/// The nested-loop probe's slice: this share of the walk's events (at
+/// least [`PROBE_MIN_EVENTS`]), cut from the largest unit. A losing probe
+/// is given up as soon as it can no longer win, so what it costs is at
+/// most its slice's time under the settings in force: about this share of
+/// the walk. Its slice is narrower than the probe it is compared with,
+/// which favours the hash plans (their fixed part per call is spread over
+/// more events), never nested loops.
+pub(crate) const NESTLOOP_PROBE_SHARE: f64 = 0.01;
 
 impl Tuning {
     /// The static settings, before the user's override them.
@@ -122,6 +150,12 @@ impl Tuning {
     /// `plan_cache_mode`, against the plan probe that won).
     pub fn probes_work_mem(&self, user: &[(String, String)]) -> bool {
         self.probes_plan_cache_mode(user) && !sets(user, WORK_MEM)
+    }
+
+    /// Whether `enable_nestloop` is chosen by measurement in this run
+    /// (after `work_mem`, against the settings then in force).
+    pub fn probes_nestloop(&self, user: &[(String, String)]) -> bool {
+        self.probes_plan_cache_mode(user) && !sets(user, ENABLE_NESTLOOP)
     }
 
     pub fn name(&self) -> &'static str {
@@ -200,6 +234,8 @@ pub struct PlanProbe {
     pub plan_cache_mode: String,
     /// The `work_mem` tried; None: the sessions' own.
     pub work_mem: Option<String>,
+    /// The `enable_nestloop` tried; None: the sessions' own.
+    pub enable_nestloop: Option<String>,
     pub events: i64,
     pub elapsed_ms: u64,
     /// False when given up because the other mode had already won (its
@@ -211,6 +247,21 @@ pub struct PlanProbe {
 impl PlanProbe {
     fn ms_per_event(&self) -> Option<f64> {
         (self.events > 0).then(|| self.elapsed_ms as f64 / self.events as f64)
+    }
+
+    /// The value of a probed setting this entry ran at, when not the
+    /// sessions' own.
+    pub fn tried(&self, setting: &str) -> Option<&str> {
+        match setting {
+            WORK_MEM => self.work_mem.as_deref(),
+            ENABLE_NESTLOOP => self.enable_nestloop.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// A plan probe: every probed setting at the sessions' own value.
+    pub fn at_defaults(&self) -> bool {
+        self.work_mem.is_none() && self.enable_nestloop.is_none()
     }
 }
 
@@ -224,6 +275,8 @@ pub struct TuningReport {
     pub plan_cache_mode: Option<String>,
     /// The `work_mem` kept after probing; None when not probed.
     pub work_mem: Option<String>,
+    /// The `enable_nestloop` kept after probing; None when not probed.
+    pub enable_nestloop: Option<String>,
     pub probes: Vec<PlanProbe>,
     /// How many events a slice took, chosen by measurement (tuned plans
     /// without a cap on a slice's duration); None when not measured.
@@ -236,10 +289,7 @@ pub struct TuningReport {
 /// more than [`PLAN_MODE_MARGIN`].
 pub(crate) fn choose_plan_mode(probes: &[PlanProbe]) -> Option<String> {
     let mut best: Option<(&PlanProbe, f64)> = None;
-    for p in probes
-        .iter()
-        .filter(|p| p.completed && p.work_mem.is_none())
-    {
+    for p in probes.iter().filter(|p| p.completed && p.at_defaults()) {
         let rate = p.ms_per_event()?;
         // The margin counts against the other modes wherever they stand.
         let weighed = if p.plan_cache_mode == PROBE_MODES[0] {
@@ -293,6 +343,10 @@ mod tests {
         assert!(!Tuning::Default.probes_work_mem(&kv(&[("WORK_MEM", "8MB")])));
         assert!(!Tuning::Default.probes_work_mem(&kv(&[("plan_cache_mode", "auto")])));
         assert!(!Tuning::Off.probes_work_mem(&[]));
+        assert!(Tuning::Default.probes_nestloop(&kv(&[("work_mem", "8MB")])));
+        assert!(!Tuning::Default.probes_nestloop(&kv(&[("Enable_NestLoop", "off")])));
+        assert!(!Tuning::Default.probes_nestloop(&kv(&[("plan_cache_mode", "auto")])));
+        assert!(!Tuning::Custom(kv(&[("a", "b")])).probes_nestloop(&[]));
     }
 
     #[test]
@@ -316,6 +370,7 @@ mod tests {
         let p = |mode: &str, events, ms| PlanProbe {
             plan_cache_mode: mode.into(),
             work_mem: None,
+            enable_nestloop: None,
             events,
             elapsed_ms: ms,
             completed: true,

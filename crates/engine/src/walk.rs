@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
-use super::parallel::{Walk, WorkMemChoice};
+use super::parallel::{SettingChoice, Walk};
 use super::plan::{self, Decision, GUARD_TOLERANCE, Slice, Snapshot};
 use super::session::Session;
 use super::sizing::{self, Piece};
@@ -413,7 +413,7 @@ impl Run<'_> {
             cap: self.perf.max_slice_duration,
             measure_width: !matches!(self.perf.tuning, crate::tuning::Tuning::Off),
             probe,
-            work_mem_probe: self.work_mem_choice(),
+            setting_probes: self.setting_choices(),
             already_processed: already,
             already_rows,
         }
@@ -437,6 +437,7 @@ impl Run<'_> {
             plan_cache_mode: walked.plan_cache_mode,
             probes: walked.probes,
             work_mem: walked.work_mem,
+            enable_nestloop: walked.enable_nestloop,
             slice_width: walked.width,
         });
         if self.cancel.is_cancelled() {
@@ -445,27 +446,32 @@ impl Run<'_> {
         self.stamp(end).await
     }
 
-    /// The work_mem values the walk chooses between by measurement: the
-    /// tuning's (its sessions' own) and [`tuning::WORK_MEM_PROBE`].
-    fn work_mem_choice(&self) -> Option<WorkMemChoice> {
-        if !self
-            .perf
-            .tuning
-            .probes_work_mem(&self.opts.session_settings)
+    /// The settings the walk chooses by measurement, in the order they are
+    /// probed: `work_mem` (the tuning's against [`tuning::WORK_MEM_PROBE`]),
+    /// then `enable_nestloop` (the tuning's against
+    /// [`tuning::NESTLOOP_PROBE`]). None that the user sets.
+    fn setting_choices(&self) -> Vec<SettingChoice> {
+        let tuning = &self.perf.tuning;
+        let user = &self.opts.session_settings;
+        let default = |name: &str| {
+            tuning
+                .settings()
+                .into_iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        };
+        let mut choices = Vec::new();
+        if tuning.probes_work_mem(user)
+            && let Some(value) = default(tuning::WORK_MEM)
         {
-            return None;
+            choices.push(SettingChoice::work_mem(value));
         }
-        let default = self
-            .perf
-            .tuning
-            .settings()
-            .into_iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(tuning::WORK_MEM))?
-            .1;
-        Some(WorkMemChoice {
-            default,
-            alternative: tuning::WORK_MEM_PROBE.to_string(),
-        })
+        if tuning.probes_nestloop(user)
+            && let Some(value) = default(tuning::ENABLE_NESTLOOP)
+        {
+            choices.push(SettingChoice::nestloop(value));
+        }
+        choices
     }
 
     /// `opts.resume` when it belongs to this walk ([`plan::resume_mismatch`]);
