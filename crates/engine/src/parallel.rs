@@ -506,27 +506,11 @@ impl Shared {
         }
     }
 
-    /// A setting probe's slice: the largest pending one or, with a
-    /// `share`, its first part of about that share of the walk's events
-    /// (at least [`PROBE_MIN_EVENTS`]); the rest stays pending in place.
+    /// A setting probe's slice ([`probe_piece`]).
     fn probe_piece(&mut self, share: Option<f64>) -> Option<Piece> {
-        let (i, _) = self
-            .pending
-            .iter()
-            .enumerate()
-            .max_by_key(|(i, p)| (p.events, std::cmp::Reverse(*i)))?;
-        let piece = self.pending.remove(i).expect("an index of pending");
-        let Some(share) = share else {
-            return Some(piece);
-        };
-        let target = (share * self.total_events as f64).max(PROBE_MIN_EVENTS as f64);
-        let parts = (piece.events as f64 / target).floor() as i64;
-        let mut parts = sizing::split_even(piece, parts.max(1)).into_iter();
-        let head = parts.next().expect("split_even returns at least one piece");
-        for (k, rest) in parts.enumerate() {
-            self.pending.insert(i + k, rest);
-        }
-        Some(head)
+        let events = share
+            .map(|share| (share * self.total_events as f64).max(PROBE_MIN_EVENTS as f64) as i64);
+        probe_piece(&mut self.pending, events)
     }
 
     /// A probe's slice starts now: its session may have been busy until
@@ -692,8 +676,12 @@ impl Shared {
         }
     }
 
-    /// A probe aborted by [`Shared::early_verdict`]: its slice goes back to
-    /// the front of the queue.
+    /// A probe given up ([`Shared::early_verdict`],
+    /// [`Shared::setting_verdict`]): its slice goes back in its place among
+    /// the pending ones, where the width search joins it to its neighbours
+    /// again (the nested-loop probe's slice is a part of a unit: run alone
+    /// it would be a slice far narrower than the walk's, measured as a
+    /// width trial).
     fn aborted(&mut self, piece: Piece, ticket: &Ticket, elapsed: Duration) {
         let r = match self.running_probes.iter().position(|r| r.id == ticket.id) {
             Some(i) => Some(self.running_probes.remove(i)),
@@ -704,7 +692,7 @@ impl Shared {
             self.probes.push(entry);
         }
         self.started -= 1;
-        self.pending.push_front(piece);
+        put_back(&mut self.pending, piece);
     }
 
     fn finished(
@@ -954,6 +942,37 @@ fn rate_of(entry: Option<&PlanProbe>) -> Option<(i64, f64)> {
     entry
         .filter(|p| p.events > 0)
         .map(|p| (p.events, p.elapsed_ms as f64 / p.events as f64))
+}
+
+/// A setting probe's slice, taken out of `pending`: the largest piece (the
+/// earliest of equals) or, with `events`, its first part of at least that
+/// many events, the rest left in place.
+fn probe_piece(pending: &mut VecDeque<Piece>, events: Option<i64>) -> Option<Piece> {
+    let (i, _) = pending
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, p)| (p.events, std::cmp::Reverse(*i)))?;
+    let piece = pending.remove(i).expect("an index of pending");
+    let Some(events) = events else {
+        return Some(piece);
+    };
+    let parts = piece.events / events.max(1);
+    let mut parts = sizing::split_even(piece, parts.max(1)).into_iter();
+    let head = parts.next().expect("split_even returns at least one piece");
+    for (k, rest) in parts.enumerate() {
+        pending.insert(i + k, rest);
+    }
+    Some(head)
+}
+
+/// A slice not run after all goes back among the pending ones in the
+/// order of time, next to its neighbours.
+fn put_back(pending: &mut VecDeque<Piece>, piece: Piece) {
+    let at = pending
+        .iter()
+        .position(|p| p.slice.from > piece.slice.from)
+        .unwrap_or(pending.len());
+    pending.insert(at, piece);
 }
 
 /// Committed slices not yet reported, and the resume point.
@@ -1414,4 +1433,40 @@ impl Walk<'_> {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sizing::tests::months;
+
+    #[test]
+    fn the_nested_loop_probe_takes_a_part_of_the_largest_unit() {
+        let mut pending: VecDeque<Piece> = months(&[3_000, 9_000, 4_000]).into();
+        let whole = pending[1];
+        let probe = probe_piece(&mut pending, Some(2_000)).unwrap();
+        // 9000 events in four parts of at least 2000: the first is the probe.
+        assert_eq!(probe.events, 2_250);
+        assert_eq!(probe.slice.from, whole.slice.from);
+        let counts: Vec<i64> = pending.iter().map(|p| p.events).collect();
+        assert_eq!(counts, vec![3_000, 2_250, 2_250, 2_250, 4_000]);
+        assert_eq!(pending[1].slice.from, probe.slice.to);
+        assert_eq!(pending[3].slice.to, whole.slice.to);
+        // Given up, it goes back in its place: the pieces are contiguous
+        // again, and the width search can join them.
+        put_back(&mut pending, probe);
+        for w in pending.make_contiguous().windows(2) {
+            assert_eq!(w[0].slice.to, w[1].slice.from);
+        }
+        // A unit under twice the size stays whole; without a size, the
+        // largest unit is the probe (the work_mem probe).
+        let mut pending: VecDeque<Piece> = months(&[3_000, 3_900]).into();
+        assert_eq!(
+            probe_piece(&mut pending, Some(2_000)).unwrap().events,
+            3_900
+        );
+        let mut pending: VecDeque<Piece> = months(&[3_000, 9_000]).into();
+        assert_eq!(probe_piece(&mut pending, None).unwrap().events, 9_000);
+        assert_eq!(pending.len(), 1);
+    }
 }
