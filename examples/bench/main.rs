@@ -576,17 +576,22 @@ fn describe(o: &Outcome) -> String {
         s += &format!(", {m} ({})", plans.join(" / "));
     }
     if let Some(t) = &o.tuning {
-        // Each setting probed: the value kept, then every entry at the
-        // alternative (the probe, then a slice that sent the sessions
-        // back), ms per 1000 events.
-        for (name, kept) in [
-            ("work_mem", &t.work_mem),
-            ("enable_nestloop", &t.enable_nestloop),
-        ] {
+        // Each setting probed: the value kept, then every entry made for
+        // it at the alternative (the probe, then a slice that sent the
+        // sessions back), ms per 1000 events. An entry belongs to the last
+        // setting in probing order that it tried: the nested-loop probe
+        // under a kept 4MB is not a work_mem entry.
+        let order = ["work_mem", "enable_nestloop"];
+        for (i, (name, kept)) in order
+            .iter()
+            .zip([&t.work_mem, &t.enable_nestloop])
+            .enumerate()
+        {
             let Some(kept) = kept else { continue };
             let tried: Vec<String> = t
                 .probes
                 .iter()
+                .filter(|p| order[i + 1..].iter().all(|later| p.tried(later).is_none()))
                 .filter_map(|p| {
                     let value = p.tried(name)?;
                     let given_up = if p.completed { "" } else { " given up" };
