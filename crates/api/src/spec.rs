@@ -205,17 +205,19 @@ pub(crate) fn default_parallelism() -> i64 {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TuningSpec {
-    /// Tuned: the measured settings (enable_nestloop off, work_mem 64MB, and
-    /// plan_cache_mode chosen by timing the largest slices), with which the
-    /// window function's recompute uses hash joins instead of nested loops.
-    /// ServerDefaults: the server's settings, exactly as the reference
-    /// runs. Default: Tuned.
+    /// Tuned: enable_nestloop off and work_mem 64MB, with which the window
+    /// function's recompute uses hash joins instead of nested loops; then
+    /// plan_cache_mode, work_mem (4MB tried) and enable_nestloop (on tried)
+    /// chosen in turn by timing slices of the walk itself. ServerDefaults:
+    /// the server's settings, exactly as the reference runs. Default:
+    /// Tuned.
     #[serde(default)]
     pub preset: TuningPreset,
 
     /// Further session settings (name: value), applied after the preset's
-    /// and winning over them; setting plan_cache_mode turns its measurement
-    /// off. Names are PostgreSQL setting names; values are strings (quote
+    /// and winning over them; setting plan_cache_mode turns every
+    /// measurement of a setting off, setting work_mem or enable_nestloop
+    /// turns its own off. Names are PostgreSQL setting names; values are strings (quote
     /// "on" and "off", which YAML reads as booleans); a value the server
     /// refuses fails the attempt. Default: none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
