@@ -1035,9 +1035,10 @@ async fn nested_loops_are_chosen_by_measurement(level: SchemaLevel) {
     // 4MB made faster than 64MB, nested loops slower than either: 4MB is
     // kept, and the nested-loop probe runs at 4MB against the 4MB entry.
     // Months of about 6000 events: the probe takes a third of one. (Real
-    // nested loops cost about 0.6 ms an event here, ten times the hash
-    // plans, and the real 4MB plan can be slower than 64MB: the calls
-    // themselves run with nested loops off, the sleeps alone differ.)
+    // nested loops cost more than half a millisecond an event on these
+    // histories, given up after 1.2 s on 2000 events of the 24k one, and
+    // the real 4MB plan can be slower than 64MB: the calls themselves run
+    // with nested loops off, the sleeps alone differ.)
     let (db, client) = with_history(level, &HistorySpec::even(36_000, 6)).await;
     wrap_window(
         &client,
