@@ -222,6 +222,12 @@ async fn calls(client: &Client) -> Vec<Call> {
         .collect()
 }
 
+/// The call of the slice that ends latest: the last slice, which reaches
+/// the present.
+fn last_call(calls: &[Call]) -> &Call {
+    calls.iter().max_by_key(|c| c.slice.to).expect("slices ran")
+}
+
 async fn window_calls(client: &Client) -> i64 {
     client
         .query_one(
@@ -327,7 +333,7 @@ async fn a_long_walk_ends_at_the_clock_read_before_its_last_slice(level: SchemaL
         "several historical slices: {}",
         calls.len()
     );
-    let last = calls.iter().max_by_key(|c| c.slice.to).unwrap();
+    let last = last_call(&calls);
     let end = outcome.walk_end.expect("a walk");
     assert_eq!(
         last.slice.to, end,
@@ -360,7 +366,7 @@ async fn the_slice_reaching_the_present_runs_alone_and_last_on_the_lock_session(
     let (_db, client, outcome, events) = slow_windows_on_two_sessions(level, "0.15").await;
     let calls = calls(&client).await;
     assert_eq!(calls.len() as u64, outcome.slices_processed);
-    let last = calls.iter().max_by_key(|c| c.slice.to).expect("slices ran");
+    let last = last_call(&calls);
     assert_eq!(Some(last.slice.to), outcome.to);
     assert_eq!(outcome.to, outcome.walk_end, "the last slice ends the walk");
     assert!(last.slice.to >= Timestamp::now() - jiff::SignedDuration::from_mins(6));
@@ -976,7 +982,7 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
             assert!(tried[0].elapsed_ms as f64 >= 1.5 * predicted, "{tuning:?}");
         }
         let calls = calls(&client).await;
-        let last = calls.iter().max_by_key(|c| c.slice.to).unwrap();
+        let last = last_call(&calls);
         assert_eq!(last.work_mem, kept);
         let at_4mb = calls.iter().filter(|c| c.work_mem == "4MB").count();
         if kept == "64MB" {
@@ -1006,19 +1012,10 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
         "the probe and the slice that lost: {tuning:?}"
     );
     let calls = calls(&client).await;
-    assert_eq!(
-        calls.iter().max_by_key(|c| c.slice.to).unwrap().work_mem,
-        "64MB"
-    );
+    assert_eq!(last_call(&calls).work_mem, "64MB");
     assert_correct(&client).await;
     // The user's work_mem: no probe.
-    let (db, _client) = with_history(level, &HistorySpec::even(24_000, 6)).await;
-    let opts = Options {
-        session_settings: vec![kv("work_mem", "8MB")],
-        ..Options::default()
-    };
-    let outcome = walk_two_sessions_with(&db, &opts).await;
-    let tuning = outcome.tuning.unwrap();
+    let tuning = tuning_at_the_users(level, "work_mem", "8MB").await;
     assert_eq!(tuning.work_mem, None);
     assert!(tuning.probes.iter().all(|p| p.work_mem.is_none()));
 }
@@ -1081,10 +1078,7 @@ async fn nested_loops_are_chosen_by_measurement(level: SchemaLevel) {
     );
     let logged = calls(&client).await;
     assert!(logged.iter().all(|c| c.nestloop == "off"));
-    assert_eq!(
-        logged.iter().max_by_key(|c| c.slice.to).unwrap().work_mem,
-        "4MB"
-    );
+    assert_eq!(last_call(&logged).work_mem, "4MB");
     assert_correct(&client).await;
 
     // Nested loops made faster: kept from the probe on, the last slice
@@ -1125,7 +1119,7 @@ async fn nested_loops_are_chosen_by_measurement(level: SchemaLevel) {
         "{tuning:?}"
     );
     let logged = calls(&client).await;
-    let last = logged.iter().max_by_key(|c| c.slice.to).unwrap();
+    let last = last_call(&logged);
     assert_eq!(last.nestloop, "on");
     // Every call that started after the probe had finished ran with them.
     let probe_finished = logged.iter().find(|c| c.nestloop == "on").unwrap().finished;
@@ -1157,19 +1151,11 @@ async fn nested_loops_are_chosen_by_measurement(level: SchemaLevel) {
     assert_eq!(nl.len(), 2, "the probe and the slice that lost: {tuning:?}");
     assert!(rate(nl[1]) > 1.5 * rate(nl[0]), "{tuning:?}");
     let logged = calls(&client).await;
-    assert_eq!(
-        logged.iter().max_by_key(|c| c.slice.to).unwrap().nestloop,
-        "off"
-    );
+    assert_eq!(last_call(&logged).nestloop, "off");
     assert_correct(&client).await;
 
     // The user's enable_nestloop: no probe.
-    let (db, _client) = with_history(level, &HistorySpec::even(24_000, 6)).await;
-    let opts = Options {
-        session_settings: vec![kv("enable_nestloop", "off")],
-        ..Options::default()
-    };
-    let tuning = walk_two_sessions_with(&db, &opts).await.tuning.unwrap();
+    let tuning = tuning_at_the_users(level, "enable_nestloop", "off").await;
     assert_eq!(tuning.enable_nestloop, None);
     assert!(tuning.probes.iter().all(|p| p.enable_nestloop.is_none()));
 }
@@ -1227,11 +1213,19 @@ async fn walk_back_to_generic(
     );
     assert!(custom.iter().all(|p| p.completed && p.at_defaults()));
     let calls = calls(client).await;
-    assert_eq!(
-        calls.iter().max_by_key(|c| c.slice.to).unwrap().plan_mode,
-        "force_generic_plan"
-    );
+    assert_eq!(last_call(&calls).plan_mode, "force_generic_plan");
     (tuning, custom)
+}
+
+/// What tuning did in a walk on two sessions of a fresh history (large
+/// enough for every probe) with the user's `name = value`.
+async fn tuning_at_the_users(level: SchemaLevel, name: &str, value: &str) -> engine::TuningReport {
+    let (db, _client) = with_history(level, &HistorySpec::even(24_000, 6)).await;
+    let opts = Options {
+        session_settings: vec![kv(name, value)],
+        ..Options::default()
+    };
+    walk_two_sessions_with(&db, &opts).await.tuning.unwrap()
 }
 
 /// A plan entry's time per event.
