@@ -217,7 +217,9 @@ struct SettingProbe {
     running: Option<RunningProbe>,
     /// What the alternative is compared with, from when it started: the
     /// entry that ran under the settings then in force (its events and
-    /// time per event).
+    /// time per event); the width search's slices of about the probe's
+    /// size, when faster, count too ([`compared_rate`]). The guard of a
+    /// kept alternative compares with this entry alone.
     baseline: Option<(i64, f64)>,
     /// The value every slice now gets.
     decided: Option<String>,
@@ -461,7 +463,8 @@ impl Shared {
     /// Once plan_cache_mode is kept, each setting probe in turn runs one
     /// slice at its alternative under the mode kept and the values kept
     /// before it, compared per event with the entry that ran under the
-    /// settings then in force ([`Shared::in_force`]). One probe at a time;
+    /// settings then in force ([`Shared::in_force`]) and the slices of its
+    /// size measured under them since ([`compared_rate`]). One probe at a time;
     /// without a mode kept or an entry to compare with (inconclusive plan
     /// probes), the default stays.
     fn setting_probe(&mut self, stop_all: &CancellationToken) -> Option<Job> {
@@ -573,10 +576,14 @@ impl Shared {
 
     /// Gives the setting probe under way up once it has run longer than
     /// its `give_up` share of what the settings in force take for its
-    /// events (its slice runs again under them).
+    /// events ([`compared_rate`]; its slice runs again under them).
     fn setting_verdict(&mut self) {
+        let width = self.width.as_ref();
         for probe in self.settings.iter_mut().filter(|p| p.decided.is_none()) {
-            let (Some(r), Some((_, rate))) = (&probe.running, probe.baseline) else {
+            let Some(r) = &probe.running else {
+                continue;
+            };
+            let Some(rate) = compared_rate(probe.baseline, width, r.events) else {
                 continue;
             };
             if r.started.elapsed().as_secs_f64() * 1000.0
@@ -594,8 +601,9 @@ impl Shared {
     /// width level it measures: slices that run under a plan_cache_mode
     /// not yet decided measure nothing (the modes differ far more than
     /// widths), nor do the last ones, cut down so that every session gets
-    /// a share. Widths are measured at the default work_mem while its
-    /// probe runs; keeping the alternative restarts the search.
+    /// a share. Widths are measured under the settings in force; when they
+    /// change, the search files its levels under the old ones
+    /// ([`Shared::settings_changed`]).
     fn take(&mut self, settled: bool) -> (Piece, Option<Claim>) {
         let Some(search) = self.width.as_mut() else {
             let piece = self.pending.pop_front().expect("checked by next");
@@ -769,7 +777,8 @@ impl Shared {
     /// a later slice at the alternative that is slower per event than
     /// [`PROBE_MARGIN`] times the entry the alternative was compared with
     /// ([`slower_than`]) sends every session back to the default, and the
-    /// width search starts over. The slice is listed with the probes. The
+    /// width search takes up again the levels it measured under it. The
+    /// slice is listed with the probes. The
     /// alternative kept last is looked at first; one goes back per slice.
     fn setting_recheck(
         &mut self,
@@ -799,11 +808,10 @@ impl Shared {
                 "the alternative got slower as the walk went on; back to the default");
             let entry = self.entry(mode, ran_values, events, millis(elapsed), true);
             self.probes.push(entry);
+            let from = self.in_force_key();
             let probe = &mut self.settings[i];
             probe.decided = Some(probe.choice.default.clone());
-            if let Some(search) = self.width.as_mut() {
-                search.restart();
-            }
+            self.settings_changed(from);
             return;
         }
     }
@@ -852,6 +860,7 @@ impl Shared {
     /// walk, and the width search starts over; the custom slices that lost
     /// (`events` in `elapsed_ms`) are listed with the probes.
     fn back_to_generic(&mut self, events: i64, elapsed_ms: u64) {
+        let from = self.in_force_key();
         self.decided = Some(Some(PROBE_MODES[0].to_string()));
         self.probes.push(PlanProbe {
             plan_cache_mode: PROBE_MODES[1].to_string(),
@@ -861,9 +870,7 @@ impl Shared {
             elapsed_ms,
             completed: true,
         });
-        if let Some(search) = self.width.as_mut() {
-            search.restart();
-        }
+        self.settings_changed(from);
     }
 
     /// The custom plan was kept on one probe slice against one slice of
@@ -908,18 +915,21 @@ impl Shared {
     }
 
     /// A setting probe committed: the alternative is kept when it was
-    /// faster per event than the entry it is compared with by
-    /// [`SETTING_MARGIN`]. A probe made under a mode no longer kept
+    /// faster per event than what it is compared with ([`compared_rate`])
+    /// by [`SETTING_MARGIN`], and the width search starts over. A probe
+    /// made under a mode no longer kept
     /// compares with nothing: the default stays.
     fn setting_finished(&mut self, i: usize, r: RunningProbe, events: i64, elapsed: Duration) {
         let mode_kept = self.decided.clone().flatten().as_deref() == Some(r.mode.as_str());
         let entry = self.entry(r.mode, &r.values, events, millis(elapsed), true);
         self.probes.push(entry);
+        let from = self.in_force_key();
         let probe = &mut self.settings[i];
         if probe.decided.is_some() {
             return;
         }
-        let baseline = probe.baseline.filter(|_| mode_kept).map(|(_, rate)| rate);
+        let baseline =
+            compared_rate(probe.baseline, self.width.as_ref(), events).filter(|_| mode_kept);
         let rate = elapsed.as_secs_f64() * 1000.0 / events.max(1) as f64;
         let faster = baseline.is_some_and(|b| rate * SETTING_MARGIN < b);
         let kept = if faster {
@@ -930,11 +940,48 @@ impl Shared {
         tracing::info!(setting = probe.choice.name, value = %kept, ms_per_event = rate,
             baseline_ms_per_event = ?baseline, "setting chosen by measurement");
         probe.decided = Some(kept);
-        // Widths measured under the old value no longer apply.
-        if faster && let Some(search) = self.width.as_mut() {
-            search.restart();
+        if faster {
+            self.settings_changed(from);
         }
     }
+
+    /// The settings a slice that is not a probe runs with: the mode
+    /// decided and each probed setting's value. Width measurements are
+    /// filed under it.
+    fn in_force_key(&self) -> String {
+        let mode = self.decided.clone().flatten().unwrap_or_default();
+        format!("{mode} {}", self.values().join(" "))
+    }
+
+    /// The settings in force changed from `from`: the width search files
+    /// what it measured under them, and takes up what it measured under
+    /// the new ones before, if anything ([`WidthSearch::switch`]).
+    fn settings_changed(&mut self, from: String) {
+        let to = self.in_force_key();
+        if let Some(search) = self.width.as_mut() {
+            search.switch(from, to);
+        }
+    }
+}
+
+/// What a setting probe of `events` events is compared with: the lower
+/// time per event of `baseline` (the entry that ran under the settings in
+/// force when the probe started) and of the width search's slices of about
+/// the probe's size, all measured under those settings (the search starts
+/// over when they change). One entry alone can be off by half: the plan
+/// probes run side by side, one of them heavy, and a generic probe measured
+/// at 56 ms per 1000 events, where other runs of that history measured
+/// 37-41, let 4MB win at 45; its slices then ran at 146 and the guard sent
+/// every session back. The lower figure keeps the default unless the
+/// alternative beats the best the settings in force have done.
+fn compared_rate(
+    baseline: Option<(i64, f64)>,
+    width: Option<&WidthSearch>,
+    events: i64,
+) -> Option<f64> {
+    let (_, rate) = baseline?;
+    let near = width.and_then(|w| w.rate_near(events));
+    Some(near.map_or(rate, |near| near.min(rate)))
 }
 
 /// An entry's events and time per event, when it has events.
@@ -1439,6 +1486,26 @@ fn millis(d: Duration) -> u64 {
 mod tests {
     use super::*;
     use crate::sizing::tests::months;
+
+    #[test]
+    fn a_setting_probe_is_compared_with_the_best_the_settings_in_force_did() {
+        let mut width = WidthSearch::new(&months(&[10_000; 12]), 2).unwrap();
+        // The plan probe that won: 10k events at 0.056 ms each.
+        let baseline = Some((10_000, 0.056));
+        assert_eq!(compared_rate(None, Some(&width), 10_000), None);
+        assert_eq!(compared_rate(baseline, Some(&width), 10_000), Some(0.056));
+        // A one-month slice measured at 0.04 since: a probe of about a
+        // month's events is compared with it, a much narrower one is not.
+        let claim = width.claim();
+        width.observe(claim, 10_000, Duration::from_millis(400));
+        assert_eq!(compared_rate(baseline, Some(&width), 9_000), Some(0.04));
+        assert_eq!(compared_rate(baseline, Some(&width), 2_000), Some(0.056));
+        // A slower slice does not raise what the probe must beat.
+        let claim = width.claim();
+        width.observe(claim, 20_000, Duration::from_millis(2_000));
+        assert_eq!(compared_rate(baseline, Some(&width), 20_000), Some(0.056));
+        assert_eq!(compared_rate(baseline, None, 10_000), Some(0.056));
+    }
 
     #[test]
     fn the_nested_loop_probe_takes_a_part_of_the_largest_unit() {

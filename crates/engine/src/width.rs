@@ -84,6 +84,9 @@ pub(crate) struct WidthSearch {
     epoch: u32,
     /// What trying cost before the last restart.
     spent_before: f64,
+    /// The levels measured under the sessions' earlier settings, by those
+    /// settings: a setting sent back to a value it had brings them back.
+    filed: BTreeMap<String, BTreeMap<i32, Level>>,
 }
 
 /// A slice's claim on a level, handed back when it ends.
@@ -147,6 +150,7 @@ impl WidthSearch {
             trials: Vec::new(),
             epoch: 0,
             spent_before: 0.0,
+            filed: BTreeMap::new(),
         })
     }
 
@@ -189,14 +193,23 @@ impl WidthSearch {
         }
     }
 
-    /// The sessions' settings changed (the `work_mem` probe kept the
-    /// alternative): what was measured no longer applies, so the search
-    /// starts over; what trying cost so far still counts, and slices
-    /// claimed before are not measured.
-    pub(crate) fn restart(&mut self) {
+    /// The sessions' settings changed from `from` to `to` (a probe kept an
+    /// alternative, or a guard sent one back): what was measured under
+    /// `from` no longer applies and is filed under it; what was measured
+    /// under `to` before, if anything, applies again (a setting sent back
+    /// returns to the value the first slices were measured at, and
+    /// starting over would pay their trials twice). What trying cost so
+    /// far still counts, and slices claimed before are not measured.
+    pub(crate) fn switch(&mut self, from: String, to: String) {
         self.spent_before = self.explore_cost_ms();
         self.epoch += 1;
-        self.levels.clear();
+        let mut levels = std::mem::take(&mut self.levels);
+        levels.retain(|_, l| l.slices > 0);
+        for l in levels.values_mut() {
+            l.running = 0;
+        }
+        self.filed.insert(from, levels);
+        self.levels = self.filed.remove(&to).unwrap_or_default();
         self.trials.clear();
     }
 
@@ -271,6 +284,12 @@ impl WidthSearch {
     fn level_of(&self, events: i64) -> i32 {
         let ratio = (events.max(1) as f64 / self.base).log2().round() as i32;
         ratio.clamp(self.min_level, self.max_level)
+    }
+
+    /// The time per event measured at the level nearest to `events`, since
+    /// the search last started over (under the sessions' settings now).
+    pub(crate) fn rate_near(&self, events: i64) -> Option<f64> {
+        self.levels.get(&self.level_of(events))?.rate()
     }
 
     /// A slice committed; it counts for the level nearest to its events.
@@ -532,22 +551,43 @@ mod tests {
     }
 
     #[test]
-    fn a_restart_forgets_the_measurements_but_not_the_cost() {
+    fn new_settings_start_over_and_old_ones_come_back() {
+        let old = || "generic 64MB".to_string();
+        let new = || "generic 4MB".to_string();
         let mut s = WidthSearch::new(&months(&[10_000; 100]), 2).unwrap();
         let (a, b) = (s.claim(), s.claim());
         s.observe(a, 10_000, ms(1_000));
         let running = s.claim();
-        s.observe(b, 20_000, ms(8_000));
+        s.observe(b, 20_000, ms(2_400));
         let spent = s.explore_cost_ms();
         assert!(spent > 0.0);
-        s.restart();
+        s.switch(old(), new());
         assert_eq!(s.best(), None);
         assert_eq!(s.explore_cost_ms(), spent);
-        // A slice claimed before the restart is not measured.
+        // A slice claimed before the switch is not measured.
         s.observe(running, 10_000, ms(1));
         assert_eq!(s.best(), None);
+        assert_eq!(s.rate_near(10_000), None);
         // The trials start again at the base width.
-        assert_eq!(s.claim().level, 0);
+        assert_eq!(step(&mut s, 10_000, 500), 0);
+        assert_eq!(step(&mut s, 20_000, 600), 1);
+        let spent = s.explore_cost_ms();
+        // Back to the old settings: their levels apply again, with nothing
+        // running and nothing to try twice; what was measured under the
+        // new ones is filed, and the cost still counts.
+        let running = s.claim();
+        s.switch(new(), old());
+        assert_eq!(s.best(), Some(0));
+        assert_eq!(s.rate_near(9_000), Some(0.1));
+        assert_eq!(s.rate_near(20_000), Some(0.12));
+        assert_eq!(s.explore_cost_ms(), spent);
+        s.observe(running, 40_000, ms(1));
+        assert_eq!(s.rate_near(40_000), None);
+        assert!(s.levels.values().all(|l| l.running == 0 && l.slices == 1));
+        // Level 1 lost: the next slice tries narrower, not level 1 again.
+        assert_eq!(s.claim().level, -1);
+        s.switch(old(), new());
+        assert_eq!(s.rate_near(20_000), Some(0.03));
     }
 
     #[test]
