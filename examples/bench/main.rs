@@ -29,7 +29,8 @@
 //! The operator's peak RSS is this process's VmHWM, reset before its run.
 //! The controller's idle RSS is measured on the `usage-backfill controller`
 //! binary against a stub API server ([`idle`]), with 0 and 1000 finished
-//! UsageBackfills.
+//! UsageBackfills. With `RUST_LOG=usage_backfill_engine=debug` every walk
+//! logs its slices (times, settings, width levels) on stderr.
 //!
 //! `--schema-db URL` measures on a schema that is not the stand-in's: the
 //! variants run on copies of that database (empty tables, for example
@@ -205,6 +206,14 @@ struct Row {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> std::process::ExitCode {
+    // RUST_LOG=usage_backfill_engine=debug prints every walk's slices with
+    // their times on stderr: what a walk's time went to.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args = match args() {
         Ok(a) => a,
         Err(e) => {
