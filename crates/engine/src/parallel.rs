@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use super::session::{Guard, Session, SliceError};
 use super::sizing::{self, Model, Piece};
 use super::tuning::{
-    self, ENABLE_NESTLOOP, NESTLOOP_PROBE, NESTLOOP_PROBE_SHARE, PROBE_MIN_EVENTS, PROBE_MODES,
-    PlanProbe, SETTING_MARGIN, WORK_MEM, WORK_MEM_PROBE,
+    self, ENABLE_NESTLOOP, NESTLOOP_PROBE, NESTLOOP_PROBE_SHARE, PLAN_MODE_MARGIN,
+    PROBE_MIN_EVENTS, PROBE_MODES, PlanProbe, SETTING_MARGIN, WORK_MEM, WORK_MEM_PROBE,
 };
 use super::width::{self, Claim, WidthReport, WidthSearch};
 use super::{Error, Event, Result, Slice, plan};
@@ -171,8 +171,11 @@ pub(crate) struct SettingChoice {
     pub default: String,
     /// Tried on one slice.
     pub alternative: String,
-    /// The probe's slice: None, the largest pending unit; Some(share), a
-    /// part of it of about this share of the walk's events.
+    /// The probe's slice, cut from the largest pending unit: None, as
+    /// many events as the entry it is compared with (per event, a wider
+    /// slice is cheaper by its fixed part: a 4MB probe of 19k events won
+    /// by 10 % against a plan probe of 15k and then ran slower than
+    /// 64MB); Some(share), about this share of the walk's events.
     share: Option<f64>,
     /// The probe is given up once it has run this many times what the
     /// settings in force take for its events.
@@ -180,8 +183,8 @@ pub(crate) struct SettingChoice {
 }
 
 impl SettingChoice {
-    /// work_mem: the probe takes a whole unit, like the plan probe it is
-    /// compared with, and is given up only at [`PROBE_MARGIN`]: the two
+    /// work_mem: the probe takes as many events as the entry it is
+    /// compared with, and is given up only at [`PROBE_ABANDON`]: the two
     /// values were within ±15 % of each other on most histories measured,
     /// so a probe that loses by a little still does its slice's work.
     pub(crate) fn work_mem(default: String) -> Self {
@@ -190,7 +193,7 @@ impl SettingChoice {
             default,
             alternative: WORK_MEM_PROBE.to_string(),
             share: None,
-            give_up: PROBE_MARGIN,
+            give_up: PROBE_ABANDON,
         }
     }
 
@@ -286,12 +289,22 @@ enum Next {
     Done,
 }
 
-/// A probe is given up once it has run this much longer than the finished
-/// probe's time per event predicts for it: well beyond the noise between
-/// two runs of one plan (on 3M rows both modes pick the same plan, and
-/// re-running a 50 s slice for nothing must not happen), well below the
-/// 3-5x a wrong plan costs where it matters.
+/// A slice under a kept setting or plan is compared with its probe at
+/// this many times the probe's time per event: well beyond the noise
+/// between two runs of one plan, well below the 3-5x a wrong plan costs
+/// where it matters.
 const PROBE_MARGIN: f64 = 1.5;
+
+/// A probe that can no longer win still does its slice's work if it
+/// completes, so it is abandoned (and its slice runs again under the
+/// winner) only once it has run this many times what the winner's time
+/// per event predicts for it. A loser that completes costs its own ratio
+/// to the winner; one abandoned at this point costs this ratio plus the
+/// slice again. The losing custom probes of the 200k matrix ran at 1.5-1.7x
+/// the generic ones: abandoned at 1.5x, each cost 2.5x, about 0.6 s of a
+/// 4 s walk on realistic 200k. Nested loops, and a custom plan whose merge
+/// delete grew (2.1x at 1M), cost more, and a probe of those is abandoned.
+const PROBE_ABANDON: f64 = 2.0;
 
 /// A slice's time per event when it ran longer than [`PROBE_MARGIN`] times
 /// what `baseline` (a probe's events and ms per event) predicts for it, and
@@ -480,7 +493,7 @@ impl Shared {
                 probe.decided = Some(probe.choice.default.clone());
                 continue;
             }
-            let piece = self.probe_piece(self.settings[i].choice.share)?;
+            let piece = self.probe_piece(self.settings[i].choice.share, baseline)?;
             let ticket = Ticket {
                 id: self.new_ticket_id(),
                 abort: stop_all.child_token(),
@@ -509,10 +522,14 @@ impl Shared {
         }
     }
 
-    /// A setting probe's slice ([`probe_piece`]).
-    fn probe_piece(&mut self, share: Option<f64>) -> Option<Piece> {
-        let events = share
-            .map(|share| (share * self.total_events as f64).max(PROBE_MIN_EVENTS as f64) as i64);
+    /// A setting probe's slice ([`probe_piece`]): with a `share`, about
+    /// that share of the walk's events; without, the events of the entry
+    /// it is compared with.
+    fn probe_piece(&mut self, share: Option<f64>, baseline: Option<(i64, f64)>) -> Option<Piece> {
+        let events = match share {
+            Some(share) => (share * self.total_events as f64).max(PROBE_MIN_EVENTS as f64) as i64,
+            None => baseline?.0,
+        };
         probe_piece(&mut self.pending, events)
     }
 
@@ -660,27 +677,46 @@ impl Shared {
             .to_string()
     }
 
-    /// Decides before every probe has finished when the running ones can no
-    /// longer beat a finished one, and aborts them (their slices run again
-    /// under the winner): a losing probe costs about one winning slice.
+    /// Decides before every probe has finished once the running ones can no
+    /// longer win against a finished one (a custom probe once it has run
+    /// 1/[`PLAN_MODE_MARGIN`] of the generic probe's time per event, a
+    /// generic one at [`PLAN_MODE_MARGIN`] of the custom probe's): every
+    /// later slice runs under the winner. A loser runs on, its slice's work
+    /// is not lost, until it has run [`PROBE_ABANDON`] times what the
+    /// winner predicts for it; then it is cancelled and its slice runs
+    /// again under the winner.
     fn early_verdict(&mut self) {
-        if self.decided.is_some() || self.running_probes.is_empty() {
+        if self.running_probes.is_empty() {
             return;
         }
         let Some(best) = self.best_probe().cloned() else {
             return;
         };
         let rate = best.elapsed_ms as f64 / best.events as f64;
-        let lost = |r: &RunningProbe| {
-            r.started.elapsed().as_secs_f64() * 1000.0 > PROBE_MARGIN * rate * r.events as f64 + 1.0
+        // How many times what the finished probe predicts it has run.
+        let ran = |r: &RunningProbe| {
+            r.started.elapsed().as_secs_f64() * 1000.0 / (rate * r.events as f64 + 1.0)
         };
-        if self.running_probes.iter().all(lost) {
-            tracing::info!(plan_cache_mode = %best.plan_cache_mode,
-                "plan_cache_mode chosen by measurement (the other probe is already slower)");
-            for r in &self.running_probes {
+        if self.decided.is_none() {
+            let needs = if best.plan_cache_mode == PROBE_MODES[0] {
+                1.0 / PLAN_MODE_MARGIN
+            } else {
+                PLAN_MODE_MARGIN
+            };
+            if self.running_probes.iter().all(|r| ran(r) > needs) {
+                tracing::info!(plan_cache_mode = %best.plan_cache_mode,
+                    "plan_cache_mode chosen by measurement (the other probe can no longer win)");
+                self.decided = Some(Some(best.plan_cache_mode));
+            }
+        }
+        if self.decided.is_some() {
+            for r in self
+                .running_probes
+                .iter()
+                .filter(|r| ran(r) > PROBE_ABANDON)
+            {
                 r.abort.cancel();
             }
-            self.decided = Some(Some(best.plan_cache_mode));
         }
     }
 
@@ -885,7 +921,7 @@ impl Shared {
     /// generic probe was, the verdict is reversed: every session goes over
     /// to the generic plan, and the width search starts over. Once, like
     /// [`Shared::plan_mode_recheck`]; the pool is listed with the probes.
-    /// Not when the generic probe was given up: it lost by [`PROBE_MARGIN`]
+    /// Not when the generic probe was given up: it lost by [`PROBE_ABANDON`]
     /// and its time per event is not known. For a slice
     /// [`Shared::under_kept_custom`] that the guard let pass.
     fn plan_mode_review(&mut self, events: i64, elapsed: Duration) {
@@ -991,25 +1027,37 @@ fn rate_of(entry: Option<&PlanProbe>) -> Option<(i64, f64)> {
         .map(|p| (p.events, p.elapsed_ms as f64 / p.events as f64))
 }
 
-/// A setting probe's slice, taken out of `pending`: the largest piece (the
-/// earliest of equals) or, with `events`, its first part of at least that
-/// many events, the rest left in place.
-fn probe_piece(pending: &mut VecDeque<Piece>, events: Option<i64>) -> Option<Piece> {
+/// A setting probe's slice, taken out of `pending`: `events` events of the
+/// largest piece (the earliest of equals), the rest left in place; the
+/// whole piece when it holds no more. The part taken is the piece's end
+/// when only its start touches a pending neighbour, its start otherwise,
+/// so the rest stays joinable: a rest between two slices already run is a
+/// call of its own, and on a full hourly table a call's fixed part alone
+/// took about 250 ms (realistic 200k).
+fn probe_piece(pending: &mut VecDeque<Piece>, events: i64) -> Option<Piece> {
     let (i, _) = pending
         .iter()
         .enumerate()
         .max_by_key(|(i, p)| (p.events, std::cmp::Reverse(*i)))?;
     let piece = pending.remove(i).expect("an index of pending");
-    let Some(events) = events else {
-        return Some(piece);
-    };
-    let parts = piece.events / events.max(1);
-    let mut parts = sizing::split_even(piece, parts.max(1)).into_iter();
-    let head = parts.next().expect("split_even returns at least one piece");
-    for (k, rest) in parts.enumerate() {
-        pending.insert(i + k, rest);
+    let joins_before = i > 0 && pending[i - 1].slice.to == piece.slice.from;
+    let joins_after = pending
+        .get(i)
+        .is_some_and(|next| next.slice.from == piece.slice.to);
+    if joins_before && !joins_after {
+        let Some((rest, tail)) = sizing::split_head(piece, piece.events - events) else {
+            return Some(piece);
+        };
+        pending.insert(i, rest);
+        return Some(tail);
     }
-    Some(head)
+    match sizing::split_head(piece, events) {
+        Some((head, rest)) => {
+            pending.insert(i, rest);
+            Some(head)
+        }
+        None => Some(piece),
+    }
 }
 
 /// A slice not run after all goes back among the pending ones in the
@@ -1178,6 +1226,8 @@ impl Walk<'_> {
                 )
                 .await?;
             let elapsed = started.elapsed();
+            tracing::debug!(from = %last.slice.from, to = %last.slice.to,
+                events = last.events, ms = millis(elapsed), rows, "last slice committed");
             shared.lock().unwrap().durations_ms.push(millis(elapsed));
             prefix.done.insert(last.slice.from, (last, rows, elapsed));
             self.advance(&mut prefix, &shared, cancel, emit);
@@ -1287,7 +1337,7 @@ impl Walk<'_> {
                 tracing::info!(from = %piece.slice.from, to = %piece.slice.to,
                     plan_cache_mode = mode.as_deref().unwrap_or(""),
                     settings = ?values,
-                    "probe given up: another setting is faster; the slice runs again");
+                    "probe given up: another setting is faster, and this one ran too long to finish; the slice runs again");
                 shared.lock().unwrap().aborted(piece, t, elapsed);
                 continue;
             }
@@ -1300,6 +1350,13 @@ impl Walk<'_> {
             );
             match result {
                 Ok(rows) => {
+                    // What a walk's time went to, slice by slice, for whoever
+                    // tunes it (the benchmark's timeline).
+                    tracing::debug!(from = %piece.slice.from, to = %piece.slice.to,
+                        events = piece.events, ms = millis(elapsed), rows,
+                        plan_cache_mode = mode.as_deref().unwrap_or(""), settings = ?values,
+                        probe = ticket.is_some(), level = ?claim.map(|c| c.level),
+                        "slice committed");
                     let _ = tx.send(Msg::Done {
                         piece,
                         rows,
@@ -1511,29 +1568,30 @@ mod tests {
     fn the_nested_loop_probe_takes_a_part_of_the_largest_unit() {
         let mut pending: VecDeque<Piece> = months(&[3_000, 9_000, 4_000]).into();
         let whole = pending[1];
-        let probe = probe_piece(&mut pending, Some(2_000)).unwrap();
-        // 9000 events in four parts of at least 2000: the first is the probe.
-        assert_eq!(probe.events, 2_250);
+        let probe = probe_piece(&mut pending, 2_000).unwrap();
+        // The first 2000 of the 9000 events: the rest stays in its place.
+        assert_eq!(probe.events, 2_000);
         assert_eq!(probe.slice.from, whole.slice.from);
         let counts: Vec<i64> = pending.iter().map(|p| p.events).collect();
-        assert_eq!(counts, vec![3_000, 2_250, 2_250, 2_250, 4_000]);
+        assert_eq!(counts, vec![3_000, 7_000, 4_000]);
         assert_eq!(pending[1].slice.from, probe.slice.to);
-        assert_eq!(pending[3].slice.to, whole.slice.to);
+        assert_eq!(pending[1].slice.to, whole.slice.to);
         // Given up, it goes back in its place: the pieces are contiguous
         // again, and the width search can join them.
         put_back(&mut pending, probe);
         for w in pending.make_contiguous().windows(2) {
             assert_eq!(w[0].slice.to, w[1].slice.from);
         }
-        // A unit under twice the size stays whole; without a size, the
-        // largest unit is the probe (the work_mem probe).
-        let mut pending: VecDeque<Piece> = months(&[3_000, 3_900]).into();
-        assert_eq!(
-            probe_piece(&mut pending, Some(2_000)).unwrap().events,
-            3_900
-        );
-        let mut pending: VecDeque<Piece> = months(&[3_000, 9_000]).into();
-        assert_eq!(probe_piece(&mut pending, None).unwrap().events, 9_000);
+        // The work_mem probe takes the events of the entry it is compared
+        // with; a largest unit with no more is taken whole.
+        let all = months(&[3_000, 9_000]);
+        let mut pending: VecDeque<Piece> = all.iter().copied().collect();
+        // Only its start touches a pending piece: its end is taken, and
+        // the rest joins the piece before it.
+        let probe = probe_piece(&mut pending, 7_500).unwrap();
+        assert_eq!((probe.events, probe.slice.to), (7_500, all[1].slice.to));
+        assert_eq!(pending[1].slice.to, probe.slice.from);
+        assert_eq!(probe_piece(&mut pending, 7_500).unwrap().events, 3_000);
         assert_eq!(pending.len(), 1);
     }
 }

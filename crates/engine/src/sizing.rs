@@ -179,6 +179,39 @@ pub(crate) fn split_even(p: Piece, parts: i64) -> Vec<Piece> {
     out
 }
 
+/// `p` cut in two at about `events` events from its start (the time in
+/// proportion, on a whole second): the head and the rest. None when the
+/// cut would leave either part narrower than [`MIN_WIDTH`] or without
+/// events.
+pub(crate) fn split_head(p: Piece, events: i64) -> Option<(Piece, Piece)> {
+    if events <= 0 || events >= p.events {
+        return None;
+    }
+    let width = p.slice.to.duration_since(p.slice.from).as_secs();
+    let secs = (i128::from(width) * i128::from(events) / i128::from(p.events)) as i64;
+    let min = MIN_WIDTH.as_secs();
+    if secs < min || width - secs < min {
+        return None;
+    }
+    let cut = p.slice.from + SignedDuration::from_secs(secs);
+    Some((
+        Piece {
+            slice: Slice {
+                from: p.slice.from,
+                to: cut,
+            },
+            events,
+        },
+        Piece {
+            slice: Slice {
+                from: cut,
+                to: p.slice.to,
+            },
+            events: p.events - events,
+        },
+    ))
+}
+
 /// With a cap: the first piece cut into [`PROBE_PARTS`], so the first
 /// measurement is cheap.
 pub(crate) fn probe_first(mut pieces: Vec<Piece>) -> Vec<Piece> {
@@ -473,6 +506,18 @@ pub(crate) mod tests {
             events: 10,
         };
         assert_eq!(split_even(hour, 4), vec![hour]);
+        // A head of a given number of events: the time in proportion.
+        let (head, rest) = split_head(months(&[1_000])[0], 250).unwrap();
+        assert_eq!((head.events, rest.events), (250, 750));
+        contiguous(&[head, rest]);
+        assert_eq!(head.slice.from.subsec_nanosecond(), 0);
+        let p = months(&[1_000])[0];
+        let quarter = p.slice.to.duration_since(p.slice.from) / 4;
+        assert_eq!(head.slice.to, p.slice.from + quarter);
+        // Nothing to cut: all or none of the events, or under an hour.
+        assert_eq!(split_head(p, 1_000), None);
+        assert_eq!(split_head(p, 0), None);
+        assert_eq!(split_head(hour, 5), None);
     }
 
     #[test]

@@ -37,8 +37,9 @@
 //!   history of the previous stand-in. Two adjacent historical slices with
 //!   the most events together are run one with each mode; the generic plan
 //!   is kept unless the custom one is faster per event by
-//!   [`PLAN_MODE_MARGIN`]; a probe that can no longer win is cancelled and
-//!   its slice re-run; and a custom plan kept that later grows slower than
+//!   [`PLAN_MODE_MARGIN`]; a probe that can no longer win settles the
+//!   mode at once and is cancelled (its slice re-run) only once it has run
+//!   twice the winner's time; and a custom plan kept that later grows slower than
 //!   its probe by `PROBE_MARGIN`, or whose later slices of the probes'
 //!   width are no faster than the generic probe, sends every session to
 //!   the generic plan (see `parallel`).

@@ -51,6 +51,9 @@ const MIN_TARGET_EVENTS: f64 = 1000.0;
 const JOIN_WITHIN: f64 = 1.1;
 /// …and a unit of more than this many targets is split.
 const SPLIT_ABOVE: f64 = 1.5;
+/// A slice short of its target by at least this share of it, whose next
+/// unit does not fit whole, takes the part of that unit that fills it.
+const FILL_SHORT: f64 = 0.25;
 
 #[derive(Debug, Clone, Default)]
 struct Level {
@@ -359,7 +362,14 @@ impl WidthSearch {
 /// The next slice from the front of `pending`, about `target` events: the
 /// front unit split when it holds more than [`SPLIT_ABOVE`] targets,
 /// otherwise joined with the units after it while the slice stays within
-/// [`JOIN_WITHIN`] targets.
+/// [`JOIN_WITHIN`] targets, and then, when it is still short by
+/// [`FILL_SHORT`] of its target, with the first part of the next unit
+/// that fills it. Without that a unit left over by a split made a slice of
+/// half its level's width: on realistic 200k (full hourly table) one
+/// session split each month at level 0 while the other's level-1 claims
+/// took the halves left over, so level 1 was never measured, every one of
+/// its claims was a trial, and the walk ran in half months at 1.6x the
+/// per-event time of the two-month width.
 pub(crate) fn take(pending: &mut VecDeque<Piece>, target: f64) -> Option<Piece> {
     let first = pending.pop_front()?;
     if first.events as f64 > SPLIT_ABOVE * target {
@@ -380,6 +390,15 @@ pub(crate) fn take(pending: &mut VecDeque<Piece>, target: f64) -> Option<Piece> 
         }
         let next = pending.pop_front().expect("checked above");
         slice = sizing::join(slice, next);
+    }
+    let room = target - slice.events as f64;
+    if room >= FILL_SHORT * target
+        && let Some(next) = pending.front().copied()
+        && next.slice.from == slice.slice.to
+        && let Some((head, rest)) = sizing::split_head(next, room.round() as i64)
+    {
+        pending[0] = rest;
+        slice = sizing::join(slice, head);
     }
     Some(slice)
 }
@@ -603,7 +622,7 @@ mod tests {
 
     #[test]
     fn take_joins_and_splits_units_around_the_target() {
-        let all = months(&[10_000, 10_000, 10_000, 40_000, 1_000]);
+        let all = months(&[10_000, 10_000, 10_000, 50_000, 1_000]);
         let mut pending: VecDeque<Piece> = all.iter().copied().collect();
         assert_eq!(count(&pending, 20_000.0), 4);
         let a = take(&mut pending, 20_000.0).unwrap();
@@ -612,15 +631,26 @@ mod tests {
             (a.slice.from, a.slice.to),
             (all[0].slice.from, all[1].slice.to)
         );
-        // 10k alone: with the 40k month it would exceed the target.
-        assert_eq!(take(&mut pending, 20_000.0).unwrap(), all[2]);
-        // 40k is split in two, at the month's middle…
+        // 10k is half the target and the 50k month does not fit whole: the
+        // slice takes the month's first fifth (of its time) to fill it.
         let b = take(&mut pending, 20_000.0).unwrap();
-        assert_eq!((b.events, b.slice.from), (20_000, all[3].slice.from));
-        // …and its second half takes the thin month after it (within 1.1x).
+        let fifth = all[3].slice.to.duration_since(all[3].slice.from) / 5;
+        assert_eq!(
+            (b.events, b.slice.from, b.slice.to),
+            (20_000, all[2].slice.from, all[3].slice.from + fifth)
+        );
+        // The 40k left is split in two…
         let c = take(&mut pending, 20_000.0).unwrap();
-        assert_eq!((c.events, c.slice.to), (21_000, all[4].slice.to));
+        assert_eq!((c.events, c.slice.from), (20_000, b.slice.to));
+        // …and its second half takes the thin month after it (within 1.1x).
+        let d = take(&mut pending, 20_000.0).unwrap();
+        assert_eq!((d.events, d.slice.to), (21_000, all[4].slice.to));
         assert!(pending.is_empty());
+        // A slice short by less than a quarter of its target stays as it is.
+        let near = months(&[16_000, 10_000]);
+        let mut pending: VecDeque<Piece> = near.iter().copied().collect();
+        assert_eq!(take(&mut pending, 20_000.0).unwrap(), near[0]);
+        assert_eq!(pending.len(), 1);
         // Pieces that are not adjacent (a probe took the one between) stay apart.
         let mut gap: VecDeque<Piece> = [all[0], all[2]].into_iter().collect();
         assert_eq!(take(&mut gap, 100_000.0).unwrap(), all[0]);
