@@ -29,6 +29,7 @@ testkit::at_both_levels!(
     losing_the_lock_session_stops_the_workers,
     tuning_reaches_our_sessions_only_and_the_user_wins,
     plan_cache_mode_is_chosen_by_measurement,
+    a_losing_probe_completes_unless_it_runs_twice_the_winners_time,
     a_cap_on_slice_duration_splits_by_measured_time,
     slice_width_is_chosen_by_measurement,
     work_mem_is_chosen_by_measurement,
@@ -820,6 +821,48 @@ async fn plan_cache_mode_is_chosen_by_measurement(level: SchemaLevel) {
     }
     assert_eq!(calls.last().unwrap().plan_mode, chosen);
     assert_correct(&client).await;
+}
+
+/// A plan probe that can no longer win settles the mode at once but runs on,
+/// its slice's work kept, unless it reaches twice what the winner's time
+/// per event predicts for it: a custom plan about 1.5x slower than the
+/// generic one completes and its call commits; one about 5x slower is
+/// given up, no call under it commits, and its slice runs again under the
+/// generic plan.
+async fn a_losing_probe_completes_unless_it_runs_twice_the_winners_time(level: SchemaLevel) {
+    for (custom_sleep, completes) in [(0.45, true), (1.6, false)] {
+        let (db, client) = with_history(level, &HistorySpec::even(16_000, 4)).await;
+        wrap_window(
+            &client,
+            &format!(
+                "PERFORM pg_sleep(CASE WHEN current_setting('plan_cache_mode') = 'force_custom_plan'
+                                       THEN {custom_sleep} ELSE 0.3 END);"
+            ),
+        )
+        .await;
+        let outcome = walk_two_sessions(&db).await;
+        let tuning = outcome.tuning.clone().unwrap();
+        assert_eq!(
+            tuning.plan_cache_mode.as_deref(),
+            Some("force_generic_plan"),
+            "{tuning:?}"
+        );
+        let custom = tuning
+            .probes
+            .iter()
+            .find(|p| p.at_defaults() && p.plan_cache_mode == "force_custom_plan")
+            .expect("the custom plan was probed");
+        assert_eq!(custom.completed, completes, "{tuning:?}");
+        let calls = calls(&client).await;
+        let under_custom = calls
+            .iter()
+            .filter(|c| c.plan_mode == "force_custom_plan")
+            .count();
+        assert_eq!(under_custom, usize::from(completes), "{tuning:?}");
+        assert_eq!(last_call(&calls).plan_mode, "force_generic_plan");
+        assert_eq!(outcome.slices_processed, outcome.slices_total);
+        assert_correct(&client).await;
+    }
 }
 
 /// Window time proportional to a slice's events (0.2 ms each): with a cap
