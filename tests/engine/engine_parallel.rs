@@ -29,7 +29,7 @@ testkit::at_both_levels!(
     losing_the_lock_session_stops_the_workers,
     tuning_reaches_our_sessions_only_and_the_user_wins,
     plan_cache_mode_is_chosen_by_measurement,
-    a_losing_probe_completes_unless_it_runs_twice_the_winners_time,
+    a_losing_probe_completes_unless_it_runs_well_past_the_winners_time,
     a_cap_on_slice_duration_splits_by_measured_time,
     slice_width_is_chosen_by_measurement,
     work_mem_is_chosen_by_measurement,
@@ -824,19 +824,19 @@ async fn plan_cache_mode_is_chosen_by_measurement(level: SchemaLevel) {
 }
 
 /// A plan probe that can no longer win settles the mode at once but runs on,
-/// its slice's work kept, unless it reaches twice what the winner's time
-/// per event predicts for it: a custom plan about 1.5x slower than the
-/// generic one completes and its call commits; one about 5x slower is
-/// given up, no call under it commits, and its slice runs again under the
-/// generic plan.
-async fn a_losing_probe_completes_unless_it_runs_twice_the_winners_time(level: SchemaLevel) {
-    for (custom_sleep, completes) in [(0.45, true), (1.6, false)] {
+/// its slice's work kept, unless it reaches 1.25x what the winner's time
+/// per event predicts for it: a custom plan about 1.1x slower than the
+/// generic one (a near tie) completes and its call commits; one about 3x
+/// slower is given up, no call under it commits, and its slice runs again
+/// under the generic plan.
+async fn a_losing_probe_completes_unless_it_runs_well_past_the_winners_time(level: SchemaLevel) {
+    for (custom_sleep, completes) in [(0.55, true), (1.6, false)] {
         let (db, client) = with_history(level, &HistorySpec::even(16_000, 4)).await;
         wrap_window(
             &client,
             &format!(
                 "PERFORM pg_sleep(CASE WHEN current_setting('plan_cache_mode') = 'force_custom_plan'
-                                       THEN {custom_sleep} ELSE 0.3 END);"
+                                       THEN {custom_sleep} ELSE 0.5 END);"
             ),
         )
         .await;
@@ -1005,11 +1005,12 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
             tuning.plan_cache_mode.as_ref(),
             "the work_mem probe runs under the mode kept"
         );
-        // Given up only once it ran twice what the 64MB figure it is
+        // Given up only once it ran 1.25x what the 64MB figure it is
         // compared with (the winning plan probe's time per event, or a
-        // width level's when lower) predicts for it; checked at 1.5x the
-        // lowest of them at the end, since a level's rate when the probe
-        // ran can be below its final average.
+        // width level's when lower) predicts for it; checked against the
+        // lowest of them at the end with no factor, since a level's rate
+        // when the probe ran can be below its final average: never given
+        // up before it was slower than 64MB.
         if !tried[0].completed {
             let won = tuning
                 .probes
@@ -1025,7 +1026,7 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
                 .map(|l| l.elapsed_ms as f64 / l.events as f64)
                 .fold(rate(won), f64::min);
             let predicted = lowest * tried[0].events as f64;
-            assert!(tried[0].elapsed_ms as f64 >= 1.5 * predicted, "{tuning:?}");
+            assert!(tried[0].elapsed_ms as f64 >= predicted, "{tuning:?}");
         }
         let calls = calls(&client).await;
         let last = last_call(&calls);

@@ -300,11 +300,14 @@ const PROBE_MARGIN: f64 = 1.5;
 /// winner) only once it has run this many times what the winner's time
 /// per event predicts for it. A loser that completes costs its own ratio
 /// to the winner; one abandoned at this point costs this ratio plus the
-/// slice again. The losing custom probes of the 200k matrix ran at 1.5-1.7x
-/// the generic ones: abandoned at 1.5x, each cost 2.5x, about 0.6 s of a
-/// 4 s walk on realistic 200k. Nested loops, and a custom plan whose merge
-/// delete grew (2.1x at 1M), cost more, and a probe of those is abandoned.
-const PROBE_ABANDON: f64 = 2.0;
+/// slice again. Losers are of two kinds: near ties within ±10 % (custom
+/// 63 / generic 63, 4MB 44 / 64MB 44 ms per 1000 events in the 200k
+/// matrix), which complete here at about 1x, and plans that lose by 2x or
+/// more (a custom probe on realistic 200k still running at 2x when given
+/// up; 4MB at 3.6x), which cost 2.25x here against the 2.5x of giving up
+/// at [`PROBE_MARGIN`] and the 3x of giving up at 2x (tried: realistic
+/// 200k walked slower).
+const PROBE_ABANDON: f64 = 1.25;
 
 /// A slice's time per event when it ran longer than [`PROBE_MARGIN`] times
 /// what `baseline` (a probe's events and ms per event) predicts for it, and

@@ -39,7 +39,7 @@
 //!   is kept unless the custom one is faster per event by
 //!   [`PLAN_MODE_MARGIN`]; a probe that can no longer win settles the
 //!   mode at once and is cancelled (its slice re-run) only once it has run
-//!   twice the winner's time; and a custom plan kept that later grows slower than
+//!   1.25x the winner's time; and a custom plan kept that later grows slower than
 //!   its probe by `PROBE_MARGIN`, or whose later slices of the probes'
 //!   width are no faster than the generic probe, sends every session to
 //!   the generic plan (see `parallel`).
