@@ -1047,20 +1047,18 @@ fn probe_piece(pending: &mut VecDeque<Piece>, events: i64) -> Option<Piece> {
     let joins_after = pending
         .get(i)
         .is_some_and(|next| next.slice.from == piece.slice.to);
-    if joins_before && !joins_after {
-        let Some((rest, tail)) = sizing::split_head(piece, piece.events - events) else {
-            return Some(piece);
-        };
-        pending.insert(i, rest);
-        return Some(tail);
-    }
-    match sizing::split_head(piece, events) {
-        Some((head, rest)) => {
-            pending.insert(i, rest);
-            Some(head)
-        }
-        None => Some(piece),
-    }
+    let take_end = joins_before && !joins_after;
+    let cut = if take_end {
+        piece.events - events
+    } else {
+        events
+    };
+    let Some((head, tail)) = sizing::split_head(piece, cut) else {
+        return Some(piece);
+    };
+    let (probe, rest) = if take_end { (tail, head) } else { (head, tail) };
+    pending.insert(i, rest);
+    Some(probe)
 }
 
 /// A slice not run after all goes back among the pending ones in the
