@@ -66,7 +66,8 @@ const USAGE: &str = "usage: bench [--scale tiny|standard|large] [--schema hourly
   --sweep         also time operator variants (parallelism 1/3, tuning presets)
   --matrix        reference, operator and set-based bound on every named shape × hourly-table
                   state, with worst and median ratios (no idle-RSS measurement); with
-                  --variants p1-off also p1-off against the reference (same cap)
+                  --variants p1-off also p1-off against the reference (same cap); with
+                  --variants operator,set-based no reference
   --rows N        matrix size (default 200000); --months N (default 26)
   --shapes LIST   matrix shapes (default all: even,few-agents,realistic,many-small-tasks,
                   one-workspace,fat-tasks,wide,crowded,skewed)
@@ -167,6 +168,10 @@ fn args() -> Result<Args, String> {
             .variants
             .as_ref()
             .is_some_and(|v| v.iter().any(|v| v == "p1-off"));
+        matrix.reference = out
+            .variants
+            .as_ref()
+            .is_none_or(|v| v.iter().any(|v| v == "reference"));
         out.matrix = Some(matrix);
     }
     Ok(out)

@@ -10,6 +10,9 @@
 //! With `--variants …,p1-off` the engine with parallelism 1 and tuning
 //! off also runs, after the reference and under the same cap, and a second
 //! table compares the two: what our own machinery costs on each shape.
+//! `--variants` without `reference` leaves the reference out: the
+//! operator against the bound alone, to compare two builds of the engine
+//! cell by cell.
 //! The operator's peak RSS (this process's VmHWM, reset before each of its
 //! runs) is printed over all cells.
 //! The engine runs in `Mode::Always` (over a full table the hook would
@@ -37,6 +40,10 @@ pub(crate) struct MatrixArgs {
     pub reference_cap: Option<Duration>,
     /// Also run `p1-off` (parallelism 1, tuning off) against the reference.
     pub p1_off: bool,
+    /// Run the reference (`--variants` without it: the operator against
+    /// the bound alone, for comparing two builds of the engine cell by
+    /// cell without the reference's minutes).
+    pub reference: bool,
 }
 
 impl Default for MatrixArgs {
@@ -52,6 +59,7 @@ impl Default for MatrixArgs {
             ],
             reference_cap: None,
             p1_off: false,
+            reference: true,
         }
     }
 }
@@ -179,12 +187,13 @@ async fn run_cell(
     let mut peak_rss_kib: Option<u64> = None;
     let mut sums: Vec<(&str, String)> = Vec::new();
     for _ in 0..repeat {
-        let variants: &[&str] = if m.p1_off {
-            &["reference", "p1-off", "operator", "set-based"]
-        } else {
-            &["reference", "operator", "set-based"]
-        };
-        for &variant in variants {
+        let variants = [
+            (m.reference, "reference"),
+            (m.p1_off, "p1-off"),
+            (true, "operator"),
+            (true, "set-based"),
+        ];
+        for variant in variants.into_iter().filter_map(|(run, v)| run.then_some(v)) {
             let db = db_name(name, variant);
             admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
