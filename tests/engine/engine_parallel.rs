@@ -36,6 +36,7 @@ testkit::at_both_levels!(
     nested_loops_are_chosen_by_measurement,
     a_custom_plan_that_grows_slower_gives_way_to_the_generic_plan,
     a_custom_plan_no_faster_than_the_generic_probe_gives_way,
+    a_slice_at_a_kept_alternative_is_given_up_at_its_deadline,
     a_stray_cancel_runs_the_slice_again,
 );
 
@@ -175,6 +176,7 @@ async fn wrap_window(client: &Client, before: &str) {
         .unwrap();
 }
 
+#[derive(Debug)]
 struct Call {
     slice: Slice,
     pid: i32,
@@ -1042,7 +1044,9 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
     }
     // 4MB wins its probe while the hourly table is small and loses once
     // it has filled (as a merge delete does): every session goes back to
-    // 64MB, the last slice included, and the slice that lost is listed.
+    // 64MB, the last slice included, and the slices that lost (one per
+    // session at most, given up at their deadline or slower than 1.5x
+    // the probe once committed) are listed.
     let (db, client) = with_history(level, &HistorySpec::even(40_000, 10)).await;
     wrap_window(&client, &slow_at_then_as_filled("work_mem", "64MB")).await;
     let outcome = walk_two_sessions(&db).await;
@@ -1053,11 +1057,13 @@ async fn work_mem_is_chosen_by_measurement(level: SchemaLevel) {
         .iter()
         .filter(|p| p.work_mem.is_some() && p.enable_nestloop.is_none())
         .collect();
-    assert_eq!(
-        at_4mb.len(),
-        2,
-        "the probe and the slice that lost: {tuning:?}"
+    assert!(
+        (2..=3).contains(&at_4mb.len()),
+        "the probe and the slices that lost: {tuning:?}"
     );
+    for lost in &at_4mb[1..] {
+        assert!(rate(lost) > 1.5 * rate(at_4mb[0]), "{tuning:?}");
+    }
     let calls = calls(&client).await;
     assert_eq!(last_call(&calls).work_mem, "64MB");
     assert_correct(&client).await;
@@ -1195,8 +1201,13 @@ async fn nested_loops_are_chosen_by_measurement(level: SchemaLevel) {
         .iter()
         .filter(|p| p.enable_nestloop.is_some())
         .collect();
-    assert_eq!(nl.len(), 2, "the probe and the slice that lost: {tuning:?}");
-    assert!(rate(nl[1]) > 1.5 * rate(nl[0]), "{tuning:?}");
+    assert!(
+        (2..=3).contains(&nl.len()),
+        "the probe and the slices that lost: {tuning:?}"
+    );
+    for lost in &nl[1..] {
+        assert!(rate(lost) > 1.5 * rate(nl[0]), "{tuning:?}");
+    }
     let logged = calls(&client).await;
     assert_eq!(last_call(&logged).nestloop, "off");
     assert_correct(&client).await;
@@ -1220,18 +1231,25 @@ async fn a_custom_plan_that_grows_slower_gives_way_to_the_generic_plan(level: Sc
     )
     .await;
     let (tuning, custom) = walk_back_to_generic(&db, &client).await;
-    // The probe won; the slice that lost ran at least 1.5x its time per
-    // event, on at least half its events.
-    assert!(rate(&custom[1]) > 1.5 * rate(&custom[0]), "{tuning:?}");
-    assert!(custom[1].events >= custom[0].events / 2, "{tuning:?}");
+    // The probe won; each slice that lost ran at least 1.5x its time per
+    // event: given up at its deadline, or committed on at least half its
+    // events (a narrower one is not compared after its commit).
+    for lost in &custom[1..] {
+        assert!(rate(lost) > 1.5 * rate(&custom[0]), "{tuning:?}");
+        assert!(
+            !lost.completed || lost.events >= custom[0].events / 2,
+            "{tuning:?}"
+        );
+    }
     assert_correct(&client).await;
 }
 
 /// A walk on two sessions at the user's work_mem and enable_nestloop (so
 /// no setting probe joins in) that must end on the generic plan, its last call included,
-/// with two custom-plan entries listed with the probes, both completed:
-/// the probe that won and what lost after it. Returns the tuning and those
-/// two entries.
+/// with the custom-plan entries listed with the probes: the probe that
+/// won (completed) and what lost after it (one slice or pool, or one
+/// slice per session given up at its deadline). Returns the tuning and
+/// those entries.
 async fn walk_back_to_generic(
     db: &TestDatabase,
     client: &Client,
@@ -1253,15 +1271,93 @@ async fn walk_back_to_generic(
         .filter(|p| p.plan_cache_mode == "force_custom_plan")
         .cloned()
         .collect();
-    assert_eq!(
-        custom.len(),
-        2,
+    assert!(
+        (2..=3).contains(&custom.len()),
         "the probe and what lost after it: {tuning:?}"
     );
-    assert!(custom.iter().all(|p| p.completed && p.at_defaults()));
+    assert!(custom[0].completed && custom.iter().all(|p| p.at_defaults()));
     let calls = calls(client).await;
     assert_eq!(last_call(&calls).plan_mode, "force_generic_plan");
     (tuning, custom)
+}
+
+/// An alternative kept from its probe can turn catastrophic later in the
+/// walk (the statistics a session's plan is made from change as the
+/// hourly table is rewritten): a slice under it is cancelled once it has
+/// run [`PROBE_MARGIN`](1.5) times what the entry it was kept against
+/// predicts, plus half a second, instead of running to the end; every
+/// session goes back to the default, the slice runs again under it, and
+/// what was given up is listed with the probes. Here a call at the
+/// alternative sleeps 30 s once the hourly table holds 16,000 rows, and
+/// 0.4 s at the default: for `work_mem` (4MB kept) and for the custom plan.
+async fn a_slice_at_a_kept_alternative_is_given_up_at_its_deadline(level: SchemaLevel) {
+    let user = |settings: &[(&str, &str)]| Options {
+        session_settings: settings.iter().map(|(k, v)| kv(k, v)).collect(),
+        ..Options::default()
+    };
+    for (setting, default, alternative, opts) in [
+        (
+            "work_mem",
+            "64MB",
+            "4MB",
+            user(&[("enable_nestloop", "off")]),
+        ),
+        (
+            "plan_cache_mode",
+            "force_generic_plan",
+            "force_custom_plan",
+            user(&[("work_mem", "64MB"), ("enable_nestloop", "off")]),
+        ),
+    ] {
+        let (db, client) = with_history(level, &HistorySpec::even(40_000, 10)).await;
+        wrap_window(
+            &client,
+            &format!(
+                "PERFORM pg_sleep(CASE WHEN current_setting('{setting}') = '{default}' THEN 0.4
+                                       WHEN (SELECT count(*) FROM task_usage_hourly) > 16000 THEN 30
+                                       ELSE 0 END);"
+            ),
+        )
+        .await;
+        let outcome = walk_two_sessions_with(&db, &opts).await;
+        let tuning = outcome.tuning.clone().unwrap();
+        let at = |p: &engine::PlanProbe| match setting {
+            "work_mem" => p.work_mem.as_deref() == Some(alternative),
+            _ => p.plan_cache_mode == alternative && p.at_defaults(),
+        };
+        let tried: Vec<_> = tuning.probes.iter().filter(|p| at(p)).collect();
+        assert!(tried[0].completed, "the probe won: {tuning:?}");
+        let given_up: Vec<_> = tried[1..].iter().filter(|p| !p.completed).collect();
+        assert!(
+            !given_up.is_empty() && given_up.len() + 1 == tried.len(),
+            "every slice at {alternative} after the table filled was given up: {tuning:?}"
+        );
+        for p in given_up {
+            assert!(
+                p.elapsed_ms < 10_000,
+                "cut long before its 30 s: {tuning:?}"
+            );
+        }
+        let kept = match setting {
+            "work_mem" => tuning.work_mem.clone(),
+            _ => tuning.plan_cache_mode.clone(),
+        };
+        assert_eq!(kept.as_deref(), Some(default), "{tuning:?}");
+        // No call at the alternative committed once the table had filled,
+        // and the last one ran at the default.
+        let calls = calls(&client).await;
+        let value = |c: &Call| match setting {
+            "work_mem" => c.work_mem.clone(),
+            _ => c.plan_mode.clone(),
+        };
+        assert!(
+            calls.iter().all(|c| value(c) == default
+                || c.finished.duration_since(c.started) < jiff::SignedDuration::from_secs(5)),
+            "{calls:?}"
+        );
+        assert_eq!(value(last_call(&calls)), default);
+        assert_correct(&client).await;
+    }
 }
 
 /// What tuning did in a walk on two sessions of a fresh history (large
@@ -1312,6 +1408,8 @@ async fn a_custom_plan_no_faster_than_the_generic_probe_gives_way(level: SchemaL
     // The probe won by the margin; the pool, at least three slices of about
     // the generic probe's width, was no faster than the generic probe.
     assert!(1.1 * rate(&custom[0]) < rate(generic[0]), "{tuning:?}");
+    assert_eq!(custom.len(), 2, "the probe and the pool: {tuning:?}");
+    assert!(custom[1].completed, "{tuning:?}");
     assert!(rate(&custom[1]) >= rate(generic[0]), "{tuning:?}");
     assert!(
         custom[1].events as f64 >= 3.0 * 0.7 * generic[0].events as f64,

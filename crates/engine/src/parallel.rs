@@ -286,6 +286,27 @@ struct Job {
     ticket: Option<Ticket>,
     /// Its claim on a width level, when it measures one.
     claim: Option<Claim>,
+    /// For a slice under a kept alternative, the deadline it is given up at.
+    watch: Option<Watch>,
+}
+
+/// A slice under an alternative kept from one probe slice, given up once
+/// it has run past what the alternative was kept against predicts for it
+/// ([`Shared::watch`]).
+struct Watch {
+    /// Cancelled at the deadline.
+    abort: CancellationToken,
+    deadline: Duration,
+    kept: Kept,
+}
+
+/// Which alternative a [`Watch`] sends back when it trips.
+#[derive(Debug, Clone, Copy)]
+enum Kept {
+    /// The probed setting at this index.
+    Setting(usize),
+    /// The custom plan.
+    Custom,
 }
 
 enum Next {
@@ -422,6 +443,7 @@ impl Shared {
                 settings: self.values(),
                 ticket: Some(ticket),
                 claim: None,
+                watch: None,
             });
         }
         self.early_verdict();
@@ -438,13 +460,103 @@ impl Shared {
         let settled = self.decided.is_some() || !self.probing();
         let (piece, claim) = self.take(settled);
         self.started += 1;
+        let watch = self.watch(piece.events, stop_all);
         Next::Run(Job {
             piece,
             mode: want,
             settings: self.values(),
             ticket: None,
             claim,
+            watch,
         })
+    }
+
+    /// The watch of a slice that runs under the settings in force, when
+    /// they hold an alternative kept from one probe slice: the settings'
+    /// plans are made once per session, and the table statistics they are
+    /// made from change during the walk (autovacuum analyzes the hourly
+    /// table once a tenth of it is rewritten). On one-workspace 200k with
+    /// a full hourly table, `work_mem` 4MB won its probe at 50 ms per 1000
+    /// events against 55; two slices later the hourly table had been
+    /// analyzed, the empty-bucket delete had become a merge join on
+    /// (workspace, agent) that compared 362 million row pairs, and one
+    /// slice took 44 s (the guard after the commit then sent `work_mem`
+    /// back, too late: a 50 s walk, 27x the bound). A slice is given up
+    /// at [`PROBE_MARGIN`] times what the entry the alternative was kept
+    /// against predicts for it, plus [`GUARD_FLOOR`]; a slice narrower
+    /// than that entry is allowed the entry's whole time (its fixed part
+    /// alone makes it slower per event). The alternative kept last is
+    /// watched first; the custom plan only at every setting's default, as
+    /// [`Shared::plan_mode_recheck`] does.
+    fn watch(&self, events: i64, stop_all: &CancellationToken) -> Option<Watch> {
+        let setting = (0..self.settings.len()).rev().find_map(|i| {
+            let probe = &self.settings[i];
+            probe.kept_alternative()?;
+            Some((Kept::Setting(i), probe.baseline?))
+        });
+        let custom = self.decided.clone().flatten().as_deref() == Some(PROBE_MODES[1])
+            && self.settings.iter().all(|p| p.kept_alternative().is_none());
+        let (kept, (base_events, rate)) = match setting {
+            Some(watched) => watched,
+            None if custom => (Kept::Custom, self.baseline()?),
+            None => return None,
+        };
+        let ms = PROBE_MARGIN * rate * events.max(base_events) as f64;
+        Some(Watch {
+            abort: stop_all.child_token(),
+            deadline: Duration::from_secs_f64(ms / 1000.0) + GUARD_FLOOR,
+            kept,
+        })
+    }
+
+    /// A watched slice ran past its deadline and was given up
+    /// ([`Shared::watch`]): the alternative it ran under goes back to the
+    /// default for every session (unless another slice sent it back
+    /// first), the slice is listed with the probes as given up, and it
+    /// goes back among the pending ones to run again.
+    fn watch_tripped(
+        &mut self,
+        piece: Piece,
+        claim: Option<Claim>,
+        kept: Kept,
+        (ran_mode, ran_values): (Option<&str>, &[String]),
+        elapsed: Duration,
+    ) {
+        self.under_way.retain(|u| u.0 != piece.slice.from);
+        if let (Some(search), Some(claim)) = (self.width.as_mut(), claim) {
+            search.release(claim);
+        }
+        self.started -= 1;
+        let entry = self.entry(
+            ran_mode.unwrap_or_default().to_string(),
+            ran_values,
+            piece.events,
+            millis(elapsed),
+            false,
+        );
+        self.probes.push(entry);
+        let from = self.in_force_key();
+        match kept {
+            Kept::Setting(i) if self.settings[i].kept_alternative().is_some() => {
+                let probe = &mut self.settings[i];
+                tracing::info!(setting = probe.choice.name, value = %probe.choice.default,
+                    ms = millis(elapsed), events = piece.events,
+                    "a slice at the alternative kept ran past its deadline; back to the default, and the slice runs again");
+                probe.decided = Some(probe.choice.default.clone());
+                self.settings_changed(from);
+            }
+            Kept::Custom if self.decided.clone().flatten().as_deref() == Some(PROBE_MODES[1]) => {
+                tracing::info!(
+                    ms = millis(elapsed),
+                    events = piece.events,
+                    "plan_cache_mode: a slice under the custom plan kept ran past its deadline; generic from now on, and the slice runs again"
+                );
+                self.decided = Some(Some(PROBE_MODES[0].to_string()));
+                self.settings_changed(from);
+            }
+            _ => {}
+        }
+        put_back(&mut self.pending, piece);
     }
 
     /// The value kept of a probed setting, once decided.
@@ -535,6 +647,7 @@ impl Shared {
                 settings: values,
                 ticket: Some(ticket),
                 claim: None,
+                watch: None,
             });
         }
     }
@@ -1317,6 +1430,7 @@ impl Walk<'_> {
                 settings: want_values,
                 ticket,
                 claim,
+                watch,
             } = match next {
                 Next::Run(job) => job,
                 Next::Done => return,
@@ -1354,11 +1468,42 @@ impl Walk<'_> {
                 shared.lock().unwrap().probe_started(t.id);
             }
             let started = Instant::now();
-            let token = ticket.as_ref().map_or(stop_all, |t| &t.abort);
-            let result = self
-                .attempt(session, &piece.slice, guard, shared, token)
-                .await;
+            let token = match (&ticket, &watch) {
+                (Some(t), _) => &t.abort,
+                (None, Some(w)) => &w.abort,
+                (None, None) => stop_all,
+            };
+            let attempt = self.attempt(session, &piece.slice, guard, shared, token);
+            let result = match &watch {
+                Some(w) => {
+                    // Cancels the slice at its deadline; `attempt` then
+                    // returns (cancelled, or done if it committed first).
+                    let deadline = async {
+                        tokio::time::sleep(w.deadline).await;
+                        w.abort.cancel();
+                        std::future::pending::<()>().await
+                    };
+                    tokio::select! {
+                        result = attempt => result,
+                        _ = deadline => unreachable!("pending never completes"),
+                    }
+                }
+                None => attempt.await,
+            };
             let elapsed = started.elapsed();
+            if let (Some(w), Err(Error::Cancelled)) = (&watch, &result)
+                && w.abort.is_cancelled()
+                && !stop_all.is_cancelled()
+            {
+                shared.lock().unwrap().watch_tripped(
+                    piece,
+                    claim,
+                    w.kept,
+                    (mode.as_deref(), &values),
+                    elapsed,
+                );
+                continue;
+            }
             if let (Some(t), Err(Error::Cancelled)) = (&ticket, &result)
                 && t.abort.is_cancelled()
                 && !stop_all.is_cancelled()
