@@ -617,11 +617,14 @@ impl Session {
     }
 
     pub(crate) async fn set(&self, name: &str, value: &str) -> Result<()> {
-        self.client
-            .query_one("SELECT set_config($1, $2, false)", &[&name, &value])
-            .await
-            .map_err(|e| self.db_error("changing a session setting", &e))?;
-        Ok(())
+        again_after_stray_cancel(|| async {
+            self.client
+                .query_one("SELECT set_config($1, $2, false)", &[&name, &value])
+                .await
+                .map(drop)
+        })
+        .await
+        .map_err(|e| self.db_error("changing a session setting", &e))
     }
 
     /// Whether the connection is gone (no round trip: usable while a
@@ -655,9 +658,7 @@ impl Session {
     pub(crate) async fn set_plan_cache_mode(&self, mode: Option<&str>) -> Result<()> {
         match mode {
             Some(m) => self.set("plan_cache_mode", m).await,
-            None => self
-                .client
-                .batch_execute("RESET plan_cache_mode")
+            None => again_after_stray_cancel(|| self.client.batch_execute("RESET plan_cache_mode"))
                 .await
                 .map_err(|e| self.db_error("resetting plan_cache_mode", &e)),
         }
@@ -668,8 +669,7 @@ impl Session {
     /// the join order planned under the old value.
     pub(crate) async fn set_and_replan(&self, name: &str, value: &str) -> Result<()> {
         self.set(name, value).await?;
-        self.client
-            .batch_execute("DISCARD PLANS")
+        again_after_stray_cancel(|| self.client.batch_execute("DISCARD PLANS"))
             .await
             .map_err(|e| self.db_error("discarding cached plans", &e))
     }
@@ -762,9 +762,7 @@ impl Session {
         // own cancels as `Cancelled`, so a statement cancelled "due to user
         // request" here runs again, like a deadlock, a bounded number of
         // times.
-        let stray_cancel = e.code() == Some(&SqlState::QUERY_CANCELED)
-            && e.as_db_error()
-                .is_some_and(|d| d.message().contains("user request"));
+        let stray_cancel = is_stray_cancel(e);
         let conflict = stray_cancel
             || matches!(
                 e.code(),
@@ -835,6 +833,52 @@ impl Drop for Session {
         // Dropping the client ends the session; the connection task then
         // finishes by itself. Abort it in case the socket is stuck.
         self.connection.abort();
+    }
+}
+
+/// A statement cancelled "due to user request": on our sessions only
+/// `Session::race` cancels, and reports its own cancels, so an error like
+/// this elsewhere is a stray one ([`Session::slice_error`]).
+fn is_stray_cancel(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::QUERY_CANCELED)
+        && e.as_db_error()
+            .is_some_and(|d| d.message().contains("user request"))
+}
+
+/// Runs a statement that may simply run again (a session setting), again
+/// while a stray cancel of ours hits it: a probe given up whose call
+/// committed before the cancel reached the server leaves the cancel to
+/// land on the session's next statement, and that is the setting for its
+/// next slice (seen on one-workspace 200k: the walk failed with
+/// "changing a session setting: canceling statement due to user
+/// request"). At most one statement per cancel request sent.
+async fn again_after_stray_cancel<T, F, Fut>(
+    mut statement: F,
+) -> std::result::Result<T, tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+{
+    again_while(&mut statement, is_stray_cancel, CANCEL_ATTEMPTS).await
+}
+
+/// `statement`, run again while its error is `retry`'s, at most `times`
+/// more times.
+async fn again_while<T, E, F, Fut>(
+    statement: &mut F,
+    retry: impl Fn(&E) -> bool,
+    times: u32,
+) -> std::result::Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, E>>,
+{
+    let mut left = times;
+    loop {
+        match statement().await {
+            Err(e) if left > 0 && retry(&e) => left -= 1,
+            done => return done,
+        }
     }
 }
 
@@ -922,5 +966,32 @@ pub(crate) fn scrub(message: String, password: Option<&str>) -> String {
     match password {
         Some(p) if !p.is_empty() => message.replace(p, "****"),
         _ => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A statement failing `fails` times with `error`, then succeeding:
+    /// the result of `again_while` (retrying "stray" errors up to twice)
+    /// and how many times it ran.
+    fn run(fails: u32, error: &'static str) -> (std::result::Result<u32, &'static str>, u32) {
+        let mut ran = 0;
+        let mut statement = || {
+            ran += 1;
+            let out = if ran <= fails { Err(error) } else { Ok(ran) };
+            std::future::ready(out)
+        };
+        let out = futures::executor::block_on(again_while(&mut statement, |e| *e == "stray", 2));
+        (out, ran)
+    }
+
+    #[test]
+    fn a_statement_runs_again_only_after_a_stray_cancel_and_a_bounded_number_of_times() {
+        assert_eq!(run(0, "stray"), (Ok(1), 1));
+        assert_eq!(run(2, "stray"), (Ok(3), 3));
+        assert_eq!(run(3, "stray"), (Err("stray"), 3));
+        assert_eq!(run(1, "other"), (Err("other"), 1));
     }
 }
