@@ -554,7 +554,11 @@ impl Shared {
                 self.decided = Some(Some(PROBE_MODES[0].to_string()));
                 self.settings_changed(from);
             }
-            _ => {}
+            _ => tracing::info!(
+                ms = millis(elapsed),
+                events = piece.events,
+                "a slice at an alternative ran past its deadline, already sent back; the slice runs again"
+            ),
         }
         put_back(&mut self.pending, piece);
     }
