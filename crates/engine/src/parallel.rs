@@ -494,8 +494,8 @@ impl Shared {
             probe.kept_alternative()?;
             Some((Kept::Setting(i), probe.baseline?))
         });
-        let custom = self.decided.clone().flatten().as_deref() == Some(PROBE_MODES[1])
-            && self.settings.iter().all(|p| p.kept_alternative().is_none());
+        // No setting's alternative kept: every setting at its default.
+        let custom = self.decided.clone().flatten().as_deref() == Some(PROBE_MODES[1]);
         let (kept, (base_events, rate)) = match setting {
             Some(watched) => watched,
             None if custom => (Kept::Custom, self.baseline()?),

@@ -853,19 +853,19 @@ fn is_stray_cancel(e: &tokio_postgres::Error) -> bool {
 /// "changing a session setting: canceling statement due to user
 /// request"). At most one statement per cancel request sent.
 async fn again_after_stray_cancel<T, F, Fut>(
-    mut statement: F,
+    statement: F,
 ) -> std::result::Result<T, tokio_postgres::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
 {
-    again_while(&mut statement, is_stray_cancel, CANCEL_ATTEMPTS).await
+    again_while(statement, is_stray_cancel, CANCEL_ATTEMPTS).await
 }
 
 /// `statement`, run again while its error is `retry`'s, at most `times`
 /// more times.
 async fn again_while<T, E, F, Fut>(
-    statement: &mut F,
+    mut statement: F,
     retry: impl Fn(&E) -> bool,
     times: u32,
 ) -> std::result::Result<T, E>
