@@ -152,10 +152,6 @@ struct Shared {
     /// Later slices under a kept custom plan at the generic probe's width
     /// and the default work_mem, for [`Shared::plan_mode_review`].
     custom_pool: Pool,
-    /// The slices under way: where each starts, its events, and when it
-    /// was handed out, for how long the sessions stay busy
-    /// ([`width::end_share`]).
-    under_way: Vec<(Timestamp, i64, Instant)>,
 }
 
 /// Slices pooled: how many, their events and their time.
@@ -391,16 +387,6 @@ fn probe_pair(pending: &VecDeque<Piece>) -> (usize, Option<usize>) {
 
 impl Shared {
     fn next(&mut self, stop_all: &CancellationToken) -> Next {
-        let next = self.next_job(stop_all);
-        if let Next::Run(job) = &next {
-            let piece = &job.piece;
-            self.under_way
-                .push((piece.slice.from, piece.events, Instant::now()));
-        }
-        next
-    }
-
-    fn next_job(&mut self, stop_all: &CancellationToken) -> Next {
         if self.stop || self.pending.is_empty() {
             return Next::Done;
         }
@@ -522,7 +508,6 @@ impl Shared {
         (ran_mode, ran_values): (Option<&str>, &[String]),
         elapsed: Duration,
     ) {
-        self.under_way.retain(|u| u.0 != piece.slice.from);
         if let (Some(search), Some(claim)) = (self.width.as_mut(), claim) {
             search.release(claim);
         }
@@ -761,21 +746,10 @@ impl Shared {
             return (piece, None);
         };
         // Near the end a wide slice would leave the other sessions idle:
-        // no slice takes more than its part of what is left, with the
-        // sessions still busy counted in ([`width::end_share`]).
+        // no slice takes more than the sessions' share of what is left,
+        // down to the ladder's base (below it, splitting only adds calls).
         let remaining: i64 = self.pending.iter().map(|p| p.events).sum();
-        let fit = self.model.fit();
-        let busy: Vec<f64> = self
-            .under_way
-            .iter()
-            .map(|(_, events, started)| {
-                let predicted =
-                    fit.map_or(0.0, |(fixed, per_event)| fixed + per_event * *events as f64);
-                (predicted - started.elapsed().as_secs_f64() * 1000.0).max(0.0)
-            })
-            .collect();
-        let idle = self.sessions.saturating_sub(busy.len());
-        let share = width::end_share(remaining, idle, &busy, fit.map(|f| f.1));
+        let share = (remaining as f64 / self.sessions as f64).max(search.target(0));
         let (target, claim) = if settled {
             let claim = search.claim();
             let target = search.target(claim.level);
@@ -872,7 +846,6 @@ impl Shared {
     /// it would be a slice far narrower than the walk's, measured as a
     /// width trial).
     fn aborted(&mut self, piece: Piece, ticket: &Ticket, elapsed: Duration) {
-        self.under_way.retain(|u| u.0 != piece.slice.from);
         let r = match self.running_probes.iter().position(|r| r.id == ticket.id) {
             Some(i) => Some(self.running_probes.remove(i)),
             None => self.take_setting_probe(ticket).map(|(_, r)| r),
@@ -893,7 +866,6 @@ impl Shared {
         (ran_mode, ran_values): (Option<&str>, &[String]),
         elapsed: Option<Duration>,
     ) {
-        self.under_way.retain(|u| u.0 != piece.slice.from);
         let running = probe.and_then(|ticket| {
             let i = self.running_probes.iter().position(|r| r.id == ticket.id)?;
             Some(self.running_probes.remove(i))
@@ -1283,7 +1255,6 @@ impl Walk<'_> {
             sessions: session_count,
             tickets: 0,
             custom_pool: Pool::default(),
-            under_way: Vec::new(),
             settings: if probe {
                 self.setting_probes
                     .iter()

@@ -403,43 +403,6 @@ pub(crate) fn take(pending: &mut VecDeque<Piece>, target: f64) -> Option<Piece> 
     Some(slice)
 }
 
-/// The events the next slice takes near the end of the walk, so that the
-/// sessions finish together: a session still busy first ends its slice
-/// (`busy_ms`: what is left of each, as the model predicts), and takes a
-/// part of what is left only if it would end its slice before the others
-/// finish without it. Every part pays the fixed part of a call once, so
-/// the parts are even in the time per event beyond it (`per_event`, from
-/// [`sizing::Model::fit`]). `idle` counts the sessions free now, this one
-/// included. Without `per_event`, what is left is shared out evenly.
-/// Sharing what is left evenly whenever a session asks halved the slices
-/// at every step: on a full hourly table (a fixed part of 250-300 ms per
-/// call) the last 1.4 s of a 4.5 s walk went to six such calls, then one
-/// alone. Never below [`MIN_TARGET_EVENTS`].
-pub(crate) fn end_share(
-    remaining: i64,
-    idle: usize,
-    busy_ms: &[f64],
-    per_event: Option<f64>,
-) -> f64 {
-    let remaining = remaining.max(0) as f64;
-    let Some(per_event) = per_event.filter(|p| *p > 0.0) else {
-        return (remaining / (idle + busy_ms.len()).max(1) as f64).max(MIN_TARGET_EVENTS);
-    };
-    let mut busy = busy_ms.to_vec();
-    busy.sort_by(f64::total_cmp);
-    // Each taking part ends at the same time: what is left to run plus
-    // what the busy ones taking part still run, shared out.
-    let (mut sessions, mut ms) = (idle.max(1) as f64, per_event * remaining);
-    for b in busy {
-        if b >= ms / sessions {
-            break;
-        }
-        sessions += 1.0;
-        ms += b;
-    }
-    (ms / sessions / per_event).max(MIN_TARGET_EVENTS)
-}
-
 /// How many slices `pending` makes at `target`.
 pub(crate) fn count(pending: &VecDeque<Piece>, target: f64) -> usize {
     let mut rest = pending.clone();
@@ -691,79 +654,5 @@ mod tests {
         // Pieces that are not adjacent (a probe took the one between) stay apart.
         let mut gap: VecDeque<Piece> = [all[0], all[2]].into_iter().collect();
         assert_eq!(take(&mut gap, 100_000.0).unwrap(), all[0]);
-    }
-}
-
-#[cfg(test)]
-mod end_tests {
-    use super::*;
-    use crate::sizing::tests::months;
-
-    #[test]
-    fn end_share_counts_what_the_busy_sessions_still_run() {
-        let p = Some(0.05);
-        // Both free: halves.
-        assert_eq!(end_share(30_000, 2, &[], p), 15_000.0);
-        // The other one ends in 500 ms: this one takes what makes both end
-        // at 1 s (20k events), the other one the 10k left after that.
-        assert_eq!(end_share(30_000, 1, &[500.0], p), 20_000.0);
-        // The other one is busy past what all of it takes here: all of it.
-        assert_eq!(end_share(30_000, 1, &[1_600.0], p), 30_000.0);
-        // Of two busy ones, only the one that ends early takes part.
-        assert_eq!(end_share(30_000, 1, &[500.0, 5_000.0], p), 20_000.0);
-        // Without a model: an even share, not below the floor.
-        assert_eq!(end_share(30_000, 1, &[500.0], None), 15_000.0);
-        assert_eq!(end_share(1_000, 2, &[], p), MIN_TARGET_EVENTS);
-    }
-
-    /// Two sessions walk `units` at `target` against `fixed + per_event ×
-    /// events` ms per slice, the second starting `late` ms after the first
-    /// (its first slice was a probe), each slice cut down near the end by
-    /// `share` (what is left, what the other session still runs); returns
-    /// (when the last slice ends, how far apart the two sessions end).
-    fn two_sessions(
-        units: &[Piece],
-        target: f64,
-        (fixed, per_event): (f64, f64),
-        late: f64,
-        share: impl Fn(i64, Option<f64>) -> f64,
-    ) -> (f64, f64) {
-        let mut pending: VecDeque<Piece> = units.iter().copied().collect();
-        let mut ends = [0.0, late];
-        while !pending.is_empty() {
-            let (me, other) = if ends[0] <= ends[1] { (0, 1) } else { (1, 0) };
-            let now = ends[me];
-            let remaining = pending.iter().map(|p| p.events).sum();
-            let busy = (ends[other] > now).then(|| ends[other] - now);
-            let piece = take(&mut pending, target.min(share(remaining, busy))).unwrap();
-            ends[me] = now + fixed + per_event * piece.events as f64;
-        }
-        (ends[0].max(ends[1]), (ends[0] - ends[1]).abs())
-    }
-
-    #[test]
-    fn the_sessions_end_together() {
-        // A growing history of 26 months, two months a slice, a full
-        // hourly table's 280 ms fixed part per call.
-        let counts: Vec<i64> = (0..26).map(|i| 2_000 + 500 * i + 1_500 * (i % 3)).collect();
-        let units = months(&counts);
-        let model = (280.0, 0.055);
-        let target = 2.0 * crate::sizing::median(counts.iter().copied()) as f64;
-        // What the walk did before: an even share whenever a session asks,
-        // not below one month.
-        let even = |remaining: i64, _: Option<f64>| (remaining as f64 / 2.0).max(target / 2.0);
-        let counted = |remaining: i64, busy: Option<f64>| {
-            let busy: Vec<f64> = busy.into_iter().collect();
-            end_share(remaining, 2 - busy.len(), &busy, Some(model.1))
-        };
-        for late in [0.0, 300.0, 600.0, 1_000.0] {
-            let (even_ms, even_apart) = two_sessions(&units, target, model, late, even);
-            let (ms, apart) = two_sessions(&units, target, model, late, counted);
-            assert!(ms < even_ms, "{late}: {ms} ms against {even_ms}");
-            assert!(
-                apart < even_apart,
-                "{late}: {apart} ms apart against {even_apart}"
-            );
-        }
     }
 }
