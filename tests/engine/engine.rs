@@ -563,15 +563,22 @@ async fn cancellation_while_waiting_for_the_lock(level: SchemaLevel) {
 /// and the resume point must not send it round again.
 async fn a_slice_committed_as_the_cancel_arrives_counts_as_done(level: SchemaLevel) {
     let (db, client) = with_history(level, small()).await;
-    // The call outlives the cancel: it sleeps, swallows the cancel, then
-    // does the real work and commits.
+    // The call outlives the cancel: it does the real work, sleeps,
+    // swallows the cancel, and commits. (The real work comes first: after
+    // the sleep it could meet the engine's second cancel request, sent
+    // when the call has not returned a second after the first, as on a
+    // loaded CI machine.)
     client
         .batch_execute(
             "CREATE TABLE window_calls (p_from timestamptz);
              ALTER FUNCTION rollup_task_usage_hourly_window(timestamptz, timestamptz) RENAME TO real_window;
              CREATE FUNCTION rollup_task_usage_hourly_window(p_from timestamptz, p_to timestamptz)
              RETURNS bigint LANGUAGE plpgsql AS $$
+             DECLARE
+               v_rows bigint;
              BEGIN
+               INSERT INTO window_calls VALUES (p_from);
+               v_rows := real_window(p_from, p_to);
                -- The postmaster signals a cancelled backend and its process
                -- group: one cancel can arrive twice, so the short sleeps
                -- after the long one swallow a second delivery.
@@ -581,8 +588,7 @@ async fn a_slice_committed_as_the_cancel_arrives_counts_as_done(level: SchemaLev
                  EXCEPTION WHEN query_canceled THEN NULL;
                  END;
                END LOOP;
-               INSERT INTO window_calls VALUES (p_from);
-               RETURN real_window(p_from, p_to);
+               RETURN v_rows;
              END $$;",
         )
         .await
