@@ -480,11 +480,10 @@ impl Shared {
             probe.kept_alternative()?;
             Some((Kept::Setting(i), probe.baseline?))
         });
-        // No setting's alternative kept: every setting at its default.
-        let custom = self.decided.clone().flatten().as_deref() == Some(PROBE_MODES[1]);
         let (kept, (base_events, rate)) = match setting {
             Some(watched) => watched,
-            None if custom => (Kept::Custom, self.baseline()?),
+            // No setting's alternative kept: every setting at its default.
+            None if self.custom_kept() => (Kept::Custom, self.baseline()?),
             None => return None,
         };
         let ms = PROBE_MARGIN * rate * events.max(base_events) as f64;
@@ -512,38 +511,37 @@ impl Shared {
             search.release(claim);
         }
         self.started -= 1;
-        let entry = self.entry(
+        let lost = self.entry(
             ran_mode.unwrap_or_default().to_string(),
             ran_values,
             piece.events,
             millis(elapsed),
             false,
         );
-        self.probes.push(entry);
-        let from = self.in_force_key();
         match kept {
             Kept::Setting(i) if self.settings[i].kept_alternative().is_some() => {
-                let probe = &mut self.settings[i];
+                let probe = &self.settings[i];
                 tracing::info!(setting = probe.choice.name, value = %probe.choice.default,
                     ms = millis(elapsed), events = piece.events,
                     "a slice at the alternative kept ran past its deadline; back to the default, and the slice runs again");
-                probe.decided = Some(probe.choice.default.clone());
-                self.settings_changed(from);
+                self.back_to_default(i, lost);
             }
-            Kept::Custom if self.decided.clone().flatten().as_deref() == Some(PROBE_MODES[1]) => {
+            Kept::Custom if self.custom_kept() => {
                 tracing::info!(
                     ms = millis(elapsed),
                     events = piece.events,
                     "plan_cache_mode: a slice under the custom plan kept ran past its deadline; generic from now on, and the slice runs again"
                 );
-                self.decided = Some(Some(PROBE_MODES[0].to_string()));
-                self.settings_changed(from);
+                self.back_to_generic(lost);
             }
-            _ => tracing::info!(
-                ms = millis(elapsed),
-                events = piece.events,
-                "a slice at an alternative ran past its deadline, already sent back; the slice runs again"
-            ),
+            _ => {
+                tracing::info!(
+                    ms = millis(elapsed),
+                    events = piece.events,
+                    "a slice at an alternative ran past its deadline, already sent back; the slice runs again"
+                );
+                self.probes.push(lost);
+            }
         }
         put_back(&mut self.pending, piece);
     }
@@ -961,12 +959,8 @@ impl Shared {
             tracing::info!(setting = probe.choice.name, value = %probe.choice.default,
                 ms_per_event = rate, baseline_ms_per_event = baseline.1,
                 "the alternative got slower as the walk went on; back to the default");
-            let entry = self.entry(mode, ran_values, events, millis(elapsed), true);
-            self.probes.push(entry);
-            let from = self.in_force_key();
-            let probe = &mut self.settings[i];
-            probe.decided = Some(probe.choice.default.clone());
-            self.settings_changed(from);
+            let lost = self.entry(mode, ran_values, events, millis(elapsed), true);
+            self.back_to_default(i, lost);
             return;
         }
     }
@@ -993,7 +987,7 @@ impl Shared {
             baseline_ms_per_event = baseline.1,
             "plan_cache_mode: the custom plan got slower as the walk went on; generic from now on"
         );
-        self.back_to_generic(events, millis(elapsed));
+        self.back_to_generic(custom_at_defaults(events, millis(elapsed)));
         true
     }
 
@@ -1001,9 +995,8 @@ impl Shared {
     /// setting's default: what [`Shared::plan_mode_recheck`] and
     /// [`Shared::plan_mode_review`] watch.
     fn under_kept_custom(&self, ran_mode: Option<&str>, ran_values: &[String]) -> bool {
-        let custom = PROBE_MODES[1];
-        self.decided.clone().flatten().as_deref() == Some(custom)
-            && ran_mode == Some(custom)
+        self.custom_kept()
+            && ran_mode == Some(PROBE_MODES[1])
             && self
                 .settings
                 .iter()
@@ -1011,20 +1004,29 @@ impl Shared {
                 .all(|(p, v)| *v == p.choice.default)
     }
 
+    /// Whether the custom plan is the mode kept.
+    fn custom_kept(&self) -> bool {
+        self.decided.clone().flatten().as_deref() == Some(PROBE_MODES[1])
+    }
+
     /// Every session goes over to the generic plan for the rest of the
-    /// walk, and the width search starts over; the custom slices that lost
-    /// (`events` in `elapsed_ms`) are listed with the probes.
-    fn back_to_generic(&mut self, events: i64, elapsed_ms: u64) {
+    /// walk, and the width search starts over; what lost under the custom
+    /// plan is listed with the probes.
+    fn back_to_generic(&mut self, lost: PlanProbe) {
         let from = self.in_force_key();
         self.decided = Some(Some(PROBE_MODES[0].to_string()));
-        self.probes.push(PlanProbe {
-            plan_cache_mode: PROBE_MODES[1].to_string(),
-            work_mem: None,
-            enable_nestloop: None,
-            events,
-            elapsed_ms,
-            completed: true,
-        });
+        self.probes.push(lost);
+        self.settings_changed(from);
+    }
+
+    /// Every session goes back to the default of the probed setting `i`,
+    /// and the width search takes up what it measured under it; what lost
+    /// at the alternative is listed with the probes.
+    fn back_to_default(&mut self, i: usize, lost: PlanProbe) {
+        self.probes.push(lost);
+        let from = self.in_force_key();
+        let probe = &mut self.settings[i];
+        probe.decided = Some(probe.choice.default.clone());
         self.settings_changed(from);
     }
 
@@ -1065,8 +1067,8 @@ impl Shared {
             slices = pool.slices,
             "plan_cache_mode: the custom plan's later slices were no faster than the generic probe; generic from now on"
         );
-        let (events, ms) = (pool.events, pool.ms.round() as u64);
-        self.back_to_generic(events, ms);
+        let lost = custom_at_defaults(pool.events, pool.ms.round() as u64);
+        self.back_to_generic(lost);
     }
 
     /// A setting probe committed: the alternative is kept when it was
@@ -1137,6 +1139,19 @@ fn compared_rate(
     let (_, rate) = baseline?;
     let near = width.and_then(|w| w.rate_near(events));
     Some(near.map_or(rate, |near| near.min(rate)))
+}
+
+/// Slices under the custom plan at every probed setting's default that
+/// committed: `events` in `elapsed_ms`.
+fn custom_at_defaults(events: i64, elapsed_ms: u64) -> PlanProbe {
+    PlanProbe {
+        plan_cache_mode: PROBE_MODES[1].to_string(),
+        work_mem: None,
+        enable_nestloop: None,
+        events,
+        elapsed_ms,
+        completed: true,
+    }
 }
 
 /// An entry's events and time per event, when it has events.
