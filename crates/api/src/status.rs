@@ -349,7 +349,9 @@ pub struct SliceWidthStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub measured: Vec<SliceWidthMeasurement>,
 
-    /// What the slower widths cost beyond the kept one, in milliseconds.
+    /// What trying the slower widths cost beyond the kept one, in
+    /// milliseconds: each width's first slice, but the base width's (every
+    /// walk starts there).
     pub explore_millis: i64,
 }
 
