@@ -350,8 +350,9 @@ pub struct SliceWidthStatus {
     pub measured: Vec<SliceWidthMeasurement>,
 
     /// What trying the slower widths cost beyond the kept one, in
-    /// milliseconds: each width's first slice, but the base width's (every
-    /// walk starts there).
+    /// milliseconds: each width's first slice, but not the width a walk
+    /// starts at (the probes' width, else a month's; after its settings
+    /// changed, the width kept before).
     pub explore_millis: i64,
 }
 

@@ -25,7 +25,7 @@
 //!   work counts), then the earliest failure is returned. On cancellation
 //!   every statement is cancelled.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -152,6 +152,9 @@ struct Shared {
     /// Later slices under a kept custom plan at the generic probe's width
     /// and the default work_mem, for [`Shared::plan_mode_review`].
     custom_pool: Pool,
+    /// The settings (by [`Shared::in_force_key`]) whose probe the width
+    /// search has counted ([`Shared::count_probe`]).
+    probes_counted: BTreeSet<String>,
 }
 
 /// Slices pooled: how many, their events and their time.
@@ -316,6 +319,20 @@ enum Next {
 /// where it matters.
 const PROBE_MARGIN: f64 = 1.5;
 
+/// A slice at a kept alternative is given up at this many times what its
+/// probe predicts ([`Shared::watch`]). Given up, all its time is lost;
+/// committed, only what it took beyond the default's time, and the guard
+/// after the commit ([`PROBE_MARGIN`]) sends the setting back all the
+/// same. So a slice slower than its probe by less than 2.5x loses less by
+/// completing; what the watch is for, a plan that grows to 5-30x, is
+/// still cut early. At [`PROBE_MARGIN`] it cut slices that were slow at
+/// any setting: on one-workspace 200k with a full hourly table (real
+/// migrations) 4MB won its probe at 57 ms per 1000 events, two slices at
+/// 4MB were given up at 1.4 s and 2.1 s, and the default then ran the
+/// same months at 1.2-1.7x the generic probe's rate: 3.5 s of the walk's
+/// 18 s of calls thrown away.
+const WATCH_MARGIN: f64 = 2.5;
+
 /// A probe that can no longer win still does its slice's work if it
 /// completes, so it is abandoned (and its slice runs again under the
 /// winner) only once it has run this many times what the winner's time
@@ -468,7 +485,7 @@ impl Shared {
     /// (workspace, agent) that compared 362 million row pairs, and one
     /// slice took 44 s (the guard after the commit then sent `work_mem`
     /// back, too late: a 50 s walk, 27x the bound). A slice is given up
-    /// at [`PROBE_MARGIN`] times what the entry the alternative was kept
+    /// at [`WATCH_MARGIN`] times what the entry the alternative was kept
     /// against predicts for it, plus [`GUARD_FLOOR`]; a slice narrower
     /// than that entry is allowed the entry's whole time (its fixed part
     /// alone makes it slower per event). The alternative kept last is
@@ -486,7 +503,7 @@ impl Shared {
             None if self.custom_kept() => (Kept::Custom, self.baseline()?),
             None => return None,
         };
-        let ms = PROBE_MARGIN * rate * events.max(base_events) as f64;
+        let ms = WATCH_MARGIN * rate * events.max(base_events) as f64;
         Some(Watch {
             abort: stop_all.child_token(),
             deadline: Duration::from_secs_f64(ms / 1000.0) + GUARD_FLOOR,
@@ -739,6 +756,9 @@ impl Shared {
     /// change, the search files its levels under the old ones
     /// ([`Shared::settings_changed`]).
     fn take(&mut self, settled: bool) -> (Piece, Option<Claim>) {
+        if settled {
+            self.count_probe();
+        }
         let Some(search) = self.width.as_mut() else {
             let piece = self.pending.pop_front().expect("checked by next");
             return (piece, None);
@@ -762,6 +782,29 @@ impl Shared {
         };
         let piece = width::take(&mut self.pending, target).expect("checked by next");
         (piece, claim)
+    }
+
+    /// The probe the settings in force were chosen by ([`Shared::in_force`]:
+    /// the plan probe that won, or the alternative kept) measured a width
+    /// like any slice; the width search counts it once per settings. So
+    /// the walk starts from the probes' width and tries wider at once.
+    /// Not counted, every walk began with slices of level 0 and 1 that the
+    /// probes had measured already: on realistic 200k with a full hourly
+    /// table, where a call's fixed part is about 350 ms, each month so cut
+    /// cost about 250 ms more than at the width kept.
+    fn count_probe(&mut self) {
+        let key = self.in_force_key();
+        if self.width.is_none() || self.probes_counted.contains(&key) {
+            return;
+        }
+        let Some((events, rate)) = self.in_force() else {
+            return;
+        };
+        self.probes_counted.insert(key);
+        let elapsed = Duration::from_secs_f64(rate * events as f64 / 1000.0);
+        if let Some(search) = self.width.as_mut() {
+            search.record(events, elapsed);
+        }
     }
 
     /// Slices still to start at the width now chosen.
@@ -1270,6 +1313,7 @@ impl Walk<'_> {
             sessions: session_count,
             tickets: 0,
             custom_pool: Pool::default(),
+            probes_counted: BTreeSet::new(),
             settings: if probe {
                 self.setting_probes
                     .iter()

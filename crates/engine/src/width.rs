@@ -43,6 +43,9 @@ pub(crate) const EXPLORE_BUDGET: f64 = 0.05;
 /// rate, when the budget decides whether it may run: neighbouring widths
 /// differed by 5-25 % per event on the histories measured.
 const TRIAL_RISK: f64 = 0.25;
+/// A narrower level is tried only once the wider neighbour lost by more
+/// than this factor per event: slices of one width vary by about ±15 %.
+const NARROWER_AFTER: f64 = 1.1;
 /// The narrowest level: an eighth of a median unit.
 const MIN_LEVEL: i32 = -3;
 /// A level below this many events per slice is not tried: such a call is
@@ -55,6 +58,10 @@ const SPLIT_ABOVE: f64 = 1.5;
 /// A slice short of its target by at least this share of it, whose next
 /// unit does not fit whole, takes the part of that unit that fills it.
 const FILL_SHORT: f64 = 0.25;
+/// A unit, or what a slice would leave of it, smaller than this many
+/// targets at the end of a run of adjacent units is taken whole by the
+/// slice before it (within [`SPLIT_ABOVE`] targets).
+const FRAGMENT: f64 = 0.5;
 
 #[derive(Debug, Clone, Default)]
 struct Level {
@@ -88,6 +95,10 @@ pub(crate) struct WidthSearch {
     epoch: u32,
     /// What trying cost before the last restart.
     spent_before: f64,
+    /// Where the settings in force start, measured or not: level 0 (a
+    /// median unit) for the walk's first, and after a switch the level
+    /// the settings before found best. Its first slice is no trial.
+    start: i32,
     /// The levels measured under the sessions' earlier settings, by those
     /// settings: a setting sent back to a value it had brings them back.
     filed: BTreeMap<String, BTreeMap<i32, Level>>,
@@ -119,8 +130,10 @@ pub struct WidthReport {
     pub events_per_slice: i64,
     /// Every level that ran, narrowest first.
     pub levels: Vec<WidthLevel>,
-    /// What the trial slices (each width's first but the base width's)
-    /// cost beyond the kept width's time per event.
+    /// What the trial slices (each width's first, but not the width a
+    /// walk starts at: the probes' width, else level 0; after its settings
+    /// changed, the width kept before) cost beyond the kept width's time
+    /// per event.
     pub explore_cost_ms: u64,
 }
 
@@ -154,6 +167,7 @@ impl WidthSearch {
             trials: Vec::new(),
             epoch: 0,
             spent_before: 0.0,
+            start: 0,
             filed: BTreeMap::new(),
         })
     }
@@ -189,13 +203,14 @@ impl WidthSearch {
     pub(crate) fn claim(&mut self) -> Claim {
         let level = self.choose();
         // Level 0 is where a walk starts, measured or not (a median unit:
-        // calendar months, the reference's own width), so its first slice
+        // calendar months, the reference's own width), and after a switch
+        // the level the settings before found best, so its first slice
         // is not a trial: what it costs beyond the best width is the price
         // of starting anywhere, not of searching. Counted, it spent a
         // budget the wider trials then lacked: on one-workspace 200k with
         // a full hourly table 330 of 750 ms, so four months (predicted 25 %
         // cheaper per event than two) were never tried.
-        let trial = level != 0 && !self.sampled(level);
+        let trial = level != self.start && !self.sampled(level);
         self.levels.entry(level).or_default().running += 1;
         Claim {
             level,
@@ -213,6 +228,7 @@ impl WidthSearch {
     /// far still counts, and slices claimed before are not measured.
     pub(crate) fn switch(&mut self, from: String, to: String) {
         self.spent_before = self.explore_cost_ms();
+        self.start = self.best().unwrap_or(self.start);
         self.epoch += 1;
         let mut levels = std::mem::take(&mut self.levels);
         levels.retain(|_, l| l.slices > 0);
@@ -225,13 +241,24 @@ impl WidthSearch {
     }
 
     fn choose(&self) -> i32 {
+        let start = self.start;
         let Some(best) = self.best() else {
-            // Nothing measured yet: the first trials, then level 0.
-            return [0, 1, -1]
+            // Nothing measured yet: the first trials, then the start.
+            return [start, start + 1, start - 1]
                 .into_iter()
-                .find(|&l| self.open(l) && self.wider_known(l, 0))
-                .unwrap_or(0);
+                .find(|&l| self.open(l) && self.wider_known(l, start))
+                .unwrap_or(start);
         };
+        // New settings begin where the ones before found their best width,
+        // beside the width of the probe they were chosen by: what the
+        // trials before had found is not thrown away with their figures.
+        // Started over with the probe's width alone, a walk whose budget
+        // the first settings' trials had spent could not try wider again
+        // (wide 200k, empty hourly table: the custom plan kept and sent
+        // back, then 27 slices of one month).
+        if self.epoch > 0 && start != best && self.open(start) && self.wider_known(start, best) {
+            return start;
+        }
         // On in the direction the measurements improve; wider first (the
         // fixed part per call dominated on every 200k history).
         let next = if self.sampled(best - 1) {
@@ -248,13 +275,24 @@ impl WidthSearch {
 
     /// Whether `level` may be tried from `from`: a wider level at once, a
     /// narrower one only once the wider neighbour of `from` has been
-    /// measured (and lost) or lies beyond the ladder. While the wider trial
-    /// runs its result is unknown, and on every history measured the
-    /// narrowest width was the slowest (on a full hourly table up to 3.6x
-    /// the kept width's time per event): trying it then spent the budget
-    /// the wider trials needed.
+    /// measured and lost by more than [`NARROWER_AFTER`], or lies beyond
+    /// the ladder. While the wider trial runs its result is unknown, and on
+    /// every history measured the narrowest width was the slowest (on a
+    /// full hourly table up to 3.6x the kept width's time per event):
+    /// trying it then spent the budget the wider trials needed. A wider
+    /// level that lost by less says the cost per event is flat there, not
+    /// that it falls towards narrower slices: on one-workspace 200k with a
+    /// full hourly table two months lost to one by 4 %, and the half month
+    /// tried next ran at 176 ms per 1000 events against 75.
     fn wider_known(&self, level: i32, from: i32) -> bool {
-        level >= from || self.sampled(from + 1) || from + 1 > self.max_level
+        let lost = |wider: i32| match (self.levels.get(&wider), self.levels.get(&from)) {
+            (Some(w), Some(f)) => match (w.rate(), f.rate()) {
+                (Some(w), Some(f)) => w > NARROWER_AFTER * f,
+                _ => false,
+            },
+            _ => false,
+        };
+        level >= from || from + 1 > self.max_level || lost(from + 1)
     }
 
     /// Whether a trial at `level` fits in what is left of the budget if
@@ -334,6 +372,19 @@ impl WidthSearch {
         }
     }
 
+    /// A slice that committed without a claim under the settings in force
+    /// (a probe they were chosen by): data for the level nearest to its
+    /// events, never a trial.
+    pub(crate) fn record(&mut self, events: i64, elapsed: Duration) {
+        let claim = Claim {
+            level: self.level_of(events),
+            trial: false,
+            epoch: self.epoch,
+        };
+        self.levels.entry(claim.level).or_default().running += 1;
+        self.observe(claim, events, elapsed);
+    }
+
     /// A slice that did not commit (failed or cancelled).
     pub(crate) fn release(&mut self, claim: Claim) {
         if claim.epoch != self.epoch {
@@ -393,25 +444,54 @@ pub(crate) fn take(pending: &mut VecDeque<Piece>, target: f64) -> Option<Piece> 
         return Some(head);
     }
     let mut slice = first;
-    while let Some(next) = pending.front() {
-        if next.slice.from != slice.slice.to
-            || (slice.events + next.events) as f64 > JOIN_WITHIN * target
-        {
+    while let Some(&next) = pending.front() {
+        if next.slice.from != slice.slice.to {
             break;
         }
-        let next = pending.pop_front().expect("checked above");
-        slice = sizing::join(slice, next);
+        let fits = (slice.events + next.events) as f64 <= JOIN_WITHIN * target;
+        if fits || leaves_fragment(pending, slice.events, 0.0, target) {
+            pending.pop_front();
+            slice = sizing::join(slice, next);
+        }
+        if !fits {
+            break;
+        }
     }
     let room = target - slice.events as f64;
     if room >= FILL_SHORT * target
         && let Some(next) = pending.front().copied()
         && next.slice.from == slice.slice.to
-        && let Some((head, rest)) = sizing::split_head(next, room.round() as i64)
     {
-        pending[0] = rest;
-        slice = sizing::join(slice, head);
+        if leaves_fragment(pending, slice.events, room, target) {
+            pending.pop_front();
+            slice = sizing::join(slice, next);
+        } else if let Some((head, rest)) = sizing::split_head(next, room.round() as i64) {
+            pending[0] = rest;
+            slice = sizing::join(slice, head);
+        }
     }
     Some(slice)
+}
+
+/// Whether a slice of `events` that takes `taking` events of the front
+/// unit of `pending` (adjacent to it) would leave of that unit a fragment,
+/// under [`FRAGMENT`] of `target`, that nothing after it joins, where
+/// taking the whole unit keeps the slice within [`SPLIT_ABOVE`] targets.
+/// A fragment is a call of its own, nearly all fixed part: on realistic
+/// 200k with a full hourly table 1936 events took 390 ms, and 3875 took
+/// 346, where the kept width ran at 36-48 ms per 1000.
+fn leaves_fragment(pending: &VecDeque<Piece>, events: i64, taking: f64, target: f64) -> bool {
+    let Some(next) = pending.front() else {
+        return false;
+    };
+    let rest = next.events as f64 - taking;
+    let joined_after = pending
+        .get(1)
+        .is_some_and(|after| after.slice.from == next.slice.to);
+    rest > 0.0
+        && rest < FRAGMENT * target
+        && !joined_after
+        && (events + next.events) as f64 <= SPLIT_ABOVE * target
 }
 
 /// How many slices `pending` makes at `target`.
@@ -493,6 +573,42 @@ mod tests {
     }
 
     #[test]
+    fn a_narrower_width_waits_for_a_clear_loss() {
+        let mut s = WidthSearch::new(&months(&[10_000; 100]), 2).unwrap();
+        assert_eq!(step(&mut s, 10_000, 1_000), 0);
+        // Two units lose by 4 %: within the noise, the cost is flat there.
+        assert_eq!(step(&mut s, 20_000, 2_080), 1);
+        let c = s.claim();
+        assert_eq!(c.level, 0);
+        s.observe(c, 10_000, ms(1_000));
+        // Once they have lost by more than a tenth, half a unit is tried.
+        s.record(20_000, ms(2_600));
+        assert_eq!(s.claim().level, -1);
+    }
+
+    #[test]
+    fn new_settings_start_where_the_old_ones_found_their_best() {
+        let mut s = WidthSearch::new(&months(&[10_000; 100]), 2).unwrap();
+        assert_eq!(step(&mut s, 10_000, 1_000), 0);
+        assert_eq!(step(&mut s, 20_000, 1_600), 1);
+        assert_eq!(step(&mut s, 40_000, 2_800), 2);
+        assert_eq!(s.best(), Some(2));
+        s.switch("old".into(), "new".into());
+        // The probe the new settings were chosen by ran one unit.
+        s.record(10_000, ms(700));
+        assert_eq!(s.best(), Some(0));
+        // The next slice takes four units, where the old settings were
+        // best, as no trial; then the search goes on from the better one.
+        let c = s.claim();
+        assert_eq!((c.level, c.trial), (2, false));
+        s.observe(c, 40_000, ms(2_000));
+        assert_eq!(s.best(), Some(2));
+        assert_eq!(s.claim().level, 3);
+        // Not in the walk's first settings: there the probe's width is the
+        // start (a_probe_kept_measures_its_width_and_the_walk_tries_wider_at_once).
+    }
+
+    #[test]
     fn a_large_fixed_part_climbs_to_wider_slices_and_stops_where_it_loses() {
         // 600 ms per call plus 0.05 ms per event, and beyond 40k events per
         // call the per-event part doubles (a hash spilling): 4 units best.
@@ -512,14 +628,18 @@ mod tests {
             2_000_000
         );
         // The trials of 2 and 8 units beyond the kept rate (1 unit, where
-        // the walk starts, is no trial).
-        assert_eq!(report.explore_cost_ms, 300 + 3_400);
+        // the walk starts, is no trial): 300 + 3400 ms at 0.065 ms per
+        // event, a little more since the last slice took the one unit
+        // left over (5 units, past the 40k where the cost doubles) and
+        // raised the kept width's rate.
+        assert_eq!(report.explore_cost_ms, 3_576);
         // On a quarter of that history the budget cannot afford the trial
         // of 8 units (what it could lose): the walk stays at 4.
         let (levels, _, search) = simulate(&months(&[10_000; 48]), cost);
         assert_eq!(&levels[..3], &[0, 1, 2], "{levels:?}");
         assert!(levels[3..].iter().all(|&l| l == 2), "{levels:?}");
-        assert_eq!(search.report().unwrap().explore_cost_ms, 300);
+        // (300 ms, less what the last slice of 5 units added to the rate.)
+        assert_eq!(search.report().unwrap().explore_cost_ms, 196);
     }
 
     #[test]
@@ -687,5 +807,52 @@ mod tests {
         // Pieces that are not adjacent (a probe took the one between) stay apart.
         let mut gap: VecDeque<Piece> = [all[0], all[2]].into_iter().collect();
         assert_eq!(take(&mut gap, 100_000.0).unwrap(), all[0]);
+    }
+
+    #[test]
+    fn take_leaves_no_fragment_at_the_end_of_a_run() {
+        // Filling the 10k slice to 20k from the 13k month would leave 3k of
+        // it alone at the end of the run (the next piece is not adjacent):
+        // the slice takes the whole month (23k, within 1.5 targets).
+        let all = months(&[10_000, 13_000, 5_000, 5_000]);
+        let mut pending: VecDeque<Piece> = [all[0], all[1], all[3]].into_iter().collect();
+        let a = take(&mut pending, 20_000.0).unwrap();
+        assert_eq!((a.events, a.slice.to), (23_000, all[1].slice.to));
+        assert_eq!(pending.len(), 1);
+        // With a month after it the 3k left joins the next slice: filled.
+        let mut pending: VecDeque<Piece> = all.iter().copied().collect();
+        assert_eq!(take(&mut pending, 20_000.0).unwrap().events, 20_000);
+        assert_eq!(pending[0].events, 3_000);
+        // And the whole month is not taken beyond 1.5 targets.
+        let big = months(&[10_000, 19_000]);
+        let mut pending: VecDeque<Piece> = big.iter().copied().collect();
+        assert_eq!(take(&mut pending, 18_000.0).unwrap().events, 18_000);
+        assert_eq!(pending[0].events, 11_000);
+        // A thin unit that does not fit within 1.1 targets, last of its
+        // run, joins the slice before it rather than run alone.
+        let thin = months(&[11_440, 3_875]);
+        let mut pending: VecDeque<Piece> = thin.iter().copied().collect();
+        assert_eq!(take(&mut pending, 13_000.0).unwrap().events, 15_315);
+        assert!(pending.is_empty());
+        // Not when another unit follows it: it starts the next slice.
+        let mut pending: VecDeque<Piece> = months(&[11_440, 3_875, 9_000]).into();
+        assert_eq!(take(&mut pending, 13_000.0).unwrap().events, 11_440);
+    }
+
+    #[test]
+    fn a_probe_kept_measures_its_width_and_the_walk_tries_wider_at_once() {
+        let mut s = WidthSearch::new(&months(&[10_000; 24]), 2).unwrap();
+        // The probe that won ran two months, under the settings in force.
+        s.record(20_000, Duration::from_millis(1_600));
+        assert_eq!(s.best(), Some(1));
+        assert_eq!(s.explore_cost_ms(), 0.0);
+        // The first claim tries four months, not one.
+        let c = s.claim();
+        assert_eq!((c.level, c.trial), (2, true));
+        // The other session, while it runs, stays at the probes' width: a
+        // narrower level waits until the wider one has lost.
+        assert_eq!(s.claim().level, 1);
+        s.observe(c, 40_000, Duration::from_millis(2_400));
+        assert_eq!(s.best(), Some(2));
     }
 }
