@@ -285,14 +285,10 @@ impl WidthSearch {
     /// full hourly table two months lost to one by 4 %, and the half month
     /// tried next ran at 176 ms per 1000 events against 75.
     fn wider_known(&self, level: i32, from: i32) -> bool {
-        let lost = |wider: i32| match (self.levels.get(&wider), self.levels.get(&from)) {
-            (Some(w), Some(f)) => match (w.rate(), f.rate()) {
-                (Some(w), Some(f)) => w > NARROWER_AFTER * f,
-                _ => false,
-            },
-            _ => false,
-        };
-        level >= from || from + 1 > self.max_level || lost(from + 1)
+        let rate = |level: i32| self.levels.get(&level).and_then(Level::rate);
+        let lost = matches!((rate(from + 1), rate(from)),
+            (Some(wider), Some(at)) if wider > NARROWER_AFTER * at);
+        level >= from || from + 1 > self.max_level || lost
     }
 
     /// Whether a trial at `level` fits in what is left of the budget if
@@ -346,20 +342,25 @@ impl WidthSearch {
         if claim.epoch != self.epoch {
             return;
         }
-        let before = self.best();
         self.release(claim);
-        let ms = elapsed.as_secs_f64() * 1000.0;
-        let at = self.level_of(events);
         // A trial that came out at another level (a probe took the unit it
         // was to join) tried nothing: its level stays untried, and its
         // slice is data where it belongs, not trying.
-        if claim.trial && at == claim.level {
-            self.trials.push((events.max(0), ms));
+        if claim.trial && self.level_of(events) == claim.level {
+            self.trials
+                .push((events.max(0), elapsed.as_secs_f64() * 1000.0));
         }
-        let l = self.levels.entry(at).or_default();
+        self.record(events, elapsed);
+    }
+
+    /// A slice that committed, claimed or not (a probe the settings in
+    /// force were chosen by): data for the level nearest to its events.
+    pub(crate) fn record(&mut self, events: i64, elapsed: Duration) {
+        let before = self.best();
+        let l = self.levels.entry(self.level_of(events)).or_default();
         l.slices += 1;
         l.events += events.max(0);
-        l.ms += ms;
+        l.ms += elapsed.as_secs_f64() * 1000.0;
         let after = self.best();
         if after != before
             && let Some(best) = after
@@ -370,19 +371,6 @@ impl WidthSearch {
                 "slice width: best measured so far"
             );
         }
-    }
-
-    /// A slice that committed without a claim under the settings in force
-    /// (a probe they were chosen by): data for the level nearest to its
-    /// events, never a trial.
-    pub(crate) fn record(&mut self, events: i64, elapsed: Duration) {
-        let claim = Claim {
-            level: self.level_of(events),
-            trial: false,
-            epoch: self.epoch,
-        };
-        self.levels.entry(claim.level).or_default().running += 1;
-        self.observe(claim, events, elapsed);
     }
 
     /// A slice that did not commit (failed or cancelled).
