@@ -794,17 +794,17 @@ impl Shared {
     /// cost about 250 ms more than at the width kept.
     fn count_probe(&mut self) {
         let key = self.in_force_key();
-        if self.width.is_none() || self.probes_counted.contains(&key) {
+        if self.probes_counted.contains(&key) {
             return;
         }
-        let Some((events, rate)) = self.in_force() else {
+        let (Some((events, rate)), Some(search)) = (self.in_force(), self.width.as_mut()) else {
             return;
         };
+        search.record(
+            events,
+            Duration::from_secs_f64(rate * events as f64 / 1000.0),
+        );
         self.probes_counted.insert(key);
-        let elapsed = Duration::from_secs_f64(rate * events as f64 / 1000.0);
-        if let Some(search) = self.width.as_mut() {
-            search.record(events, elapsed);
-        }
     }
 
     /// Slices still to start at the width now chosen.

@@ -16,12 +16,16 @@
 //! thin months merged, outsized ones split). Every slice of the walk is cut
 //! at a level and, once committed, adds its time and events to the level
 //! nearest to its events; levels are compared by time per event only, so
-//! nothing is assumed about how cost grows with width. The first two slices
-//! take levels 0 and 1; after that a slice takes the best level so far,
-//! except that the best level's untried neighbour, in the direction the
-//! measurements improve, is tried once (wider first; a narrower one only
-//! once the wider one has lost). A trial (the first slice of a level other
-//! than 0, where every walk starts) runs only while what the
+//! nothing is assumed about how cost grows with width. The probe the
+//! sessions' settings were chosen by counts like a slice
+//! ([`WidthSearch::record`]); without one the first two slices take levels
+//! 0 and 1. After that a slice takes the best level so far, except that
+//! the best level's untried neighbour, in the direction the measurements
+//! improve, is tried once (wider first; a narrower one only once the wider
+//! one has lost by more than [`NARROWER_AFTER`]), and settings that change
+//! mid-walk start at the level the earlier ones found best. A trial (the
+//! first slice of a level other than the start: level 0, or that level
+//! after a change) runs only while what the
 //! trial slices cost so far (their time beyond the best level's time per
 //! event), plus what this one could lose ([`TRIAL_RISK`] of its time),
 //! stays within [`EXPLORE_BUDGET`] of the walk's predicted time. Nothing runs
