@@ -1376,24 +1376,25 @@ fn rate(p: &engine::PlanProbe) -> f64 {
     p.elapsed_ms as f64 / p.events as f64
 }
 
-/// The custom plan wins its probe by about a fifth (0.7 s against 0.85 s
+/// The custom plan wins its probe by about a fifth (1.4 s against 1.7 s
 /// a month, plus the real call's time in both: within the 1.25x at which
-/// a losing probe is given up, which 0.9 s left to the real call's time
-/// alone), and every later
-/// call under it costs 1.0 s a month (more per event for wider slices, less
-/// never): no faster than the generic probe, yet within 1.5x its own probe,
-/// so the guard against a plan that grows slower stays quiet. After three
-/// month-wide slices every session goes over to the generic plan, and the
-/// pooled slices are listed with the probes. (The user's work_mem and
-/// enable_nestloop, so no setting probe joins in.)
+/// a losing probe is given up, and above the 1.1 margin even when the
+/// custom plan's real call costs 0.1 s more, as under CI load, where
+/// sleeps half as long let it win by only 1.099x), and every later call
+/// under it costs 1.9 s a month (15 % more per event for wider slices,
+/// less never): no faster than the generic probe, yet within 1.5x its own
+/// probe, so the guard against a plan that grows slower stays quiet.
+/// After three month-wide slices every session goes over to the generic
+/// plan, and the pooled slices are listed with the probes. (The user's
+/// work_mem and enable_nestloop, so no setting probe joins in.)
 async fn a_custom_plan_no_faster_than_the_generic_probe_gives_way(level: SchemaLevel) {
     let (db, client) = with_history(level, &HistorySpec::even(36_000, 15)).await;
     wrap_window(
         &client,
         "PERFORM pg_sleep(CASE
-             WHEN current_setting('plan_cache_mode') = 'force_generic_plan' THEN 0.85
-             WHEN NOT EXISTS (SELECT 1 FROM task_usage_hourly) THEN 0.7
-             ELSE GREATEST(n, 2400) / 2400.0 * CASE WHEN n > 3000 THEN 1.15 ELSE 1 END
+             WHEN current_setting('plan_cache_mode') = 'force_generic_plan' THEN 1.7
+             WHEN NOT EXISTS (SELECT 1 FROM task_usage_hourly) THEN 1.4
+             ELSE GREATEST(n, 2400) / 2400.0 * CASE WHEN n > 3000 THEN 1.15 * 1.9 ELSE 1.9 END
            END)
            FROM (SELECT count(*) AS n FROM task_usage
                   WHERE COALESCE(updated_at, created_at) >= p_from
