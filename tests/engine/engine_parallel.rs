@@ -1384,9 +1384,11 @@ fn rate(p: &engine::PlanProbe) -> f64 {
 /// under it costs 1.9 s a month (15 % more per event for wider slices,
 /// less never): no faster than the generic probe, yet within 1.5x its own
 /// probe, so the guard against a plan that grows slower stays quiet.
-/// After three month-wide slices every session goes over to the generic
-/// plan, and the pooled slices are listed with the probes. (The user's
-/// work_mem and enable_nestloop, so no setting probe joins in.)
+/// While the review is pending no other width is tried under the custom
+/// plan (a two-month trial would lose its 15 %); after three month-wide
+/// slices every session goes over to the generic plan, and the pooled
+/// slices are listed with the probes. (The user's work_mem and
+/// enable_nestloop, so no setting probe joins in.)
 async fn a_custom_plan_no_faster_than_the_generic_probe_gives_way(level: SchemaLevel) {
     let (db, client) = with_history(level, &HistorySpec::even(36_000, 15)).await;
     wrap_window(
@@ -1417,6 +1419,15 @@ async fn a_custom_plan_no_faster_than_the_generic_probe_gives_way(level: SchemaL
     assert!(
         custom[1].events as f64 >= 3.0 * 0.7 * generic[0].events as f64,
         "{tuning:?}"
+    );
+    let calls = calls(&client).await;
+    let month = jiff::SignedDuration::from_hours(31 * 24);
+    assert!(
+        calls
+            .iter()
+            .filter(|c| c.plan_mode == "force_custom_plan")
+            .all(|c| c.slice.to.duration_since(c.slice.from) <= month),
+        "{calls:?}"
     );
     assert_correct(&client).await;
 }

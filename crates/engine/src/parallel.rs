@@ -152,6 +152,9 @@ struct Shared {
     /// Later slices under a kept custom plan at the generic probe's width
     /// and the default work_mem, for [`Shared::plan_mode_review`].
     custom_pool: Pool,
+    /// Slices cut at the generic probe's width for the review
+    /// ([`Shared::review_width`]).
+    review_holds: u32,
     /// The settings (by [`Shared::in_force_key`]) whose probe the width
     /// search has counted ([`Shared::count_probe`]).
     probes_counted: BTreeSet<String>,
@@ -759,6 +762,7 @@ impl Shared {
         if settled {
             self.count_probe();
         }
+        let review = self.review_width();
         let Some(search) = self.width.as_mut() else {
             let piece = self.pending.pop_front().expect("checked by next");
             return (piece, None);
@@ -769,7 +773,13 @@ impl Shared {
         let remaining: i64 = self.pending.iter().map(|p| p.events).sum();
         let share = (remaining as f64 / self.sessions as f64).max(search.target(0));
         let (target, claim) = if settled {
-            let claim = search.claim();
+            let claim = match review {
+                Some(events) => {
+                    self.review_holds += 1;
+                    search.claim_near(events)
+                }
+                None => search.claim(),
+            };
             let target = search.target(claim.level);
             if target > share {
                 search.release(claim);
@@ -782,6 +792,35 @@ impl Shared {
         };
         let piece = width::take(&mut self.pending, target).expect("checked by next");
         (piece, claim)
+    }
+
+    /// While the custom plan kept awaits its review
+    /// ([`Shared::plan_mode_review`]), slices are cut at the generic
+    /// probe's width (these events) and the width search tries no other:
+    /// the review pools only slices of that width, and a custom plan's time
+    /// per event can grow with the slice, so a wider trial under it
+    /// measures a plan that may be sent back, and its loss is charged to
+    /// the trial budget the generic plan's widths then lack. Measured on
+    /// the real migrations at 200k with the custom plan kept from every
+    /// probe (a diagnostic build): one-workspace with an empty hourly
+    /// table spent 797 ms, over its whole budget, on a two- and a
+    /// half-month trial under it, and after the review sent every session
+    /// to the generic plan walked 13 more slices of one month (27 in all,
+    /// 3.3x the set-based bound); over the 24 cells, twice each, holding
+    /// the width made walks x0.89 the bound's ratio. At most twice
+    /// [`REVIEW_SLICES`] slices, in case slices of that width fall outside
+    /// the review's window. None when no review is pending: the custom
+    /// plan not kept, a setting's alternative kept (the review pools
+    /// slices at every setting's default only), or no generic probe rate.
+    fn review_width(&self) -> Option<i64> {
+        let pending = self.custom_kept()
+            && self.custom_pool.slices < REVIEW_SLICES
+            && self.review_holds < 2 * REVIEW_SLICES
+            && self.settings.iter().all(|p| p.kept_alternative().is_none());
+        pending
+            .then(|| self.plan_probe(PROBE_MODES[0]))
+            .flatten()
+            .map(|(events, _)| events)
     }
 
     /// The probe the settings in force were chosen by ([`Shared::in_force`]:
@@ -1313,6 +1352,7 @@ impl Walk<'_> {
             sessions: session_count,
             tickets: 0,
             custom_pool: Pool::default(),
+            review_holds: 0,
             probes_counted: BTreeSet::new(),
             settings: if probe {
                 self.setting_probes

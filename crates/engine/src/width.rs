@@ -23,7 +23,9 @@
 //! the best level's untried neighbour, in the direction the measurements
 //! improve, is tried once (wider first; a narrower one only once the wider
 //! one has lost by more than [`NARROWER_AFTER`]), and settings that change
-//! mid-walk start at the level the earlier ones found best. A trial (the
+//! mid-walk start at the level the earlier ones found best; while a kept
+//! custom plan awaits its review, slices hold the generic probe's width
+//! ([`WidthSearch::claim_near`]). A trial (the
 //! first slice of a level other than the start: level 0, or that level
 //! after a change) runs only while what the
 //! trial slices cost so far (their time beyond the best level's time per
@@ -206,6 +208,18 @@ impl WidthSearch {
     /// [`WidthSearch::observe`] or [`WidthSearch::release`].
     pub(crate) fn claim(&mut self) -> Claim {
         let level = self.choose();
+        self.claim_at(level)
+    }
+
+    /// A claim on the level nearest to `events`, whatever the search
+    /// would try: for slices that must measure the settings in force at
+    /// one width ([`super::parallel`]'s review of a kept custom plan).
+    pub(crate) fn claim_near(&mut self, events: i64) -> Claim {
+        let level = self.level_of(events);
+        self.claim_at(level)
+    }
+
+    fn claim_at(&mut self, level: i32) -> Claim {
         // Level 0 is where a walk starts, measured or not (a median unit:
         // calendar months, the reference's own width), and after a switch
         // the level the settings before found best, so its first slice
@@ -846,5 +860,20 @@ mod tests {
         assert_eq!(s.claim().level, 1);
         s.observe(c, 40_000, Duration::from_millis(2_400));
         assert_eq!(s.best(), Some(2));
+    }
+
+    #[test]
+    fn a_width_held_for_a_review_is_no_trial_and_spends_nothing() {
+        let mut s = WidthSearch::new(&months(&[10_000; 24]), 2).unwrap();
+        s.record(10_000, Duration::from_millis(800));
+        // The search would try two months; the review holds one.
+        for _ in 0..3 {
+            let c = s.claim_near(9_500);
+            assert_eq!((c.level, c.trial), (0, false));
+            s.observe(c, 10_000, Duration::from_millis(900));
+        }
+        assert_eq!(s.explore_cost_ms(), 0.0);
+        // Afterwards the search goes on where it was.
+        assert_eq!(s.claim().level, 1);
     }
 }
